@@ -1,0 +1,5 @@
+import sys
+
+from qmerge.cli import main
+
+sys.exit(main())

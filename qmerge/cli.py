@@ -1,0 +1,62 @@
+"""Command line: argument parsing, logging, exit codes. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+import warnings
+
+from qmerge import __version__
+from qmerge.errors import EXIT_INTERNAL, QmergeError
+
+log = logging.getLogger("qmerge")
+
+
+def _offline() -> None:
+    # qmerge never reaches a network; a user who sets these explicitly keeps their choice.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qmerge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pipeline", help="run the pipeline described by a TOML config")
+    p.add_argument("config")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; load no weights, write nothing")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo STAGE and everything after it")
+    group.add_argument("--only", metavar="STAGE", help="redo only STAGE (its inputs must be finished)")
+    p.add_argument("--force", action="store_true", help="redo every stage, ignoring finished artifacts")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("--release-version", metavar="V", help="release version (default: output.version)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _offline()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="qmerge: %(message)s")
+    warnings.filterwarnings("ignore", module="transformers|peft|bitsandbytes|torch")
+    try:
+        from qmerge.report import run_pipeline_command
+
+        return run_pipeline_command(args)
+    except QmergeError as e:
+        print(f"qmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qmerge: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("qmerge: internal error (exit 1): this is a bug, please report it with the traceback above",
+              file=sys.stderr)
+        return EXIT_INTERNAL

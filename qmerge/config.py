@@ -1,0 +1,156 @@
+"""Pipeline config: TOML -> validated frozen objects.
+
+Unknown or mistyped keys are errors that name the key and the file (exit 2). Paths stay as written in
+the TOML; `Config.path(value)` resolves them against the config file's folder (or `package:` prefixes).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qmerge.errors import ConfigError
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NF4Settings(Strict):
+    """How bitsandbytes quantized the base while the adapter was trained."""
+
+    quant_type: Literal["nf4"] = "nf4"
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    double_quant: bool = True
+    compute_dtype: DType = "bfloat16"
+    load_dtype: DType | Literal["auto"] = "bfloat16"
+    dequant_dtype: DType | Literal["auto"] = "auto"
+    skip_modules: Literal["auto"] | tuple[str, ...] = "auto"
+
+
+class BaseSettings(Strict):
+    path: str
+    sha256: str | None = None
+    nf4: NF4Settings = NF4Settings()
+
+
+class AdapterSettings(Strict):
+    path: str
+    weight: float = 1.0
+    sha256: str | None = None
+
+
+class MergeSettings(Strict):
+    into: Literal["nf4", "original", "auto"] = "nf4"
+    select: str | None = None
+    select_windows: int = Field(default=8, gt=0)
+    method: Literal["linear", "ties", "dare"] = "linear"
+    dtype: DType = "bfloat16"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    max_shard_size: int = Field(default=5 * 2**30, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSettings:
+        if self.method != "linear":
+            raise ValueError(f"merge.method = {self.method!r} is not implemented yet; use \"linear\"")
+        if self.into == "auto" and self.select is None:
+            raise ValueError('merge.into = "auto" needs merge.select (a text spec, never the gate\'s eval split)')
+        return self
+
+
+class QuantizeSettings(Strict):
+    method: Literal["gptq"] = "gptq"
+    backend: Literal["qmerge", "gptqmodel"] = "qmerge"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = True
+    damp: float = Field(default=0.01, gt=0)
+    calibration: str
+    samples: int = Field(default=128, gt=0)
+    seq_len: int = Field(default=512, gt=1)
+
+
+class GateSettings(Strict):
+    eval: str
+    windows: int = Field(default=24, gt=1)
+    seq_len: int = Field(default=256, gt=1)
+    extra_eval: tuple[str, ...] = ()
+    max_ppl_increase: float = Field(default=0.02, ge=0)
+    min_delta_retention: float = 0.9
+    max_kl: float = Field(default=0.05, ge=0)
+    batch_size: int = Field(default=4, gt=0)
+
+
+class OutputSettings(Strict):
+    dir: str = "releases"
+    version: str = "{date}-{key}"
+    keep_dense: bool = False
+
+
+class Config(Strict):
+    name: str
+    work_dir: str
+    base: BaseSettings
+    adapters: tuple[AdapterSettings, ...] = Field(min_length=1)
+    merge: MergeSettings = MergeSettings()
+    quantize: QuantizeSettings | None = None
+    gate: GateSettings | None = None
+    output: OutputSettings = OutputSettings()
+    # Where the TOML came from; relative paths resolve against its folder. Not a TOML key.
+    source: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("name must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    @property
+    def folder(self) -> Path:
+        return self.source.parent
+
+    def path(self, value: str, what: str) -> Path:
+        from qmerge.io.paths import resolve_path
+
+        return resolve_path(value, self.folder, what=what, config_file=self.source)
+
+    def output_path(self, value: str) -> Path:
+        """A path we create (work_dir, output.dir): relative to the config folder, need not exist."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.folder / p)
+
+
+def _format_validation_error(err: ValidationError, path: Path) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key `{key}`")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key `{key}`")
+        else:
+            lines.append(f"`{key}`: {e['msg']} (got {e.get('input')!r})")
+    return f"{path}: invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("config file not found", path=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", path=path) from None
+    if "source" in raw:
+        raise ConfigError("unknown key `source`", path=path)
+    try:
+        return Config.model_validate({**raw, "source": path.resolve()})
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, path)) from None

@@ -1,0 +1,192 @@
+"""The stage runner: order, artifact keys, cache/resume, --force/--from/--only, --dry-run.
+
+Each stage's artifact lives in `<work_dir>/<stage>/<key>/`, where `key` hashes the stage's config
+slice, its inputs' keys and the versions of the packages that shape the numbers. A stage is built in a
+temp dir and renamed into place with `done.json` written last, so a crash never leaves a half artifact
+under a key, and a rerun resumes after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qmerge.config import Config
+from qmerge.errors import EXIT_OK, BadInputError
+from qmerge.io.atomic import atomic_dir, clean_stale_temps
+
+log = logging.getLogger("qmerge")
+KEYED_PACKAGES = ("qmerge", "torch", "bitsandbytes", "transformers", "peft")
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    out: Path  # where the stage writes (a temp dir renamed to its key dir afterwards)
+    inputs: dict[str, Path]  # upstream stage name -> its finished artifact dir
+    results: dict[str, dict]  # upstream stage name -> its done.json "result"
+    keys: dict[str, str]
+    quiet: bool = False
+    release_version: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    config_slice: Callable[[Config], object]
+    run: Callable[[StageContext], dict]
+    enabled: Callable[[Config], bool] = lambda cfg: True
+    cached: bool = True  # False: runs every time (promote decides for itself what is new)
+    # True: always runs (cheap), and its key hashes what it found (file contents), not only the config.
+    keyed_by_result: bool = False
+
+
+@dataclass
+class Options:
+    dry_run: bool = False
+    force: bool = False
+    from_stage: str | None = None
+    only: str | None = None
+    quiet: bool = False
+    release_version: str | None = None
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    status: str  # "ran" | "cached" | "planned" | "skipped"
+    seconds: float = 0.0
+    result: dict = field(default_factory=dict)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in KEYED_PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_key(stage: Stage, cfg: Config, upstream: dict[str, str], versions: dict[str, str]) -> str:
+    payload = {"stage": stage.name, "config": stage.config_slice(cfg),
+               "inputs": {n: upstream[n] for n in stage.needs if n in upstream}, "versions": versions}
+    return digest(payload)[:16]
+
+
+def _load_done(path: Path) -> dict | None:
+    done = path / "done.json"
+    if not done.is_file():
+        return None
+    try:
+        return json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+class Runner:
+    def __init__(self, cfg: Config, stages: list[Stage], opts: Options):
+        self.cfg, self.stages, self.opts = cfg, stages, opts
+        names = [s.name for s in stages]
+        for flag, value in (("--from", opts.from_stage), ("--only", opts.only)):
+            if value is not None and value not in names:
+                raise BadInputError(f"{flag} {value}: no such stage; stages are {', '.join(names)}")
+        self.work = cfg.output_path(cfg.work_dir)
+        self.versions = package_versions()
+
+    def _forced(self, index: int, stage: Stage) -> bool:
+        if self.opts.force or self.opts.only == stage.name:
+            return True
+        if self.opts.from_stage is not None:
+            return index >= [s.name for s in self.stages].index(self.opts.from_stage)
+        return False
+
+    def run(self) -> tuple[list[StageRecord], int]:
+        keys: dict[str, str] = {}
+        dirs: dict[str, Path] = {}
+        results: dict[str, dict] = {}
+        records: list[StageRecord] = []
+        for index, stage in enumerate(self.stages):
+            if not stage.enabled(self.cfg):
+                continue
+            if stage.keyed_by_result:
+                record = self._run_keyed_by_result(stage)
+                keys[stage.name], results[stage.name] = record.key, record.result
+                dirs[stage.name] = self.work / stage.name / record.key
+                records.append(record)
+                continue
+            key = stage_key(stage, self.cfg, keys, self.versions)
+            keys[stage.name] = key
+            path = self.work / stage.name / key
+            dirs[stage.name] = path
+            done = _load_done(path)
+            if self.opts.dry_run:
+                records.append(StageRecord(stage.name, key, "cached" if done else "planned"))
+                continue
+            if self.opts.only and stage.name != self.opts.only:
+                if done is None:
+                    raise BadInputError(f"--only {self.opts.only} needs stage `{stage.name}`, which has no finished "
+                                        f"artifact under {path}", fix=f"run without --only first")
+                results[stage.name] = done["result"]
+                continue
+            if done is not None and stage.cached and not self._forced(index, stage):
+                records.append(StageRecord(stage.name, key, "cached", 0.0, done["result"]))
+                results[stage.name] = done["result"]
+            else:
+                record = self._run_stage(stage, path, dirs, results, keys)
+                records.append(record)
+                results[stage.name] = record.result
+            exit_code = results[stage.name].get("exit_code", EXIT_OK)
+            if exit_code != EXIT_OK:
+                return records, exit_code
+        return records, EXIT_OK
+
+    def _run_keyed_by_result(self, stage: Stage) -> StageRecord:
+        start = time.perf_counter()
+        ctx = StageContext(self.cfg, Path("/nonexistent"), {}, {}, {}, self.opts.quiet, dry_run=self.opts.dry_run)
+        result = stage.run(ctx)
+        key = digest({"stage": stage.name, "config": stage.config_slice(self.cfg), "result": result,
+                      "versions": self.versions})[:16]
+        path = self.work / stage.name / key
+        seconds = time.perf_counter() - start
+        if self.opts.dry_run:
+            return StageRecord(stage.name, key, "ran", seconds, result)
+        if _load_done(path) is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(path, replace=True) as tmp:
+                self._write_done(tmp, stage.name, key, seconds, result)
+        return StageRecord(stage.name, key, "ran", seconds, result)
+
+    def _write_done(self, out: Path, name: str, key: str, seconds: float, result: dict) -> None:
+        done = {"stage": name, "key": key, "seconds": round(seconds, 3), "result": result, "versions": self.versions}
+        # done.json last: its presence is what marks the artifact complete.
+        (out / "done.json").write_text(json.dumps(done, indent=2, sort_keys=True, default=str) + "\n")
+
+    def _run_stage(self, stage: Stage, path: Path, dirs, results, keys) -> StageRecord:
+        start = time.perf_counter()
+        inputs = {n: dirs[n] for n in stage.needs if n in dirs}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path.parent)
+        log.info("stage %s -> %s", stage.name, path)
+        with atomic_dir(path, replace=True) as tmp:
+            ctx = StageContext(self.cfg, tmp, inputs, dict(results), dict(keys), self.opts.quiet,
+                               self.opts.release_version)
+            result = stage.run(ctx)
+            seconds = time.perf_counter() - start
+            self._write_done(tmp, stage.name, keys[stage.name], seconds, result)
+        return StageRecord(stage.name, keys[stage.name], "ran", seconds, result)

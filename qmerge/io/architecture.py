@@ -1,0 +1,75 @@
+"""What the model looks like, derived on the meta device (no weights): which linears transformers'
+bitsandbytes integration quantizes to 4-bit, which weights are tied, and each module's layout."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qmerge.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    quantized: frozenset[str]  # module names bitsandbytes turned into Linear4bit
+    skipped: tuple[str, ...]  # transformers' modules_to_not_convert for this architecture
+    tied: dict[str, str]  # tied parameter -> its source, e.g. {"lm_head.weight": "model.embed_tokens.weight"}
+    layouts: dict[str, str]  # module name -> "linear" | "conv1d" | "embedding"
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise BadInputError(f"cannot read config.json: {e}", path=folder / "config.json") from None
+
+
+def describe_architecture(folder: Path, skip_modules: tuple[str, ...] | None = None,
+                          quantization_config: dict | None = None) -> Architecture:
+    """Replays transformers' bnb 4-bit conversion on a meta model (exact nn.Linear type; minus its default
+    skips and `_keep_in_fp32_modules`; a user's `llm_int8_skip_modules` replaces the defaults)."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    config = load_hf_config(folder)
+    if quantization_config is not None:
+        bnb_config = BitsAndBytesConfig.from_dict(quantization_config)
+    else:
+        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        llm_int8_skip_modules=list(skip_modules) if skip_modules else None)
+    model = _meta_model(config)
+    layouts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            layouts[name] = "conv1d"
+        elif isinstance(module, torch.nn.Embedding):
+            layouts[name] = "embedding"
+        elif isinstance(module, torch.nn.Linear):
+            layouts[name] = "linear"
+    tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=quantization_config is not None)
+    skipped = quantizer.get_modules_to_not_convert(model, bnb_config.llm_int8_skip_modules,
+                                                   model._keep_in_fp32_modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = replace_with_bnb_linear(model, modules_to_not_convert=skipped, quantization_config=bnb_config,
+                                        pre_quantized=quantization_config is not None)
+    quantized = frozenset(n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    return Architecture(config.model_type, quantized, tuple(sorted(skipped)), tied, layouts)

@@ -1,0 +1,55 @@
+"""Portable paths: `package:<import name>/<file>` names a file inside an installed package (so shipped
+configs carry no machine paths); anything else is relative to the TOML file that named it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from tqdm import tqdm
+
+from qmerge.errors import BadInputError
+
+PACKAGE_PREFIX = "package:"
+CHUNK = 8 * 2**20
+
+
+def resolve_path(value: str, relative_to: Path, *, what: str, config_file: Path | None = None) -> Path:
+    where = config_file or relative_to
+    if value.startswith(PACKAGE_PREFIX):
+        package, _, inner = value[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise BadInputError(f"`{what}` = {value!r}: package {package!r} is not installed", path=where,
+                                fix=f"pip install {package} (or give a file path)")
+        path = Path(next(iter(spec.submodule_search_locations))) / inner
+    else:
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path(relative_to) / path
+    if not path.exists():
+        raise BadInputError(f"`{what}` = {value!r}: {path} does not exist", path=where,
+                            fix="fix the path (relative paths are relative to the config file's folder)")
+    return path.resolve()
+
+
+def sha256_file(path: Path, progress: bool = False) -> str:
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                     disable=not progress or size < 64 * 2**20) as bar:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def package_version(dist_name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,155 @@
+"""NF4 4-bit quantization (Dettmers et al. 2023, QLoRA, arXiv:2305.14314), reproduced bit for bit.
+
+The adapter was trained against dequant(NF4(W)) exactly as bitsandbytes made it when transformers
+loaded the base: blockwise absmax scaling (blocksize 64), nearest NF4 code (bucketize on the 15
+midpoints), two codes per byte (high nibble first), and with double quantization the absmax vector
+itself 8-bit quantized (dynamic code, blocks of 256) after subtracting its mean.
+
+`quantize_nf4` / `dequantize_nf4` are plain torch; `quantize_nf4_bnb` / `dequantize_nf4_bnb` call
+bitsandbytes (also its CUDA kernels) and are the twins the tests compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")): quantiles of N(0, 1), normalised to [-1, 1].
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=torch.float32)
+NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+NESTED_BLOCKSIZE = 256
+
+
+@dataclass(frozen=True)
+class NF4State:
+    """bitsandbytes' 4-bit state as plain tensors. `absmax` is float32, or uint8 codes when `nested`."""
+
+    packed: torch.Tensor  # uint8 [(numel + 1) // 2, 1]
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # what dequantize returns: the dtype of the weight that was quantized
+    blocksize: int
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def _to_bnb(state: NF4State):
+    from bitsandbytes.functional import QuantState
+
+    state2 = None
+    if state.nested:
+        state2 = QuantState(absmax=state.nested_absmax, code=state.nested_code, blocksize=state.nested_blocksize,
+                            dtype=torch.float32)
+    return QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=NF4_CODE.to(state.packed.device),
+                      blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype, offset=state.offset,
+                      state2=state2)
+
+
+def _from_bnb(packed: torch.Tensor, qs) -> NF4State:
+    if qs.nested:
+        return NF4State(packed, qs.absmax, tuple(qs.shape), qs.dtype, qs.blocksize, qs.state2.absmax,
+                        qs.state2.code, qs.offset, qs.state2.blocksize)
+    return NF4State(packed, qs.absmax, tuple(qs.shape), qs.dtype, qs.blocksize)
+
+
+def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of absmax − mean (bitsandbytes `quantize_blockwise`, dynamic code)."""
+    from bitsandbytes.functional import quantize_blockwise
+
+    offset = absmax.mean()
+    q, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return q, state2.absmax, state2.code, offset
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
+    """NF4 codes + absmax in plain torch: blockwise absmax, scale, nearest code by bucketize on midpoints."""
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % blocksize
+    # Zero padding leaves a partial last block's absmax unchanged (bitsandbytes takes it over real elements).
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # bitsandbytes multiplies by the reciprocal (not a division): keep that rounding.
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:n]
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    codes = torch.bucketize(scaled, NF4_MIDPOINTS.to(w.device), out_int32=True).to(torch.uint8)
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
+    if double_quant:
+        q, nested_absmax, nested_code, offset = _double_quantize(absmax)
+        return NF4State(packed, q, tuple(w.shape), w.dtype, blocksize, nested_absmax, nested_code, offset)
+    return NF4State(packed, absmax, tuple(w.shape), w.dtype, blocksize)
+
+
+def quantize_nf4_bnb(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
+    """The same through bitsandbytes (`functional.quantize_4bit`); on CUDA tensors its CUDA kernel."""
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, qs = quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    return _from_bnb(packed, qs)
+
+
+def _absmax_float(state: NF4State) -> torch.Tensor:
+    if not state.nested:
+        return state.absmax.float()
+    from bitsandbytes.functional import dequantize_blockwise
+
+    qs = _to_bnb(state)
+    return (dequantize_blockwise(state.absmax, qs.state2) + state.offset).float()
+
+
+def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """cast(code · absmax, dtype) in float32 arithmetic, as bitsandbytes' dequantize_4bit computes it."""
+    packed = state.packed.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    n = 1
+    for s in state.shape:
+        n *= s
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    values = NF4_CODE.to(packed.device)[codes]
+    pad = (-n) % state.blocksize
+    absmax = _absmax_float(state)
+    out = (torch.nn.functional.pad(values, (0, pad)).view(-1, state.blocksize) * absmax.view(-1, 1)).reshape(-1)[:n]
+    return out.reshape(state.shape).to(dtype or state.dtype)
+
+
+def dequantize_nf4_bnb(state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_4bit
+
+    out = dequantize_4bit(state.packed, _to_bnb(state))
+    return out if dtype is None else out.to(dtype)
+
+
+def nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+               dequant_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.Tensor:
+    """W_nf4 = float32(cast(code·absmax, dequant_dtype)): the weight the trained model saw (DESIGN)."""
+    if device == "cuda":
+        state = quantize_nf4_bnb(w.to("cuda"), blocksize, double_quant)
+        return dequantize_nf4_bnb(state, torch.float32).to(dequant_dtype).to(torch.float32)
+    state = quantize_nf4(w, blocksize, double_quant)
+    return dequantize_nf4(state, torch.float32).to(dequant_dtype).to(torch.float32)
+
+
+def nf4_state_from_serialized(tensors: dict[str, torch.Tensor], prefix: str) -> NF4State:
+    """Parses a pre-quantized checkpoint's tensors for one linear (`{prefix}.weight`, `.weight.absmax`,
+    `.weight.quant_map`, `.weight.nested_*`, `.weight.quant_state.bitsandbytes__nf4`)."""
+    from bitsandbytes.functional import QuantState
+
+    head = f"{prefix}.weight"
+    qs_dict = {k[len(head) + 1:]: v for k, v in tensors.items() if k.startswith(head + ".")}
+    qs = QuantState.from_dict(qs_dict, device=torch.device("cpu"))
+    if qs.quant_type != "nf4":
+        raise ValueError(f"{prefix}: quant_type {qs.quant_type!r}, expected nf4")
+    return _from_bnb(tensors[head], qs)

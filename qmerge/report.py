@@ -1,0 +1,65 @@
+"""Runs the pipeline for the CLI and prints what happened: the dry-run plan or the end-of-run summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from qmerge.config import load_config
+from qmerge.dag import Options, Runner, StageRecord
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def print_plan(records: list[StageRecord], out=sys.stdout) -> None:
+    plan = next(r.result for r in records if r.name == "resolve")
+    base = plan["base"]
+    print("qmerge plan (dry run: no weights loaded, nothing written)", file=out)
+    print(f"  base: {base['folder']} ({base['kind']}, {base['model_type']}, {base['tensors']} tensors, "
+          f"{'pre-quantized bnb-4bit' if base['prequantized'] else 'full precision'})", file=out)
+    print(f"        sha256 {base['sha256']}", file=out)
+    nf4 = plan["nf4"]
+    print(f"  nf4:  blocksize {nf4['blocksize']}, double quant {nf4['double_quant']}, load {nf4['load_dtype'] or 'auto'}, "
+          f"compute {nf4['compute_dtype']}, dequant {nf4['dequant_dtype'] or 'auto'}", file=out)
+    print(f"  quantized linears: {len(plan['quantized_modules'])}; skipped: {', '.join(plan['skipped_modules'])}",
+          file=out)
+    for a in plan["adapters"]:
+        m = a["matches"]
+        print(f"  adapter {a['path']} (weight {a['weight']}): {m['lora_modules']} LoRA modules, "
+              f"{m['on_quantized_linears']} on quantized linears, {len(a['replaced_tensors'])} replaced tensors"
+              f"{', DoRA' if a['dora'] else ''}; all matched to base shapes", file=out)
+    est = plan["estimate"]
+    print(f"  estimate: output {_gib(est['output_bytes'])}, peak memory ~{_gib(est['peak_bytes'])} "
+          f"(largest tensor {est['largest_tensor_elements']:,} elements)", file=out)
+    print("  stages:", file=out)
+    for r in records:
+        print(f"    {r.name:<10} {r.key}  {r.status}", file=out)
+
+
+def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=sys.stdout) -> None:
+    print("qmerge summary", file=out)
+    for r in records:
+        print(f"  {r.name:<10} {r.key}  {r.status:<7} {r.seconds:7.1f} s  {work / r.name / r.key}", file=out)
+    for r in records:
+        if r.name == "gate" and "verdict" in r.result:
+            print(f"  verdict: {r.result['verdict']}", file=out)
+        if r.name == "promote" and r.result.get("release"):
+            print(f"  release: {r.result['release']}", file=out)
+    print(f"  exit code {exit_code}", file=out)
+
+
+def run_pipeline_command(args) -> int:
+    from qmerge.pipeline import STAGES
+
+    cfg = load_config(args.config)
+    opts = Options(dry_run=args.dry_run, force=args.force, from_stage=args.from_stage, only=args.only,
+                   quiet=args.quiet, release_version=args.release_version)
+    runner = Runner(cfg, STAGES, opts)
+    records, exit_code = runner.run()
+    if opts.dry_run:
+        print_plan(records)
+    else:
+        print_summary(records, runner.work, exit_code)
+    return exit_code

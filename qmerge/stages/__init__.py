@@ -1,0 +1,1 @@
+"""One module per pipeline stage; `STAGES` is the DAG in run order."""

@@ -1,0 +1,123 @@
+"""promote: publish a gated candidate to `<output.dir>/<name>/<version>/`, atomically.
+
+The release is assembled in a temp dir on the same filesystem, fsynced and renamed; `latest` is a
+symlink swapped with os.replace. A per-name lock serialises concurrent promotions; an existing version
+is never overwritten; a run whose key equals the key in `latest`'s manifest is a no-op that says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from qmerge import __version__
+from qmerge.dag import StageContext, package_versions
+from qmerge.errors import BadInputError
+from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink
+
+log = logging.getLogger("qmerge")
+SKIP = {"done.json", "merge_report.json", "quantize_report.json"}
+
+
+def release_key(ctx: StageContext) -> str:
+    return ctx.keys["gate"][:12]
+
+
+def release_version(ctx: StageContext, key: str) -> str:
+    template = ctx.release_version or ctx.cfg.output.version
+    version = template.format(date=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d"), key=key[:8], name=ctx.cfg.name)
+    if not version or "/" in version or version.startswith(".") or version == "latest":
+        raise BadInputError(f"release version {version!r} is not a plain folder name", path=ctx.cfg.source)
+    return version
+
+
+def _sha256(path: Path) -> str:
+    from qmerge.io.paths import sha256_file
+
+    return sha256_file(path)
+
+
+def final_artifact(ctx: StageContext) -> Path:
+    return ctx.inputs["quantize"] if "quantize" in ctx.inputs else ctx.inputs["merge"]
+
+
+def _copy_model(src: Path, dst: Path) -> dict[str, str]:
+    hashes = {}
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in SKIP:
+            shutil.copyfile(f, dst / f.name)
+            hashes[f.name] = _sha256(dst / f.name)
+    return hashes
+
+
+def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, str]) -> dict:
+    report = json.loads((ctx.inputs["gate"] / "report.json").read_text())
+    plan = ctx.results["resolve"]
+    return {
+        "name": ctx.cfg.name, "version": version, "key": key, "qmerge_version": __version__,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "final": report["final"], "into": report["into"],
+        "provenance": {
+            "base": {k: plan["base"][k] for k in ("folder", "kind", "sha256", "files")},
+            "base_note": plan["base"].get("note"),
+            "adapters": [{k: a[k] for k in ("path", "weight", "sha256", "files")} for a in plan["adapters"]],
+            "eval_token_ids_sha256": report["eval"]["tokens"]["sha256"],
+            "calibration_token_ids_sha256": ctx.results.get("calibrate", {}).get("sha256"),
+            "config": ctx.cfg.model_dump(mode="json"),
+            "config_sha256": hashlib.sha256(ctx.cfg.source.read_bytes()).hexdigest(),
+            "stage_keys": ctx.keys, "packages": package_versions(),
+        },
+        "metrics": report["eval"], "extra_eval": report.get("extra_eval", []),
+        "weight_retention": report.get("weight_retention", {}), "gate": report["gate"], "files": files,
+    }
+
+
+def model_card(manifest: dict) -> str:
+    ev = manifest["metrics"]
+    rows = [f"| {name} | {e['value']:.3f} ± {e['stderr']:.3f} |" for name, e in ev["ppl"].items()]
+    cand = ev["candidates"][manifest["final"]]
+    ret = cand["retention"]
+    ret_text = f"{ret['value']:.3f} ± {ret['stderr']:.3f}" if ret["defined"] else f"undefined ({ret['reason']})"
+    return "\n".join([
+        f"# {manifest['name']} {manifest['version']}", "",
+        f"Built by qmerge {manifest['qmerge_version']}: the adapter(s) merged in float32 into the "
+        f"`{manifest['into']}` base weights; final artifact: {manifest['final']}.", "",
+        f"Gate: **{manifest['gate']['verdict']}**. Perplexity on `{ev['tokens']['spec']}` "
+        f"({ev['tokens']['windows']} windows × {ev['tokens']['seq_len']} tokens):", "",
+        "| model | perplexity |", "|---|---|", *rows, "",
+        f"Delta retention of the final model: {ret_text}; mean KL(reference ‖ final) "
+        f"{cand['kl']['mean']['value']:.5f} nats/token, top-1 agreement {cand['kl']['top1_agreement']['value']:.4f}.",
+        "", "Provenance (hashes of every input, package versions) is in `manifest.json`.", ""])
+
+
+def run_promote(ctx: StageContext) -> dict:
+    key = release_key(ctx)
+    root = ctx.cfg.output_path(ctx.cfg.output.dir) / ctx.cfg.name
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ".lock"):
+        latest = root / "latest"
+        if (latest / "manifest.json").is_file():
+            current = json.loads((latest / "manifest.json").read_text())
+            if current.get("key") == key:
+                log.info("release %s already holds key %s: nothing new to promote", current["version"], key)
+                return {"release": str(latest.resolve()), "status": "unchanged", "key": key}
+        version = release_version(ctx, key)
+        target = root / version
+        if target.exists():
+            raise BadInputError(f"release {target} already exists and is never overwritten",
+                                fix="pass --release-version with a new version")
+        with atomic_dir(target) as tmp:
+            files = _copy_model(final_artifact(ctx), tmp)
+            if ctx.cfg.output.keep_dense and "quantize" in ctx.inputs:
+                (tmp / "dense").mkdir()
+                files.update({f"dense/{k}": v for k, v in _copy_model(ctx.inputs["merge"], tmp / "dense").items()})
+            manifest = build_manifest(ctx, key, version, files)
+            (tmp / "README.md").write_text(model_card(manifest))
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        swap_symlink(latest, version)
+    log.info("promoted %s", target)
+    return {"release": str(target), "status": "promoted", "key": key, "version": version}

@@ -1,0 +1,155 @@
+"""resolve: validate every input and produce the plan, from headers only (no weights loaded).
+
+Checks that every adapter tensor lands on a base module with matching shapes, hashes every input file
+(a pinned sha256 that differs is exit 2), and derives which linears bitsandbytes quantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from qmerge.config import Config
+from qmerge.errors import BadInputError, UnsupportedAdapterError
+from qmerge.io.adapter import Adapter, LoraModule, read_adapter
+from qmerge.io.base import BaseCheckpoint, NF4Recipe
+from qmerge.io.paths import sha256_file
+
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F64": 8}
+
+
+def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
+    """The HF folder for `base.path` (a GGUF file is converted once into a cached folder)."""
+    path = cfg.path(cfg.base.path, "base.path")
+    if path.is_file() and path.suffix == ".gguf":
+        from qmerge.io.gguf import gguf_to_hf
+
+        folder = gguf_to_hf(path)
+        return folder, {"kind": "gguf", "gguf": str(path)}
+    if not path.is_dir():
+        raise BadInputError("base.path is neither a model folder nor a .gguf file", path=path)
+    if not (path / "config.json").is_file():
+        raise BadInputError("no config.json in the base folder", path=path,
+                            fix="point base.path at a Hugging Face model folder (config.json + *.safetensors)")
+    return path, {"kind": "hf"}
+
+
+def nf4_recipe(cfg: Config) -> NF4Recipe:
+    nf4 = cfg.base.nf4
+    load = None if nf4.load_dtype == "auto" else nf4.load_dtype
+    deq = None if nf4.dequant_dtype == "auto" else nf4.dequant_dtype
+    return NF4Recipe(nf4.blocksize, nf4.double_quant, load, nf4.compute_dtype, deq)
+
+
+def files_digest(files: list[Path], progress: bool) -> tuple[list[dict], str]:
+    entries = [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f, progress=progress)}
+               for f in sorted(files)]
+    combined = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
+    return entries, combined
+
+
+def _base_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")
+            or p.name == "config.json"]
+
+
+def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dict:
+    folder, origin = base_folder(cfg, dry_run)
+    skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
+    base = BaseCheckpoint(folder, nf4_recipe(cfg), skip)
+    base_entries, base_sha = files_digest(_base_files(folder), progress)
+    gguf_sha = None
+    if origin["kind"] == "gguf":
+        gguf_sha = sha256_file(Path(origin["gguf"]), progress=progress)
+    pinned = cfg.base.sha256
+    if pinned and pinned.lower() not in {base_sha, gguf_sha, *(e["sha256"] for e in base_entries)}:
+        raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {gguf_sha or base_sha}",
+                            path=cfg.source, fix="update base.sha256 or point base.path at the pinned model")
+    adapters = []
+    for i, a in enumerate(cfg.adapters):
+        apath = cfg.path(a.path, f"adapters[{i}].path")
+        adapter = read_adapter(apath)
+        entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json"], progress)
+        if a.sha256 and a.sha256.lower() not in {sha, entries[0]["sha256"]}:
+            raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {entries[0]['sha256']}",
+                                path=adapter.weights_file, fix="update the pin or use the pinned adapter")
+        matches = match_adapter(adapter, base)
+        adapters.append({"path": str(apath), "weight": a.weight, "files": entries, "sha256": sha,
+                         "modules": len(adapter.modules), "replaced_tensors": sorted(adapter.replacements),
+                         "dora": any(m.magnitude for m in adapter.modules.values()), "matches": matches,
+                         "tokenizer": (apath / "tokenizer_config.json").is_file()})
+    _check_combination(cfg, adapters)
+    if cfg.merge.into == "original" and base.prequantized:
+        raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
+                            path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
+    return {
+        "base": {"folder": str(folder), **origin, "prequantized": base.prequantized, "files": base_entries,
+                 "sha256": gguf_sha or base_sha, "model_type": base.arch.model_type,
+                 "tensors": len(base.tensors)},
+        "adapters": adapters,
+        "nf4": vars(nf4_recipe(cfg)),
+        "quantized_modules": sorted(base.arch.quantized),
+        "skipped_modules": list(base.arch.skipped),
+        "tied": base.arch.tied,
+        "estimate": _estimate(cfg, base),
+    }
+
+
+def _check_combination(cfg: Config, adapters: list[dict]) -> None:
+    if any(a["dora"] for a in adapters) and (len(adapters) > 1 or adapters[0]["weight"] != 1.0):
+        raise UnsupportedAdapterError("DoRA is not additive: it cannot be combined with other adapters or a "
+                                      "weight other than 1.0", path=cfg.source)
+    seen: dict[str, str] = {}
+    for a in adapters:
+        for t in a["replaced_tensors"]:
+            if t in seen:
+                raise UnsupportedAdapterError(f"adapters {seen[t]} and {a['path']} both replace {t}; no exact "
+                                              "merge exists", path=cfg.source)
+            seen[t] = a["path"]
+
+
+def match_adapter(adapter: Adapter, base: BaseCheckpoint) -> dict:
+    """Every LoRA module and replacement must map onto a base tensor of a compatible shape."""
+    tensors = base.tensors
+    for mod in adapter.modules.values():
+        _match_module(mod, adapter, base)
+    for target in adapter.replacements:
+        if target not in tensors and target not in base.arch.tied:
+            raise BadInputError(f"adapter replaces {target}, which the base does not have", path=adapter.weights_file,
+                                fix="this adapter was trained on another base model")
+    quantized = sum(1 for m in adapter.modules if m in base.arch.quantized)
+    return {"lora_modules": len(adapter.modules), "on_quantized_linears": quantized}
+
+
+def _match_module(mod: LoraModule, adapter: Adapter, base: BaseCheckpoint) -> None:
+    name = f"{mod.module}.weight"
+    if name not in base.tensors:
+        raise BadInputError(f"adapter targets {mod.module}, which is not in the base", path=adapter.weights_file,
+                            fix="this adapter was trained on another base model")
+    shape = base.tensors[name][1]
+    if f"{mod.module}.weight" in adapter.replacements:
+        shape = adapter.shapes[adapter.replacements[name]]
+    layout = base.arch.layouts.get(mod.module, "linear")
+    a, b = adapter.shapes[mod.lora_a], adapter.shapes[mod.lora_b]
+    want = {"linear": (b[0], a[1]), "conv1d": (a[1], b[0]), "embedding": (a[1], b[0])}[layout]
+    if tuple(shape) != want:
+        raise BadInputError(f"adapter shape mismatch at {mod.module}: base weight is {list(shape)} ({layout}), "
+                            f"lora_A {list(a)} and lora_B {list(b)} give {list(want)}", path=adapter.weights_file,
+                            fix="this adapter was trained on another base model")
+    if mod.lora_b_bias and f"{mod.module}.bias" not in base.tensors:
+        raise UnsupportedAdapterError(f"lora_bias on {mod.module}, which has no bias (PEFT cannot merge this either)",
+                                      path=adapter.weights_file)
+
+
+def _estimate(cfg: Config, base: BaseCheckpoint) -> dict:
+    out_item = {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.merge.dtype]
+    total = largest = 0
+    for dtype, shape in base.tensors.values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * (out_item if dtype in ("F32", "F16", "BF16") else ITEMSIZE.get(dtype, 4))
+        largest = max(largest, n)
+    # In flight: the base tensor, W_nf4, ΔW and the merged result in float32, plus the shard buffer.
+    peak = 4 * largest * 4 + min(cfg.merge.max_shard_size, total)
+    return {"output_bytes": total, "largest_tensor_elements": largest, "peak_bytes": peak}

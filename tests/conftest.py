@@ -1,0 +1,121 @@
+"""Tiny models and adapters built on the fly (seconds, CPU), plus helpers to write pipeline configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", module="transformers|peft|bitsandbytes")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def tiny_config(arch: str = "llama", tied: bool = True, bias: bool = False):
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=64, bos_token_id=0,
+                          eos_token_id=0, tie_word_embeddings=tied)
+    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                       attention_bias=bias, mlp_bias=bias, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+
+
+def make_base(folder: Path, arch: str = "llama", dtype: str = "bfloat16", tied: bool = True, bias: bool = False,
+              seed: int = 0) -> Path:
+    """A randomly initialised tiny causal LM saved as an HF folder in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, bias))
+    with torch.no_grad():  # larger-than-init weights so NF4 error and deltas are visible in logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif bias:
+                p.add_(torch.randn_like(p) * 0.02)
+    model.to(DTYPES[dtype]).save_pretrained(folder)
+    return folder
+
+
+def make_adapter(base: Path, folder: Path, seed: int = 1, b_std: float = 0.05, **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter with random non-zero A and B (B is zero at init, so we draw it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"])
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, b_std)
+            elif "lora_embedding_A" in name:  # PEFT inits embedding A to zero (and B randomly)
+                p.normal_(0, 1.0)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+            elif "modules_to_save" in name or ("bias" in name and "lora" not in name and p.requires_grad):
+                p.add_(torch.randn_like(p) * 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(folder)
+    return folder
+
+
+def write_config(folder: Path, base: Path, adapters: list[tuple[Path, float]], *, merge: dict | None = None,
+                 nf4: dict | None = None, extra: str = "") -> Path:
+    merge = {"dtype": "float32", "device": "cpu", **(merge or {})}
+    nf4 = {"load_dtype": "auto", "compute_dtype": "float32", **(nf4 or {})}
+    lines = ['name = "tiny"', f'work_dir = "{folder / "work"}"', "[base]", f'path = "{base}"', "[base.nf4]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in nf4.items()]
+    for path, weight in adapters:
+        lines += ["[[adapters]]", f'path = "{path}"', f"weight = {weight}"]
+    lines += ["[merge]"] + [f"{k} = {json.dumps(v)}" for k, v in merge.items()]
+    lines += ["[output]", f'dir = "{folder / "releases"}"']
+    path = folder / "qmerge.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def run_cli(*args: str) -> int:
+    from qmerge.cli import main
+
+    return main(["pipeline", *map(str, args), "--quiet"])
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(1, 96, (3, 24), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("base") / "llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
