@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _offline()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="qmerge: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)  # a fresh one per call: sys.stderr may have been swapped
+    handler.setFormatter(logging.Formatter("qmerge: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     warnings.filterwarnings("ignore", module="transformers|peft|bitsandbytes|torch")
     try:
         from qmerge.report import run_pipeline_command

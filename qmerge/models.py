@@ -20,7 +20,7 @@ def _from_config_dict(config: dict):
     hf_config = AutoConfig.for_model(**config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(hf_config, torch_dtype=MATH_DTYPE)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=MATH_DTYPE)
 
 
 def base_model_as_trained(base: BaseCheckpoint, device: str = "cpu") -> torch.nn.Module:
@@ -63,4 +63,4 @@ def checkpoint_model(folder: Path, device: str = "cpu") -> torch.nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=MATH_DTYPE).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=MATH_DTYPE).to(device).eval()

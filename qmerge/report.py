@@ -13,7 +13,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def print_plan(records: list[StageRecord], out=sys.stdout) -> None:
+def print_plan(records: list[StageRecord], out=None) -> None:
+    out = out or sys.stdout
     plan = next(r.result for r in records if r.name == "resolve")
     base = plan["base"]
     print("qmerge plan (dry run: no weights loaded, nothing written)", file=out)
@@ -38,7 +39,8 @@ def print_plan(records: list[StageRecord], out=sys.stdout) -> None:
         print(f"    {r.name:<10} {r.key}  {r.status}", file=out)
 
 
-def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=sys.stdout) -> None:
+def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=None) -> None:
+    out = out or sys.stdout
     print("qmerge summary", file=out)
     for r in records:
         print(f"  {r.name:<10} {r.key}  {r.status:<7} {r.seconds:7.1f} s  {work / r.name / r.key}", file=out)

@@ -51,7 +51,7 @@ def make_adapter(base: Path, folder: Path, seed: int = 1, b_std: float = 0.05, *
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"])
     lora_kwargs.setdefault("r", 4)
     lora_kwargs.setdefault("lora_alpha", 8)

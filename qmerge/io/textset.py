@@ -1,0 +1,175 @@
+"""Text specs (`calibration/*.toml`): where calibration/eval text comes from and which documents, and
+the token windows built from them. Windows are consecutive and non-overlapping; the sha256 of the
+token ids goes into every report so two runs can prove they measured the same thing."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import re
+import tomllib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from qmerge.errors import BadInputError, ConfigError
+from qmerge.io.paths import resolve_path, sha256_file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextSource(_Strict):
+    path: str
+    format: Literal["text", "jsonl", "parquet", "mediawiki"] = "text"
+    field: str = "text"
+
+
+class TextSplit(_Strict):
+    documents: str = ":"
+
+    @field_validator("documents")
+    @classmethod
+    def _slice(cls, v: str) -> str:
+        parse_slice(v)
+        return v
+
+
+class TextSpec(_Strict):
+    source: TextSource
+    split: TextSplit = TextSplit()
+    spec_path: Path
+    source_path: Path
+
+
+def parse_slice(text: str) -> slice:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(re.fullmatch(r"\s*-?\d*\s*", p) for p in parts):
+        raise ValueError(f"{text!r} is not a Python slice like '240:300'")
+    return slice(*(int(p) if p.strip() else None for p in parts))
+
+
+def load_text_spec(path: Path) -> TextSpec:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("text spec not found", path=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", path=path) from None
+    try:
+        source = TextSource.model_validate(raw.get("source", {}))
+        split = TextSplit.model_validate(raw.get("split", {}))
+        extra = set(raw) - {"source", "split"}
+        if extra:
+            raise ConfigError(f"unknown key `{sorted(extra)[0]}`", path=path)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        what = f"unknown key `{key}`" if err["type"] == "extra_forbidden" else f"`{key}`: {err['msg']}"
+        raise ConfigError(what, path=path) from None
+    source_path = resolve_path(source.path, path.parent, what="source.path", config_file=path)
+    return TextSpec(source=source, split=split, spec_path=path.resolve(), source_path=source_path)
+
+
+def _mediawiki(path: Path) -> list[str]:
+    try:
+        from gensim.corpora.wikicorpus import filter_wiki
+    except ImportError:  # pragma: no cover - gensim is a dependency
+        def filter_wiki(t: str) -> str:
+            return re.sub(r"\{\{[^}]*\}\}|\[\[(?:[^|\]]*\|)?([^\]]*)\]\]|<[^>]+>|'{2,}", r"\1", t)
+    docs = []
+    with bz2.open(path, "rb") as f:
+        for _, elem in ET.iterparse(f):
+            if elem.tag.rsplit("}", 1)[-1] == "text" and elem.text:
+                text = re.sub(r"\n{2,}", "\n", filter_wiki(elem.text)).strip()
+                if len(text) > 200 and not text.lower().startswith("#redirect"):
+                    docs.append(text)
+            elem.clear()
+    return docs
+
+
+def load_documents(spec: TextSpec) -> list[str]:
+    fmt, path = spec.source.format, spec.source_path
+    if fmt == "text":
+        docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif fmt == "mediawiki":
+        docs = _mediawiki(path)
+    else:
+        from datasets import load_dataset
+
+        ds = load_dataset("json" if fmt == "jsonl" else "parquet", data_files=str(path), split="train")
+        if spec.source.field not in ds.column_names:
+            raise BadInputError(f"no column {spec.source.field!r}; columns are {ds.column_names}",
+                                path=spec.spec_path, fix="set source.field")
+        docs = [str(t) for t in ds[spec.source.field] if t and str(t).strip()]
+    return docs[parse_slice(spec.split.documents)]
+
+
+def document_range(spec: TextSpec, total: int) -> tuple[int, int]:
+    start, stop, step = parse_slice(spec.split.documents).indices(total)
+    if step != 1:
+        raise BadInputError("split.documents must be a contiguous slice (no step)", path=spec.spec_path)
+    return start, max(start, stop)
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    ids: torch.Tensor  # int64 [n, seq_len]
+    sha256: str
+    spec_path: Path
+    source_path: Path
+    source_sha256: str
+    documents: tuple[int, int]
+    seq_len: int
+
+    def describe(self) -> dict:
+        return {"spec_path": str(self.spec_path), "source": str(self.source_path), "source_sha256": self.source_sha256,
+                "documents": list(self.documents), "windows": int(self.ids.shape[0]), "seq_len": self.seq_len,
+                "sha256": self.sha256}
+
+
+def adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def build_windows(tokenizer, spec: TextSpec, seq_len: int, count: int | None) -> TokenWindows:
+    """Documents joined by "\\n", tokenized without special tokens, cut into windows (BOS-prefixed when
+    the tokenizer adds a BOS by default); the first `count` windows."""
+    docs = load_documents(spec)
+    all_docs = len(load_documents(spec.model_copy(update={"split": TextSplit()})))
+    ids = tokenizer("\n".join(docs), add_special_tokens=False)["input_ids"]
+    bos = adds_bos(tokenizer)
+    step = seq_len - 1 if bos else seq_len
+    n = len(ids) // step
+    if count is not None and n < count:
+        raise BadInputError(f"{len(docs)} documents give {len(ids)} tokens = {n} windows of {seq_len}, "
+                            f"but {count} are needed", path=spec.spec_path,
+                            fix="widen split.documents, or ask for fewer windows / a shorter seq_len")
+    n = n if count is None else count
+    t = torch.tensor(ids[: n * step], dtype=torch.int64).view(n, step)
+    if bos:
+        t = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.int64), t], dim=1)
+    digest = hashlib.sha256(t.numpy().astype("<i8").tobytes()).hexdigest()
+    return TokenWindows(t, digest, spec.spec_path, spec.source_path, sha256_file(spec.source_path),
+                        document_range(spec, all_docs), seq_len)
+
+
+def check_disjoint(a: TextSpec, b: TextSpec, what_a: str, what_b: str) -> None:
+    """Refuses two specs that share documents of the same source (calibration vs eval, select vs eval)."""
+    same = a.source_path == b.source_path or sha256_file(a.source_path) == sha256_file(b.source_path)
+    if not same or a.source.format != b.source.format:
+        return
+    total = len(load_documents(a.model_copy(update={"split": TextSplit()})))
+    (s1, e1), (s2, e2) = document_range(a, total), document_range(b, total)
+    lo, hi = max(s1, s2), min(e1, e2)
+    if lo < hi:
+        raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share documents {lo}:{hi} of "
+                            f"{a.source_path.name}", path=a.spec_path,
+                            fix="use disjoint split.documents ranges: measuring on calibration text flatters the model")

@@ -1,0 +1,89 @@
+"""NF4 reproduction: the torch path equals bitsandbytes bit for bit, and both equal what transformers +
+bitsandbytes hold after loading a model with BitsAndBytesConfig(nf4, double quant)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmerge.ops.nf4 import (NF4_CODE, dequantize_nf4, dequantize_nf4_bnb, nf4_state_from_serialized, nf4_weight,
+                            quantize_nf4, quantize_nf4_bnb)
+from tests.conftest import make_base
+
+
+def assert_same_state(a, b):
+    assert torch.equal(a.packed, b.packed)
+    assert torch.equal(a.absmax, b.absmax)
+    assert a.shape == b.shape and a.dtype == b.dtype and a.blocksize == b.blocksize
+    if a.nested:
+        assert torch.equal(a.nested_absmax, b.nested_absmax) and torch.equal(a.offset, b.offset)
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (37, 29), (5, 3), (1, 1), (96, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_torch_path_matches_bitsandbytes(shape, dtype, double_quant):
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
+    if w.numel() >= 64:
+        w.view(-1)[:64] = 0  # an all-zero block
+    ours, bnb = quantize_nf4(w, 64, double_quant), quantize_nf4_bnb(w, 64, double_quant)
+    assert_same_state(ours, bnb)
+    assert torch.equal(dequantize_nf4(ours), dequantize_nf4_bnb(bnb))
+
+
+def test_round_trip_error_is_bounded_and_nonzero():
+    w = torch.randn(256, 64)
+    back = dequantize_nf4(quantize_nf4(w, 64, False))
+    absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
+    max_gap = float((NF4_CODE[1:] - NF4_CODE[:-1]).max())
+    err = (back - w).view(-1, 64).abs()
+    assert float(err.max()) > 0
+    assert bool((err <= absmax * max_gap / 2 + 1e-6).all())
+
+
+def test_codes_do_not_depend_on_bf16_vs_float32_upcast():
+    w = torch.randn(64, 128).to(torch.bfloat16)
+    a, b = quantize_nf4(w), quantize_nf4(w.float())
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+    assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+
+
+def test_matches_transformers_load_time_quantization(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = make_base(tmp_path / "base", dtype="bfloat16")
+    original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, device_map="cpu", dtype=torch.bfloat16)
+    loaded.save_pretrained(tmp_path / "bnb")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "bnb" / "model.safetensors")
+    import bitsandbytes.functional as F
+
+    checked = 0
+    for name, module in loaded.named_modules():
+        if getattr(getattr(module, "weight", None), "quant_state", None) is None:
+            continue
+        w = original.get_submodule(name).weight.data
+        ours = quantize_nf4(w, 64, True)
+        assert torch.equal(ours.packed, module.weight.data)
+        assert torch.equal(ours.absmax, module.weight.quant_state.absmax)
+        expected = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        assert torch.equal(nf4_weight(w, 64, True, torch.bfloat16), expected)
+        from_disk = nf4_state_from_serialized(saved, name)
+        assert torch.equal(dequantize_nf4(from_disk).float(), expected)
+        checked += 1
+    assert checked == 14  # 7 linears x 2 layers; lm_head and embeddings stay unquantized
+
+
+@pytest.mark.gpu
+def test_cuda_and_cpu_codes(capsys):
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cpu = quantize_nf4(w)
+    gpu = quantize_nf4_bnb(w.cuda())
+    differ = int((cpu.packed != gpu.packed.cpu()).sum())
+    dw = (nf4_weight(w) - nf4_weight(w, device="cuda")).abs().max().item()
+    print(f"CUDA vs CPU: {differ} of {cpu.packed.numel()} packed bytes differ, max |dW| {dw:.3e}")
+    assert differ <= cpu.packed.numel() // 1000

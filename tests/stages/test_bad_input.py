@@ -1,0 +1,122 @@
+"""Bad input -> exit 2 with a message naming the file, and nothing written under the work dir's stages."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import make_adapter, run_cli, write_config
+
+
+@pytest.fixture
+def adapter(tmp_path, tiny_llama) -> Path:
+    return make_adapter(tiny_llama, tmp_path / "adapter")
+
+
+def assert_exit_2(cfg: Path, capsys, *needles: str) -> None:
+    assert run_cli(cfg) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    work = cfg.parent / "work"
+    finished = list(work.glob("*/*/done.json")) if work.exists() else []
+    assert not [p for p in finished if p.parent.parent.name != "resolve"], finished
+    assert not list(work.glob("*/.*tmp-*")) if work.exists() else True
+
+
+def test_unknown_config_key(tmp_path, tiny_llama, adapter, capsys):
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)], extra="[gate]\neval = 'x.toml'\nmax_kll = 0.1\n")
+    assert_exit_2(cfg, capsys, str(cfg), "unknown key `gate.max_kll`")
+
+
+def test_mistyped_value(tmp_path, tiny_llama, adapter, capsys):
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)], merge={"dtype": "float8"})
+    assert_exit_2(cfg, capsys, str(cfg), "merge.dtype")
+
+
+def test_missing_base(tmp_path, adapter, capsys):
+    cfg = write_config(tmp_path, tmp_path / "nope", [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "base.path", "does not exist")
+
+
+def test_corrupt_safetensors_header(tmp_path, tiny_llama, adapter, capsys):
+    import shutil
+
+    base = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, base)
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(struct.pack("<Q", 10**7) + data[8:])
+    cfg = write_config(tmp_path, base, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, str(base / "model.safetensors"), "header")
+
+
+def _rewrite_adapter(adapter: Path, fn) -> None:
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f)
+
+
+def test_adapter_shape_mismatch(tmp_path, tiny_llama, adapter, capsys):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    _rewrite_adapter(adapter, lambda t: t.__setitem__(key, torch.zeros(32, 4)))
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "adapter_model.safetensors", "shape mismatch at model.layers.0.self_attn.q_proj")
+
+
+def test_adapter_target_missing_from_base(tmp_path, tiny_llama, adapter, capsys):
+    def add(t):
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 64)
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight"] = torch.zeros(64, 4)
+
+    _rewrite_adapter(adapter, add)
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "adapter_model.safetensors", "model.layers.7.self_attn.q_proj, which is not in the base")
+
+
+def test_nan_in_adapter(tmp_path, tiny_llama, adapter, capsys):
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    _rewrite_adapter(adapter, lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "adapter_model.safetensors", "NaN or Inf")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("peft_type", "IA3", "peft_type 'IA3' is not supported"),
+    ("use_qalora", True, "use_qalora"),
+    ("layer_replication", [[0, 1]], "layer_replication"),
+    ("init_lora_weights", "pissa", "pissa"),
+    ("some_future_field", 1, "unknown to the installed peft"),
+])
+def test_unsupported_peft_config(tmp_path, tiny_llama, adapter, capsys, field, value, needle):
+    f = adapter / "adapter_config.json"
+    config = json.loads(f.read_text())
+    config[field] = value
+    f.write_text(json.dumps(config))
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, str(f), needle)
+
+
+def test_base_sha256_mismatch(tmp_path, tiny_llama, adapter, capsys):
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    text = cfg.read_text().replace("[base.nf4]", f'sha256 = "{"0" * 64}"\n[base.nf4]')
+    cfg.write_text(text)
+    assert_exit_2(cfg, capsys, str(cfg), "sha256 mismatch")
+
+
+def test_dora_with_two_adapters(tmp_path, tiny_llama, capsys):
+    a1 = make_adapter(tiny_llama, tmp_path / "a1", use_dora=True)
+    a2 = make_adapter(tiny_llama, tmp_path / "a2")
+    cfg = write_config(tmp_path, tiny_llama, [(a1, 1.0), (a2, 1.0)])
+    assert_exit_2(cfg, capsys, "DoRA is not additive")
+
+
+def test_lora_bias_on_layer_without_bias(tmp_path, tiny_llama, capsys):
+    adapter = make_adapter(tiny_llama, tmp_path / "a", lora_bias=True)
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "adapter_model.safetensors", "lora_bias on model.layers.0.", "which has no bias")

@@ -1,0 +1,99 @@
+"""Stage runner: --dry-run loads nothing and prints the plan; resume after a kill gives identical bytes;
+--force/--only; weight-space retention reports a bf16-rounded tiny delta."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import make_adapter, make_base, run_cli, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "done.json"}
+
+
+def merge_dir(work: Path) -> Path:
+    (d,) = [d for d in (work / "merge").iterdir() if (d / "done.json").is_file()]
+    return d
+
+
+def test_dry_run_loads_no_weights_and_prints_plan(tmp_path, tiny_llama, capsys):
+    from qmerge.io.safetensors_io import CheckpointReader
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    before = CheckpointReader.tensors_loaded
+    assert run_cli(cfg, "--dry-run") == 0
+    assert CheckpointReader.tensors_loaded == before
+    out = capsys.readouterr().out
+    assert "dry run" in out and "14" in out  # 14 quantized linears
+    assert "6 LoRA modules" in out and "merge" in out and "planned" in out
+    assert not (tmp_path / "work").exists()
+
+
+def test_resume_after_kill_gives_identical_output(tmp_path):
+    base = make_base(tmp_path / "big", dtype="bfloat16")
+    adapter = make_adapter(base, tmp_path / "a")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    cfg_ref = write_config(ref_dir, base, [(adapter, 1.0)], merge={"max_shard_size": 20000})
+    assert run_cli(cfg_ref) == 0
+    expected = tree_digest(merge_dir(ref_dir / "work"))
+    assert len([n for n in expected if n.startswith("model-")]) > 2  # several shards
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = write_config(run_dir, base, [(adapter, 1.0)], merge={"max_shard_size": 20000})
+    env = {**os.environ, "QMERGE_TEST_SLOW_WRITE": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--quiet"], cwd=ROOT, env=env)
+    merge_root = run_dir / "work" / "merge"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (merge_root.exists() and any(merge_root.glob(".*tmp-*/.shard-*"))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(merge_root.glob("*/done.json")), "killed run must not leave a finished merge"
+    assert run_cli(cfg) == 0
+    assert tree_digest(merge_dir(run_dir / "work")) == expected
+    assert not list(merge_root.glob(".*tmp-*"))  # the dead run's temp dir was cleaned
+
+
+def test_rerun_uses_cache_and_force_redoes(tmp_path, tiny_llama, capsys):
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert run_cli(cfg) == 0
+    capsys.readouterr()
+    assert run_cli(cfg) == 0
+    assert "cached" in capsys.readouterr().out
+    assert run_cli(cfg, "--force") == 0
+    out = capsys.readouterr().out
+    assert "merge" in out and "cached" not in out
+
+
+def test_bf16_storage_reports_lost_tiny_delta(tmp_path):
+    base = make_base(tmp_path / "b", dtype="bfloat16")
+    # A delta of ~0.05 bf16 ulp: bf16 storage of W_nf4 (on the bf16 grid) + ΔW rounds most of it away.
+    adapter = make_adapter(base, tmp_path / "a", b_std=1e-5)
+    cfg = write_config(tmp_path, base, [(adapter, 1.0)], merge={"dtype": "bfloat16"},
+                       nf4={"load_dtype": "bfloat16", "compute_dtype": "bfloat16"})
+    assert run_cli(cfg) == 0
+    layers = json.loads((merge_dir(tmp_path / "work") / "merge_report.json").read_text())["layers"]
+    assert layers and all(v["retention"] < 0.5 for v in layers.values())
+
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    cfg = write_config(exact, base, [(adapter, 1.0)], merge={"dtype": "float32"},
+                       nf4={"load_dtype": "bfloat16", "compute_dtype": "bfloat16"})
+    assert run_cli(cfg) == 0
+    layers = json.loads((merge_dir(exact / "work") / "merge_report.json").read_text())["layers"]
+    assert all(abs(v["retention"] - 1) < 1e-3 for v in layers.values())
