@@ -92,6 +92,6 @@ STAGES = [
     Stage("evaluate", ("resolve", "merge", "quantize"), lambda cfg: cfg.gate.model_dump(exclude={
           "max_ppl_increase", "min_delta_retention", "max_kl"}), _evaluate, enabled=lambda cfg: cfg.gate is not None),
     Stage("gate", ("evaluate",), _gate_slice, _gate, enabled=lambda cfg: cfg.gate is not None),
-    Stage("promote", ("gate",), lambda cfg: cfg.output.model_dump() | {"name": cfg.name}, _promote,
+    Stage("promote", ("resolve", "merge", "calibrate", "quantize", "gate"), lambda cfg: cfg.output.model_dump() | {"name": cfg.name}, _promote,
           enabled=lambda cfg: cfg.gate is not None, cached=False),
 ]

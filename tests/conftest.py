@@ -119,3 +119,73 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CHARS = [chr(c) for c in range(32, 127)]  # 95 printable ASCII characters + [UNK] = vocab 96
+
+
+def save_char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer over printable ASCII (vocab 96) saved into an HF folder."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{ch: i + 1 for i, ch in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+
+
+def write_text_spec(folder: Path, name: str, documents: str) -> Path:
+    """A text spec over gensim's lee news corpus (installed with gensim; nothing copied into the repo)."""
+    path = folder / f"{name}.toml"
+    path.write_text('[source]\npath = "package:gensim/test/test_data/lee_background.cor"\n'
+                    f'[split]\ndocuments = "{documents}"\n')
+    return path
+
+
+def train_tiny_adapter(base: Path, folder: Path, steps: int = 60, **lora_kwargs) -> Path:
+    """A tiny LoRA adapter trained QLoRA-style (against W_nf4, float32) on lee documents 0:40, so that
+    on held-out lee text it measurably helps: delta retention is then defined."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from qmerge.io.base import BaseCheckpoint, NF4Recipe
+    from qmerge.io.textset import build_windows, load_text_spec
+    from qmerge.models import base_model_as_trained
+
+    model = base_model_as_trained(BaseCheckpoint(base, NF4Recipe(64, True, None, "float32", None)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **lora_kwargs))
+    spec = load_text_spec(write_text_spec(folder.parent, "tiny-train", "0:40"))
+    ids = build_windows(AutoTokenizer.from_pretrained(base), spec, 64, None).ids
+    torch.manual_seed(0)
+    opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        batch = ids[(step * 8) % (len(ids) - 8):][:8]
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gated(tmp_path_factory) -> dict:
+    """A tiny llama with a char tokenizer, a trained adapter, and held-out lee text specs."""
+    root = tmp_path_factory.mktemp("gated")
+    base = make_base(root / "base", dtype="float32")
+    save_char_tokenizer(base)
+    adapter = train_tiny_adapter(base, root / "adapter")
+    rs_adapter = train_tiny_adapter(base, root / "adapter-rslora", use_rslora=True)
+    return {"root": root, "base": base, "adapter": adapter, "rslora": rs_adapter,
+            "heldout": write_text_spec(root, "heldout", "200:260"), "select": write_text_spec(root, "select", "150:200")}
+
+
+def gate_config(folder: Path, g: dict, adapter: Path | None = None, merge: dict | None = None, gate: str = "") -> Path:
+    extra = (f'[gate]\neval = "{g["heldout"]}"\nwindows = 24\nseq_len = 64\nbatch_size = 8\n{gate}')
+    return write_config(folder, g["base"], [(adapter or g["adapter"], 1.0)], merge=merge,
+                        nf4={"load_dtype": "float32", "compute_dtype": "float32"}, extra=extra)

@@ -1,179 +1,308 @@
-"""Streaming safetensors I/O: headers parsed without loading weights, one tensor loaded at a time, and
-a size-capped shard writer that writes the index at the end (after mergekit's tensor_writer.py)."""
+"""Streaming safetensors I/O: headers parsed and validated without touching weights, one tensor loaded at a
+time, and a size-capped shard writer that names shards and writes the index at the end (after mergekit's
+`mergekit/io/tensor_writer.py`). Format: 8-byte little-endian header length, a JSON header, then a byte
+buffer that the tensors' `data_offsets` tile exactly (https://github.com/huggingface/safetensors)."""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qmerge.errors import BadInputError
+from qmerge.io.atomic import default_file_mode, fsync_dir, fsync_file, write_json_atomic
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-MAX_HEADER = 100 * 2**20
+# Bits per element, as the safetensors format defines them (F4/F6 pack sub-byte elements).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32,
+              "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64, "F8_E4M3": 8, "F8_E5M2": 8,
+              "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+MAX_HEADER = 100 * 2**20  # safetensors' own limit; a larger length means a damaged or foreign file
+# Seconds to pause after each shard: lets the resume test kill a merge mid-way. Never set in production.
+_TEST_THROTTLE = float(os.environ.get("QMERGE_TEST_SLOW_WRITE", "0") or 0)
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 FIX = "the file is corrupt or truncated: re-download or re-save it"
 
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor as its file's header describes it; nothing of its data is read."""
+
     name: str
-    dtype: str
+    dtype: str  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
     file: Path
     nbytes: int
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parses and validates a safetensors header (no tensor data is read)."""
-    path = Path(path)
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _raw_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header JSON object and the size of the data buffer behind it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise BadInputError("too short to be a safetensors file", path=path, fix=FIX)
+                raise BadInputError(f"{size} bytes is too short to be a safetensors file", path=path, fix=FIX)
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
+            if n < 2 or n > MAX_HEADER or 8 + n > size:
                 raise BadInputError(f"header length {n} does not fit in a {size}-byte file", path=path, fix=FIX)
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise BadInputError("file not found", path=path) from None
+    except IsADirectoryError:
+        raise BadInputError("is a directory, expected a .safetensors file", path=path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInputError(f"safetensors header is not valid JSON ({e})", path=path, fix=FIX) from None
     if not isinstance(header, dict):
         raise BadInputError("safetensors header is not a JSON object", path=path, fix=FIX)
-    data_size = size - 8 - n
-    out = {}
+    return header, size - 8 - n
+
+
+def _tensor_info(name: str, meta: Any, path: Path) -> tuple[TensorInfo, int, int]:
+    try:
+        dtype, shape, (start, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError(f"tensor {name!r}: malformed header entry {meta!r}", path=path, fix=FIX) from None
+    if dtype not in DTYPE_BITS:
+        raise BadInputError(f"tensor {name!r}: unknown dtype {dtype!r}", path=path, fix=FIX)
+    ints = (*shape, start, end)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+        raise BadInputError(f"tensor {name!r}: shape {shape} / offsets {start}..{end} are not non-negative "
+                            "integers", path=path, fix=FIX)
+    bits = _numel(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or end - start != bits // 8:
+        raise BadInputError(f"tensor {name!r}: data offsets {start}..{end} hold {end - start} bytes, but shape "
+                            f"{list(shape)} of {dtype} needs {bits / 8:g}", path=path, fix=FIX)
+    return TensorInfo(name, dtype, shape, path, end - start), start, end
+
+
+def read_header(path: Path | str) -> dict[str, TensorInfo]:
+    """Parses and validates a safetensors header (no tensor data is read); tensors in header order."""
+    path = Path(path)
+    header, data_size = _raw_header(path)
+    out, spans = {}, []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise BadInputError(f"tensor {name!r}: malformed header entry", path=path, fix=FIX) from None
-        if dtype not in ITEMSIZE:
-            raise BadInputError(f"tensor {name!r}: unknown dtype {dtype!r}", path=path, fix=FIX)
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not (0 <= start <= end <= data_size) or end - start != numel * ITEMSIZE[dtype]:
-            raise BadInputError(f"tensor {name!r}: data offsets {start}..{end} do not match its shape {list(shape)} "
-                                f"{dtype} within {data_size} data bytes", path=path, fix=FIX)
-        out[name] = TensorInfo(name, dtype, shape, path, end - start)
+        info, start, end = _tensor_info(name, meta, path)
+        out[name] = info
+        spans.append((start, end, name))
+    # Like safetensors itself: the tensors must tile the data buffer, no gap, no overlap, nothing past EOF.
+    pos = 0
+    for start, end, name in sorted(spans):
+        if start != pos:
+            what = "overlaps the previous tensor" if start < pos else f"leaves a gap at byte {pos}"
+            raise BadInputError(f"tensor {name!r}: data at {start}..{end} {what}", path=path, fix=FIX)
+        pos = end
+    if pos != data_size:
+        raise BadInputError(f"tensors describe {pos} data bytes but the file holds {data_size} "
+                            f"({'truncated' if pos > data_size else 'trailing bytes'})", path=path, fix=FIX)
     return out
 
 
+def read_metadata(path: Path | str) -> dict[str, str]:
+    """The header's `__metadata__` (free-form str -> str; e.g. {"format": "pt"}), {} when absent."""
+    path = Path(path)
+    meta = _raw_header(path)[0].get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise BadInputError("__metadata__ must map strings to strings", path=path, fix=FIX)
+    return meta
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` (tensor -> shard file name) of a sharded checkpoint's index, validated."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise BadInputError(f"invalid index ({type(e).__name__}: {e})", path=index, fix=FIX) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BadInputError("weight_map must map tensor names to shard file names", path=index, fix=FIX)
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):  # never read outside the model folder
+            raise BadInputError(f"weight_map names {shard!r}, not a file in this folder", path=index, fix=FIX)
+        if not (index.parent / shard).is_file():
+            raise BadInputError(f"index names missing shard {shard}", path=index, fix=FIX)
+    return weight_map
+
+
 class CheckpointReader:
-    """Tensor names and shapes of a model folder from headers; `get` loads exactly one tensor."""
+    """Tensor names, dtypes and shapes of a checkpoint from headers alone; `get` loads exactly one tensor.
+
+    `source`: a model folder (`model.safetensors`, or shards + `model.safetensors.index.json`), one
+    `.safetensors` file, or an explicit list of files."""
 
     tensors_loaded = 0  # process-wide count, so tests can prove a dry run loads nothing
 
-    def __init__(self, source: Path | list[Path]):
-        files = self._files(source) if not isinstance(source, list) else [Path(p) for p in source]
+    def __init__(self, source: Path | str | Sequence[Path | str]):
         self.tensors: dict[str, TensorInfo] = {}
-        for f in files:
-            for name, info in read_header(f).items():
-                if name in self.tensors:
-                    raise BadInputError(f"tensor {name!r} appears in two shards", path=f, fix=FIX)
-                self.tensors[name] = info
-        self._handles: dict[Path, object] = {}
+        self.loaded = 0  # this reader's count
+        self._handles: dict[Path, Any] = {}
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            self._open_folder(Path(source))
+        else:
+            files = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+            for f in files:
+                for name, info in read_header(f).items():
+                    if name in self.tensors:
+                        raise BadInputError(f"tensor {name!r} is also in {self.tensors[name].file.name}", path=f,
+                                            fix="pass each tensor's file once")
+                    self.tensors[name] = info
 
-    @staticmethod
-    def _files(folder: Path) -> list[Path]:
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
+    def _open_folder(self, folder: Path) -> None:
+        index = folder / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BadInputError(f"invalid index ({e})", path=index, fix=FIX) from None
-            files = sorted({folder / f for f in weight_map.values()})
-            missing = [f for f in files if not f.is_file()]
-            if missing:
-                raise BadInputError(f"index names missing shard {missing[0].name}", path=index, fix=FIX)
-            return files
-        single = folder / "model.safetensors"
-        if single.is_file():
-            return [single]
-        if (folder / "pytorch_model.bin").is_file():
+            weight_map = read_index(index)
+            headers = {shard: read_header(folder / shard) for shard in sorted(set(weight_map.values()))}
+            for name, shard in weight_map.items():
+                if name not in headers[shard]:
+                    raise BadInputError(f"index maps {name!r} to {shard}, whose header lacks it", path=index,
+                                        fix=FIX)
+                self.tensors[name] = headers[shard][name]
+        elif (folder / SINGLE_NAME).is_file():
+            self.tensors = read_header(folder / SINGLE_NAME)
+        elif (folder / "pytorch_model.bin").is_file():
             raise BadInputError("only pytorch_model.bin here; qmerge reads safetensors (no pickle)", path=folder,
                                 fix="convert with transformers: model.save_pretrained(dir, safe_serialization=True)")
-        raise BadInputError("no model.safetensors or model.safetensors.index.json", path=folder)
+        else:
+            raise BadInputError(f"no {SINGLE_NAME} or {INDEX_NAME}", path=folder,
+                                fix="point at a Hugging Face model folder saved with safetensors")
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Loads tensor `name` (and nothing else) from its shard onto `device`."""
         from safetensors import safe_open
 
+        if name not in self.tensors:
+            raise KeyError(f"{name!r} is not in this checkpoint ({len(self.tensors)} tensors)")
         info = self.tensors[name]
         handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device=device)
+        if handle is None:  # one cpu handle per shard, whatever device is asked for: handles stay valid
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
         CheckpointReader.tensors_loaded += 1
-        return handle.get_tensor(name)
+        self.loaded += 1
+        return handle.get_tensor(name).to(device)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ShardWriter:
-    """Buffers tensors up to `max_shard_bytes`, writes numbered shards, then the index (mergekit style)."""
+    """Buffers tensors up to `max_shard_bytes`, writes each full buffer as a shard, and at close names the
+    shards `model-0000i-of-0000N.safetensors` plus the index (one shard: `model.safetensors`, no index, as
+    transformers does). Memory is bounded by one shard buffer (or one tensor larger than the cap)."""
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None):
+    def __init__(self, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = metadata or {"format": "pt"}
+        self.metadata = dict(metadata) if metadata is not None else {"format": "pt"}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []
-        self.total = 0
-        self.seen: set[str] = set()
+        self.shards: list[tuple[str, list[str]]] = []  # (temp file name, tensor names) in write order
+        self.total_size = 0
+        self.weight_map: dict[str, str] = {}
+        self._seen: set[str] = set()
+        self._closed = False
 
     def __enter__(self) -> ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        clash = sorted(p.name for p in self.out_dir.glob("model*.safetensors*"))
+        if clash:  # stale shards would mix with ours into a checkpoint no loader reads correctly
+            raise FileExistsError(f"{self.out_dir} already holds {clash[0]}; write into an empty folder")
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.seen:
-            raise ValueError(f"tensor {name} written twice")
-        self.seen.add(name)
+        """Queues `tensor` under `name`; do not modify it in place afterwards (it is written later)."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if not name or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in self._seen:
+            raise ValueError(f"tensor {name!r} added twice")
         nbytes = tensor.numel() * tensor.element_size()
         if self.buffer and self.buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self.buffer[name] = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu").contiguous()
+        if any(_shares_memory(t, other) for other in self.buffer.values()):
+            t = t.clone()  # tied weights: safetensors refuses aliased tensors in one file (as mergekit handles it)
+        self._seen.add(name)
+        self.buffer[name] = t
         self.buffer_bytes += nbytes
-        self.total += nbytes
+        self.total_size += nbytes
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        temp = f"shard-{len(self.shards):05d}.tmp.safetensors"
-        save_file(self.buffer, str(self.out_dir / temp), metadata=self.metadata)
-        with open(self.out_dir / temp, "rb") as f:
-            os.fsync(f.fileno())
-        self.shards.append((temp, list(self.buffer)))
+        temp = self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp.safetensors"
+        save_file(self.buffer, str(temp), metadata=self.metadata)
+        fsync_file(temp)
+        self.shards.append((temp.name, list(self.buffer)))
         self.buffer, self.buffer_bytes = {}, 0
+        if _TEST_THROTTLE:
+            time.sleep(_TEST_THROTTLE)
+
+    def finalize(self) -> dict[str, str]:
+        """Writes the last shard, gives shards their final names, writes the index; returns the weight map."""
+        if self._closed:
+            return self.weight_map
+        if self.buffer or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        mode = default_file_mode()  # safetensors writes 0600; a published model is readable like any file
+        for i, (temp, names) in enumerate(self.shards):
+            final = SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.chmod(self.out_dir / temp, mode)
+            os.replace(self.out_dir / temp, self.out_dir / final)
+            self.weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            write_json_atomic(self.out_dir / INDEX_NAME, index)
+        fsync_dir(self.out_dir)
+        self._closed = True
+        return self.weight_map
+
+    def abort(self) -> None:
+        """Removes the shards written so far (temp names only exist before finalize)."""
+        for temp, _ in self.shards:
+            (self.out_dir / temp).unlink(missing_ok=True)
+        self.buffer, self.shards, self._closed = {}, [], True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            return
-        if self.buffer or not self.shards:
-            self._flush()
-        self.finalize()
+            self.abort()
+        else:
+            self.finalize()
 
-    def finalize(self) -> dict[str, str]:
-        weight_map = {}
-        count = len(self.shards)
-        for i, (temp, names) in enumerate(self.shards):
-            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(self.out_dir / temp, self.out_dir / final)
-            weight_map.update({n: final for n in names})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        self.weight_map = weight_map
-        return weight_map
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0 and b.numel() > 0
