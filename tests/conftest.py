@@ -173,15 +173,39 @@ def train_tiny_adapter(base: Path, folder: Path, steps: int = 60, **lora_kwargs)
     return folder
 
 
+def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
+    """A copy of adapter `src` with every lora_B multiplied by `factor`: the same direction, a smaller ΔW."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    shutil.copyfile(src / "adapter_config.json", dst / "adapter_config.json")
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+# On a random tiny base the trained adapter is huge (‖ΔW‖/‖W‖ ≈ 1.5; real QLoRA deltas are ~1e-2 and
+# below): NF4 re-quantization or bf16 rounding barely dents it. Scaled down it is the fragile kind the
+# gate exists for — measured: ×0.03 gives mean |ΔW| 0.0025 (below the ~0.02 NF4 step of these weights)
+# and still a 0.33 ± 0.01 nat held-out effect; ×0.002 puts ΔW below half a bf16 ulp of most weights.
+FRAGILE = 0.03
+SUB_BF16 = 0.002
+
+
 @pytest.fixture(scope="session")
 def gated(tmp_path_factory) -> dict:
-    """A tiny llama with a char tokenizer, a trained adapter, and held-out lee text specs."""
+    """A tiny llama with a char tokenizer, trained adapters (strong, fragile, sub-bf16-ulp, rslora), and
+    held-out lee text specs."""
     root = tmp_path_factory.mktemp("gated")
     base = make_base(root / "base", dtype="float32")
     save_char_tokenizer(base)
     adapter = train_tiny_adapter(base, root / "adapter")
     rs_adapter = train_tiny_adapter(base, root / "adapter-rslora", use_rslora=True)
     return {"root": root, "base": base, "adapter": adapter, "rslora": rs_adapter,
+            "fragile": scaled_adapter(adapter, root / "adapter-fragile", FRAGILE),
+            "sub_bf16": scaled_adapter(adapter, root / "adapter-sub-bf16", SUB_BF16),
             "heldout": write_text_spec(root, "heldout", "200:260"), "select": write_text_spec(root, "select", "150:200")}
 
 

@@ -91,7 +91,7 @@ def run_evaluate(ctx: StageContext) -> dict:
                      "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
                      "stderr": "over windows; ratios and retention from paired per-window differences",
                      "device": eval_device()},
-        "into": into, "final": final,
+        "into": into, "final": final, "selection": merge_result.get("selection"),
         **evaluate_candidates(ctx, candidates, into),
         "weight_retention": {"merged": dense_weight_retention(ctx.results["resolve"], into, ctx.inputs["merge"])},
     }

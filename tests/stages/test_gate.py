@@ -63,11 +63,12 @@ def _replace_merge(work: Path, model) -> None:
     model.save_pretrained(merged)
 
 
-def _judge(gated, tmp_path: Path, build) -> dict:
-    """Runs the honest pipeline up to merge, swaps in `build(merged_dir)`'s model, reruns evaluate+gate."""
-    cfg = gate_config(tmp_path, gated)
+def _judge(gated, tmp_path: Path, build, adapter: str = "fragile") -> dict:
+    """Runs the honest pipeline on `adapter` up to merge, swaps in `build(adapter_dir)`'s model, reruns
+    evaluate + gate: exit 3, nothing published; returns the gate's verdict."""
+    cfg = gate_config(tmp_path, gated, adapter=gated[adapter])
     assert run_cli(cfg) == 0
-    _replace_merge(tmp_path / "work", build(stage_dir(tmp_path / "work", "merge")))
+    _replace_merge(tmp_path / "work", build(gated[adapter]))
     for d in (tmp_path / "releases").glob("*"):
         shutil.rmtree(d)
     assert run_cli(cfg, "--from", "evaluate") == 3
@@ -75,80 +76,68 @@ def _judge(gated, tmp_path: Path, build) -> dict:
     return report(tmp_path / "work")["gate"]
 
 
-def _dense(path: Path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+def _as_trained(gated):
+    from qmerge.io.base import BaseCheckpoint, NF4Recipe
+    from qmerge.models import base_model_as_trained
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return base_model_as_trained(BaseCheckpoint(gated["base"], NF4Recipe(64, True, "float32", "float32", None)))
 
 
 def test_gate_rejects_peft_4bit_merge(gated, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    def build(_):
+    def build(adapter):
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(gated["base"], quantization_config=q, device_map="cpu",
                                                      dtype=torch.float32)
-        merged = PeftModel.from_pretrained(model, gated["adapter"]).merge_and_unload()  # re-quantized to NF4
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # W_nf4 + ΔW re-quantized to NF4
         return merged.dequantize()
 
     gate = _judge(gated, tmp_path, build)
-    assert any("delta retention" in r or "KL" in r for r in gate["reasons"]), gate
+    assert any("delta retention" in r for r in gate["reasons"]), gate
+    assert any("weight-space retention" in r for r in gate["reasons"]), gate
 
 
 def test_gate_rejects_bf16_addition(gated, tmp_path):
-    from safetensors.torch import load_file
+    from peft import PeftModel
 
-    def build(merged_dir):
-        model = _dense(merged_dir)
-        # What a bf16 merge does: W_nf4 and ΔW in bf16, added in bf16, stored bf16.
-        exact = load_file(merged_dir / "model.safetensors")
-        ref = model.state_dict()
-        from qmerge.models import base_model_as_trained
-        from qmerge.io.base import BaseCheckpoint, NF4Recipe
-
-        base = base_model_as_trained(BaseCheckpoint(gated["base"], NF4Recipe(64, True, "float32", "float32", None)))
+    def build(adapter):
+        # What a bf16 merge does: W_nf4 and ΔW cast to bf16, added in bf16, stored bf16.
+        model = PeftModel.from_pretrained(_as_trained(gated), adapter)
         with torch.no_grad():
-            for name, w in base.state_dict().items():
-                if name in exact and not torch.equal(exact[name], w):
-                    ref[name].copy_((w.bfloat16() + (exact[name] - w).bfloat16()).float())
-        return model.to(torch.bfloat16)
+            for module in model.modules():
+                if hasattr(module, "lora_A") and "default" in module.lora_A:
+                    w = module.base_layer.weight
+                    delta = module.get_delta_weight("default")
+                    w.copy_((w.bfloat16() + delta.bfloat16()).float())
+        return model.unload().to(torch.bfloat16)
 
-    gate = _judge(gated, tmp_path, build)
+    gate = _judge(gated, tmp_path, build, adapter="sub_bf16")
     assert any("weight-space retention" in r for r in gate["reasons"]), gate
 
 
 def test_gate_rejects_wrong_scale(gated, tmp_path):
     import math
 
-    def build(merged_dir):
-        # The rslora adapter merged with alpha/r instead of alpha/sqrt(r): ΔW off by sqrt(r) = 2.
-        from qmerge.io.base import BaseCheckpoint, NF4Recipe
-        from qmerge.models import base_model_as_trained
-        from peft import PeftModel
+    from peft import PeftModel
 
-        base = base_model_as_trained(BaseCheckpoint(gated["base"], NF4Recipe(64, True, "float32", "float32", None)))
-        model = PeftModel.from_pretrained(base, gated["rslora"])
+    def build(adapter):
+        # The rslora adapter merged with alpha/r instead of alpha/sqrt(r): ΔW off by sqrt(r) = 2.
+        model = PeftModel.from_pretrained(_as_trained(gated), adapter)
         for module in model.modules():
             if isinstance(getattr(module, "scaling", None), dict):
                 module.scaling["default"] /= math.sqrt(4)
         return model.merge_and_unload()
 
-    cfg_adapter = gated["rslora"]
-    cfg = gate_config(tmp_path, gated, adapter=cfg_adapter)
-    assert run_cli(cfg) == 0
-    _replace_merge(tmp_path / "work", build(stage_dir(tmp_path / "work", "merge")))
-    assert run_cli(cfg, "--from", "evaluate") == 3
-    gate = report(tmp_path / "work")["gate"]
-    assert any("delta retention" in r for r in gate["reasons"]), gate
+    gate = _judge(gated, tmp_path, build, adapter="rslora")
+    # Half the delta: weight space sees exactly 0.5; the eval text sees a perplexity rise.
+    assert any("weight-space retention 0.5000" in r for r in gate["reasons"]), gate
+    assert any("ppl merged/reference" in r for r in gate["reasons"]), gate
 
 
 def test_gate_rejects_dropped_delta(gated, tmp_path):
-    from qmerge.io.base import BaseCheckpoint, NF4Recipe
-    from qmerge.models import base_model_as_trained
-
-    gate = _judge(gated, tmp_path, lambda _: base_model_as_trained(
-        BaseCheckpoint(gated["base"], NF4Recipe(64, True, "float32", "float32", None))))
+    gate = _judge(gated, tmp_path, lambda _: _as_trained(gated))
     assert any("delta retention" in r for r in gate["reasons"]), gate
     assert any("weight-space retention" in r for r in gate["reasons"]), gate

@@ -1,0 +1,142 @@
+"""promote: concurrent promotions of one name in two processes, an interrupted promotion, versions never
+overwritten, and merge.into = "original" / "auto" (chosen on the select split, never the gate's)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import gate_config, run_cli, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(cfg: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--quiet", *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def assert_complete(release: Path) -> dict:
+    manifest = json.loads((release / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((release / name).read_bytes()).hexdigest() == digest, name
+    return manifest
+
+
+def visible(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if not p.name.startswith(".")}
+
+
+def _config(folder: Path, gated: dict, releases: Path) -> Path:
+    folder.mkdir()
+    cfg = gate_config(folder, gated)
+    cfg.write_text(cfg.read_text().replace(f'dir = "{folder / "releases"}"', f'dir = "{releases}"'))
+    return cfg
+
+
+def test_two_processes_promote_the_same_name(gated, tmp_path):
+    releases = tmp_path / "releases"
+    cfgs = [_config(tmp_path / f"run{i}", gated, releases) for i in (1, 2)]
+    procs = [cli(cfg, "--release-version", f"v{i}", env={"QMERGE_TEST_SLOW_WRITE": "0.1"})
+             for i, cfg in enumerate(cfgs, 1)]
+    codes = [p.wait(timeout=300) for p in procs]
+    errors = [p.stderr.read().decode() for p in procs]
+    root = releases / "tiny"
+    # Both runs hold the same inputs, so they have the same key: one publishes, the other finds the key in
+    # `latest` (after waiting for the lock) and says nothing is new. Neither may corrupt the other.
+    assert codes == [0, 0], errors
+    assert visible(root) in ({"v1", "latest"}, {"v2", "latest"}), visible(root)
+    manifest = assert_complete(root / "latest")
+    assert (root / "latest").resolve().name == manifest["version"]
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+
+
+def test_interrupted_promotion_keeps_previous_latest(gated, tmp_path):
+    cfg = gate_config(tmp_path, gated)
+    assert run_cli(cfg, "--release-version", "v1") == 0
+    root = tmp_path / "releases" / "tiny"
+    before = assert_complete(root / "latest")
+    # Another adapter (new key) so the second run really promotes; kill it while it copies files.
+    cfg.write_text(cfg.read_text().replace(str(gated["adapter"]), str(gated["fragile"])))
+    proc = cli(cfg, "--release-version", "v2", env={"QMERGE_TEST_SLOW_WRITE": "0.5"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not [p for p in root.iterdir() if p.name.startswith(".v2.tmp-")]:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert visible(root) == {"v1", "latest"}
+    assert (root / "latest").resolve().name == "v1"
+    assert assert_complete(root / "latest") == before
+    # A rerun reclaims the dead process's temp dir and publishes v2.
+    assert run_cli(cfg, "--release-version", "v2") == 0
+    assert visible(root) == {"v1", "v2", "latest"}
+    assert assert_complete(root / "latest")["version"] == "v2"
+
+
+def test_existing_version_is_never_overwritten(gated, tmp_path, capsys):
+    cfg = gate_config(tmp_path, gated)
+    assert run_cli(cfg, "--release-version", "v1") == 0
+    root = tmp_path / "releases" / "tiny"
+    before = {p.name: p.read_bytes() for p in (root / "v1").iterdir()}
+    cfg.write_text(cfg.read_text().replace(str(gated["adapter"]), str(gated["fragile"])))
+    assert run_cli(cfg, "--release-version", "v1") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (root / "v1").iterdir()} == before
+
+
+def _merge_result(work: Path) -> dict:
+    (d,) = [d for d in (work / "merge").iterdir() if (d / "done.json").is_file()]
+    return json.loads((d / "done.json").read_text())["result"]
+
+
+def test_into_original_reports_kl_but_gates_on_ppl_and_retention(gated, tmp_path):
+    cfg = gate_config(tmp_path, gated, merge={"into": "original"})
+    code = run_cli(cfg)
+    (d,) = [d for d in (tmp_path / "work" / "gate").iterdir() if (d / "done.json").is_file()]
+    report = json.loads((d / "report.json").read_text())
+    assert report["into"] == "original"
+    names = [c["name"] for c in report["gate"]["checks"]]
+    assert "kl" not in names and "ppl_increase" in names
+    assert report["eval"]["candidates"]["merged"]["kl"]["mean"]["value"] > 0
+    assert any("different model by design" in n for n in report["gate"]["notes"])
+    assert code == (0 if report["gate"]["passed"] else 3)
+
+
+def test_into_auto_scores_both_on_the_select_split(gated, tmp_path):
+    cfg = gate_config(tmp_path, gated, merge={"into": "auto", "select": str(gated["select"])})
+    assert run_cli(cfg) in (0, 3)
+    sel = _merge_result(tmp_path / "work")["selection"]
+    assert set(sel["mean_nll"]) == {"nf4", "original"}
+    assert sel["chosen"] == min(sel["mean_nll"], key=sel["mean_nll"].get)
+    (d,) = [d for d in (tmp_path / "work" / "gate").iterdir() if (d / "done.json").is_file()]
+    report = json.loads((d / "report.json").read_text())
+    assert report["into"] == sel["chosen"] and report["selection"]["mean_nll"] == sel["mean_nll"]
+
+
+def test_auto_refuses_the_gates_own_eval_split(gated, tmp_path, capsys):
+    cfg = gate_config(tmp_path, gated, merge={"into": "auto", "select": str(gated["heldout"])})
+    assert run_cli(cfg) == 2
+    assert "share documents" in capsys.readouterr().err
+
+
+def test_original_on_prequantized_base_is_bad_input(tmp_path, tiny_llama, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.conftest import make_adapter
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=q, device_map="cpu").save_pretrained(
+        tmp_path / "bnb")
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    cfg = write_config(tmp_path, tmp_path / "bnb", [(adapter, 1.0)], merge={"into": "original"})
+    assert run_cli(cfg) == 2
+    assert "pre-quantized" in capsys.readouterr().err
