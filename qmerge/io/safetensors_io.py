@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from qmerge.errors import BadInputError
-from qmerge.io.atomic import default_file_mode, fsync_dir, fsync_file, write_json_atomic
+from qmerge.io.atomic import default_file_mode, fsync_dir, write_json_atomic
 
 # Bits per element, as the safetensors format defines them (F4/F6 pack sub-byte elements).
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32,
@@ -213,10 +213,20 @@ class CheckpointReader:
         self.close()
 
 
+ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                  torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                  torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+# Room left for the JSON header at the front of each shard; the header is padded with spaces to fill it (the
+# format allows trailing whitespace: safetensors itself pads to 8 bytes). A header that outgrows it (a shard
+# of thousands of tiny tensors) is handled by rewriting the shard once, kernel-side (copy_file_range).
+HEADER_RESERVE = 256 * 1024
+
+
 class ShardWriter:
-    """Buffers tensors up to `max_shard_bytes`, writes each full buffer as a shard, and at close names the
-    shards `model-0000i-of-0000N.safetensors` plus the index (one shard: `model.safetensors`, no index, as
-    transformers does). Memory is bounded by one shard buffer (or one tensor larger than the cap)."""
+    """Streams each tensor's bytes into the current shard file as it is added (nothing is buffered: memory
+    stays at one tensor), starts a new shard when the next tensor would pass `max_shard_bytes`, and at close
+    writes each shard's header, names the shards `model-0000i-of-0000N.safetensors` plus the index (one
+    shard: `model.safetensors`, no index, as transformers does)."""
 
     def __init__(self, out_dir: Path | str, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None):
         if max_shard_bytes <= 0:
@@ -226,13 +236,14 @@ class ShardWriter:
         self.metadata = dict(metadata) if metadata is not None else {"format": "pt"}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise ValueError("safetensors metadata must map str to str")
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []  # (temp file name, tensor names) in write order
         self.total_size = 0
         self.weight_map: dict[str, str] = {}
         self._seen: set[str] = set()
         self._closed = False
+        self._file = None  # the open shard: its header entries and data bytes so far
+        self._entries: dict[str, dict] = {}
+        self._data_bytes = 0
 
     def __enter__(self) -> ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,43 +253,69 @@ class ShardWriter:
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queues `tensor` under `name`; do not modify it in place afterwards (it is written later)."""
+        """Writes `tensor` under `name` into the current shard now."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         if not name or name == "__metadata__":
             raise ValueError(f"invalid tensor name {name!r}")
         if name in self._seen:
             raise ValueError(f"tensor {name!r} added twice")
+        if tensor.dtype not in ST_DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors name here")
         nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._file is not None and self._entries and self._data_bytes + nbytes > self.max_shard_bytes:
             self._flush()
+        if self._file is None:
+            self._open_shard()
         t = tensor.detach().to("cpu").contiguous()
-        if any(_shares_memory(t, other) for other in self.buffer.values()):
-            t = t.clone()  # tied weights: safetensors refuses aliased tensors in one file (as mergekit handles it)
+        if nbytes:
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[name] = {"dtype": ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         self._seen.add(name)
-        self.buffer[name] = t
-        self.buffer_bytes += nbytes
+        self._data_bytes += nbytes
         self.total_size += nbytes
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
+    def _open_shard(self) -> None:
         temp = self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp.safetensors"
-        save_file(self.buffer, str(temp), metadata=self.metadata)
-        fsync_file(temp)
-        self.shards.append((temp.name, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+        self.shards.append((temp.name, []))
+        self._file = open(temp, "wb")
+        self._file.seek(HEADER_RESERVE)
+        self._entries, self._data_bytes = {}, 0
+
+    def _header(self) -> bytes:
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        return header + b" " * ((-len(header)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+
+    def _flush(self) -> None:
+        """Closes the current shard: header in front (padded into the reserved room), fsync."""
+        if self._file is None:
+            self._open_shard()
+        f, temp = self._file, self.out_dir / self.shards[-1][0]
+        header = self._header()
+        if len(header) <= HEADER_RESERVE - 8:
+            header += b" " * (HEADER_RESERVE - 8 - len(header))
+            f.seek(0)
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        else:
+            f.close()
+            _rewrite_with_header(temp, header, self._data_bytes)
+        self.shards[-1] = (self.shards[-1][0], list(self._entries))
+        self._file, self._entries, self._data_bytes = None, {}, 0
         if _TEST_THROTTLE:
             time.sleep(_TEST_THROTTLE)
 
     def finalize(self) -> dict[str, str]:
-        """Writes the last shard, gives shards their final names, writes the index; returns the weight map."""
+        """Closes the last shard, gives shards their final names, writes the index; returns the weight map."""
         if self._closed:
             return self.weight_map
-        if self.buffer or not self.shards:
+        if self._file is not None or not self.shards:
             self._flush()
         count = len(self.shards)
-        mode = default_file_mode()  # safetensors writes 0600; a published model is readable like any file
+        mode = default_file_mode()
         for i, (temp, names) in enumerate(self.shards):
             final = SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             os.chmod(self.out_dir / temp, mode)
@@ -293,9 +330,11 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Removes the shards written so far (temp names only exist before finalize)."""
+        if self._file is not None:
+            self._file.close()
         for temp, _ in self.shards:
             (self.out_dir / temp).unlink(missing_ok=True)
-        self.buffer, self.shards, self._closed = {}, [], True
+        self.shards, self._file, self._closed = [], None, True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -304,5 +343,17 @@ class ShardWriter:
             self.finalize()
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0 and b.numel() > 0
+def _rewrite_with_header(temp: Path, header: bytes, data_bytes: int) -> None:
+    """The rare shard whose header outgrew HEADER_RESERVE: header + data copied into a new file in-kernel."""
+    fresh = temp.with_name(temp.name + ".new")
+    with open(temp, "rb") as src, open(fresh, "wb") as dst:
+        dst.write(struct.pack("<Q", len(header)) + header)
+        dst.flush()
+        offset, left = HEADER_RESERVE, data_bytes
+        while left:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), left, offset)
+            if n == 0:
+                raise OSError(f"{temp}: short copy, {left} bytes left")
+            offset, left = offset + n, left - n
+        os.fsync(dst.fileno())
+    os.replace(fresh, temp)

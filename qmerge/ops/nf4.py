@@ -6,14 +6,21 @@ midpoints), two codes per byte (high nibble first), and with double quantization
 itself 8-bit quantized (dynamic code, blocks of 256) after subtracting its mean.
 
 `quantize_nf4` / `dequantize_nf4` are plain torch; `quantize_nf4_bnb` / `dequantize_nf4_bnb` call
-bitsandbytes (also its CUDA kernels) and are the twins the tests compare against.
+bitsandbytes (also its CUDA kernels) and are the twins the tests compare against. `nf4_roundtrip_fused`
+is the fast CPU route to W_nf4 (one fused `torch.compile` kernel instead of ~15 eager passes plus a binary
+search per element); its slow twin is `dequantize_nf4(quantize_nf4(w))`, and tests hold them bit-identical.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
+from functools import cache
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")): quantiles of N(0, 1), normalised to [-1, 1].
 NF4_CODE = torch.tensor([
@@ -132,14 +139,65 @@ def dequantize_nf4_bnb(state: NF4State, dtype: torch.dtype | None = None) -> tor
     return out if dtype is None else out.to(dtype)
 
 
+def _roundtrip_kernel(blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.Tensor,
+                      code: torch.Tensor) -> torch.Tensor:
+    """code[#(midpoints < w·(1/absmax))] · absmax_dequantized, per block row. The count of midpoints below x
+    is exactly `bucketize(x, NF4_MIDPOINTS)` (right=False); comparisons and single products round the same
+    in any fused order, and clamping to [-1, 1] cannot change the count (all midpoints lie inside)."""
+    x = blocks.float() * recip
+    count = (x > NF4_MIDPOINTS_LIST[0]).to(torch.int32)
+    for m in NF4_MIDPOINTS_LIST[1:]:
+        count = count + (x > m).to(torch.int32)
+    return code[count] * absmax
+
+
+NF4_MIDPOINTS_LIST = NF4_MIDPOINTS.tolist()
+
+
+@cache
+def _compiled_roundtrip():
+    """The fused kernel, or None where torch.compile cannot build one (no C++ compiler): the caller then
+    takes the slow twin, which gives the same bits."""
+    if os.environ.get("QMERGE_NO_COMPILE"):
+        return None
+    try:
+        kernel = torch.compile(_roundtrip_kernel, dynamic=True)
+        probe = torch.randn(4, 64)
+        recip = 1.0 / probe.abs().amax(1, keepdim=True)
+        kernel(probe, recip, recip, NF4_CODE)
+        return kernel
+    except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager twin
+        log.warning("torch.compile unavailable for the NF4 kernel (%s); using the eager path (same bits, slower)", e)
+        return None
+
+
+def nf4_roundtrip_fused(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
+    """float32 dequantize_nf4(quantize_nf4(w)) in one fused pass on CPU; falls back to exactly that when the
+    size is not a whole number of blocks, an absmax is not finite, or no kernel could be compiled."""
+    kernel = _compiled_roundtrip()
+    n = w.numel()
+    if kernel is None or n == 0 or n % blocksize or w.device.type != "cpu":
+        return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
+    blocks = w.reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1).float()
+    if not bool(torch.isfinite(absmax).all()):  # NaN/Inf: keep bucketize's exact semantics
+        return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
+    recip = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # as quantize_nf4 (bitsandbytes' reciprocal)
+    if double_quant:
+        q, nested_absmax, nested_code, offset = _double_quantize(absmax)
+        state = NF4State(torch.empty(0, dtype=torch.uint8), q, tuple(w.shape), w.dtype, blocksize, nested_absmax,
+                         nested_code, offset)
+        absmax = _absmax_float(state)
+    return kernel(blocks, recip, absmax.unsqueeze(1), NF4_CODE).reshape(w.shape)
+
+
 def nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                dequant_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.Tensor:
     """W_nf4 = float32(cast(code·absmax, dequant_dtype)): the weight the trained model saw (DESIGN)."""
     if device == "cuda":
         state = quantize_nf4_bnb(w.to("cuda"), blocksize, double_quant)
         return dequantize_nf4_bnb(state, torch.float32).to(dequant_dtype).to(torch.float32)
-    state = quantize_nf4(w, blocksize, double_quant)
-    return dequantize_nf4(state, torch.float32).to(dequant_dtype).to(torch.float32)
+    return nf4_roundtrip_fused(w, blocksize, double_quant).to(dequant_dtype).to(torch.float32)
 
 
 def nf4_state_from_serialized(tensors: dict[str, torch.Tensor], prefix: str) -> NF4State:

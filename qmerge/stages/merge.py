@@ -22,7 +22,7 @@ from qmerge.io.adapter import Adapter, read_adapter
 from qmerge.io.base import DTYPES, MATH_DTYPE, BaseCheckpoint, NF4Recipe
 from qmerge.io.safetensors_io import ShardWriter
 from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
-from qmerge.ops.metrics import relative_delta_norm, weight_retention
+from qmerge.ops.metrics import delta_metrics
 
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -132,11 +132,10 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
         for name, merged, w_base in tqdm(merged_tensors(inputs), total=len(names), desc=f"merge ({inputs.into})",
                                          disable=quiet, unit="tensor"):
             stored = merged.to(storage) if merged.is_floating_point() else merged
-            if w_base is not None:
-                delta = merged - w_base if w_base.shape == merged.shape else None
-                if delta is not None and bool(delta.any()):
-                    layers[name] = {"retention": weight_retention(stored.to(MATH_DTYPE), w_base, delta),
-                                    "relative_delta_norm": relative_delta_norm(delta, w_base)}
+            metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \
+                w_base.shape == merged.shape else None
+            if metrics is not None:
+                layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1]}
             writer.add(name, stored.contiguous())
     write_model_files(inputs, out_dir, dtype)
     return {"into": inputs.into, "dtype": dtype, "tensors": len(names), "changed_tensors": len(layers),

@@ -87,3 +87,45 @@ def test_cuda_and_cpu_codes(capsys):
     dw = (nf4_weight(w) - nf4_weight(w, device="cuda")).abs().max().item()
     print(f"CUDA vs CPU: {differ} of {cpu.packed.numel()} packed bytes differ, max |dW| {dw:.3e}")
     assert differ <= cpu.packed.numel() // 1000
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (37, 64), (96, 200), (5, 3), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fused_roundtrip_is_bit_identical_to_slow_twin(shape, dtype, double_quant):
+    from qmerge.ops.nf4 import nf4_roundtrip_fused
+
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    if w.numel() >= 128:
+        w.view(-1)[:64] = 0  # an all-zero block
+        w.view(-1)[64] = 1e-30  # a block whose absmax is tiny
+    slow = dequantize_nf4(quantize_nf4(w, 64, double_quant), torch.float32)
+    fast = nf4_roundtrip_fused(w, 64, double_quant)
+    assert fast.dtype == torch.float32 and torch.equal(fast, slow)
+
+
+def test_fused_roundtrip_codes_exact_at_midpoints():
+    """Values exactly on, and one ulp either side of, every midpoint (after scaling by 1/absmax = 1)."""
+    from qmerge.ops.nf4 import NF4_MIDPOINTS, nf4_roundtrip_fused
+
+    m = NF4_MIDPOINTS
+    vals = torch.cat([m, torch.nextafter(m, torch.full_like(m, 2.0)), torch.nextafter(m, torch.full_like(m, -2.0))])
+    w = torch.cat([vals, torch.tensor([1.0])]).repeat(64)[: 64 * 46].reshape(-1, 64)
+    w[:, 0] = 1.0  # absmax 1 in every block: scaled == value
+    slow = dequantize_nf4(quantize_nf4(w, 64, False), torch.float32)
+    assert torch.equal(nf4_roundtrip_fused(w, 64, False), slow)
+
+
+def test_fused_roundtrip_falls_back_on_nan():
+    from qmerge.ops.nf4 import nf4_roundtrip_fused
+
+    w = torch.randn(4, 64)
+    w[1, 3] = float("nan")
+    slow = dequantize_nf4(quantize_nf4(w, 64, False), torch.float32)
+    torch.testing.assert_close(nf4_roundtrip_fused(w, 64, False), slow, equal_nan=True, atol=0, rtol=0)
+
+
+def test_nf4_weight_cpu_equals_slow_twin_on_a_llama_sized_layer():
+    w = (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    slow = dequantize_nf4(quantize_nf4(w, 64, True), torch.float32).to(torch.bfloat16).float()
+    assert torch.equal(nf4_weight(w, 64, True, torch.bfloat16, "cpu"), slow)

