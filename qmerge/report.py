@@ -45,10 +45,19 @@ def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=No
     for r in records:
         print(f"  {r.name:<10} {r.key}  {r.status:<7} {r.seconds:7.1f} s  {work / r.name / r.key}", file=out)
     for r in records:
+        if r.name == "evaluate" and r.result.get("ppl"):
+            res = r.result
+            ppl = ", ".join(f"{k} {v:.3f}" for k, v in res["ppl"].items())
+            ret = "undefined" if res.get("retention") is None else f"{res['retention']:.3f}"
+            print(f"  perplexity: {ppl}", file=out)
+            print(f"  {res['final']}: delta retention {ret}, mean KL vs reference {res['kl_mean']:.5f} nats/token",
+                  file=out)
         if r.name == "gate" and "verdict" in r.result:
             print(f"  verdict: {r.result['verdict']}", file=out)
+            for reason in r.result.get("reasons", []):
+                print(f"    - {reason}", file=out)
         if r.name == "promote" and r.result.get("release"):
-            print(f"  release: {r.result['release']}", file=out)
+            print(f"  release: {r.result['release']} ({r.result.get('status', '')})", file=out)
     print(f"  exit code {exit_code}", file=out)
 
 
