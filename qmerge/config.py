@@ -75,6 +75,13 @@ class QuantizeSettings(Strict):
     samples: int = Field(default=128, gt=0)
     seq_len: int = Field(default=512, gt=1)
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("group_size must be positive, or -1 for one group per output row")
+        return v
+
 
 class GateSettings(Strict):
     eval: str

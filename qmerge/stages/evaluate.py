@@ -32,21 +32,29 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def dense_weight_retention(plan: dict, into: str, candidate: Path) -> dict:
-    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor, ΔW = exact float32 merge − W_base (streamed)."""
+def dense_weight_retention(plan: dict, into: str, candidate: Path, quantized: bool = False) -> dict:
+    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor, ΔW = exact float32 merge − W_base (streamed over the
+    exact merge; a GPTQ candidate is read through qmerge's dequantization of its codes)."""
     from qmerge.io.safetensors_io import CheckpointReader
 
     inputs = open_inputs(plan, into, "cpu")
-    reader = CheckpointReader(candidate)
+    if quantized:
+        from qmerge.io.gptq_checkpoint import dequantized_state
+
+        state = dequantized_state(candidate)
+        available, get = set(state), state.__getitem__
+    else:
+        reader = CheckpointReader(candidate)
+        available, get = set(reader.tensors), reader.get
     layers, num, den = {}, 0.0, 0.0
     for name, exact, w_base in merged_tensors(inputs):
-        if w_base is None or w_base.shape != exact.shape or name not in reader.tensors:
+        if w_base is None or w_base.shape != exact.shape or name not in available:
             continue
         delta = exact - w_base
         norm2 = float(delta.double().pow(2).sum())
         if norm2 == 0.0:
             continue
-        stored = reader.get(name).to(torch.float32)
+        stored = get(name).to(torch.float32)
         r = weight_retention(stored, w_base, delta)
         layers[name] = r
         num += r * norm2
@@ -54,6 +62,17 @@ def dense_weight_retention(plan: dict, into: str, candidate: Path) -> dict:
     worst = sorted(layers.items(), key=lambda kv: kv[1])[:10]
     return {"aggregate": num / den if den else None, "worst": worst,
             "vanished": [n for n, r in worst if r < VANISHED], "layers": layers}
+
+
+def candidate_model(name: str, path: Path, device: str) -> torch.nn.Module:
+    """A candidate in float32. The GPTQ checkpoint is scored through qmerge's own dequantization of what it
+    stores (exactly what a correct kernel computes, up to the kernel's own arithmetic), so evaluating needs
+    no GPTQ kernel package; tests hold transformers+gptqmodel's loading of the same files to it."""
+    if name == "quantized":
+        from qmerge.io.gptq_checkpoint import load_dequantized
+
+        return load_dequantized(path).to(device).eval()
+    return checkpoint_model(path, device)
 
 
 def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], into: str) -> dict:
@@ -64,7 +83,7 @@ def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], into: st
     reference = reference_model(inputs.base, adapters, device)
     ref_fwd, base_fwd = peft_forwards(reference)
     forwards = {"base": base_fwd}
-    models = {name: checkpoint_model(path, device) for name, path in candidates.items()}
+    models = {name: candidate_model(name, path, device) for name, path in candidates.items()}
     forwards.update({name: _forward(m) for name, m in models.items()})
     tokenizer = load_tokenizer(next(iter(candidates.values())))
     sections = []
@@ -93,7 +112,8 @@ def run_evaluate(ctx: StageContext) -> dict:
                      "device": eval_device()},
         "into": into, "final": final, "selection": merge_result.get("selection"),
         **evaluate_candidates(ctx, candidates, into),
-        "weight_retention": {"merged": dense_weight_retention(ctx.results["resolve"], into, ctx.inputs["merge"])},
+        "weight_retention": {name: dense_weight_retention(ctx.results["resolve"], into, path, name == "quantized")
+                             for name, path in candidates.items()},
     }
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     ev = report["eval"]

@@ -79,6 +79,12 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
                          "dora": any(m.magnitude for m in adapter.modules.values()), "matches": matches,
                          "tokenizer": (apath / "tokenizer_config.json").is_file()})
     _check_combination(cfg, adapters)
+    if cfg.quantize is not None:  # shapes are known here, so a group_size that cannot work fails before the merge
+        from qmerge.stages.quantize import check_group_size
+
+        names = sorted(f"{m}.weight" for m in base.arch.quantized if f"{m}.weight" in base.tensors)
+        check_group_size({n: base.tensors[n][1] for n in names}, names, cfg.quantize.group_size, cfg.quantize.bits,
+                         cfg.source)
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')

@@ -84,3 +84,52 @@ def test_demo_r8_float32_merge_matches_the_model_as_trained(tmp_path):
     assert report["gate"]["verdict"] == "pass"
     assert abs(report["eval"]["candidates"]["merged"]["retention"]["value"] - 1) < 0.01
     assert (tmp_path / "releases" / "smollm2-demo-r8" / "latest" / "manifest.json").is_file()
+
+
+def _swap_and_judge(cfg: Path, work: Path, model) -> dict:
+    merged = _done(work, "merge")
+    for f in merged.glob("model*.safetensors*"):
+        f.unlink()
+    model.save_pretrained(merged)
+    assert run_cli(cfg, "--from", "evaluate") == 3
+    return json.loads((_done(work, "gate") / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_gate_rejects_lossy_merges_of_the_fragile_demo_adapter(tmp_path):
+    """The fragile r=2 adapter on the real base: its honest bf16-stored merge passes; PEFT's merge on the
+    4-bit model and a merge added in bf16 lose the delta, and the gate rejects both, naming why."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter = REPO / "adapters" / "demo-r2-fragile"
+    cfg = _demo_config(tmp_path, "demo-r2-fragile", "bfloat16")
+    assert run_cli(cfg) == 0
+    work = tmp_path / "work"
+    honest = json.loads((_done(work, "gate") / "report.json").read_text())
+    assert honest["eval"]["candidates"]["merged"]["retention"]["defined"]
+    base_folder = Path(json.loads((_done(work, "resolve") / "done.json").read_text())["result"]["base"]["folder"])
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+
+    def nf4_model():
+        return AutoModelForCausalLM.from_pretrained(base_folder, quantization_config=q, dtype=torch.float32,
+                                                    device_map="cpu")
+
+    four_bit = PeftModel.from_pretrained(nf4_model(), str(adapter)).merge_and_unload().dequantize()
+    report = _swap_and_judge(cfg, work, four_bit)
+    reasons = " | ".join(report["gate"]["reasons"])
+    assert "delta retention" in reasons and "weight-space retention" in reasons, reasons
+    retention = report["eval"]["candidates"]["merged"]["retention"]["value"]
+    assert retention < 0.5, retention
+
+    bf16 = PeftModel.from_pretrained(nf4_model().dequantize().float(), str(adapter))
+    with torch.no_grad():  # dequantize, add in bf16, store bf16: what a bf16 merge script does
+        for module in bf16.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                w = module.base_layer.weight
+                w.copy_((w.bfloat16() + module.get_delta_weight("default").bfloat16()).float())
+    report = _swap_and_judge(cfg, work, bf16.unload().to(torch.bfloat16))
+    reasons = " | ".join(report["gate"]["reasons"])
+    assert "weight-space retention" in reasons, reasons
+    assert report["weight_retention"]["merged"]["aggregate"] < 0.5

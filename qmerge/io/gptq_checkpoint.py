@@ -1,0 +1,177 @@
+"""The GPTQ checkpoint format (AutoGPTQ "v1", `checkpoint_format = "gptq"`), which transformers loads
+through optimum + gptqmodel, and qmerge's own reader of it (`load_dequantized`, no gptqmodel needed).
+
+Per quantized linear `m` with in features I, out features O, G groups:
+  m.qweight int32 [I·bits/32, O]   codes, packed along I
+  m.qzeros  int32 [G, O·bits/32]   zero − 1, packed along O (v1 convention: symmetric 4-bit is 0x77777777)
+  m.scales  fp16  [G, O]
+  m.g_idx   int32 [I]              group of each input column (act-order permutes it)
+  m.bias    (if any) as merged
+Packing is a little-endian bit stream: code k of a run occupies bits k·bits … k·bits + bits − 1, cut into
+int32 words; for 2/4/8 bits that is 32/bits codes per word, for 3 bits AutoGPTQ's 32 codes in 3 words.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from qmerge.errors import BadInputError
+from qmerge.io.safetensors_io import CheckpointReader
+
+QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+FORMAT = "gptq"
+
+
+def _run(bits: int) -> tuple[int, int]:
+    """(codes, int32 words) of the shortest run that fills whole words."""
+    codes = 32 // math.gcd(32, bits)
+    return codes, codes * bits // 32
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs unsigned `bits`-bit integers [n, m] along n into int32 [n·bits/32, m]."""
+    codes, words = _run(bits)
+    n, m = values.shape
+    if n % codes:
+        raise ValueError(f"{n} rows cannot be packed at {bits} bits: need a multiple of {codes}")
+    v = values.to(torch.int64).reshape(n // codes, codes, m)
+    if v.min() < 0 or v.max() >= 2**bits:
+        raise ValueError(f"values outside [0, {2**bits - 1}] cannot be packed at {bits} bits")
+    if words == 1:  # 2/4/8 bits: disjoint fields of one word, so shifting and summing is OR-ing
+        shifts = (torch.arange(codes, dtype=torch.int64) * bits).view(1, codes, 1)
+        out = (v << shifts).sum(dim=1, keepdim=True)
+    else:
+        out = _pack_straddling(v, bits, codes, words)
+    out = torch.where(out >= 2**31, out - 2**32, out)  # reinterpret uint32 as int32
+    return out.reshape(n // codes * words, m).to(torch.int32)
+
+
+def _pack_straddling(v: torch.Tensor, bits: int, codes: int, words: int) -> torch.Tensor:
+    """3 bits: code by code, a code that crosses a word boundary continuing in the next word."""
+    out = torch.zeros(v.shape[0], words, v.shape[2], dtype=torch.int64)
+    for k in range(codes):
+        word, offset = divmod(k * bits, 32)
+        out[:, word] |= (v[:, k] << offset) & 0xFFFFFFFF
+        if offset + bits > 32:
+            out[:, word + 1] |= v[:, k] >> (32 - offset)
+    return out
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_rows`: int32 [n·bits/32, m] -> int32 [n, m]."""
+    codes, words = _run(bits)
+    rows, m = packed.shape
+    u = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // words, words, m)
+    mask = 2**bits - 1
+    if words == 1:
+        shifts = (torch.arange(codes, dtype=torch.int64) * bits).view(1, codes, 1)
+        return ((u >> shifts) & mask).reshape(rows * codes, m).to(torch.int32)
+    out = torch.empty(rows // words, codes, m, dtype=torch.int64)
+    for k in range(codes):
+        word, offset = divmod(k * bits, 32)
+        value = u[:, word] >> offset
+        if offset + bits > 32:
+            value = value | (u[:, word + 1] << (32 - offset))
+        out[:, k] = value & mask
+    return out.reshape(rows // words * codes, m).to(torch.int32)
+
+
+def pack_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                bits: int) -> dict[str, torch.Tensor]:
+    """codes [O, I], scales/zeros [G, O] (zeros in [1, 2^bits]), g_idx [I] -> the four stored tensors."""
+    if zeros.min() < 1 or zeros.max() > 2**bits:
+        raise ValueError(f"v1 zero points must lie in [1, {2**bits}]")
+    scales16 = scales.to(torch.float16)
+    if not torch.equal(scales16.to(scales.dtype), scales):
+        raise ValueError("scales must be exactly representable in fp16 (the solver rounds them before use)")
+    return {"qweight": pack_rows(codes.T.contiguous(), bits),
+            "qzeros": pack_rows((zeros.to(torch.int64) - 1).T.contiguous(), bits).T.contiguous(),
+            "scales": scales16.contiguous(), "g_idx": g_idx.to(torch.int32).contiguous()}
+
+
+def unpack_linear(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, ...]:
+    """The four stored tensors -> (codes [O, I], scales float32 [G, O], zeros [G, O], g_idx [I])."""
+    codes = unpack_rows(tensors["qweight"], bits).T.contiguous()
+    zeros = unpack_rows(tensors["qzeros"].T.contiguous(), bits).T + 1
+    return codes, tensors["scales"].to(torch.float32), zeros.contiguous(), tensors["g_idx"].to(torch.int32)
+
+
+def dequantize_linear(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """W [O, I] float32 = scales[g_idx] · (codes − zeros[g_idx])."""
+    from qmerge.ops.gptq import dequantize_grouped
+
+    codes, scales, zeros, g_idx = unpack_linear(tensors, bits)
+    return dequantize_grouped(codes, scales, zeros, g_idx)
+
+
+def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, damp: float) -> dict:
+    """`quantization_config` for config.json and the body of quantize_config.json."""
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+            "damp_percent": damp, "static_groups": False, "true_sequential": True, "checkpoint_format": FORMAT}
+
+
+def write_model_files(merged: Path, out_dir: Path, qconfig: dict) -> None:
+    """config.json with `quantization_config`, quantize_config.json, and every tokenizer/generation file."""
+    config = json.loads((merged / "config.json").read_text())
+    config["quantization_config"] = qconfig
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
+    for src in merged.iterdir():
+        if src.is_file() and (src.name.startswith(("tokenizer", "special_tokens", "added_tokens", "generation_"))
+                              or src.name in ("vocab.json", "merges.txt", "chat_template.jinja")):
+            shutil.copyfile(src, out_dir / src.name)
+
+
+def read_quantization_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        qc = json.loads(path.read_text())["quantization_config"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+        raise BadInputError(f"not a GPTQ checkpoint ({type(e).__name__}: {e})", path=path,
+                            fix="point at the output folder of the quantize stage") from None
+    if qc.get("quant_method") != "gptq" or qc.get("checkpoint_format", FORMAT) != FORMAT:
+        raise BadInputError(f"quantization_config {qc} is not GPTQ v1 (checkpoint_format \"gptq\")", path=path)
+    return qc
+
+
+def dequantized_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as float32 (quantized linears dequantized to `<m>.weight`)."""
+    bits = int(read_quantization_config(folder)["bits"])
+    reader = CheckpointReader(folder)
+    state: dict[str, torch.Tensor] = {}
+    for name in reader.tensors:
+        module, _, suffix = name.rpartition(".")
+        if suffix in QUANTIZED_SUFFIXES:
+            if suffix == "qweight":
+                parts = {s: reader.get(f"{module}.{s}") for s in QUANTIZED_SUFFIXES}
+                state[f"{module}.weight"] = dequantize_linear(parts, bits)
+            continue
+        t = reader.get(name)
+        state[name] = t.to(torch.float32) if t.is_floating_point() else t
+    return state
+
+
+def load_dequantized(folder: Path | str) -> torch.nn.Module:
+    """A float32 transformers model whose linears hold qmerge's dequantization of the stored GPTQ codes:
+    the quantized candidate exactly as stored, scored without any GPTQ kernel."""
+    from qmerge.models import _from_config_dict
+
+    folder = Path(folder)
+    model = _from_config_dict(json.loads((folder / "config.json").read_text()))
+    state = dequantized_state(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (tied and m.endswith("lm_head.weight")) and "rotary" not in m]
+    if missing or unexpected:
+        raise BadInputError(f"checkpoint does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                            path=folder)
+    model.tie_weights()
+    return model.eval()

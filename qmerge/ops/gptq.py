@@ -1,0 +1,272 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv:2210.17323): layer-wise quantization that minimises ‖WX − QX‖² column by column,
+spreading each column's rounding error over the not-yet-quantized columns through the inverse Hessian.
+
+Shaped like llm-compressor's `modifiers/gptq/gptq_quantize.py`: `make_empty_hessian`, `accumulate_hessian`
+(running mean, float32) and `quantize_weight`. The per-group grid (`find_params`, `quantize`, `dequantize`)
+is the one GPTQ checkpoints store: min/max asymmetric or symmetric, scales rounded to fp16 *before* use
+(the format stores fp16 scales, so the error the solver feeds back is the error of what is stored), zero
+points in [1, 2^bits] (the v1 format stores zero − 1 as an unsigned `bits`-bit field).
+
+Pure tensor math, no I/O. Computes in GPTQ_PRECISION, or float64 when handed float64 (test oracles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import NamedTuple
+
+import torch
+
+GPTQ_PRECISION = torch.float32
+SUPPORTED_BITS = (2, 3, 4, 8)
+MAX_DAMP = 1.0  # dampening is retried ×10 up to this fraction of mean(diag H), then we give up
+log = logging.getLogger("qmerge")
+
+
+class HessianNotPositiveDefinite(ValueError):
+    """Cholesky of the dampened Hessian failed at every dampening tried (e.g. inf/NaN activations)."""
+
+
+class GPTQResult(NamedTuple):
+    weight: torch.Tensor  # dequantized Q, [out, in], the solver's precision
+    scales: torch.Tensor  # [groups, out], values exactly representable in fp16
+    zeros: torch.Tensor  # [groups, out] int32, in [1, 2^bits]
+    g_idx: torch.Tensor  # [in] int32: group of each input column
+    error: float  # the paper's objective Σ (w − q)² / [H⁻¹]_qq / 2 (Alg. 1), summed over rows
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else GPTQ_PRECISION
+
+
+def max_code(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits = {bits} is not supported; use one of {SUPPORTED_BITS}")
+    return 2**bits - 1
+
+
+# ---- the grid: per-row scale and zero point over a block of columns, and its quantize/dequantize pair ----
+
+def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of `w` [rows, cols] from its min/max (range always includes 0, as GPTQ does)."""
+    maxq = max_code(bits)
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)  # an all-zero row still needs a finite, non-zero scale
+    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
+    scale = _fp16_exact((xmax - xmin) / maxq)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale)
+        # v1 stores zero − 1 unsigned, so zero 0 is unrepresentable: such a group (all w > −scale/2) gets the
+        # grid [−s, (maxq − 1)·s] with zero 1, which still covers [xmin, xmax] (xmin > −scale/2 > −s).
+        low = zero < 1
+        scale = torch.where(low, _fp16_exact(xmax / (maxq - 1)), scale)
+        zero = torch.where(low, 1.0, zero)
+    return scale, zero.clamp(1, maxq + 1)
+
+
+def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """The nearest fp16 value (what the checkpoint stores), kept positive and finite."""
+    tiny = torch.finfo(torch.float16).smallest_normal
+    return scale.clamp(tiny, torch.finfo(torch.float16).max).to(torch.float16).to(scale.dtype)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes clamp(round(w / s) + z, 0, 2^bits − 1); `scale`, `zero` broadcast against `w`."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, bits), scale, zero)
+
+
+def group_count(columns: int, group_size: int) -> int:
+    """Groups along the input dimension; group_size −1 means one group per output row (per channel)."""
+    size = columns if group_size == -1 else group_size
+    if size <= 0 or columns % size:
+        raise ValueError(f"group_size {group_size} does not divide {columns} input features")
+    return columns // size
+
+
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> GPTQResult:
+    """The baseline GPTQ improves on: every group's grid from the original weights, each weight rounded alone."""
+    w = w.to(_math_dtype(w))
+    rows, cols = w.shape
+    groups = group_count(cols, group_size)
+    size = cols // groups
+    grouped = w.reshape(rows, groups, size)
+    scale, zero = find_params(grouped.permute(1, 0, 2).reshape(groups * rows, size), bits, sym)
+    scale, zero = scale.reshape(groups, rows), zero.reshape(groups, rows)
+    q = fake_quantize(grouped, scale.T.unsqueeze(-1), zero.T.unsqueeze(-1), bits).reshape(rows, cols)
+    g_idx = torch.arange(cols, dtype=torch.int32) // size
+    return GPTQResult(q, scale, zero.to(torch.int32), g_idx, 0.0)
+
+
+def codes_from_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                      bits: int) -> torch.Tensor:
+    """Integer codes [out, in] of a dequantized weight on its grid (exact: q = s·(c − z) with |c − z| ≤ 256)."""
+    g = g_idx.long().to(q.device)
+    codes = torch.round(q / scales.T[:, g] + zeros.T[:, g].to(q.dtype))
+    if codes.min() < 0 or codes.max() > max_code(bits):
+        raise ValueError("weight is not on its quantization grid")
+    return codes.to(torch.int32)
+
+
+def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                       dtype: torch.dtype = GPTQ_PRECISION) -> torch.Tensor:
+    """W [out, in] = scales[g_idx] · (codes − zeros[g_idx]), codes [out, in], scales/zeros [groups, out]."""
+    g = g_idx.long()
+    return scales.to(dtype).T[:, g] * (codes.to(dtype) - zeros.to(dtype).T[:, g])
+
+
+# ---- the Hessian H = 2XXᵀ/n of the layer's inputs (paper Sec. 3, eq. 1) ----
+
+def make_empty_hessian(columns: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype = GPTQ_PRECISION) -> torch.Tensor:
+    return torch.zeros((columns, columns), device=device, dtype=dtype)
+
+
+def accumulate_hessian(x: torch.Tensor, hessian: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """Adds the rows of `x` [..., in] (one per token) to the running mean H = 2/n Σ x xᵀ, in place.
+
+    A running mean (scale the old sum, add the new scaled by 2/n) keeps H's magnitude independent of how
+    many tokens were seen, so float32 accumulation does not drift as n grows (as llm-compressor does)."""
+    x = x.reshape(-1, x.shape[-1]).to(device=hessian.device, dtype=hessian.dtype)
+    added = x.shape[0]
+    if added == 0:
+        return hessian, count
+    hessian *= count / (count + added)
+    count += added
+    x = x * (2.0 / count) ** 0.5
+    hessian.addmm_(x.T, x)
+    return hessian, count
+
+
+# ---- the solver (paper Alg. 1) ----
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H) (paper Sec. 3, Step 3), retried ×10."""
+    mean_diag = torch.diagonal(h).mean()
+    tried = damp
+    while True:
+        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (tried * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0 and torch.isfinite(lower).all():
+            inv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, tried
+        if tried * 10 > MAX_DAMP * (1 + 1e-9):
+            raise HessianNotPositiveDefinite(
+                f"Hessian is not positive definite even with damp = {tried:g} (tried from {damp:g}); "
+                "its inputs may contain inf/NaN or be degenerate")
+        tried *= 10
+
+
+def _block_size(block_size: int, group_size: int, groups: int) -> int:
+    """Blocks that never split a group (unless one group spans all), so every group's grid is found on
+    fully updated weights, as in the column-by-column algorithm: the result does not depend on block_size."""
+    if groups == 1 or group_size % block_size == 0:
+        return block_size
+    if group_size < block_size:
+        return (block_size // group_size) * group_size
+    return group_size
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The solve is thousands of small ops and one small Cholesky: intra-op threads only add synchronisation,
+    which on a busy machine dominates (measured, 2 shared cores: 576×1536 took 28.7 s with 2 threads, 0.6 s
+    with 1)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
+                    desc_act: bool, damp: float, block_size: int = 128) -> GPTQResult:
+    """GPTQ of `w` [out, in] given H [in, in]; neither input is modified.
+
+    Columns go in order (or by decreasing diag H with `desc_act`, Sec. 4 "act-order"); each group's grid is
+    found when its first column is reached (in that order; g_idx maps columns back to groups). Lazy batch
+    updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul."""
+    dtype = _math_dtype(w)
+    w = w.to(dtype).clone()
+    h = hessian.to(device=w.device, dtype=dtype).clone()
+    rows, cols = w.shape
+    max_code(bits)  # validates bits before any work
+    groups = group_count(cols, group_size)
+    size = cols // groups
+    dead = torch.diagonal(h) == 0
+    # A column no calibration token ever activated has no curvature: diag 1 decouples it (its off-diagonal
+    # entries are 0 already), so it is rounded to nearest and its error reaches no other column.
+    h[dead, dead] = 1
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if desc_act else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    with _one_cpu_thread(w.device):
+        hinv, used = _inverse_cholesky(h, damp)
+        del h
+        w, scales, zeros, losses = _solve(w, hinv, bits, sym, size, _block_size(block_size, size, groups))
+    if used != damp:
+        log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
+    g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        w, g_idx = w[:, inverse], g_idx[inverse]
+    return GPTQResult(w, scales, zeros.to(torch.int32), g_idx, float(losses.sum()))
+
+
+def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int) -> tuple[torch.Tensor, ...]:
+    """Alg. 1 over columns in their (possibly permuted) order, with `hinv` the upper Cholesky factor of H⁻¹."""
+    rows, cols = w.shape
+    groups = cols // size
+    dtype = w.dtype
+    scales = torch.empty(groups, rows, dtype=dtype, device=w.device)
+    zeros = torch.empty(groups, rows, dtype=dtype, device=w.device)
+    losses = torch.zeros(rows, dtype=dtype, device=w.device)
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % size == 0:  # the group's grid, on its columns as updated so far
+                source = w1[:, i:i + size] if i + size <= i2 - i1 else w[:, col:col + size]
+                scales[col // size], zeros[col // size] = find_params(source, bits, sym)
+            s, z = scales[col // size], zeros[col // size]
+            q = fake_quantize(w1[:, i], s, z, bits)
+            d = hinv1[i, i]
+            losses += (w1[:, i] - q) ** 2 / d**2 / 2
+            err = (w1[:, i] - q) / d
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w, scales, zeros, losses
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖ΔW X‖² / n from H = 2XXᵀ/n: tr(ΔW H ΔWᵀ) / 2 (no second pass over the activations). A reported
+    figure, so the matmul runs in the inputs' precision (float32 in the stage) and only the sum in float64."""
+    dtype = torch.promote_types(delta.dtype, hessian.dtype)
+    delta = delta.to(dtype)
+    return float((delta @ hessian.to(device=delta.device, dtype=dtype) * delta).sum(dtype=torch.float64) / 2)

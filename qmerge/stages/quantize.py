@@ -1,0 +1,241 @@
+"""quantize: GPTQ re-quantization of the merged checkpoint (Frantar et al. 2022, arXiv:2210.17323), written
+in the standard GPTQ v1 format that transformers loads (see qmerge/io/gptq_checkpoint.py).
+
+Backend "qmerge": layer by layer (qmerge/layerwise.py): the calibration windows' inputs to a decoder layer
+are recorded, and inside the layer the linears are quantized true-sequentially: linears that read the same
+input form a group (q/k/v, then o, then gate/up, then down); each group's Hessian is collected from a forward
+through the layer as quantized so far, stopped as soon as that input exists. The quantized layer then
+produces the next layer's inputs. Backend "gptqmodel": qmerge/stages/quantize_gptqmodel.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from qmerge.dag import StageContext
+from qmerge.errors import BadInputError
+from qmerge.io.gptq_checkpoint import pack_linear, quantization_config, write_model_files
+from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
+from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
+from qmerge.ops import gptq
+
+TOKENS_PER_BATCH = 4096  # calibration windows per layer forward: bounded activations, enough work per matmul
+
+
+class _StopForward(Exception):
+    pass
+
+
+def calibration_ids(ctx: StageContext) -> torch.Tensor:
+    path = ctx.inputs["calibrate"] / "calibration.safetensors"
+    ids = load_file(str(path))["input_ids"]
+    q = ctx.cfg.quantize
+    if ids.dim() != 2 or ids.numel() < q.samples * q.seq_len or ids.shape[1] < q.seq_len:
+        raise BadInputError(f"calibration holds {ids.numel()} tokens as {list(ids.shape)}, fewer than quantize.samples "
+                            f"× seq_len = {q.samples} × {q.seq_len}", path=path,
+                            fix="lower quantize.samples or seq_len, or widen the calibration spec's documents")
+    return ids[:q.samples, :q.seq_len]
+
+
+def check_group_size(shapes: dict[str, tuple[int, ...]], names: list[str], group_size: int, bits: int,
+                     where: Path) -> None:
+    """Every quantized linear's in_features must split into whole groups and pack into int32 words."""
+    ins = sorted({shapes[n][1] for n in names})
+    outs = sorted({shapes[n][0] for n in names})
+    if group_size != -1 and (group_size <= 0 or any(i % group_size for i in ins)):
+        common = ins[0]
+        for i in ins[1:]:
+            common = _gcd(common, i)
+        works = [g for g in (32, 64, 128, 256, 512, 1024) if common % g == 0]
+        raise BadInputError(f"quantize.group_size = {group_size} does not divide the linears' in_features {ins}",
+                            path=where, fix=f"use group_size {' or '.join(map(str, works)) or -1} "
+                                            "(or -1: one group per output row)")
+    per_word = 32 if bits == 3 else 32 // bits
+    bad = [d for d in ins + outs if d % per_word]
+    if bad:
+        raise BadInputError(f"{bits}-bit GPTQ packing needs in/out features divisible by {per_word}; got {bad}",
+                            path=where, fix="use 4 or 8 bits")
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if type(m) is torch.nn.Linear}
+
+
+def linear_groups(layer: torch.nn.Module, batch: LayerBatch) -> list[list[str]]:
+    """Linears grouped by the tensor they read, in the order the layer calls them (one window's forward)."""
+    order: list[tuple[str, torch.Tensor]] = []  # the tensors themselves: ids of freed tensors get reused
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=n: order.append((name, args[0])))
+               for n, m in layer_linears(layer).items()]
+    try:
+        run_layer(layer, LayerBatch(batch.hidden[:1], _first(batch.kwargs)))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in order:
+        if any(name in g for _, g in groups):
+            raise BadInputError(f"linear {name} is called more than once per layer forward (shared or MoE "
+                                "experts); the qmerge backend does not support this architecture",
+                                fix='use quantize.backend = "gptqmodel"')
+        same = [g for t, g in groups if t is x]
+        if same:
+            same[0].append(name)
+        else:
+            groups.append((x, [name]))
+    return [g for _, g in groups]
+
+
+def _first(kwargs: dict) -> dict:
+    """Keyword arguments cut to the first window of the batch (per-window tensors have the batch as dim 0)."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1:
+            return v[:1]
+        return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear,
+                  batches: list[LayerBatch]) -> tuple[torch.Tensor, int]:
+    """H = 2XXᵀ/n of the group's shared input X, the forward stopped right where X appears."""
+    hessian = gptq.make_empty_hessian(first.in_features, device=first.weight.device)
+    count = 0
+
+    def hook(_module, args):
+        nonlocal hessian, count
+        hessian, count = gptq.accumulate_hessian(args[0], hessian, count)
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        for batch in batches:
+            try:
+                run_layer(layer, batch)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hessian, count
+
+
+def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str) -> tuple[dict, dict]:
+    """GPTQ on every linear of `layer`, true-sequentially; returns (packed tensors by module, error report)."""
+    linears = layer_linears(layer)
+    packed, report = {}, {}
+    for group in linear_groups(layer, batches[0]):
+        hessian, _ = group_hessian(layer, linears[group[0]], batches)
+        for module_name in group:
+            linear = linears[module_name]
+            w = linear.weight.detach()
+            try:
+                result = gptq.quantize_weight(w, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp)
+            except gptq.HessianNotPositiveDefinite as e:
+                raise BadInputError(f"GPTQ of {name}.{module_name}: {e}", path=q.calibration,
+                                    fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
+            rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
+            report[module_name] = _errors(w, result.weight, rtn.weight, hessian)
+            codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
+            packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
+                                              result.g_idx.cpu(), q.bits)
+            with torch.no_grad():
+                linear.weight.copy_(result.weight)
+        del hessian
+    return packed, report
+
+
+def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor) -> dict:
+    """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest."""
+    ref = gptq.output_error(w, hessian)
+    err, err_rtn = gptq.output_error(w - q, hessian), gptq.output_error(w - rtn, hessian)
+    return {"error": err**0.5, "relative": (err / ref) ** 0.5 if ref else None,
+            "rtn_error": err_rtn**0.5, "rtn_relative": (err_rtn / ref) ** 0.5 if ref else None}
+
+
+def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: str, quiet: bool,
+                       max_shard_size: int) -> dict:
+    runner = LayerwiseModel(merged, device)
+    reader = runner.reader
+    names = [f"{runner.layer_prefix(i)}.{n}.weight" for i in range(len(runner.layers))
+             for n in layer_linears(runner.layers[i])]
+    check_group_size({n: reader.tensors[n].shape for n in names}, names, q.group_size, q.bits, merged)
+    batch_size = max(1, TOKENS_PER_BATCH // ids.shape[1])
+    batches = runner.layer_inputs(ids, batch_size)
+    layers_report = {}
+    with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
+        for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast
+            if not name.startswith(f"{runner.layers_prefix}."):
+                writer.add(name, reader.get(name))
+        for index in tqdm(range(len(runner.layers)), desc="quantize (gptq)", disable=quiet, unit="layer"):
+            prefix = runner.layer_prefix(index)
+            layer = runner.load_layer(index)
+            packed, report = quantize_layer(layer, batches, q, prefix)
+            _write_layer(writer, reader, prefix, packed)
+            batches = [LayerBatch(run_layer(layer, b), b.kwargs) for b in batches]
+            runner.free_layer(index)
+            layers_report[prefix] = report
+    return layers_report
+
+
+def _write_layer(writer: ShardWriter, reader: CheckpointReader, prefix: str, packed: dict) -> None:
+    for name in reader.tensors:
+        if not name.startswith(f"{prefix}."):
+            continue
+        module = name[len(prefix) + 1:].rpartition(".")[0]
+        if module in packed and name.endswith(".weight"):
+            for suffix, tensor in packed[module].items():
+                writer.add(f"{prefix}.{module}.{suffix}", tensor)
+        else:
+            writer.add(name, reader.get(name))
+
+
+def quantize_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_quantize(ctx: StageContext) -> dict:
+    q = ctx.cfg.quantize
+    merged = ctx.inputs["merge"]
+    ids = calibration_ids(ctx)
+    qconfig = quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp)
+    if q.backend == "gptqmodel":
+        from qmerge.stages.quantize_gptqmodel import run_gptqmodel
+
+        report = {"backend": "gptqmodel", **run_gptqmodel(merged, ctx.out, ids, q)}
+    else:
+        device = quantize_device()
+        with _no_tf32():
+            layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size)
+        write_model_files(merged, ctx.out, qconfig)
+        report = {"backend": "qmerge", "device": device, "layers": layers, **_summary(layers)}
+    report |= {"quantization_config": qconfig,
+               "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}}
+    (ctx.out / "quantize_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return {k: v for k, v in report.items() if k != "layers"}
+
+
+def _summary(layers: dict) -> dict:
+    rel = [m["relative"] for r in layers.values() for m in r.values() if m["relative"] is not None]
+    rtn = [m["rtn_relative"] for r in layers.values() for m in r.values() if m["rtn_relative"] is not None]
+    return {"linears": len(rel), "mean_relative_error": sum(rel) / len(rel) if rel else None,
+            "mean_rtn_relative_error": sum(rtn) / len(rtn) if rtn else None}
+
+
+class _no_tf32:
+    """TF32 off for the duration (DESIGN numerics: nothing called float32 runs in TF32)."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
