@@ -131,7 +131,7 @@ class Config(Strict):
     def output_path(self, value: str) -> Path:
         """A path we create (work_dir, output.dir): relative to the config folder, need not exist."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.folder / p)
+        return (p if p.is_absolute() else self.folder / p).resolve()
 
 
 def _format_validation_error(err: ValidationError, path: Path) -> str:

@@ -5,6 +5,8 @@ forward, which is off by ~0.5 %)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -42,7 +44,9 @@ def reference_model(base: BaseCheckpoint, adapters: list[tuple[Path, float]], de
 
     model = base_model_as_trained(base, device)
     names = [f"a{i}" for i in range(len(adapters))]
-    with warnings.catch_warnings():
+    # PEFT's LoRA dispatch imports gptqmodel when it is installed, whose import prints a banner on stdout:
+    # stdout is for qmerge's results, so anything printed while the adapters are attached goes to stderr.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name=names[0])
         for name, (path, _) in zip(names[1:], adapters[1:]):
