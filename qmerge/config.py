@@ -6,7 +6,6 @@ the TOML; `Config.path(value)` resolves them against the config file's folder (o
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -149,12 +148,9 @@ def _format_validation_error(err: ValidationError, path: Path) -> str:
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("config file not found", path=path) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"not valid TOML: {e}", path=path) from None
+    from qmerge.io.paths import read_toml
+
+    raw = read_toml(path, "config file")
     if "source" in raw:
         raise ConfigError("unknown key `source`", path=path)
     try:

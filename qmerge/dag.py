@@ -67,6 +67,10 @@ class StageRecord:
     result: dict = field(default_factory=dict)
 
 
+def records_names(records: list[StageRecord]) -> set[str]:
+    return {r.name for r in records}
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -138,6 +142,8 @@ class Runner:
             if self.opts.dry_run:
                 records.append(StageRecord(stage.name, key, "cached" if done else "planned"))
                 continue
+            if self.opts.only and self.opts.only in records_names(records):
+                break  # --only: nothing after the stage that was asked for
             if self.opts.only and stage.name != self.opts.only:
                 if done is None:
                     raise BadInputError(f"--only {self.opts.only} needs stage `{stage.name}`, which has no finished "

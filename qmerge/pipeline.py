@@ -42,8 +42,40 @@ def _merge(ctx: StageContext) -> dict:
     return {k: v for k, v in report.items() if k != "layers"}
 
 
+def text_digest(cfg: Config, value: str, what: str) -> dict:
+    """A text spec as its artifact keys see it: the spec's bytes and its source's bytes, so that editing
+    `split.documents` or the text itself never reuses windows built from the old ones."""
+    from qmerge.io.paths import sha256_file
+    from qmerge.io.textset import load_text_spec
+
+    spec = load_text_spec(cfg.path(value, what))
+    return {"spec": value, "spec_sha256": sha256_file(spec.spec_path), "source_sha256": sha256_file(spec.source_path)}
+
+
+def _eval_texts(cfg: Config) -> dict | None:
+    if cfg.gate is None:
+        return None
+    return {"eval": text_digest(cfg, cfg.gate.eval, "gate.eval"),
+            "extra_eval": [text_digest(cfg, v, f"gate.extra_eval[{i}]") for i, v in enumerate(cfg.gate.extra_eval)]}
+
+
 def _merge_slice(cfg: Config) -> dict:
-    return cfg.merge.model_dump(exclude={"device"})
+    out = cfg.merge.model_dump(exclude={"device"})
+    if cfg.merge.into == "auto":  # the choice is scored on `select` windows of gate.seq_len, disjoint from gate.eval
+        out["select_text"] = text_digest(cfg, cfg.merge.select, "merge.select")
+        out["gate"] = {"seq_len": cfg.gate.seq_len if cfg.gate else None, "texts": _eval_texts(cfg)}
+    return out
+
+
+def _calibrate_slice(cfg: Config) -> dict:
+    q = cfg.quantize
+    return {**q.model_dump(include={"calibration", "samples", "seq_len"}),
+            "text": text_digest(cfg, q.calibration, "quantize.calibration"), "eval_texts": _eval_texts(cfg)}
+
+
+def _evaluate_slice(cfg: Config) -> dict:
+    return {**cfg.gate.model_dump(exclude={"max_ppl_increase", "min_delta_retention", "max_kl"}),
+            "texts": _eval_texts(cfg)}
 
 
 def _calibrate(ctx: StageContext) -> dict:
@@ -84,13 +116,11 @@ STAGES = [
     Stage("resolve", (), lambda cfg: {"base": cfg.base.model_dump(), "adapters": [a.model_dump() for a in cfg.adapters]},
           _resolve, keyed_by_result=True),
     Stage("merge", ("resolve",), _merge_slice, _merge),
-    Stage("calibrate", ("resolve",),
-          lambda cfg: cfg.quantize.model_dump(include={"calibration", "samples", "seq_len"}) | {"gate": _gate_slice(cfg)},
-          _calibrate, enabled=lambda cfg: cfg.quantize is not None),
+    Stage("calibrate", ("resolve",), _calibrate_slice, _calibrate, enabled=lambda cfg: cfg.quantize is not None),
     Stage("quantize", ("merge", "calibrate"), lambda cfg: cfg.quantize.model_dump(), _quantize,
           enabled=lambda cfg: cfg.quantize is not None),
-    Stage("evaluate", ("resolve", "merge", "quantize"), lambda cfg: cfg.gate.model_dump(exclude={
-          "max_ppl_increase", "min_delta_retention", "max_kl"}), _evaluate, enabled=lambda cfg: cfg.gate is not None),
+    Stage("evaluate", ("resolve", "merge", "quantize"), _evaluate_slice, _evaluate,
+          enabled=lambda cfg: cfg.gate is not None),
     Stage("gate", ("evaluate",), _gate_slice, _gate, enabled=lambda cfg: cfg.gate is not None),
     Stage("promote", ("resolve", "merge", "calibrate", "quantize", "gate"), lambda cfg: cfg.output.model_dump() | {"name": cfg.name}, _promote,
           enabled=lambda cfg: cfg.gate is not None, cached=False),

@@ -64,6 +64,9 @@ class Adapter:
     # base tensor name -> adapter tensor name of a full replacement (modules_to_save, bias, base_layer)
     replacements: dict[str, str]
     shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    # replacements saved as `….base_layer.weight` (PEFT's save_embedding_layers: a resized or retrained
+    # embedding that a tied lm_head follows), unlike modules_to_save copies, which leave the tied side alone
+    resized: frozenset[str] = frozenset()
 
     def load(self, name: str) -> torch.Tensor:
         return _load_tensor(self.weights_file, name)
@@ -124,15 +127,20 @@ def read_adapter(path: Path) -> Adapter:
     if not cfg_file.is_file():
         raise BadInputError("no adapter_config.json", path=path, fix="point adapters.path at a PEFT adapter folder")
     try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"invalid JSON: {e}", path=cfg_file) from None
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"cannot read adapter_config.json: {e}", path=cfg_file) from None
+    if not isinstance(config, dict):
+        raise BadInputError("adapter_config.json is not a JSON object", path=cfg_file)
     check_adapter_config(config, cfg_file)
+    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise BadInputError("a LoRA config needs an integer `r` and a number `lora_alpha`", path=cfg_file)
     shapes, weights_file = _adapter_shapes(path)
     modules, replacements = _parse_tensors(shapes, config, weights_file)
     if not modules and not replacements:
         raise BadInputError("adapter holds no LoRA tensors", path=weights_file)
-    return Adapter(path, weights_file, config, modules, replacements, shapes)
+    resized = frozenset(t for t, n in replacements.items() if ".base_layer." in n)
+    return Adapter(path, weights_file, config, modules, replacements, shapes, resized)
 
 
 def _adapter_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], Path]:
@@ -172,8 +180,8 @@ def _module(mod: str, p: dict[str, str], shapes: dict, config: dict, file: Path)
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     if a_key not in p or b_key not in p:
         raise BadInputError(f"module {mod}: {a_key}/{b_key} pair incomplete", path=file)
-    r = int(config.get("rank_pattern", {}).get(get_pattern_key(config.get("rank_pattern", {}), mod), config["r"]))
-    alpha = float(config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}), mod),
+    r = int((config.get("rank_pattern") or {}).get(get_pattern_key((config.get("rank_pattern") or {}), mod), config["r"]))
+    alpha = float((config.get("alpha_pattern") or {}).get(get_pattern_key((config.get("alpha_pattern") or {}), mod),
                                                       config["lora_alpha"]))
     a_shape, b_shape = shapes[p[a_key]], shapes[p[b_key]]
     if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:

@@ -47,7 +47,10 @@ class BaseCheckpoint:
     def __init__(self, folder: Path, recipe: NF4Recipe, skip_modules: tuple[str, ...] | None = None):
         self.folder = folder
         self.recipe = recipe
-        self.hf_config = json.loads((folder / "config.json").read_text())
+        try:
+            self.hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInputError(f"cannot read config.json: {e}", path=folder / "config.json") from None
         qc = self.hf_config.get("quantization_config")
         if qc is not None and qc.get("quant_method") != "bitsandbytes":
             raise BadInputError(f"quantization_config.quant_method = {qc.get('quant_method')!r}; qmerge reads 16/32-bit "
@@ -80,7 +83,8 @@ class BaseCheckpoint:
         raw = self.reader.get(f"{module}.weight.quant_state.bitsandbytes__nf4")
         meta = json.loads(bytes(raw.tolist()).decode())
         dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[meta["dtype"]]
-        return dtype, tuple(meta["shape"])
+        shape = tuple(meta["shape"])
+        return dtype, shape[::-1] if self.arch.layouts.get(module) == "conv1d" else shape
 
     def is_quantized(self, name: str) -> bool:
         return name.endswith(".weight") and name[: -len(".weight")] in self.arch.quantized
@@ -101,15 +105,23 @@ class BaseCheckpoint:
         if not w.is_floating_point():
             return w
         stored = w.dtype
+        if self.prequantized:  # [base.nf4] describes how a full-precision base was loaded; not this one
+            return w.to(MATH_DTYPE)
         loaded = w.to(DTYPES[self.recipe.load_dtype]) if self.recipe.load_dtype else w
         if not self.is_quantized(name):
             return loaded.to(MATH_DTYPE)
         chain = self.recipe.seen_dtype_chain(stored)
-        out = nf4_weight(loaded, blocksize=self.recipe.blocksize, double_quant=self.recipe.double_quant,
-                         dequant_dtype=chain[0], device=device)
+        conv1d = self.is_conv1d(name)
+        # transformers quantizes a GPT-2 Conv1D weight transposed, as the [out, in] Linear4bit it becomes: the
+        # NF4 blocks run along that layout, so quantize it that way and store it back as [in, out].
+        out = nf4_weight(loaded.T.contiguous() if conv1d else loaded, blocksize=self.recipe.blocksize,
+                         double_quant=self.recipe.double_quant, dequant_dtype=chain[0], device=device)
         for dtype in chain[1:]:
             out = out.to(dtype).to(MATH_DTYPE)
-        return out.cpu()
+        return (out.T.contiguous() if conv1d else out).cpu()
+
+    def is_conv1d(self, name: str) -> bool:
+        return name.endswith(".weight") and self.arch.layouts.get(name[: -len(".weight")]) == "conv1d"
 
     def _prequantized_dequant(self, name: str, compute_dtype: str | None) -> torch.Tensor:
         from qmerge.ops.nf4 import dequantize_nf4, nf4_state_from_serialized
@@ -120,4 +132,4 @@ class BaseCheckpoint:
         w = dequantize_nf4(state)
         if compute_dtype:
             w = w.to(DTYPES[compute_dtype])
-        return w.to(MATH_DTYPE)
+        return (w.T.contiguous() if self.is_conv1d(name) else w).to(MATH_DTYPE)  # stored [out, in]; Conv1D is [in, out]

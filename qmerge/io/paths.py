@@ -34,6 +34,22 @@ def resolve_path(value: str, relative_to: Path, *, what: str, config_file: Path 
     return path.resolve()
 
 
+def read_toml(path: Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing, unreadable or invalid file is a ConfigError naming it (exit 2)."""
+    import tomllib
+
+    from qmerge.errors import ConfigError
+
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found", path=path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what}: {e}", path=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", path=path) from None
+
+
 def sha256_file(path: Path, progress: bool = False) -> str:
     path = Path(path)
     h = hashlib.sha256()

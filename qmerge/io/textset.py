@@ -7,7 +7,6 @@ from __future__ import annotations
 import bz2
 import hashlib
 import re
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from qmerge.errors import BadInputError, ConfigError
-from qmerge.io.paths import resolve_path, sha256_file
+from qmerge.io.paths import read_toml, resolve_path, sha256_file
 
 
 class _Strict(BaseModel):
@@ -56,12 +55,7 @@ def parse_slice(text: str) -> slice:
 
 def load_text_spec(path: Path) -> TextSpec:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("text spec not found", path=path) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"not valid TOML: {e}", path=path) from None
+    raw = read_toml(path, "text spec")
     try:
         source = TextSource.model_validate(raw.get("source", {}))
         split = TextSplit.model_validate(raw.get("split", {}))
@@ -95,6 +89,17 @@ def _mediawiki(path: Path) -> list[str]:
 
 
 def load_documents(spec: TextSpec) -> list[str]:
+    try:
+        return _load_documents(spec)
+    except BadInputError:
+        raise
+    except Exception as e:  # unreadable file, bad encoding, broken bz2/XML, a jsonl/parquet datasets rejects
+        raise BadInputError(f"cannot read {spec.source.format} text from {spec.source_path} "
+                            f"({type(e).__name__}: {e})", path=spec.spec_path,
+                            fix="check source.path and source.format") from None
+
+
+def _load_documents(spec: TextSpec) -> list[str]:
     fmt, path = spec.source.format, spec.source_path
     if fmt == "text":
         docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -73,8 +73,8 @@ def _base_weight(inputs: MergeInputs, name: str) -> torch.Tensor:
         if name in adapter.replacements:
             return _checked(adapter, adapter.replacements[name]).to(MATH_DTYPE)
     source = untied(inputs).get(name, name) if name not in inputs.base.tensors else name
-    for adapter, _ in inputs.adapters:  # an untied lm_head keeps the embedding's (possibly resized) base
-        if source != name and source in adapter.replacements:
+    for adapter, _ in inputs.adapters:  # an untied lm_head keeps a resized embedding, not a modules_to_save copy
+        if source != name and source in adapter.resized:
             return _checked(adapter, adapter.replacements[source]).to(MATH_DTYPE)
     if inputs.into == "nf4":
         return inputs.base.as_trained(source, inputs.device)
@@ -142,6 +142,15 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
             "untied": sorted(untied(inputs)), "layers": layers}
 
 
+def embedding_rows(inputs: MergeInputs) -> int | None:
+    """Rows of an input embedding that an adapter replaces (None when none does)."""
+    embeds = {f"{m}.weight" for m, layout in inputs.base.arch.layouts.items() if layout == "embedding"}
+    for adapter, _ in inputs.adapters:
+        for target in embeds & set(adapter.replacements):
+            return adapter.shapes[adapter.replacements[target]][0]
+    return None
+
+
 def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: str) -> None:
     """config.json without quantization_config (untied if needed), tokenizer from the adapter if it ships one."""
     config = dict(inputs.base.hf_config)
@@ -152,6 +161,11 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: str) -> None:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
             config["text_config"]["tie_word_embeddings"] = False
+    rows = embedding_rows(inputs)
+    if rows is not None:  # a resized vocabulary (the adapter saved a larger embedding)
+        for section in (config, config.get("text_config")):
+            if isinstance(section, dict) and "vocab_size" in section:
+                section["vocab_size"] = rows
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer_src = next((a.path for a, _ in inputs.adapters if (a.path / "tokenizer_config.json").is_file()),
                          inputs.base.folder)

@@ -28,12 +28,18 @@ _TEST_THROTTLE = float(os.environ.get("QMERGE_TEST_SLOW_WRITE", "0") or 0)
 
 
 def release_key(ctx: StageContext) -> str:
-    return ctx.keys["gate"][:12]
+    """What the release holds: the gated candidate, and whether the dense checkpoint ships beside it."""
+    return hashlib.sha256(f"{ctx.keys['gate']}:{ctx.cfg.output.keep_dense}".encode()).hexdigest()[:12]
 
 
 def release_version(ctx: StageContext, key: str) -> str:
     template = ctx.release_version or ctx.cfg.output.version
-    version = template.format(date=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d"), key=key[:8], name=ctx.cfg.name)
+    try:
+        version = template.format(date=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d"), key=key[:8],
+                                  name=ctx.cfg.name)
+    except (KeyError, ValueError, IndexError) as e:
+        raise BadInputError(f"release version {template!r}: bad placeholder ({type(e).__name__}: {e}); "
+                            "the placeholders are {date}, {key} and {name}", path=ctx.cfg.source) from None
     if not version or "/" in version or version.startswith(".") or version == "latest":
         raise BadInputError(f"release version {version!r} is not a plain folder name", path=ctx.cfg.source)
     return version

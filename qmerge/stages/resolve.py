@@ -49,8 +49,10 @@ def files_digest(files: list[Path], progress: bool) -> tuple[list[dict], str]:
 
 
 def _base_files(folder: Path) -> list[Path]:
+    from qmerge.stages.merge import COPY_FILES  # tokenizer and generation files end up in the output too
+
     return [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")
-            or p.name == "config.json"]
+            or p.name == "config.json" or p.name in COPY_FILES]
 
 
 def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dict:
@@ -69,9 +71,13 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
     for i, a in enumerate(cfg.adapters):
         apath = cfg.path(a.path, f"adapters[{i}].path")
         adapter = read_adapter(apath)
-        entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json"], progress)
-        if a.sha256 and a.sha256.lower() not in {sha, entries[0]["sha256"]}:
-            raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {entries[0]['sha256']}",
+        from qmerge.stages.merge import COPY_FILES
+
+        extra = [apath / f for f in COPY_FILES if (apath / f).is_file()]  # a tokenizer shipped with the adapter
+        entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json", *extra], progress)
+        weights_sha = next(e["sha256"] for e in entries if e["path"] == str(adapter.weights_file))
+        if a.sha256 and a.sha256.lower() not in {sha, weights_sha}:
+            raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {weights_sha}",
                                 path=adapter.weights_file, fix="update the pin or use the pinned adapter")
         matches = match_adapter(adapter, base)
         adapters.append({"path": str(apath), "weight": a.weight, "files": entries, "sha256": sha,
@@ -142,6 +148,9 @@ def _match_module(mod: LoraModule, adapter: Adapter, base: BaseCheckpoint) -> No
         raise BadInputError(f"adapter shape mismatch at {mod.module}: base weight is {list(shape)} ({layout}), "
                             f"lora_A {list(a)} and lora_B {list(b)} give {list(want)}", path=adapter.weights_file,
                             fix="this adapter was trained on another base model")
+    if mod.magnitude and layout == "conv1d":
+        raise UnsupportedAdapterError(f"DoRA on the Conv1D layer {mod.module} is not supported (its magnitude is per "
+                                      "output row of the transposed weight)", path=adapter.weights_file)
     if mod.lora_b_bias and f"{mod.module}.bias" not in base.tensors:
         raise UnsupportedAdapterError(f"lora_bias on {mod.module}, which has no bias (PEFT cannot merge this either)",
                                       path=adapter.weights_file)

@@ -190,3 +190,19 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
         batches = [LayerBatch(run_layer(layer, b), b.kwargs) for b in batches]
         runner.free_layer(index)
     assert checked == 7 * len(runner.layers)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_grid_matches_the_reference_grid(bits, sym):
+    from qmerge.ops.gptq import find_params
+    from tests.ops.gptq_reference import reference_grid
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    w[0] = w[0].abs() + 0.1  # all positive: the asymmetric zero-would-be-0 rule
+    w[1] = -w[1].abs()       # all negative
+    w[2] = 0.0               # all zero
+    scale, zero = find_params(w, bits, sym)
+    want_scale, want_zero = reference_grid(w, bits, sym)
+    assert torch.equal(scale, want_scale) and torch.equal(zero.double(), want_zero)

@@ -36,7 +36,7 @@ def test_dry_run_loads_no_weights_and_prints_plan(tmp_path, tiny_llama, capsys):
     assert run_cli(cfg, "--dry-run") == 0
     assert CheckpointReader.tensors_loaded == before
     out = capsys.readouterr().out
-    assert "dry run" in out and "14" in out  # 14 quantized linears
+    assert "dry run" in out and "quantized linears: 14;" in out
     assert "6 LoRA modules" in out and "merge" in out and "planned" in out
     assert not (tmp_path / "work").exists()
 
@@ -97,3 +97,19 @@ def test_bf16_storage_reports_lost_tiny_delta(tmp_path):
     assert run_cli(cfg) == 0
     layers = json.loads((merge_dir(exact / "work") / "merge_report.json").read_text())["layers"]
     assert all(abs(v["retention"] - 1) < 1e-3 for v in layers.values())
+
+
+def test_only_redoes_one_stage_and_stops(tmp_path, tiny_llama):
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    text = ('[gate]\neval = "heldout.toml"\nwindows = 2\nseq_len = 16\n')
+    (tmp_path / "heldout.toml").write_text('[source]\npath = "package:gensim/test/test_data/lee_background.cor"\n'
+                                          '[split]\ndocuments = "265:300"\n')
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)], extra=text)
+    assert run_cli(cfg, "--only", "evaluate") == 2  # its input, merge, has no finished artifact yet
+    assert not (tmp_path / "work" / "merge").exists() or not any((tmp_path / "work" / "merge").iterdir())
+    assert run_cli(cfg, "--only", "merge") == 0  # runs merge, then stops: evaluate/gate/promote untouched
+    assert any((tmp_path / "work" / "merge").iterdir())
+    assert not (tmp_path / "work" / "evaluate").exists()
+    before = merge_dir(tmp_path / "work").stat().st_mtime_ns
+    assert run_cli(cfg, "--only", "merge") == 0  # redone, even though finished
+    assert merge_dir(tmp_path / "work").stat().st_mtime_ns != before

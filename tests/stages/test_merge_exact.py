@@ -1,7 +1,8 @@
 """The merged checkpoint behaves exactly like the model as trained, for every adapter variant.
 
 Reference (DESIGN "Numerics rules"): the float32 model whose quantized linears hold W_nf4, with PEFT
-applying the adapter unmerged. Tolerance 1e-5 relative (max |Δlogit| / max |logit|): a float32 merge
+applying the adapter unmerged; W_nf4 comes from transformers + bitsandbytes (`bnb_oracle`), never from
+qmerge's own NF4 code. Tolerance 1e-5 relative (max |Δlogit| / max |logit|): a float32 merge
 differs from the unmerged forward only by float32 re-association (x@(W+ΔW) vs x@W + (x@A)@B·s),
 measured ~1e-7..1e-6 on these models; a lost or wrong delta moves logits by > 1e-3 relative.
 """
@@ -25,17 +26,52 @@ def finished(work: Path, stage: str) -> Path:
     return dirs[0]
 
 
+def bnb_oracle(base: Path, nf4: dict):
+    """The base as training saw it, built by transformers + bitsandbytes themselves (not qmerge's NF4 code):
+    quantized at load time in `load_dtype` (or read pre-quantized), dequantized by bitsandbytes, each
+    quantized linear's weight cast to `compute_dtype` as Linear4bit's forward does, then float32."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if "quantization_config" in json.loads((base / "config.json").read_text()):
+        model = AutoModelForCausalLM.from_pretrained(base, device_map="cpu")
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtypes[nf4["compute_dtype"]])
+        load = "auto" if nf4["load_dtype"] == "auto" else dtypes[nf4["load_dtype"]]
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, dtype=load, device_map="cpu")
+    compute = {n: m.compute_dtype or model.dtype for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert compute, "bitsandbytes quantized nothing"
+    model = model.dequantize()
+    with torch.no_grad():
+        for name, dtype in compute.items():
+            w = model.get_submodule(name).weight
+            w.data = w.data.to(dtype)
+    return model.float().eval()
+
+
 def compare(tmp_path: Path, base: Path, adapters: list[tuple[Path, float]], tokens, **config) -> dict:
-    from qmerge.models import base_model_as_trained, checkpoint_model, reference_model
-    from qmerge.stages.merge import open_inputs
+    """Merges with qmerge (float32 storage) and compares with PEFT applying the adapters unmerged to
+    `bnb_oracle`: equal within TOL, and clearly different from the oracle base alone."""
+    from peft import PeftModel
+
+    from qmerge.models import checkpoint_model
 
     cfg = write_config(tmp_path, base, adapters, **config)
     assert run_cli(cfg) == 0
     merged = finished(tmp_path / "work", "merge")
-    plan = json.loads((finished(tmp_path / "work", "resolve") / "done.json").read_text())["result"]
-    base_ckpt = open_inputs(plan, "nf4", "cpu").base
-    ref = logits(reference_model(base_ckpt, adapters), tokens)
-    plain = logits(base_model_as_trained(base_ckpt), tokens)
+    nf4 = {"load_dtype": "auto", "compute_dtype": "float32", **config.get("nf4", {})}
+    plain = logits(bnb_oracle(base, nf4), tokens)
+    oracle = PeftModel.from_pretrained(bnb_oracle(base, nf4), str(adapters[0][0]), adapter_name="a0")
+    for i, (path, _) in enumerate(adapters[1:], 1):
+        oracle.load_adapter(str(path), adapter_name=f"a{i}")
+    oracle.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    for i, (_, weight) in enumerate(adapters):  # [[adapters]] weight w scales that adapter's ΔW
+        for module in oracle.modules():
+            if isinstance(getattr(module, "scaling", None), dict) and f"a{i}" in module.scaling:
+                module.scaling[f"a{i}"] *= weight
+    ref = logits(oracle.eval(), tokens)
     out = logits(checkpoint_model(merged), tokens)
     scale = ref.abs().max()
     rel_err = float((out - ref).abs().max() / scale)
