@@ -135,12 +135,14 @@ def match_adapter(adapter: Adapter, base: BaseCheckpoint) -> dict:
 
 def _match_module(mod: LoraModule, adapter: Adapter, base: BaseCheckpoint) -> None:
     name = f"{mod.module}.weight"
+    if name not in base.tensors and name in base.arch.tied:  # a tied lm_head: stored as its source
+        name = base.arch.tied[name]
     if name not in base.tensors:
         raise BadInputError(f"adapter targets {mod.module}, which is not in the base", path=adapter.weights_file,
                             fix="this adapter was trained on another base model")
     shape = base.tensors[name][1]
-    if f"{mod.module}.weight" in adapter.replacements:
-        shape = adapter.shapes[adapter.replacements[name]]
+    if f"{mod.module}.weight" in adapter.replacements:  # the adapter saved its own base (e.g. a resized vocab)
+        shape = adapter.shapes[adapter.replacements[f"{mod.module}.weight"]]
     layout = base.arch.layouts.get(mod.module, "linear")
     a, b = adapter.shapes[mod.lora_a], adapter.shapes[mod.lora_b]
     want = {"linear": (b[0], a[1]), "conv1d": (a[1], b[0]), "embedding": (a[1], b[0])}[layout]

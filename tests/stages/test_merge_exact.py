@@ -159,3 +159,9 @@ def test_prequantized_bnb_base(tmp_path, tiny_llama, tokens):
     model.save_pretrained(tmp_path / "bnb")
     adapter = make_adapter(tiny_llama, tmp_path / "a")
     compare(tmp_path, tmp_path / "bnb", [(adapter, 1.0)], tokens)
+
+
+def test_lora_on_tied_lm_head(tmp_path, tiny_llama, tokens):
+    adapter = make_adapter(tiny_llama, tmp_path / "a", target_modules=["lm_head", "q_proj"])
+    report = compare(tmp_path, tiny_llama, [(adapter, 1.0)], tokens)
+    assert report["untied"] == ["lm_head.weight"]
