@@ -29,7 +29,13 @@ def eval_device() -> str:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    from qmerge.errors import BadInputError
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"no usable tokenizer ({type(e).__name__}: {str(e)[:200]})", path=folder,
+                            fix="ship the tokenizer files with the base model or the adapter") from None
 
 
 def dense_weight_retention(plan: dict, into: str, candidate: Path, quantized: bool = False) -> dict:

@@ -120,3 +120,40 @@ def test_lora_bias_on_layer_without_bias(tmp_path, tiny_llama, capsys):
     adapter = make_adapter(tiny_llama, tmp_path / "a", lora_bias=True)
     cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
     assert_exit_2(cfg, capsys, "adapter_model.safetensors", "lora_bias on model.layers.0.", "which has no bias")
+
+
+def test_base_config_json_not_json(tmp_path, tiny_llama, adapter, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    (base / "config.json").write_text("{not json")
+    cfg = write_config(tmp_path, base, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, str(base / "config.json"), "cannot read config.json")
+
+
+def test_text_spec_source_unreadable(tmp_path, gated, capsys):
+    (tmp_path / "bad.bz2").write_bytes(b"not bz2 at all")
+    (tmp_path / "spec.toml").write_text('[source]\npath = "bad.bz2"\nformat = "mediawiki"\n')
+    cfg = write_config(tmp_path, gated["base"], [(gated["adapter"], 1.0)], extra='[gate]\neval = "spec.toml"\n')
+    assert run_cli(cfg) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "spec.toml") in err and "cannot read mediawiki text" in err, err
+
+
+def test_gate_without_a_tokenizer(tmp_path, tiny_llama, adapter, capsys):
+    (tmp_path / "spec.toml").write_text('[source]\npath = "package:gensim/test/test_data/lee_background.cor"\n')
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)], extra='[gate]\neval = "spec.toml"\n')
+    assert run_cli(cfg) == 2
+    assert "no usable tokenizer" in capsys.readouterr().err
+
+
+def test_release_version_bad_placeholder(tmp_path, capsys, gated):
+    from tests.conftest import gate_config
+
+    cfg = gate_config(tmp_path, gated)
+    cfg.write_text(cfg.read_text().replace("[output]", '[output]\nversion = "{date}-{build}"'))
+    assert run_cli(cfg) == 2
+    assert "bad placeholder" in capsys.readouterr().err
+    assert not (tmp_path / "releases" / "tiny").exists() or not any(
+        p for p in (tmp_path / "releases" / "tiny").iterdir() if not p.name.startswith("."))
