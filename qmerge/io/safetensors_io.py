@@ -10,6 +10,7 @@ import os
 import struct
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,10 @@ class ShardWriter:
         self._seen: set[str] = set()
         self._closed = False
         self._file = None  # the open shard: its header entries and data bytes so far
+        # One background thread writes tensor bytes while the caller computes the next tensor (file writes
+        # release the GIL), as mergekit's tensor_writer does; `_wait` surfaces its errors in the caller.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmerge-shard-writer")
+        self._pending: Future | None = None
         self._entries: dict[str, dict] = {}
         self._data_bytes = 0
 
@@ -253,7 +258,8 @@ class ShardWriter:
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Writes `tensor` under `name` into the current shard now."""
+        """Writes `tensor` under `name` into the current shard, on the writer thread: the caller computes the
+        next tensor meanwhile (at most one tensor is in flight). Do not modify `tensor` in place afterwards."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         if not name or name == "__metadata__":
@@ -269,7 +275,8 @@ class ShardWriter:
             self._open_shard()
         t = tensor.detach().to("cpu").contiguous()
         if nbytes:
-            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._wait()  # the previous tensor's bytes are on their way: one in flight bounds memory
+            self._pending = self._thread.submit(self._file.write, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._entries[name] = {"dtype": ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                                "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         self._seen.add(name)
@@ -287,8 +294,14 @@ class ShardWriter:
         header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
         return header + b" " * ((-len(header)) % 8)  # data starts 8-byte aligned, as safetensors writes it
 
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def _flush(self) -> None:
         """Closes the current shard: header in front (padded into the reserved room), fsync."""
+        self._wait()
         if self._file is None:
             self._open_shard()
         f, temp = self._file, self.out_dir / self.shards[-1][0]
@@ -326,15 +339,21 @@ class ShardWriter:
             write_json_atomic(self.out_dir / INDEX_NAME, index)
         fsync_dir(self.out_dir)
         self._closed = True
+        self._thread.shutdown(wait=True)
         return self.weight_map
 
     def abort(self) -> None:
         """Removes the shards written so far (temp names only exist before finalize)."""
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - aborting anyway: the partial shard is removed below
+            pass
         if self._file is not None:
             self._file.close()
         for temp, _ in self.shards:
             (self.out_dir / temp).unlink(missing_ok=True)
         self.shards, self._file, self._closed = [], None, True
+        self._thread.shutdown(wait=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
