@@ -67,10 +67,6 @@ class StageRecord:
     result: dict = field(default_factory=dict)
 
 
-def records_names(records: list[StageRecord]) -> set[str]:
-    return {r.name for r in records}
-
-
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -142,7 +138,7 @@ class Runner:
             if self.opts.dry_run:
                 records.append(StageRecord(stage.name, key, "cached" if done else "planned"))
                 continue
-            if self.opts.only and self.opts.only in records_names(records):
+            if self.opts.only and any(r.name == self.opts.only for r in records):
                 break  # --only: nothing after the stage that was asked for
             if self.opts.only and stage.name != self.opts.only:
                 if done is None:

@@ -180,9 +180,9 @@ def _module(mod: str, p: dict[str, str], shapes: dict, config: dict, file: Path)
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     if a_key not in p or b_key not in p:
         raise BadInputError(f"module {mod}: {a_key}/{b_key} pair incomplete", path=file)
-    r = int((config.get("rank_pattern") or {}).get(get_pattern_key((config.get("rank_pattern") or {}), mod), config["r"]))
-    alpha = float((config.get("alpha_pattern") or {}).get(get_pattern_key((config.get("alpha_pattern") or {}), mod),
-                                                      config["lora_alpha"]))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = int(rank_pattern.get(get_pattern_key(rank_pattern, mod), config["r"]))
+    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern, mod), config["lora_alpha"]))
     a_shape, b_shape = shapes[p[a_key]], shapes[p[b_key]]
     if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
         raise BadInputError(f"module {mod}: rank from the config is {r} but lora_A is {list(a_shape)} and lora_B is "

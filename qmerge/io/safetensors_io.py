@@ -25,8 +25,9 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "F16": 16, "BF1
               "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64, "F8_E4M3": 8, "F8_E5M2": 8,
               "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 MAX_HEADER = 100 * 2**20  # safetensors' own limit; a larger length means a damaged or foreign file
-# Seconds to pause after each shard: lets the resume test kill a merge mid-way. Never set in production.
-_TEST_THROTTLE = float(os.environ.get("QMERGE_TEST_SLOW_WRITE", "0") or 0)
+# Seconds to pause after each shard (and each file a promotion copies): lets tests kill or race a write
+# mid-way. Never set in production.
+TEST_THROTTLE = float(os.environ.get("QMERGE_TEST_SLOW_WRITE", "0") or 0)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FIX = "the file is corrupt or truncated: re-download or re-save it"
@@ -318,8 +319,8 @@ class ShardWriter:
             _rewrite_with_header(temp, header, self._data_bytes)
         self.shards[-1] = (self.shards[-1][0], list(self._entries))
         self._file, self._entries, self._data_bytes = None, {}, 0
-        if _TEST_THROTTLE:
-            time.sleep(_TEST_THROTTLE)
+        if TEST_THROTTLE:
+            time.sleep(TEST_THROTTLE)
 
     def finalize(self) -> dict[str, str]:
         """Closes the last shard, gives shards their final names, writes the index; returns the weight map."""

@@ -38,36 +38,47 @@ def load_tokenizer(folder: Path):
                             fix="ship the tokenizer files with the base model or the adapter") from None
 
 
-def dense_weight_retention(plan: dict, into: str, candidate: Path, quantized: bool = False) -> dict:
-    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor, ΔW = exact float32 merge − W_base (streamed over the
-    exact merge; a GPTQ candidate is read through qmerge's dequantization of its codes)."""
-    from qmerge.io.safetensors_io import CheckpointReader
-
-    inputs = open_inputs(plan, into, "cpu")
+def _stored_tensors(candidate: Path, quantized: bool):
+    """(names, get) of a candidate's stored weights; a GPTQ candidate through qmerge's dequantization."""
     if quantized:
         from qmerge.io.gptq_checkpoint import dequantized_state
 
         state = dequantized_state(candidate)
-        available, get = set(state), state.__getitem__
-    else:
-        reader = CheckpointReader(candidate)
-        available, get = set(reader.tensors), reader.get
-    layers, num, den = {}, 0.0, 0.0
-    for name, exact, w_base in merged_tensors(inputs):
-        if w_base is None or w_base.shape != exact.shape or name not in available:
+        return set(state), state.__getitem__
+    from qmerge.io.safetensors_io import CheckpointReader
+
+    reader = CheckpointReader(candidate)
+    return set(reader.tensors), reader.get
+
+
+def dense_weight_retention(plan: dict, into: str, candidates: dict[str, Path]) -> dict[str, dict]:
+    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base,
+    streamed over one pass of the exact merge (it re-derives W_nf4, so it is done once for all candidates)."""
+    inputs = open_inputs(plan, into, "cpu")
+    stored = {name: _stored_tensors(path, name == "quantized") for name, path in candidates.items()}
+    layers = {name: {} for name in candidates}
+    sums = {name: [0.0, 0.0] for name in candidates}
+    for tensor, exact, w_base in merged_tensors(inputs):
+        if w_base is None or w_base.shape != exact.shape:
             continue
         delta = exact - w_base
         norm2 = float(delta.double().pow(2).sum())
         if norm2 == 0.0:
             continue
-        stored = get(name).to(torch.float32)
-        r = weight_retention(stored, w_base, delta)
-        layers[name] = r
-        num += r * norm2
-        den += norm2
-    worst = sorted(layers.items(), key=lambda kv: kv[1])[:10]
-    return {"aggregate": num / den if den else None, "worst": worst,
-            "vanished": [n for n, r in worst if r < VANISHED], "layers": layers}
+        for name, (available, get) in stored.items():
+            if tensor not in available:
+                continue
+            r = weight_retention(get(tensor).to(torch.float32), w_base, delta)
+            layers[name][tensor] = r
+            sums[name][0] += r * norm2
+            sums[name][1] += norm2
+    out = {}
+    for name, per_layer in layers.items():
+        num, den = sums[name]
+        worst = sorted(per_layer.items(), key=lambda kv: kv[1])[:10]
+        out[name] = {"aggregate": num / den if den else None, "worst": worst,
+                     "vanished": [n for n, r in worst if r < VANISHED], "layers": per_layer}
+    return out
 
 
 def candidate_model(name: str, path: Path, device: str) -> torch.nn.Module:
@@ -118,8 +129,7 @@ def run_evaluate(ctx: StageContext) -> dict:
                      "device": eval_device()},
         "into": into, "final": final, "selection": merge_result.get("selection"),
         **evaluate_candidates(ctx, candidates, into),
-        "weight_retention": {name: dense_weight_retention(ctx.results["resolve"], into, path, name == "quantized")
-                             for name, path in candidates.items()},
+        "weight_retention": dense_weight_retention(ctx.results["resolve"], into, candidates),
     }
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     ev = report["eval"]

@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,11 +19,10 @@ from qmerge import __version__
 from qmerge.dag import StageContext, package_versions
 from qmerge.errors import BadInputError
 from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink
+from qmerge.io.safetensors_io import TEST_THROTTLE
 
 log = logging.getLogger("qmerge")
 SKIP = {"done.json", "merge_report.json", "quantize_report.json"}
-# Seconds to pause after each copied file: lets tests interrupt or race a promotion. Never set in production.
-_TEST_THROTTLE = float(os.environ.get("QMERGE_TEST_SLOW_WRITE", "0") or 0)
 
 
 def release_key(ctx: StageContext) -> str:
@@ -61,8 +59,8 @@ def _copy_model(src: Path, dst: Path) -> dict[str, str]:
         if f.is_file() and f.name not in SKIP:
             shutil.copyfile(f, dst / f.name)
             hashes[f.name] = _sha256(dst / f.name)
-            if _TEST_THROTTLE:
-                time.sleep(_TEST_THROTTLE)
+            if TEST_THROTTLE:
+                time.sleep(TEST_THROTTLE)
     return hashes
 
 

@@ -7,6 +7,7 @@ Checks that every adapter tensor lands on a base module with matching shapes, ha
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from qmerge.config import Config
@@ -14,6 +15,7 @@ from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
 from qmerge.io.paths import sha256_file
+from qmerge.stages.merge import COPY_FILES
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F64": 8}
 
@@ -24,8 +26,11 @@ def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
     if path.is_file() and path.suffix == ".gguf":
         from qmerge.io.gguf import gguf_to_hf
 
-        folder = gguf_to_hf(path)
-        return folder, {"kind": "gguf", "gguf": str(path)}
+        from qmerge.io.gguf import PROVENANCE
+
+        folder = gguf_to_hf(path)  # hashes the GGUF to find its cache folder, whose provenance keeps that hash
+        sha = json.loads((folder / PROVENANCE).read_text())["sha256"]
+        return folder, {"kind": "gguf", "gguf": str(path), "gguf_sha256": sha}
     if not path.is_dir():
         raise BadInputError("base.path is neither a model folder nor a .gguf file", path=path)
     if not (path / "config.json").is_file():
@@ -49,8 +54,7 @@ def files_digest(files: list[Path], progress: bool) -> tuple[list[dict], str]:
 
 
 def _base_files(folder: Path) -> list[Path]:
-    from qmerge.stages.merge import COPY_FILES  # tokenizer and generation files end up in the output too
-
+    # tokenizer and generation files (COPY_FILES) end up in the output too
     return [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")
             or p.name == "config.json" or p.name in COPY_FILES]
 
@@ -60,9 +64,7 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
     base = BaseCheckpoint(folder, nf4_recipe(cfg), skip)
     base_entries, base_sha = files_digest(_base_files(folder), progress)
-    gguf_sha = None
-    if origin["kind"] == "gguf":
-        gguf_sha = sha256_file(Path(origin["gguf"]), progress=progress)
+    gguf_sha = origin.get("gguf_sha256")
     pinned = cfg.base.sha256
     if pinned and pinned.lower() not in {base_sha, gguf_sha, *(e["sha256"] for e in base_entries)}:
         raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {gguf_sha or base_sha}",
@@ -71,8 +73,6 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
     for i, a in enumerate(cfg.adapters):
         apath = cfg.path(a.path, f"adapters[{i}].path")
         adapter = read_adapter(apath)
-        from qmerge.stages.merge import COPY_FILES
-
         extra = [apath / f for f in COPY_FILES if (apath / f).is_file()]  # a tokenizer shipped with the adapter
         entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json", *extra], progress)
         weights_sha = next(e["sha256"] for e in entries if e["path"] == str(adapter.weights_file))
