@@ -4,9 +4,10 @@ outside (qmerge's own code carries no timers): writes the split to $QMERGE_BENCH
     python benchmarks/qmerge_timed.py CONFIG
 
 Categories (seconds, wall clock, the merge stage's own total split into parts that do not overlap):
-  read      safetensors tensor loads (base and adapter)      nf4    NF4 quantize + dequantize (W_nf4)
-  write     ShardWriter.add/finalize (serialise, fsync)       merge  the rest of the merge stage (ΔW, W+ΔW,
-  resolve   the resolve stage (headers, sha256 hashing)              casts, retention metric)
+  resolve  the resolve stage (headers, sha256 hashing)        read   safetensors tensor loads (base, adapter)
+  fused    `nf4_merge`: NF4 round trip + ΔW add + storage cast + retention sums, one kernel per weight
+  nf4      NF4 round trip of weights outside the fused path    write  ShardWriter.add/finalize (waits, fsync)
+  merge    the rest of the merge stage (B@A, unfused adds and casts, metrics)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections import defaultdict
 from functools import wraps
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch is imported, as qmerge/__main__.py does
 TIMES: dict[str, float] = defaultdict(float)
 _active: list[str] = []  # innermost category wins; nested calls are not counted twice
 
@@ -50,6 +52,7 @@ def install() -> None:
     _timed(CheckpointReader, "get", "read")
     _timed(adapter.Adapter, "load", "read")
     _timed(nf4, "nf4_weight", "nf4")
+    _timed(merge, "nf4_merge", "fused")
     _timed(ShardWriter, "add", "write")
     _timed(ShardWriter, "finalize", "write")
     _timed(resolve, "resolve", "resolve")
@@ -74,7 +77,7 @@ def main() -> int:
     rc = cli_main(["pipeline", sys.argv[1], "--quiet"])
     times = dict(TIMES)
     times["total"] = time.perf_counter() - t0
-    times["merge"] = times.get("merge_stage", 0.0) - sum(times.get(k, 0.0) for k in ("read", "nf4", "write"))
+    times["merge"] = times.get("merge_stage", 0.0) - sum(times.get(k, 0.0) for k in ("read", "nf4", "fused", "write"))
     out = os.environ.get("QMERGE_BENCH_TIMES")
     if out:
         with open(out, "w") as f:

@@ -120,6 +120,19 @@ class BaseCheckpoint:
             out = out.to(dtype).to(MATH_DTYPE)
         return (out.T.contiguous() if conv1d else out).cpu()
 
+    def nf4_input(self, name: str) -> tuple[torch.Tensor, tuple[torch.dtype, ...]] | None:
+        """For a quantized [out, in] linear of a 16/32-bit base: the stored weight, which holds exactly the values
+        the quantizer saw (loading only widened it), and the casts applied to code·absmax: `as_trained(name)` is
+        `nf4_weight` of that plus those casts. None where the fused merge does not apply (pre-quantized, Conv1D,
+        a load that rounds)."""
+        if self.prequantized or not self.is_quantized(name) or self.is_conv1d(name):
+            return None
+        w = self.reader.get(name)
+        load = DTYPES[self.recipe.load_dtype] if self.recipe.load_dtype else w.dtype
+        if not w.is_floating_point() or (load != w.dtype and not _widens(w.dtype, load)):
+            return None
+        return w, tuple(self.recipe.seen_dtype_chain(w.dtype))
+
     def is_conv1d(self, name: str) -> bool:
         return name.endswith(".weight") and self.arch.layouts.get(name[: -len(".weight")]) == "conv1d"
 
@@ -133,3 +146,9 @@ class BaseCheckpoint:
         if compute_dtype:
             w = w.to(DTYPES[compute_dtype])
         return (w.T.contiguous() if self.is_conv1d(name) else w).to(MATH_DTYPE)  # stored [out, in]; Conv1D is [in, out]
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every value of `src` is exactly a value of `dst` (16-bit floats into float32/64, float32 into float64)."""
+    return dst == torch.float64 and src in (torch.float32, torch.float16, torch.bfloat16) or \
+        dst == torch.float32 and src in (torch.float16, torch.bfloat16)

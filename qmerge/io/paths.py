@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -50,13 +51,21 @@ def read_toml(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"not valid TOML: {e}", path=path) from None
 
 
-def sha256_file(path: Path, progress: bool = False) -> str:
+class Cancelled(Exception):
+    """A background hash stopped because its caller failed first."""
+
+
+def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks (hashlib releases the GIL on each: other threads run on);
+    raises `Cancelled` between chunks once `stop` is set."""
     path = Path(path)
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
                                      disable=not progress or size < 64 * 2**20) as bar:
         while chunk := f.read(CHUNK):
+            if stop is not None and stop.is_set():
+                raise Cancelled(str(path))
             h.update(chunk)
             bar.update(len(chunk))
     return h.hexdigest()

@@ -222,6 +222,7 @@ ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F1
 # format allows trailing whitespace: safetensors itself pads to 8 bytes). A header that outgrows it (a shard
 # of thousands of tiny tensors) is handled by rewriting the shard once, kernel-side (copy_file_range).
 HEADER_RESERVE = 256 * 1024
+SYNC_EVERY = 256 * 2**20
 
 
 class ShardWriter:
@@ -250,6 +251,7 @@ class ShardWriter:
         self._pending: Future | None = None
         self._entries: dict[str, dict] = {}
         self._data_bytes = 0
+        self._unsynced = 0  # bytes written on the writer thread since its last fdatasync
 
     def __enter__(self) -> ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,12 +279,22 @@ class ShardWriter:
         t = tensor.detach().to("cpu").contiguous()
         if nbytes:
             self._wait()  # the previous tensor's bytes are on their way: one in flight bounds memory
-            self._pending = self._thread.submit(self._file.write, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._pending = self._thread.submit(self._write, self._file, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._entries[name] = {"dtype": ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                                "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         self._seen.add(name)
         self._data_bytes += nbytes
         self.total_size += nbytes
+
+    def _write(self, f, data: memoryview) -> None:
+        """On the writer thread: the bytes, then every SYNC_EVERY bytes an fdatasync, so that the disk writes
+        them back while the caller computes, not all at once in the fsync that closes the shard."""
+        f.write(data)
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY:
+            f.flush()
+            os.fdatasync(f.fileno())
+            self._unsynced = 0
 
     def _open_shard(self) -> None:
         temp = self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp.safetensors"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
@@ -154,41 +153,75 @@ def _roundtrip_kernel(blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.T
 NF4_MIDPOINTS_LIST = NF4_MIDPOINTS.tolist()
 
 
-@cache
-def _compiled_roundtrip():
-    """The fused kernel, or None where torch.compile cannot build one (no C++ compiler): the caller then
-    takes the slow twin, which gives the same bits."""
-    if os.environ.get("QMERGE_NO_COMPILE"):
-        return None
-    try:
-        kernel = torch.compile(_roundtrip_kernel, dynamic=True)
-        probe = torch.randn(4, 64)
-        recip = 1.0 / probe.abs().amax(1, keepdim=True)
-        kernel(probe, recip, recip, NF4_CODE)
-        return kernel
-    except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager twin
-        log.warning("torch.compile unavailable for the NF4 kernel (%s); using the eager path (same bits, slower)", e)
-        return None
+def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """float32 absmax of each block row (abs and max are exact in any dtype and any order)."""
+    return blocks.abs().amax(dim=1).float()
 
 
-def nf4_roundtrip_fused(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
-    """float32 dequantize_nf4(quantize_nf4(w)) in one fused pass on CPU; falls back to exactly that when the
-    size is not a whole number of blocks, an absmax is not finite, or no kernel could be compiled."""
-    kernel = _compiled_roundtrip()
+class CompiledKernel:
+    """`fn` compiled by inductor (dynamic shapes) on its first call. Where that cannot work (no C++ compiler,
+    or `QMERGE_NO_COMPILE=1`) a call returns None and the caller takes its eager twin, which gives the same
+    bits; so does any later failure, after which the kernel stays off for this process."""
+
+    def __init__(self, fn, **options):
+        self.fn, self.options, self._compiled, self.failed = fn, options, None, False
+
+    def __call__(self, *args):
+        if self.failed or os.environ.get("QMERGE_NO_COMPILE"):
+            return None
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn, dynamic=True, options=self.options or None)
+            return self._compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager twin
+            log.warning("torch.compile failed for %s (%s); using the eager path (same bits, slower)",
+                        self.fn.__name__, e)
+            self.failed = True
+            return None
+
+
+ABSMAX = CompiledKernel(_block_absmax)
+ROUNDTRIP = CompiledKernel(_roundtrip_kernel)
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """What the fused kernels need besides the weight: blocks [n/blocksize, blocksize] (a view of w),
+    bitsandbytes' reciprocal 1/absmax per block and the absmax the dequantization multiplies by (after
+    double quantization, when on)."""
+
+    blocks: torch.Tensor
+    recip: torch.Tensor  # [blocks, 1]
+    absmax: torch.Tensor  # [blocks, 1], float32
+
+
+def block_scales(w: torch.Tensor, blocksize: int, double_quant: bool) -> BlockScales | None:
+    """The fused path's inputs, or None where it must not be taken (not a whole number of blocks, not on CPU,
+    a non-finite absmax whose NaN semantics only bucketize keeps, or no compiled kernel)."""
     n = w.numel()
-    if kernel is None or n == 0 or n % blocksize or w.device.type != "cpu":
-        return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
+    if n == 0 or n % blocksize or w.device.type != "cpu":
+        return None
     blocks = w.reshape(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1).float()
-    if not bool(torch.isfinite(absmax).all()):  # NaN/Inf: keep bucketize's exact semantics
-        return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
+    absmax = ABSMAX(blocks)
+    if absmax is None or not bool(torch.isfinite(absmax).all()):
+        return None
     recip = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # as quantize_nf4 (bitsandbytes' reciprocal)
     if double_quant:
         q, nested_absmax, nested_code, offset = _double_quantize(absmax)
         state = NF4State(torch.empty(0, dtype=torch.uint8), q, tuple(w.shape), w.dtype, blocksize, nested_absmax,
                          nested_code, offset)
         absmax = _absmax_float(state)
-    return kernel(blocks, recip, absmax.unsqueeze(1), NF4_CODE).reshape(w.shape)
+    return BlockScales(blocks, recip, absmax.unsqueeze(1))
+
+
+def nf4_roundtrip_fused(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
+    """float32 dequantize_nf4(quantize_nf4(w)) in one fused pass on CPU; falls back to exactly that when the
+    size is not a whole number of blocks, an absmax is not finite, or no kernel could be compiled."""
+    scales = block_scales(w, blocksize, double_quant)
+    out = ROUNDTRIP(scales.blocks, scales.recip, scales.absmax, NF4_CODE) if scales is not None else None
+    if out is None:
+        return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
+    return out.reshape(w.shape)
 
 
 def nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,

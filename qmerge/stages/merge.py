@@ -22,6 +22,7 @@ from qmerge.io.adapter import Adapter, read_adapter
 from qmerge.io.base import DTYPES, MATH_DTYPE, BaseCheckpoint, NF4Recipe
 from qmerge.io.safetensors_io import ShardWriter
 from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
+from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
 
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -108,20 +109,54 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Ten
     return total, magnitude
 
 
+def _plain_lora(inputs: MergeInputs, name: str):
+    """(ΔW factor, scale) with ΔW = factor·scale when `name` is an NF4-quantized linear weight that the adapters
+    change by plain addition (no DoRA, no replacement, not an untied copy) and the merge runs into the NF4
+    weight on CPU: the case `nf4_merge` fuses. None otherwise."""
+    module, param = name.rsplit(".", 1)
+    if inputs.into != "nf4" or inputs.device != "cpu" or param != "weight" or name not in inputs.base.tensors:
+        return None
+    if any(name in a.replacements for a, _ in inputs.adapters):
+        return None
+    touching = [(a, a.modules[module], weight) for a, weight in inputs.adapters if module in a.modules]
+    if not touching or any(mod.magnitude or mod.kind == "embedding" for _, mod, _ in touching):
+        return None
+    if len(touching) == 1 and touching[0][2] == 1.0:
+        adapter, mod, _ = touching[0]
+        a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
+        return b @ a, mod.scale
+    return _delta(inputs, name, torch.Size(inputs.base.tensors[name][1]))[0], 1.0
+
+
+def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype):
+    """(stored, metrics) from one fused pass (`ops/merge_kernel.py`), or None where it does not apply."""
+    lora = _plain_lora(inputs, name)
+    nf4 = inputs.base.nf4_input(name) if lora is not None else None
+    if nf4 is None:
+        return None
+    (factor, scale), (w, chain) = lora, nf4
+    if factor.shape != w.shape:
+        raise BadInputError(f"ΔW for {name} has shape {list(factor.shape)} but the base has {list(w.shape)}")
+    recipe = inputs.base.recipe
+    return nf4_merge(w, factor, scale, recipe.blocksize, recipe.double_quant, chain, storage)
+
+
 def merged_tensors(inputs: MergeInputs) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Yields (name, exact float32 merged tensor, W_base or None when unchanged), one at a time."""
     for name in output_names(inputs):
-        w = _base_weight(inputs, name)
-        if not w.is_floating_point():
-            yield name, w, None
-            continue
-        delta, magnitude = _delta(inputs, name, w.shape)
-        replaced = any(name in a.replacements for a, _ in inputs.adapters)
-        if delta is None:
-            yield name, w, (inputs.base.as_trained(name) if replaced and name in inputs.base.tensors else None)
-            continue
-        merged = dora_weight(w, delta, magnitude) if magnitude is not None else w + delta
-        yield name, merged, w
+        yield name, *merge_one(inputs, name)
+
+
+def merge_one(inputs: MergeInputs, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(exact float32 merged tensor, W_base or None when unchanged) for `name`, op by op."""
+    w = _base_weight(inputs, name)
+    if not w.is_floating_point():
+        return w, None
+    delta, magnitude = _delta(inputs, name, w.shape)
+    replaced = any(name in a.replacements for a, _ in inputs.adapters)
+    if delta is None:
+        return w, (inputs.base.as_trained(name) if replaced and name in inputs.base.tensors else None)
+    return (dora_weight(w, delta, magnitude) if magnitude is not None else w + delta), w
 
 
 def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: int, quiet: bool = False) -> dict:
@@ -129,11 +164,15 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
     layers = {}
     names = output_names(inputs)
     with ShardWriter(out_dir, max_shard_bytes=max_shard_size) as writer:
-        for name, merged, w_base in tqdm(merged_tensors(inputs), total=len(names), desc=f"merge ({inputs.into})",
-                                         disable=quiet, unit="tensor"):
-            stored = merged.to(storage) if merged.is_floating_point() else merged
-            metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \
-                w_base.shape == merged.shape else None
+        for name in tqdm(names, desc=f"merge ({inputs.into})", disable=quiet, unit="tensor"):
+            fused = _fused_merge(inputs, name, storage)
+            if fused is not None:
+                stored, metrics = fused
+            else:
+                merged, w_base = merge_one(inputs, name)
+                stored = merged.to(storage) if merged.is_floating_point() else merged
+                metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \
+                    w_base.shape == merged.shape else None
             if metrics is not None:
                 layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1]}
             writer.add(name, stored.contiguous())

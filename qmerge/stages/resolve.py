@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qmerge.config import Config
@@ -46,8 +48,8 @@ def nf4_recipe(cfg: Config) -> NF4Recipe:
     return NF4Recipe(nf4.blocksize, nf4.double_quant, load, nf4.compute_dtype, deq)
 
 
-def files_digest(files: list[Path], progress: bool) -> tuple[list[dict], str]:
-    entries = [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f, progress=progress)}
+def files_digest(files: list[Path], progress: bool, stop: threading.Event | None = None) -> tuple[list[dict], str]:
+    entries = [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f, progress=progress, stop=stop)}
                for f in sorted(files)]
     combined = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
     return entries, combined
@@ -62,8 +64,18 @@ def _base_files(folder: Path) -> list[Path]:
 def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dict:
     folder, origin = base_folder(cfg, dry_run)
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
-    base = BaseCheckpoint(folder, nf4_recipe(cfg), skip)
-    base_entries, base_sha = files_digest(_base_files(folder), progress)
+    # The base files are hashed on a thread while this one imports transformers and bitsandbytes and builds the
+    # meta model (hashing releases the GIL): on a 7B-shaped slice that hides the ~1.5 s of hashing. A failure
+    # here stops the hash at its next chunk instead of waiting for it.
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmerge-sha256") as pool:
+        digest = pool.submit(files_digest, _base_files(folder), progress, stop)
+        try:
+            base = BaseCheckpoint(folder, nf4_recipe(cfg), skip)
+        except BaseException:
+            stop.set()
+            raise
+        base_entries, base_sha = digest.result()
     gguf_sha = origin.get("gguf_sha256")
     pinned = cfg.base.sha256
     if pinned and pinned.lower() not in {base_sha, gguf_sha, *(e["sha256"] for e in base_entries)}:
