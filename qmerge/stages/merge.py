@@ -109,10 +109,10 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Ten
     return total, magnitude
 
 
-def _plain_lora(inputs: MergeInputs, name: str):
-    """(ΔW factor, scale) with ΔW = factor·scale when `name` is an NF4-quantized linear weight that the adapters
-    change by plain addition (no DoRA, no replacement, not an untied copy) and the merge runs into the NF4
-    weight on CPU: the case `nf4_merge` fuses. None otherwise."""
+def _plain_lora(inputs: MergeInputs, name: str) -> list | None:
+    """The (adapter, module, weight) that change `name` when it is an NF4-quantized linear weight changed by
+    plain addition only (no DoRA, no replacement, not an untied copy) and the merge runs into the NF4 weight on
+    CPU: the case `nf4_merge` fuses. None otherwise."""
     module, param = name.rsplit(".", 1)
     if inputs.into != "nf4" or inputs.device != "cpu" or param != "weight" or name not in inputs.base.tensors:
         return None
@@ -121,20 +121,22 @@ def _plain_lora(inputs: MergeInputs, name: str):
     touching = [(a, a.modules[module], weight) for a, weight in inputs.adapters if module in a.modules]
     if not touching or any(mod.magnitude or mod.kind == "embedding" for _, mod, _ in touching):
         return None
-    if len(touching) == 1 and touching[0][2] == 1.0:
-        adapter, mod, _ = touching[0]
-        a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
-        return b @ a, mod.scale
-    return _delta(inputs, name, torch.Size(inputs.base.tensors[name][1]))[0], 1.0
+    return touching
 
 
 def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype):
     """(stored, metrics) from one fused pass (`ops/merge_kernel.py`), or None where it does not apply."""
-    lora = _plain_lora(inputs, name)
-    nf4 = inputs.base.nf4_input(name) if lora is not None else None
+    touching = _plain_lora(inputs, name)
+    nf4 = inputs.base.nf4_input(name) if touching is not None else None
     if nf4 is None:
         return None
-    (factor, scale), (w, chain) = lora, nf4
+    w, chain = nf4
+    if len(touching) == 1 and touching[0][2] == 1.0:  # ΔW = (B@A)·scale: the kernel applies the scale
+        adapter, mod, _ = touching[0]
+        a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
+        factor, scale = b @ a, mod.scale
+    else:  # several adapters or a weight: their sum, exactly as the op-by-op path forms it
+        factor, scale = _delta(inputs, name, w.shape)[0], 1.0
     if factor.shape != w.shape:
         raise BadInputError(f"ΔW for {name} has shape {list(factor.shape)} but the base has {list(w.shape)}")
     recipe = inputs.base.recipe
