@@ -19,7 +19,6 @@ import time
 from collections import defaultdict
 from functools import wraps
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch is imported, as qmerge/__main__.py does
 TIMES: dict[str, float] = defaultdict(float)
 _active: list[str] = []  # innermost category wins; nested calls are not counted twice
 
@@ -70,6 +69,9 @@ def install() -> None:
 
 
 def main() -> int:
+    from qmerge.runtime import set_process_defaults
+
+    set_process_defaults()  # before torch is imported, as `python -m qmerge` does
     from qmerge.cli import main as cli_main
 
     install()

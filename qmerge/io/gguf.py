@@ -19,18 +19,13 @@ import torch
 
 from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock
-from qmerge.io.paths import package_version, sha256_file
+from qmerge.io.paths import default_cache_root, package_version, sha256_file
 
 PROVENANCE = "qmerge_provenance.json"
 FORMAT = 1  # bump when the folder's contents change; older folders under the key are rebuilt
 UNQUANTIZED_TYPES = {"F32", "F16", "BF16", "F64"}
 # A fixed short prompt for the reload check; any token ids work, these are in every llama-style vocab.
 _CHECK_IDS = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 198, 2016, 314, 1030, 28, 2]])
-
-
-def default_cache_root() -> Path:
-    """`$QMERGE_CACHE`, else `~/.cache/qmerge`."""
-    return Path(os.environ.get("QMERGE_CACHE") or Path.home() / ".cache" / "qmerge")
 
 
 def gguf_header(path: Path) -> dict:

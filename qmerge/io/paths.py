@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import threading
 from pathlib import Path
 
@@ -78,3 +79,8 @@ def package_version(dist_name: str) -> str | None:
         return version(dist_name)
     except PackageNotFoundError:
         return None
+
+
+def default_cache_root() -> Path:
+    """`$QMERGE_CACHE`, else `~/.cache/qmerge`."""
+    return Path(os.environ.get("QMERGE_CACHE") or Path.home() / ".cache" / "qmerge")
