@@ -330,7 +330,7 @@ class ShardWriter:
             f.close()
             _rewrite_with_header(temp, header, self._data_bytes)
         self.shards[-1] = (self.shards[-1][0], list(self._entries))
-        self._file, self._entries, self._data_bytes = None, {}, 0
+        self._file, self._entries, self._data_bytes, self._unsynced = None, {}, 0, 0
         if TEST_THROTTLE:
             time.sleep(TEST_THROTTLE)
 

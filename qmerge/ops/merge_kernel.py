@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from qmerge.ops.lora import MATH_DTYPE
-from qmerge.ops.metrics import delta_metrics
+from qmerge.ops.metrics import delta_metrics, metrics_from_sums
 from qmerge.ops.nf4 import (NF4_CODE, CompiledKernel, _roundtrip_kernel, block_scales, dequantize_nf4,
                             quantize_nf4)
 
@@ -44,12 +44,6 @@ def _merge_kernel(blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.Tenso
 MERGE = CompiledKernel(_merge_kernel, emulate_precision_casts=True)
 
 
-def _metrics(dd: float, sd: float, bb: float) -> Metrics:
-    if dd == 0.0:
-        return None
-    return sd / dd, (dd ** 0.5) / (bb ** 0.5) if bb else 0.0
-
-
 def nf4_merge(w: torch.Tensor, ba: torch.Tensor, scale: float, blocksize: int, double_quant: bool,
               chain: tuple[torch.dtype, ...], storage: torch.dtype) -> tuple[torch.Tensor, Metrics]:
     """(stored tensor, metrics) for W = `w` as loaded (the values the quantizer saw), ΔW = `ba`·`scale`
@@ -61,7 +55,7 @@ def nf4_merge(w: torch.Tensor, ba: torch.Tensor, scale: float, blocksize: int, d
     if out is None:
         return nf4_merge_reference(w, ba, scale, blocksize, double_quant, chain, storage)
     stored, dd, sd, bb = out
-    return stored.reshape(w.shape), _metrics(float(dd), float(sd), float(bb))
+    return stored.reshape(w.shape), metrics_from_sums(float(dd), float(sd), float(bb))
 
 
 def nf4_merge_reference(w: torch.Tensor, ba: torch.Tensor, scale: float, blocksize: int, double_quant: bool,

@@ -115,6 +115,11 @@ def delta_metrics(w_stored: torch.Tensor, merged: torch.Tensor, w_base: torch.Te
         dd += float(torch.dot(d, d))
         sd += float(torch.dot(stored[i:i + chunk].double() - b, d))
         bb += float(torch.dot(b, b))
+    return metrics_from_sums(dd, sd, bb)
+
+
+def metrics_from_sums(dd: float, sd: float, bb: float) -> tuple[float, float] | None:
+    """(retention, relative ΔW norm) from ‖ΔW‖², ⟨W_stored − W_base, ΔW⟩ and ‖W_base‖²; None when ΔW = 0."""
     if dd == 0.0:
         return None
     return sd / dd, (dd ** 0.5) / (bb ** 0.5) if bb else 0.0
