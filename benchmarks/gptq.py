@@ -126,25 +126,29 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
 
 def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     """Held-out ppl and KL vs the reference for the merged model and every quantized folder."""
-    from qmerge.evaluation import _forward, peft_forwards, score, summarize
-    from qmerge.io.gptq_checkpoint import load_dequantized
+    import torch
+
+    from qmerge.evaluation import _forward, peft_forwards, score, summarize, whole_model_logits
     from qmerge.io.textset import build_windows, load_text_spec
-    from qmerge.models import checkpoint_model, reference_model
+    from qmerge.merging import open_inputs
+    from qmerge.models import checkpoint_model, load_dequantized, reference_model
     from qmerge.stages.evaluate import load_tokenizer
-    from qmerge.stages.merge import open_inputs
 
     plan = dirs["resolve_result"]
     inputs = open_inputs(plan, "nf4", "cpu")
     reference = reference_model(inputs.base, [(Path(a["path"]), float(a["weight"])) for a in plan["adapters"]])
     ref_fwd, base_fwd = peft_forwards(reference)
-    forwards = {"base": base_fwd, "merged": _forward(checkpoint_model(dirs["merge"]))}
+    forwards = {"reference": ref_fwd, "base": base_fwd, "merged": _forward(checkpoint_model(dirs["merge"]))}
     for row in rows:
         if "folder" in row:
             forwards[row["backend"]] = _forward(load_dequantized(Path(row["folder"])))
     windows = build_windows(load_tokenizer(dirs["merge"]), load_text_spec(Path(args.eval)), args.eval_seq_len,
                             args.eval_windows)
-    candidates = tuple(n for n in forwards if n != "base")
-    return summarize(score(windows.ids, ref_fwd, forwards, candidates, 4, "cpu", False, desc="evaluate"), candidates)
+    candidates = tuple(n for n in forwards if n not in ("reference", "base"))
+    batches = list(torch.split(windows.ids, 4))
+    scores = score(batches, whole_model_logits(forwards, batches), ("base", *candidates), candidates, quiet=False,
+                   desc="evaluate")
+    return summarize(scores, candidates)
 
 
 def table(rows: list[dict], ev: dict) -> str:

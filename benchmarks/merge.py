@@ -28,7 +28,7 @@ from workloads import CACHE, WORKLOADS, Workload  # noqa: E402
 
 PY = sys.executable
 ALL_PATHS = ("cp", "qmerge", "peft-fp32", "peft-4bit")
-IMPORTS = "import torch, transformers, peft, bitsandbytes, safetensors, qmerge.stages.merge, qmerge.stages.resolve"
+IMPORTS = "import torch, transformers, peft, bitsandbytes, safetensors, qmerge.merging, qmerge.stages.resolve"
 WORST_TENSOR_COPIES = 6  # "small constant": float32 W, W_nf4, ΔW, W+ΔW, the stored cast, the read buffer
 
 

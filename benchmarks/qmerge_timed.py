@@ -44,7 +44,7 @@ def _timed(owner, attr: str, category: str) -> None:
 def install() -> None:
     import qmerge.io.adapter as adapter
     import qmerge.ops.nf4 as nf4
-    import qmerge.stages.merge as merge
+    import qmerge.merging as merge
     import qmerge.stages.resolve as resolve
     from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
 

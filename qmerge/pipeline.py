@@ -2,44 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
-import torch
-
 from qmerge.config import Config
-from qmerge.dag import Stage, StageContext
-from qmerge.errors import BadInputError
-
-
-def pick_device(setting: str) -> str:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise BadInputError('merge.device = "cuda" but no CUDA device is available', fix='use "auto" or "cpu"')
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
-def _resolve(ctx: StageContext) -> dict:
-    from qmerge.stages.resolve import resolve
-
-    return resolve(ctx.cfg, dry_run=ctx.dry_run, progress=not ctx.quiet)
-
-
-def _merge(ctx: StageContext) -> dict:
-    from qmerge.stages.merge import open_inputs, run_merge
-
-    plan = ctx.results["resolve"]
-    into = ctx.cfg.merge.into
-    if into == "auto" and plan["base"]["prequantized"]:
-        into = "nf4"  # a pre-quantized base has no original weights to try
-    if into == "auto":
-        from qmerge.stages.select import merge_and_select
-
-        return merge_and_select(ctx, plan)
-    inputs = open_inputs(plan, into, pick_device(ctx.cfg.merge.device))
-    report = run_merge(inputs, ctx.out, ctx.cfg.merge.dtype, ctx.cfg.merge.max_shard_size, ctx.quiet)
-    (ctx.out / "merge_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    return {k: v for k, v in report.items() if k != "layers"}
+from qmerge.dag import Stage
 
 
 def text_digest(cfg: Config, value: str, what: str) -> dict:
@@ -78,50 +42,41 @@ def _evaluate_slice(cfg: Config) -> dict:
             "texts": _eval_texts(cfg)}
 
 
-def _calibrate(ctx: StageContext) -> dict:
-    from qmerge.stages.calibrate import run_calibrate
-
-    return run_calibrate(ctx)
-
-
-def _quantize(ctx: StageContext) -> dict:
-    from qmerge.stages.quantize import run_quantize
-
-    return run_quantize(ctx)
-
-
-def _evaluate(ctx: StageContext) -> dict:
-    from qmerge.stages.evaluate import run_evaluate
-
-    return run_evaluate(ctx)
-
-
-def _gate(ctx: StageContext) -> dict:
-    from qmerge.stages.gate import run_gate
-
-    return run_gate(ctx)
-
-
-def _promote(ctx: StageContext) -> dict:
-    from qmerge.stages.promote import run_promote
-
-    return run_promote(ctx)
-
-
 def _gate_slice(cfg: Config) -> dict | None:
     return cfg.gate.model_dump() if cfg.gate else None
 
 
+def _resolve_slice(cfg: Config) -> dict:
+    return {"base": cfg.base.model_dump(), "adapters": [a.model_dump() for a in cfg.adapters]}
+
+
+def _quantize_slice(cfg: Config) -> dict:
+    return cfg.quantize.model_dump()
+
+
+def _promote_slice(cfg: Config) -> dict:
+    return cfg.output.model_dump() | {"name": cfg.name}
+
+
+def _quantizing(cfg: Config) -> bool:
+    return cfg.quantize is not None
+
+
+def _gating(cfg: Config) -> bool:
+    return cfg.gate is not None
+
+
+# Each stage's entry point is named as "module:function" and imported when the stage runs, so a dry run or a
+# resumed pipeline never imports the stages it does not run (resolve overlaps hashing with those imports).
 STAGES = [
-    Stage("resolve", (), lambda cfg: {"base": cfg.base.model_dump(), "adapters": [a.model_dump() for a in cfg.adapters]},
-          _resolve, keyed_by_result=True),
-    Stage("merge", ("resolve",), _merge_slice, _merge),
-    Stage("calibrate", ("resolve",), _calibrate_slice, _calibrate, enabled=lambda cfg: cfg.quantize is not None),
-    Stage("quantize", ("merge", "calibrate"), lambda cfg: cfg.quantize.model_dump(), _quantize,
-          enabled=lambda cfg: cfg.quantize is not None),
-    Stage("evaluate", ("resolve", "merge", "quantize"), _evaluate_slice, _evaluate,
-          enabled=lambda cfg: cfg.gate is not None),
-    Stage("gate", ("evaluate",), _gate_slice, _gate, enabled=lambda cfg: cfg.gate is not None),
-    Stage("promote", ("resolve", "merge", "calibrate", "quantize", "gate"), lambda cfg: cfg.output.model_dump() | {"name": cfg.name}, _promote,
-          enabled=lambda cfg: cfg.gate is not None, cached=False),
+    Stage("resolve", (), _resolve_slice, "qmerge.stages.resolve:run_resolve", keyed_by_result=True),
+    Stage("merge", ("resolve",), _merge_slice, "qmerge.stages.merge:run_merge_stage"),
+    Stage("calibrate", ("resolve",), _calibrate_slice, "qmerge.stages.calibrate:run_calibrate", enabled=_quantizing),
+    Stage("quantize", ("merge", "calibrate"), _quantize_slice, "qmerge.stages.quantize:run_quantize",
+          enabled=_quantizing),
+    Stage("evaluate", ("resolve", "merge", "quantize"), _evaluate_slice, "qmerge.stages.evaluate:run_evaluate",
+          enabled=_gating),
+    Stage("gate", ("evaluate",), _gate_slice, "qmerge.stages.gate:run_gate", enabled=_gating),
+    Stage("promote", ("resolve", "merge", "calibrate", "quantize", "gate"), _promote_slice,
+          "qmerge.stages.promote:run_promote", enabled=_gating, cached=False),
 ]

@@ -34,9 +34,11 @@ def print_plan(records: list[StageRecord], out=None) -> None:
     est = plan["estimate"]
     print(f"  estimate: output {_gib(est['output_bytes'])}, peak memory ~{_gib(est['peak_bytes'])} "
           f"(largest tensor {est['largest_tensor_elements']:,} elements)", file=out)
-    print("  stages:", file=out)
+    print("  stages:                          peak memory (anon)  disk written", file=out)
     for r in records:
-        print(f"    {r.name:<10} {r.key}  {r.status}", file=out)
+        s = est["stages"].get(r.name)
+        figures = f"  ~{_gib(s['peak_bytes']):>12}  ~{_gib(s['disk_bytes']):>10}" if s else ""
+        print(f"    {r.name:<10} {r.key}  {r.status:<7}{figures}", file=out)
 
 
 def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=None) -> None:

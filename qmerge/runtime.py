@@ -22,3 +22,16 @@ from qmerge.io.paths import default_cache_root
 def set_process_defaults() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_root() / "inductor"))
+
+
+def pick_device(setting: str = "auto") -> str:
+    """The one device rule: "auto" is CUDA when torch sees a device, else CPU; "cuda" without one is exit 2."""
+    import torch
+
+    from qmerge.errors import BadInputError
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise BadInputError('merge.device = "cuda" but no CUDA device is available', fix='use "auto" or "cpu"')
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting

@@ -17,10 +17,8 @@ import torch
 from qmerge.errors import BadInputError
 from qmerge.io.architecture import Architecture, describe_architecture
 from qmerge.io.safetensors_io import CheckpointReader
+from qmerge.numerics import DTYPES, MATH_DTYPE
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-MATH_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)

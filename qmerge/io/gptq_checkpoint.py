@@ -1,5 +1,5 @@
 """The GPTQ checkpoint format (AutoGPTQ "v1", `checkpoint_format = "gptq"`), which transformers loads
-through optimum + gptqmodel, and qmerge's own reader of it (`load_dequantized`, no gptqmodel needed).
+through optimum + gptqmodel, and qmerge's own reader of it (`DequantizedReader`, no gptqmodel needed).
 
 Per quantized linear `m` with in features I, out features O, G groups:
   m.qweight int32 [I·bits/32, O]   codes, packed along I
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -140,38 +139,27 @@ def read_quantization_config(folder: Path) -> dict:
     return qc
 
 
+class DequantizedReader:
+    """A GPTQ v1 checkpoint seen as float32 tensors, one at a time: `<m>.weight` of a quantized linear is qmerge's
+    dequantization of its stored codes; every other tensor is read as stored (floats widened to float32)."""
+
+    def __init__(self, folder: Path):
+        self.bits = int(read_quantization_config(folder)["bits"])
+        self.reader = CheckpointReader(folder)
+        self.quantized = {n.rpartition(".")[0] for n in self.reader.tensors if n.endswith(".qweight")}
+        self.names = {n for n in self.reader.tensors if n.rpartition(".")[2] not in QUANTIZED_SUFFIXES}
+        self.names |= {f"{m}.weight" for m in self.quantized}
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        module = name.rpartition(".")[0]
+        if name.endswith(".weight") and module in self.quantized:
+            parts = {s: self.reader.get(f"{module}.{s}") for s in QUANTIZED_SUFFIXES}
+            return dequantize_linear(parts, self.bits).to(device)
+        t = self.reader.get(name, device)
+        return t.to(torch.float32) if t.is_floating_point() else t
+
+
 def dequantized_state(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint as float32 (quantized linears dequantized to `<m>.weight`)."""
-    bits = int(read_quantization_config(folder)["bits"])
-    reader = CheckpointReader(folder)
-    state: dict[str, torch.Tensor] = {}
-    for name in reader.tensors:
-        module, _, suffix = name.rpartition(".")
-        if suffix in QUANTIZED_SUFFIXES:
-            if suffix == "qweight":
-                parts = {s: reader.get(f"{module}.{s}") for s in QUANTIZED_SUFFIXES}
-                state[f"{module}.weight"] = dequantize_linear(parts, bits)
-            continue
-        t = reader.get(name)
-        state[name] = t.to(torch.float32) if t.is_floating_point() else t
-    return state
-
-
-def load_dequantized(folder: Path | str) -> torch.nn.Module:
-    """A float32 transformers model whose linears hold qmerge's dequantization of the stored GPTQ codes:
-    the quantized candidate exactly as stored, scored without any GPTQ kernel."""
-    from qmerge.models import _from_config_dict
-
-    folder = Path(folder)
-    model = _from_config_dict(json.loads((folder / "config.json").read_text()))
-    state = dequantized_state(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    missing = [m for m in missing if not (tied and m.endswith("lm_head.weight")) and "rotary" not in m]
-    if missing or unexpected:
-        raise BadInputError(f"checkpoint does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                            path=folder)
-    model.tie_weights()
-    return model.eval()
+    """Every tensor of the checkpoint as float32 (the whole model: the test twin of `DequantizedReader`)."""
+    reader = DequantizedReader(folder)
+    return {name: reader.get(name) for name in sorted(reader.names)}

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from qmerge.errors import BadInputError
 
 GPTQ_PRECISION = torch.float32
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -270,3 +274,21 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     dtype = torch.promote_types(delta.dtype, hessian.dtype)
     delta = delta.to(dtype)
     return float((delta @ hessian.to(device=delta.device, dtype=dtype) * delta).sum(dtype=torch.float64) / 2)
+
+
+def check_group_size(shapes: dict[str, tuple[int, ...]], names: list[str], group_size: int, bits: int,
+                     where: Path) -> None:
+    """Every quantized linear's in_features must split into whole groups and pack into int32 words."""
+    ins = sorted({shapes[n][1] for n in names})
+    outs = sorted({shapes[n][0] for n in names})
+    if group_size != -1 and (group_size <= 0 or any(i % group_size for i in ins)):
+        common = math.gcd(*ins)
+        works = [g for g in (32, 64, 128, 256, 512, 1024) if common % g == 0]
+        raise BadInputError(f"quantize.group_size = {group_size} does not divide the linears' in_features {ins}",
+                            path=where, fix=f"use group_size {' or '.join(map(str, works)) or -1} "
+                                            "(or -1: one group per output row)")
+    per_word = 32 if bits == 3 else 32 // bits
+    bad = [d for d in ins + outs if d % per_word]
+    if bad:
+        raise BadInputError(f"{bits}-bit GPTQ packing needs in/out features divisible by {per_word}; got {bad}",
+                            path=where, fix="use 4 or 8 bits")

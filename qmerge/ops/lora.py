@@ -16,7 +16,7 @@ import math
 
 import torch
 
-MATH_DTYPE = torch.float32
+from qmerge.numerics import MATH_DTYPE
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:

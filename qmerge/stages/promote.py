@@ -1,7 +1,9 @@
 """promote: publish a gated candidate to `<output.dir>/<name>/<version>/`, atomically.
 
 The release is assembled in a temp dir on the same filesystem, fsynced and renamed; `latest` is a
-symlink swapped with os.replace. A per-name lock serialises concurrent promotions; an existing version
+symlink swapped with os.replace. Model files are hardlinked from the finished stage artifact when the work dir
+and the release dir share a filesystem (no second copy of a 13.5 GB checkpoint), copied otherwise, after a check
+that the release filesystem has room for what must be copied. A per-name lock serialises concurrent promotions; an existing version
 is never overwritten; a run whose key equals the key in `latest`'s manifest is a no-op that says so.
 """
 
@@ -11,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from qmerge.io.safetensors_io import TEST_THROTTLE
 
 log = logging.getLogger("qmerge")
 SKIP = {"done.json", "merge_report.json", "quantize_report.json"}
+FREE_MARGIN = 64 * 2**20
 
 
 def release_key(ctx: StageContext) -> str:
@@ -53,15 +57,50 @@ def final_artifact(ctx: StageContext) -> Path:
     return ctx.inputs["quantize"] if "quantize" in ctx.inputs else ctx.inputs["merge"]
 
 
-def _copy_model(src: Path, dst: Path) -> dict[str, str]:
+def _model_files(src: Path) -> list[Path]:
+    return [f for f in sorted(src.iterdir()) if f.is_file() and f.name not in SKIP]
+
+
+def _place(src: Path, dst: Path) -> bool:
+    """Hardlinks `src` to `dst` when both are on one filesystem (True), else copies it (False).
+
+    Safe because a finished stage artifact is immutable: qmerge never writes into a file after its stage
+    published it (a rerun with --force builds a new directory and renames it over the old one, which leaves the
+    linked inodes alone). The release's bytes are therefore exactly what the gate scored, without a second copy."""
+    if src.stat().st_dev == dst.parent.stat().st_dev:
+        try:
+            os.link(src, dst)
+            return True
+        except OSError:  # a filesystem without hardlinks, or a link limit: copy instead
+            pass
+    shutil.copyfile(src, dst)
+    return False
+
+
+def _copy_model(src: Path, dst: Path, placed: dict[str, int]) -> dict[str, str]:
     hashes = {}
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in SKIP:
-            shutil.copyfile(f, dst / f.name)
-            hashes[f.name] = _sha256(dst / f.name)
-            if TEST_THROTTLE:
-                time.sleep(TEST_THROTTLE)
+    for f in _model_files(src):
+        linked = _place(f, dst / f.name)
+        os.chmod(dst / f.name, (dst / f.name).stat().st_mode & ~0o222)  # a release is immutable; so is its source
+        placed["linked" if linked else "copied"] += f.stat().st_size
+        hashes[f.name] = _sha256(dst / f.name)
+        if TEST_THROTTLE:
+            time.sleep(TEST_THROTTLE)
     return hashes
+
+
+def check_free_space(sources: list[Path], root: Path) -> int:
+    """Bytes the release needs on `root`'s filesystem (0 for files that will be hardlinked); exit 2 when the
+    filesystem has less free space than that plus a margin for the manifest and model card."""
+    same_fs = root.stat().st_dev
+    need = sum(f.stat().st_size for src in sources for f in _model_files(src) if f.stat().st_dev != same_fs)
+    free = shutil.disk_usage(root).free
+    if need + FREE_MARGIN > free:
+        raise BadInputError(f"the release needs {need / 2**30:.2f} GiB (+ {FREE_MARGIN / 2**20:.0f} MiB margin) on "
+                            f"{root}, which has {free / 2**30:.2f} GiB free", path=root,
+                            fix="free space there, or put output.dir on the filesystem of work_dir (files are then "
+                                "hardlinked, not copied)")
+    return need
 
 
 def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, str]) -> dict:
@@ -120,14 +159,18 @@ def run_promote(ctx: StageContext) -> dict:
         if target.exists():
             raise BadInputError(f"release {target} already exists and is never overwritten",
                                 fix="pass --release-version with a new version")
+        dense = ctx.cfg.output.keep_dense and "quantize" in ctx.inputs
+        check_free_space([final_artifact(ctx), *([ctx.inputs["merge"]] if dense else [])], root)
+        placed = {"linked": 0, "copied": 0}
         with atomic_dir(target) as tmp:
-            files = _copy_model(final_artifact(ctx), tmp)
-            if ctx.cfg.output.keep_dense and "quantize" in ctx.inputs:
+            files = _copy_model(final_artifact(ctx), tmp, placed)
+            if dense:
                 (tmp / "dense").mkdir()
-                files.update({f"dense/{k}": v for k, v in _copy_model(ctx.inputs["merge"], tmp / "dense").items()})
+                files.update({f"dense/{k}": v for k, v in _copy_model(ctx.inputs["merge"], tmp / "dense", placed).items()})
             manifest = build_manifest(ctx, key, version, files)
             (tmp / "README.md").write_text(model_card(manifest))
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         swap_symlink(latest, version)
     log.info("promoted %s", target)
-    return {"release": str(target), "status": "promoted", "key": key, "version": version}
+    return {"release": str(target), "status": "promoted", "key": key, "version": version,
+            "bytes_linked": placed["linked"], "bytes_copied": placed["copied"]}

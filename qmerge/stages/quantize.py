@@ -22,7 +22,9 @@ from qmerge.errors import BadInputError
 from qmerge.io.gptq_checkpoint import pack_linear, quantization_config, write_model_files
 from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
 from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
+from qmerge.numerics import no_tf32
 from qmerge.ops import gptq
+from qmerge.ops.gptq import check_group_size
 
 TOKENS_PER_BATCH = 4096  # calibration windows per layer forward: bounded activations, enough work per matmul
 
@@ -40,32 +42,6 @@ def calibration_ids(ctx: StageContext) -> torch.Tensor:
                             f"× seq_len = {q.samples} × {q.seq_len}", path=path,
                             fix="lower quantize.samples or seq_len, or widen the calibration spec's documents")
     return ids[:q.samples, :q.seq_len]
-
-
-def check_group_size(shapes: dict[str, tuple[int, ...]], names: list[str], group_size: int, bits: int,
-                     where: Path) -> None:
-    """Every quantized linear's in_features must split into whole groups and pack into int32 words."""
-    ins = sorted({shapes[n][1] for n in names})
-    outs = sorted({shapes[n][0] for n in names})
-    if group_size != -1 and (group_size <= 0 or any(i % group_size for i in ins)):
-        common = ins[0]
-        for i in ins[1:]:
-            common = _gcd(common, i)
-        works = [g for g in (32, 64, 128, 256, 512, 1024) if common % g == 0]
-        raise BadInputError(f"quantize.group_size = {group_size} does not divide the linears' in_features {ins}",
-                            path=where, fix=f"use group_size {' or '.join(map(str, works)) or -1} "
-                                            "(or -1: one group per output row)")
-    per_word = 32 if bits == 3 else 32 // bits
-    bad = [d for d in ins + outs if d % per_word]
-    if bad:
-        raise BadInputError(f"{bits}-bit GPTQ packing needs in/out features divisible by {per_word}; got {bad}",
-                            path=where, fix="use 4 or 8 bits")
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -163,8 +139,8 @@ def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.
 
 def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: str, quiet: bool,
                        max_shard_size: int) -> dict:
-    runner = LayerwiseModel(merged, device)
-    reader = runner.reader
+    runner = LayerwiseModel.from_folder(merged, device)
+    reader = runner.source.reader  # a dense merged checkpoint (CheckpointSource)
     names = [f"{runner.layer_prefix(i)}.{n}.weight" for i in range(len(runner.layers))
              for n in layer_linears(runner.layers[i])]
     check_group_size({n: reader.tensors[n].shape for n in names}, names, q.group_size, q.bits, merged)
@@ -213,7 +189,7 @@ def run_quantize(ctx: StageContext) -> dict:
         report = {"backend": "gptqmodel", **run_gptqmodel(merged, ctx.out, ids, q)}
     else:
         device = quantize_device()
-        with _no_tf32():
+        with no_tf32():
             layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size)
         write_model_files(merged, ctx.out, qconfig)
         report = {"backend": "qmerge", "device": device, "layers": layers, **_summary(layers)}
@@ -228,14 +204,3 @@ def _summary(layers: dict) -> dict:
     rtn = [m["rtn_relative"] for r in layers.values() for m in r.values() if m["rtn_relative"] is not None]
     return {"linears": len(rel), "mean_relative_error": sum(rel) / len(rel) if rel else None,
             "mean_rtn_relative_error": sum(rtn) / len(rtn) if rtn else None}
-
-
-class _no_tf32:
-    """TF32 off for the duration (DESIGN numerics: nothing called float32 runs in TF32)."""
-
-    def __enter__(self):
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved

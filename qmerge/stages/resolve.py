@@ -17,10 +17,7 @@ from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
 from qmerge.io.paths import sha256_file
-from qmerge.stages.merge import COPY_FILES
-
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F64": 8}
-
+from qmerge.merging import COPY_FILES
 
 def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
     """The HF folder for `base.path` (a GGUF file is converted once into a cached folder)."""
@@ -61,6 +58,11 @@ def _base_files(folder: Path) -> list[Path]:
             or p.name == "config.json" or p.name in COPY_FILES]
 
 
+def run_resolve(ctx) -> dict:
+    """The stage entry point: the plan for `ctx.cfg`."""
+    return resolve(ctx.cfg, dry_run=ctx.dry_run, progress=not ctx.quiet)
+
+
 def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dict:
     folder, origin = base_folder(cfg, dry_run)
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
@@ -98,7 +100,7 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
                          "tokenizer": (apath / "tokenizer_config.json").is_file()})
     _check_combination(cfg, adapters)
     if cfg.quantize is not None:  # shapes are known here, so a group_size that cannot work fails before the merge
-        from qmerge.stages.quantize import check_group_size
+        from qmerge.ops.gptq import check_group_size
 
         names = sorted(f"{m}.weight" for m in base.arch.quantized if f"{m}.weight" in base.tensors)
         check_group_size({n: base.tensors[n][1] for n in names}, names, cfg.quantize.group_size, cfg.quantize.bits,
@@ -171,14 +173,22 @@ def _match_module(mod: LoraModule, adapter: Adapter, base: BaseCheckpoint) -> No
 
 
 def _estimate(cfg: Config, base: BaseCheckpoint) -> dict:
+    from qmerge.estimate import model_shape, stage_estimates
+
     out_item = {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.merge.dtype]
-    total = largest = 0
-    for dtype, shape in base.tensors.values():
-        n = 1
-        for s in shape:
-            n *= s
-        total += n * (out_item if dtype in ("F32", "F16", "BF16") else ITEMSIZE.get(dtype, 4))
-        largest = max(largest, n)
-    # In flight: the base tensor, W_nf4, ΔW and the merged result in float32, plus the shard buffer.
-    peak = 4 * largest * 4 + min(cfg.merge.max_shard_size, total)
-    return {"output_bytes": total, "largest_tensor_elements": largest, "peak_bytes": peak}
+    shape = model_shape(base.hf_config, base.tensors, set(base.arch.quantized), out_item)
+    releases = cfg.output_path(cfg.output.dir)
+    work = cfg.output_path(cfg.work_dir)
+    stages = stage_estimates(cfg, shape, _same_filesystem(work, releases))
+    return {"output_bytes": shape.output_bytes, "largest_tensor_elements": shape.largest_elements,
+            "peak_bytes": max(s["peak_bytes"] for s in stages.values()), "stages": stages}
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    """Whether two (maybe not yet created) folders land on one filesystem: their nearest existing ancestors'."""
+    def device(p: Path) -> int:
+        p = p.resolve()
+        while not p.exists():
+            p = p.parent
+        return p.stat().st_dev
+    return device(a) == device(b)

@@ -174,7 +174,7 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
     folder = gguf_to_hf(GGUF, progress=False)  # the shared cache: converted once per machine
     spec = load_text_spec(write_text_spec(tmp_path, "cal", "110:140"))
     ids = build_windows(AutoTokenizer.from_pretrained(folder), spec, 128, 8).ids
-    runner = LayerwiseModel(folder, "cpu")
+    runner = LayerwiseModel.from_folder(folder, "cpu")
     batches = runner.layer_inputs(ids, 8)
 
     class Settings:

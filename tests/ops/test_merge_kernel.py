@@ -87,7 +87,7 @@ def test_merge_stage_same_checkpoint_with_and_without_fusion(tmp_path, tiny_llam
     with weights (the summed-delta case) over a bf16 base loaded as float32."""
     from safetensors.torch import load_file
 
-    import qmerge.stages.merge as merge
+    import qmerge.merging as merge
 
     first = make_adapter(tiny_llama, tmp_path / "a1", seed=1, b_std=1e-3)
     second = make_adapter(tiny_llama, tmp_path / "a2", seed=2, b_std=1e-3, target_modules=["q_proj", "up_proj"])

@@ -141,3 +141,6 @@ def test_gate_rejects_dropped_delta(gated, tmp_path):
     gate = _judge(gated, tmp_path, lambda _: _as_trained(gated))
     assert any("delta retention" in r for r in gate["reasons"]), gate
     assert any("weight-space retention" in r for r in gate["reasons"]), gate
+    # Asking for promote alone after that rejection must not publish the rejected candidate.
+    assert run_cli(tmp_path / "qmerge.toml", "--only", "promote") == 3
+    assert not any((tmp_path / "releases").glob("*/*"))

@@ -140,3 +140,50 @@ def test_original_on_prequantized_base_is_bad_input(tmp_path, tiny_llama, capsys
     cfg = write_config(tmp_path, tmp_path / "bnb", [(adapter, 1.0)], merge={"into": "original"})
     assert run_cli(cfg) == 2
     assert "pre-quantized" in capsys.readouterr().err
+
+
+def _released(tmp_path: Path, gated: dict) -> tuple[Path, Path]:
+    cfg = gate_config(tmp_path, gated)
+    return cfg, tmp_path / "releases" / "tiny"
+
+
+def test_release_hardlinks_the_gated_artifact_on_one_filesystem(gated, tmp_path):
+    cfg, root = _released(tmp_path, gated)
+    assert run_cli(cfg) == 0
+    release = root / "latest"
+    manifest = assert_complete(release)
+    merged = next(d for d in (tmp_path / "work" / "merge").iterdir() if (d / "done.json").is_file())
+    shard = release / "model.safetensors"
+    assert shard.stat().st_ino == (merged / "model.safetensors").stat().st_ino  # one inode, no second copy
+    assert not shard.stat().st_mode & 0o222  # read-only: neither name can be edited in place
+    assert "model.safetensors" in manifest["files"]
+
+
+def test_release_copies_when_it_cannot_link(gated, tmp_path, monkeypatch):
+    import qmerge.stages.promote as promote
+
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(promote.os, "link", no_link)
+    cfg, root = _released(tmp_path, gated)
+    assert run_cli(cfg) == 0
+    merged = next(d for d in (tmp_path / "work" / "merge").iterdir() if (d / "done.json").is_file())
+    shard = root / "latest" / "model.safetensors"
+    assert shard.stat().st_ino != (merged / "model.safetensors").stat().st_ino
+    assert shard.read_bytes() == (merged / "model.safetensors").read_bytes()
+    assert_complete(root / "latest")
+
+
+def test_release_without_room_is_exit_2_and_publishes_nothing(gated, tmp_path, monkeypatch, capsys):
+    import collections
+
+    import qmerge.stages.promote as promote
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(promote.shutil, "disk_usage", lambda path: usage(2**30, 2**30, 1024))
+    cfg, root = _released(tmp_path, gated)
+    assert run_cli(cfg) == 2
+    err = capsys.readouterr().err
+    assert "GiB free" in err and "fix:" in err
+    assert not [p for p in root.iterdir() if not p.name.startswith(".")]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qmerge.errors import BadInputError
-from qmerge.io.gptq_checkpoint import load_dequantized
+from qmerge.models import load_dequantized
 from qmerge.io.safetensors_io import CheckpointReader
 from qmerge.layerwise import LayerwiseModel, run_layer
 from qmerge.models import checkpoint_model
@@ -55,7 +55,7 @@ def test_layerwise_runner_matches_whole_model(setup, tmp_path):
     """The slow obvious twin of the layer-sequential runner: the model's own forward."""
     model = checkpoint_model(setup["base"])
     ids = torch.randint(1, 96, (5, 24), generator=torch.Generator().manual_seed(0))
-    runner = LayerwiseModel(setup["base"], "cpu")
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
     batches = runner.layer_inputs(ids, 2)
     for i in range(len(runner.layers)):
         layer = runner.load_layer(i)
@@ -71,7 +71,7 @@ def test_layerwise_runner_matches_whole_model(setup, tmp_path):
 def test_linears_grouped_by_shared_input_in_call_order(setup):
     from qmerge.stages.quantize import linear_groups
 
-    runner = LayerwiseModel(setup["base"], "cpu")
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
     batches = runner.layer_inputs(torch.randint(1, 96, (2, 16)), 2)
     groups = linear_groups(runner.load_layer(0), batches[0])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],

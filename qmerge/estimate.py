@@ -1,0 +1,117 @@
+"""Per-stage peak memory and disk, estimated from headers and the config alone (what `--dry-run` prints).
+
+Each stage holds a bounded working set, so its peak is a sum of named terms (docs/design.md, "Scale"):
+- the libraries every stage imports (torch, transformers, peft, bitsandbytes): `IMPORTS`;
+- merge: the largest tensor in flight (stored, float32 base, W_nf4, ΔW, merged, cast) and the write-behind buffer;
+- quantize: one decoder layer in float32, the calibration windows' hidden states (layer inputs and outputs), the
+  largest linear's Hessian and the solver's copies of its weight, one batch's activations;
+- evaluate: one decoder layer per model in float32, every view's hidden states for every window, one batch's
+  activations, the output heads and one batch of logits per model;
+- promote: nothing beyond the imports; disk only for files that cannot be hardlinked.
+The constants were measured on the 7B-shaped benchmark (benchmarks/scale.py; its table shows estimate against
+measurement for every stage).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+IMPORTS = int(0.55 * 2**30)  # anonymous RSS of python + torch + transformers + peft + bitsandbytes, before any work
+F32 = 4
+MERGE_BYTES_PER_ELEMENT = 6  # largest tensor: float32 widened copy + stored copy in flight (the fused kernel)
+SOLVER_COPIES = 4  # GPTQ: W, its quantized copy, the error block and round-to-nearest's copy, float32
+LAYER0 = re.compile(r"^(.*\.)?(layers|h|blocks|layer)\.0\.")
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F64": 8}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need to know of the model, from its config and headers."""
+
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: int
+    heads: int
+    layer_elements: int  # parameters of one decoder layer
+    largest_elements: int  # the largest tensor
+    largest_linear: tuple[int, int]  # (out, in) of the largest quantized linear
+    max_in_features: int
+    output_bytes: int  # the merged checkpoint in merge.dtype
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def model_shape(hf_config: dict, tensors: dict[str, tuple[str, tuple[int, ...]]], quantized: set[str],
+                out_itemsize: int) -> Shape:
+    text = hf_config.get("text_config") or hf_config
+    hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
+    linears = [shape for name, (_, shape) in tensors.items() if name.endswith(".weight") and name[:-7] in quantized]
+    largest_linear = max(linears, key=_numel, default=(hidden, hidden))
+    output = sum(_numel(s) * (out_itemsize if d in ("F32", "F16", "BF16") else ITEMSIZE.get(d, 4))
+                 for d, s in tensors.values())
+    return Shape(hidden=hidden, intermediate=int(text.get("intermediate_size") or text.get("n_inner") or 4 * hidden),
+                 vocab=int(text.get("vocab_size") or 0),
+                 layers=int(text.get("num_hidden_layers") or text.get("n_layer") or 0),
+                 heads=int(text.get("num_attention_heads") or text.get("n_head") or 1),
+                 layer_elements=sum(_numel(s) for n, (_, s) in tensors.items() if LAYER0.match(n)),
+                 largest_elements=max((_numel(s) for _, s in tensors.values()), default=0),
+                 largest_linear=tuple(largest_linear), max_in_features=max((s[1] for s in linears), default=hidden),
+                 output_bytes=output)
+
+
+def _batch_activations(shape: Shape, windows: int, seq_len: int) -> int:
+    """float32 activations of one layer forward over `windows` windows (MLP intermediates, attention scores)."""
+    return windows * seq_len * (3 * shape.intermediate + shape.heads * seq_len + 6 * shape.hidden) * F32
+
+
+def merge_peak(shape: Shape) -> int:
+    return IMPORTS + MERGE_BYTES_PER_ELEMENT * shape.largest_elements
+
+
+def quantize_peak(shape: Shape, samples: int, seq_len: int, batch: int) -> int:
+    out_f, in_f = shape.largest_linear
+    hidden_states = 2 * samples * seq_len * shape.hidden * F32  # one layer's inputs and outputs, all windows
+    hessian = 3 * shape.max_in_features ** 2 * F32  # H, its Cholesky inverse, the damped copy
+    return (IMPORTS + shape.layer_elements * F32 + hidden_states + hessian + SOLVER_COPIES * out_f * in_f * F32
+            + _batch_activations(shape, batch, seq_len))
+
+
+def evaluate_peak(shape: Shape, models: int, views: int, windows: int, seq_len: int, batch: int) -> int:
+    """`models` distinct layer-wise models (reference/base share one), `views` scored models."""
+    layers = models * shape.layer_elements * F32
+    nf4_transient = 3 * _numel(shape.largest_linear) * F32  # W as stored widened, blocks, W_nf4
+    hidden_states = views * windows * seq_len * shape.hidden * F32
+    head = models * shape.vocab * shape.hidden * F32 + views * batch * seq_len * shape.vocab * F32 + \
+        3 * batch * seq_len * shape.vocab * F32  # heads, each view's logits, log-softmax and KL temporaries
+    return IMPORTS + max(layers + nf4_transient + _batch_activations(shape, batch, seq_len), head) + hidden_states
+
+
+def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str, dict[str, int]]:
+    """{stage: {"peak_bytes": anonymous RSS, "disk_bytes": written}} for the stages this config runs."""
+    out = {"merge": {"peak_bytes": merge_peak(shape), "disk_bytes": shape.output_bytes * (2 if cfg.merge.into == "auto"
+                                                                                          else 1)}}
+    final_bytes = shape.output_bytes
+    if cfg.quantize is not None:
+        q = cfg.quantize
+        linear_fraction = shape.layers * shape.layer_elements / max(1, sum([shape.layers * shape.layer_elements,
+                                                                            2 * shape.vocab * shape.hidden]))
+        final_bytes = int(shape.output_bytes * (1 - linear_fraction) +
+                          shape.layers * shape.layer_elements * (q.bits / 8 + 4 / max(q.group_size, 32)))
+        out["quantize"] = {"peak_bytes": quantize_peak(shape, q.samples, q.seq_len, max(1, 4096 // q.seq_len)),
+                           "disk_bytes": final_bytes}
+    if cfg.gate is not None:
+        g = cfg.gate
+        models = 2 + (cfg.quantize is not None)
+        out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, models + 1, g.windows * (1 + len(g.extra_eval)),
+                                                       g.seq_len, g.batch_size), "disk_bytes": 0}
+        out["gate"] = {"peak_bytes": IMPORTS, "disk_bytes": 0}
+        shipped = final_bytes + (shape.output_bytes if cfg.quantize is not None and cfg.output.keep_dense else 0)
+        out["promote"] = {"peak_bytes": IMPORTS, "disk_bytes": 0 if same_filesystem else shipped}
+    return out

@@ -1,0 +1,218 @@
+"""The exact merge: W + Σ weightᵢ·ΔWᵢ in float32, cast once to the storage dtype, streamed tensor by tensor.
+
+The base each delta lands on is either the weight the adapter was trained against (`into = "nf4"`:
+dequant(NF4(W)) exactly as bitsandbytes made it) or the pre-quantization weight (`into = "original"`).
+`run_merge` writes an HF folder (sharded safetensors + index + config + tokenizer) and returns the per-tensor
+weight-space retention ⟨W_stored − W_base, ΔW⟩ / ‖ΔW‖²; `merged_tensors` yields the exact float32 result
+tensor by tensor for whoever needs to compare against it (evaluate's weight-space retention).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qmerge.errors import BadInputError
+from qmerge.io.adapter import Adapter, read_adapter
+from qmerge.io.base import BaseCheckpoint, NF4Recipe
+from qmerge.numerics import DTYPES, MATH_DTYPE
+from qmerge.io.safetensors_io import ShardWriter
+from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
+from qmerge.ops.merge_kernel import nf4_merge
+from qmerge.ops.metrics import delta_metrics
+
+COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    base: BaseCheckpoint
+    adapters: tuple[tuple[Adapter, float], ...]
+    into: str  # "nf4" | "original"
+    device: str = "cpu"
+
+
+def open_inputs(plan: dict, into: str, device: str) -> MergeInputs:
+    recipe = NF4Recipe(**plan["nf4"])
+    skip = tuple(plan["skipped_modules"])
+    base = BaseCheckpoint(Path(plan["base"]["folder"]), recipe, skip if skip else None)
+    adapters = tuple((read_adapter(Path(a["path"])), float(a["weight"])) for a in plan["adapters"])
+    return MergeInputs(base, adapters, into, device)
+
+
+def untied(inputs: MergeInputs) -> dict[str, str]:
+    """Tied pairs (target -> source) where the adapter changes at least one side: they must be stored apart."""
+    changed = {f"{m}.weight" for a, _ in inputs.adapters for m in a.modules}
+    changed |= {t for a, _ in inputs.adapters for t in a.replacements}
+    return {t: s for t, s in inputs.base.arch.tied.items() if t in changed or s in changed}
+
+
+def output_names(inputs: MergeInputs) -> list[str]:
+    names = list(inputs.base.tensors)
+    for target in untied(inputs):
+        if target not in names:
+            names.append(target)
+    return names
+
+
+def _checked(adapter: Adapter, name: str) -> torch.Tensor:
+    t = adapter.load(name)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise BadInputError(f"tensor {name} contains NaN or Inf", path=adapter.weights_file,
+                            fix="the adapter is corrupt or training diverged; retrain or pick another checkpoint")
+    return t
+
+
+def _base_weight(inputs: MergeInputs, name: str) -> torch.Tensor:
+    """The weight ΔW is added to, float32: a replacement saved by the adapter, or the base as chosen."""
+    for adapter, _ in inputs.adapters:
+        if name in adapter.replacements:
+            return _checked(adapter, adapter.replacements[name]).to(MATH_DTYPE)
+    source = untied(inputs).get(name, name) if name not in inputs.base.tensors else name
+    for adapter, _ in inputs.adapters:  # an untied lm_head keeps a resized embedding, not a modules_to_save copy
+        if source != name and source in adapter.resized:
+            return _checked(adapter, adapter.replacements[source]).to(MATH_DTYPE)
+    if inputs.into == "nf4":
+        return inputs.base.as_trained(source, inputs.device)
+    return inputs.base.original(source)
+
+
+def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Σ weightᵢ·ΔWᵢ for `name` (None when no adapter touches it), and the DoRA magnitude if any."""
+    module, param = name.rsplit(".", 1)
+    layout = inputs.base.arch.layouts.get(module, "linear")
+    total, magnitude = None, None
+    for adapter, weight in inputs.adapters:
+        mod = adapter.modules.get(module)
+        if mod is None:
+            continue
+        if param == "bias" and mod.lora_b_bias:
+            d = _checked(adapter, mod.lora_b_bias).to(MATH_DTYPE) * mod.scale
+        elif param == "weight":
+            a = _checked(adapter, mod.lora_a).to(inputs.device)
+            b = _checked(adapter, mod.lora_b).to(inputs.device)
+            d = embedding_delta(a, b, mod.scale) if mod.kind == "embedding" else lora_delta(a, b, mod.scale)
+            d = d.T if layout == "conv1d" else d
+            if mod.magnitude:
+                magnitude = _checked(adapter, mod.magnitude).to(MATH_DTYPE).reshape(-1)
+        else:
+            continue
+        d = d.cpu() * weight if weight != 1.0 else d.cpu()
+        total = d if total is None else total + d
+    if total is not None and total.shape != shape:
+        raise BadInputError(f"ΔW for {name} has shape {list(total.shape)} but the base has {list(shape)}")
+    return total, magnitude
+
+
+def _plain_lora(inputs: MergeInputs, name: str) -> list | None:
+    """The (adapter, module, weight) that change `name` when it is an NF4-quantized linear weight changed by
+    plain addition only (no DoRA, no replacement, not an untied copy) and the merge runs into the NF4 weight on
+    CPU: the case `nf4_merge` fuses. None otherwise."""
+    module, param = name.rsplit(".", 1)
+    if inputs.into != "nf4" or inputs.device != "cpu" or param != "weight" or name not in inputs.base.tensors:
+        return None
+    if any(name in a.replacements for a, _ in inputs.adapters):
+        return None
+    touching = [(a, a.modules[module], weight) for a, weight in inputs.adapters if module in a.modules]
+    if not touching or any(mod.magnitude or mod.kind == "embedding" for _, mod, _ in touching):
+        return None
+    return touching
+
+
+def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype):
+    """(stored, metrics) from one fused pass (`ops/merge_kernel.py`), or None where it does not apply."""
+    touching = _plain_lora(inputs, name)
+    nf4 = inputs.base.nf4_input(name) if touching is not None else None
+    if nf4 is None:
+        return None
+    w, chain = nf4
+    if len(touching) == 1 and touching[0][2] == 1.0:  # ΔW = (B@A)·scale: the kernel applies the scale
+        adapter, mod, _ = touching[0]
+        a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
+        factor, scale = b @ a, mod.scale
+    else:  # several adapters or a weight: their sum, exactly as the op-by-op path forms it
+        factor, scale = _delta(inputs, name, w.shape)[0], 1.0
+    if factor.shape != w.shape:
+        raise BadInputError(f"ΔW for {name} has shape {list(factor.shape)} but the base has {list(w.shape)}")
+    recipe = inputs.base.recipe
+    return nf4_merge(w, factor, scale, recipe.blocksize, recipe.double_quant, chain, storage)
+
+
+def merged_tensors(inputs: MergeInputs) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yields (name, exact float32 merged tensor, W_base or None when unchanged), one at a time."""
+    for name in output_names(inputs):
+        yield name, *merge_one(inputs, name)
+
+
+def merge_one(inputs: MergeInputs, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(exact float32 merged tensor, W_base or None when unchanged) for `name`, op by op."""
+    w = _base_weight(inputs, name)
+    if not w.is_floating_point():
+        return w, None
+    delta, magnitude = _delta(inputs, name, w.shape)
+    replaced = any(name in a.replacements for a, _ in inputs.adapters)
+    if delta is None:
+        return w, (inputs.base.as_trained(name) if replaced and name in inputs.base.tensors else None)
+    return (dora_weight(w, delta, magnitude) if magnitude is not None else w + delta), w
+
+
+def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: int, quiet: bool = False) -> dict:
+    storage = DTYPES[dtype]
+    layers = {}
+    names = output_names(inputs)
+    with ShardWriter(out_dir, max_shard_bytes=max_shard_size) as writer:
+        for name in tqdm(names, desc=f"merge ({inputs.into})", disable=quiet, unit="tensor"):
+            fused = _fused_merge(inputs, name, storage)
+            if fused is not None:
+                stored, metrics = fused
+            else:
+                merged, w_base = merge_one(inputs, name)
+                stored = merged.to(storage) if merged.is_floating_point() else merged
+                metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \
+                    w_base.shape == merged.shape else None
+            if metrics is not None:
+                layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1]}
+            writer.add(name, stored.contiguous())
+    write_model_files(inputs, out_dir, dtype)
+    return {"into": inputs.into, "dtype": dtype, "tensors": len(names), "changed_tensors": len(layers),
+            "untied": sorted(untied(inputs)), "layers": layers}
+
+
+def embedding_rows(inputs: MergeInputs) -> int | None:
+    """Rows of an input embedding that an adapter replaces (None when none does)."""
+    embeds = {f"{m}.weight" for m, layout in inputs.base.arch.layouts.items() if layout == "embedding"}
+    for adapter, _ in inputs.adapters:
+        for target in embeds & set(adapter.replacements):
+            return adapter.shapes[adapter.replacements[target]][0]
+    return None
+
+
+def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: str) -> None:
+    """config.json without quantization_config (untied if needed), tokenizer from the adapter if it ships one."""
+    config = dict(inputs.base.hf_config)
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = dtype
+    config.pop("dtype", None)
+    if untied(inputs):
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+    rows = embedding_rows(inputs)
+    if rows is not None:  # a resized vocabulary (the adapter saved a larger embedding)
+        for section in (config, config.get("text_config")):
+            if isinstance(section, dict) and "vocab_size" in section:
+                section["vocab_size"] = rows
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_src = next((a.path for a, _ in inputs.adapters if (a.path / "tokenizer_config.json").is_file()),
+                         inputs.base.folder)
+    for fname in COPY_FILES:
+        src = (inputs.base.folder if fname == "generation_config.json" else tokenizer_src) / fname
+        if src.is_file():
+            shutil.copyfile(src, out_dir / fname)

@@ -1,0 +1,152 @@
+"""Layer-streamed evaluation equals whole-model evaluation, for every adapter variant, and streams.
+
+The twin: `qmerge.models` builds the reference (NF4 base as trained + PEFT applying the adapters unmerged) and the
+candidates as whole float32 models; `StreamedLogits` runs the same models one decoder layer at a time. Both feed
+the same `score`/`summarize`, and every figure of the report (ppl, nll, KL statistics, ppl ratio, retention, each
+with its standard error) must agree within 1e-6 relative. The candidates are real merges written by the pipeline;
+that they differ from the base (so the comparison is not trivially equal) is asserted too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_adapter, make_base, run_cli, write_config
+from tests.stages.test_merge_exact import finished
+
+REL = 1e-6
+
+
+def _leaves(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def assert_same_report(streamed: dict, whole: dict) -> None:
+    a, b = dict(_leaves(streamed)), dict(_leaves(whole))
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, float) and isinstance(y, float):
+            if math.isnan(x) or math.isnan(y):
+                assert math.isnan(x) and math.isnan(y), key
+            else:
+                assert abs(x - y) <= REL * max(abs(x), abs(y), 1e-3), f"{key}: streamed {x!r} vs whole {y!r}"
+        else:
+            assert x == y, f"{key}: streamed {x!r} vs whole {y!r}"
+
+
+def both_reports(base: Path, adapters: list[tuple[Path, float]], candidates: dict[str, Path], ids: torch.Tensor,
+                 batch_size: int = 2, nf4: tuple = (64, True, None, "float32", None)):
+    """(streamed section, whole-model section, the layer-wise models) for the same windows."""
+    from qmerge.evaluation import (StreamedLogits, View, _forward, peft_forwards, score, summarize,
+                                   whole_model_logits)
+    from qmerge.io.base import BaseCheckpoint, NF4Recipe
+    from qmerge.layerwise import LayerwiseModel
+    from qmerge.models import checkpoint_model, load_dequantized, reference_model, streamed_base
+
+    checkpoint = BaseCheckpoint(base, NF4Recipe(*nf4))
+    batches = list(torch.split(ids, batch_size))
+    names = ("base", *candidates)
+
+    ref_fwd, base_fwd = peft_forwards(reference_model(checkpoint, adapters))
+    forwards = {"reference": ref_fwd, "base": base_fwd}
+    for name, path in candidates.items():
+        forwards[name] = _forward(load_dequantized(path) if name == "quantized" else checkpoint_model(path))
+    whole = summarize(score(batches, whole_model_logits(forwards, batches), names, tuple(candidates)), tuple(candidates))
+
+    reference = streamed_base(checkpoint, adapters)
+    views = {"reference": View(reference), "base": View(reference, adapters=False)}
+    views |= {name: View(LayerwiseModel.from_folder(path)) for name, path in candidates.items()}
+    logits = StreamedLogits(views, batches, quiet=True)
+    streamed = summarize(score(batches, logits, names, tuple(candidates)), tuple(candidates))
+    logits.close()
+    return streamed, whole, {v.model for v in views.values()}
+
+
+def merged_candidate(tmp_path: Path, base: Path, adapters: list[tuple[Path, float]], dtype: str = "float32") -> Path:
+    cfg = write_config(tmp_path, base, adapters, merge={"dtype": dtype})
+    assert run_cli(cfg) == 0
+    return finished(tmp_path / "work", "merge")
+
+
+def check(tmp_path, base, adapters, tokens, dtype="float32"):
+    merged = merged_candidate(tmp_path, base, adapters, dtype)
+    streamed, whole, models = both_reports(base, adapters, {"merged": merged}, tokens)
+    assert_same_report(streamed, whole)
+    # Not trivially equal: the adapter moves the reference away from the base.
+    assert streamed["ppl"]["reference"]["value"] != streamed["ppl"]["base"]["value"]
+    # The streaming bound: never more than one decoder layer of any model real at once (each has 2).
+    assert all(m.max_layers_alive == 1 and len(m.layers) == 2 for m in models)
+    return streamed
+
+
+def test_plain_lora_two_dtypes(tmp_path, tiny_llama, tokens):
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    kls = {}
+    for dtype in ("float32", "bfloat16"):
+        (tmp_path / dtype).mkdir()
+        section = check(tmp_path / dtype, tiny_llama, [(adapter, 1.0)], tokens, dtype)
+        kls[dtype] = section["candidates"]["merged"]["kl"]["mean"]["value"]
+    # bf16 storage is a different model, and KL says so; float32's KL is the float32 log-softmax noise floor
+    # (measured 5e-8 against 1.8e-6 for bf16).
+    assert kls["float32"] < 2e-7 and kls["bfloat16"] > 10 * kls["float32"]
+
+
+def test_gpt2_conv1d(tmp_path, tokens):
+    base = make_base(tmp_path / "gpt2", arch="gpt2", dtype="float32")
+    adapter = make_adapter(base, tmp_path / "a", target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    check(tmp_path, base, [(adapter, 1.0)], tokens)
+
+
+@pytest.mark.parametrize("variant", ["embedding_tied", "lm_head_tied", "modules_to_save", "dora", "rslora_pattern"])
+def test_adapter_variants(tmp_path, tiny_llama, tokens, variant):
+    kwargs = {"embedding_tied": {"target_modules": ["embed_tokens", "q_proj"]},
+              "lm_head_tied": {"target_modules": ["lm_head", "q_proj"]},
+              "modules_to_save": {"modules_to_save": ["lm_head"]},
+              "dora": {"use_dora": True},
+              "rslora_pattern": {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 32}},
+              }[variant]
+    adapter = make_adapter(tiny_llama, tmp_path / "a", **kwargs)
+    check(tmp_path, tiny_llama, [(adapter, 1.0)], tokens)
+
+
+def test_bias_all_and_lora_bias(tmp_path, tokens):
+    base = make_base(tmp_path / "b", bias=True, dtype="float32")
+    a1 = make_adapter(base, tmp_path / "a1", bias="all")
+    a2 = make_adapter(base, tmp_path / "a2", lora_bias=True, target_modules=["k_proj", "o_proj"], seed=3)
+    for adapter in (a1, a2):
+        sub = tmp_path / f"run-{adapter.name}"
+        sub.mkdir()
+        check(sub, base, [(adapter, 1.0)], tokens)
+
+
+def test_two_weighted_adapters(tmp_path, tiny_llama, tokens):
+    a1 = make_adapter(tiny_llama, tmp_path / "a1", seed=1)
+    a2 = make_adapter(tiny_llama, tmp_path / "a2", seed=2, target_modules=["q_proj", "o_proj", "up_proj"])
+    check(tmp_path, tiny_llama, [(a1, 0.7), (a2, -0.5)], tokens)
+
+
+def test_a_wrong_candidate_is_seen_by_the_streamed_path(tmp_path, tiny_llama, tokens):
+    """Two-sided: the streamed KL of a candidate that dropped the delta (the base itself, written as a checkpoint)
+    is large, and equals the whole-model figure."""
+    from qmerge.io.base import BaseCheckpoint, NF4Recipe
+    from qmerge.models import base_model_as_trained
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    plain = tmp_path / "plain"
+    base_model_as_trained(BaseCheckpoint(tiny_llama, NF4Recipe(64, True, None, "float32", None))).save_pretrained(plain)
+    streamed, whole, _ = both_reports(tiny_llama, [(adapter, 1.0)], {"merged": plain}, tokens)
+    assert_same_report(streamed, whole)
+    assert streamed["candidates"]["merged"]["kl"]["mean"]["value"] > 1e-3
+    assert abs(streamed["ppl"]["merged"]["value"] - streamed["ppl"]["base"]["value"]) < 1e-4
