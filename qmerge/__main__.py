@@ -1,9 +1,7 @@
+"""`python -m qmerge`: the same entry point as the `qmerge` console script (qmerge/cli.py `main`)."""
+
 import sys
 
-from qmerge.runtime import set_process_defaults
-
-set_process_defaults()  # before torch is imported (qmerge/runtime.py says why)
-
-from qmerge.cli import main  # noqa: E402 - after the settings above
+from qmerge.cli import main
 
 sys.exit(main())

@@ -1,4 +1,6 @@
-"""Command line: argument parsing, logging, exit codes. No pipeline logic lives here."""
+"""Merge a QLoRA adapter into its NF4 base exactly, optionally GPTQ re-quantize it, and promote the result
+only when a gate against the model as trained passes. Exit codes: 0 pass, 1 internal error, 2 bad config or
+input, 3 gate rejected."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def _offline() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qmerge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qmerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pipeline", help="run the pipeline described by a TOML config")
@@ -40,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The one entry point of `qmerge` and `python -m qmerge`: process defaults first (before torch loads)."""
+    from qmerge.runtime import set_process_defaults
+
+    set_process_defaults()
     _offline()
+    args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)  # a fresh one per call: sys.stderr may have been swapped
     handler.setFormatter(logging.Formatter("qmerge: %(message)s"))
     log.handlers[:] = [handler]

@@ -90,6 +90,7 @@ class GateSettings(Strict):
     max_ppl_increase: float = Field(default=0.02, ge=0)
     min_delta_retention: float = 0.9
     max_kl: float = Field(default=0.05, ge=0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)  # one-sided confidence of every noisy gate decision
     batch_size: int = Field(default=4, gt=0)
 
 

@@ -41,8 +41,8 @@ class MergeInputs:
 
 def open_inputs(plan: dict, into: str, device: str) -> MergeInputs:
     recipe = NF4Recipe(**plan["nf4"])
-    skip = tuple(plan["skipped_modules"])
-    base = BaseCheckpoint(Path(plan["base"]["folder"]), recipe, skip if skip else None)
+    # The resolved list replaces transformers' defaults exactly (an empty list means: nothing skipped).
+    base = BaseCheckpoint(Path(plan["base"]["folder"]), recipe, tuple(plan["skipped_modules"]))
     adapters = tuple((read_adapter(Path(a["path"])), float(a["weight"])) for a in plan["adapters"])
     return MergeInputs(base, adapters, into, device)
 

@@ -97,14 +97,16 @@ def load_dequantized(folder: Path | str) -> torch.nn.Module:
 # functions above are their twins in tests.
 
 class BaseSource:
-    """The base as the trained model saw it (W_nf4 for quantized linears), one tensor at a time."""
+    """The base as the trained model saw it (W_nf4 for quantized linears), one tensor at a time. `nf4_device`: where
+    the NF4 codes are made (CUDA builds may differ from CPU in rare codes): the merge's device, so that the
+    reference holds exactly the W_nf4 the merge added ΔW to."""
 
-    def __init__(self, base: BaseCheckpoint):
-        self.base = base
+    def __init__(self, base: BaseCheckpoint, nf4_device: str = "cpu"):
+        self.base, self.nf4_device = base, nf4_device
         self.names = set(base.tensors)
 
     def get(self, name: str, device="cpu") -> torch.Tensor:
-        return self.base.as_trained(name).to(device)
+        return self.base.as_trained(name, self.nf4_device).to(device)
 
 
 class PeftOverlay:
@@ -170,8 +172,10 @@ class PeftOverlay:
         return contextlib.nullcontext() if on else self.peft_model.disable_adapter()
 
 
-def streamed_base(base: BaseCheckpoint, adapters: list[tuple[Path, float]], device: str = "cpu"):
+def streamed_base(base: BaseCheckpoint, adapters: list[tuple[Path, float]], device: str = "cpu",
+                  nf4_device: str = "cpu"):
     """The reference (adapters on) and the base (adapters off) as one layer-wise model."""
     from qmerge.layerwise import LayerwiseModel
 
-    return LayerwiseModel(base.hf_config, BaseSource(base), device, overlay=PeftOverlay(adapters), where=base.folder)
+    return LayerwiseModel(base.hf_config, BaseSource(base, nf4_device), device, overlay=PeftOverlay(adapters),
+                          where=base.folder)

@@ -38,7 +38,7 @@ def _calibrate_slice(cfg: Config) -> dict:
 
 
 def _evaluate_slice(cfg: Config) -> dict:
-    return {**cfg.gate.model_dump(exclude={"max_ppl_increase", "min_delta_retention", "max_kl"}),
+    return {**cfg.gate.model_dump(exclude={"max_ppl_increase", "min_delta_retention", "max_kl", "confidence"}),
             "texts": _eval_texts(cfg)}
 
 

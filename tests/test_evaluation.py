@@ -150,3 +150,28 @@ def test_a_wrong_candidate_is_seen_by_the_streamed_path(tmp_path, tiny_llama, to
     assert_same_report(streamed, whole)
     assert streamed["candidates"]["merged"]["kl"]["mean"]["value"] > 1e-3
     assert abs(streamed["ppl"]["merged"]["value"] - streamed["ppl"]["base"]["value"]) < 1e-4
+
+
+@pytest.mark.gpu
+def test_streamed_evaluation_on_cuda_matches_cpu(tmp_path, tiny_llama, tokens):
+    """Layers on the GPU (float32, TF32 off) give the CPU figures within float32 reduction-order noise."""
+    from qmerge.evaluation import StreamedLogits, View, score, summarize
+    from qmerge.io.base import BaseCheckpoint, NF4Recipe
+    from qmerge.layerwise import LayerwiseModel
+    from qmerge.models import streamed_base
+    from qmerge.numerics import no_tf32
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    merged = merged_candidate(tmp_path, tiny_llama, [(adapter, 1.0)])
+    checkpoint = BaseCheckpoint(tiny_llama, NF4Recipe(64, True, None, "float32", None))
+    batches = list(torch.split(tokens, 2))
+    sections = {}
+    for device in ("cpu", "cuda"):
+        reference = streamed_base(checkpoint, [(adapter, 1.0)], device)
+        views = {"reference": View(reference), "base": View(reference, adapters=False),
+                 "merged": View(LayerwiseModel.from_folder(merged, device))}
+        with no_tf32():
+            logits = StreamedLogits(views, batches, quiet=True)
+            sections[device] = summarize(score(batches, logits, ("base", "merged"), ("merged",)), ("merged",))
+    for name in ("reference", "base", "merged"):
+        assert sections["cuda"]["ppl"][name]["value"] == pytest.approx(sections["cpu"]["ppl"][name]["value"], rel=1e-4)

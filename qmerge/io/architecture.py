@@ -53,7 +53,7 @@ def describe_architecture(folder: Path, skip_modules: tuple[str, ...] | None = N
         bnb_config = BitsAndBytesConfig.from_dict(quantization_config)
     else:
         bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        llm_int8_skip_modules=list(skip_modules) if skip_modules else None)
+                                        llm_int8_skip_modules=None if skip_modules is None else list(skip_modules))
     model = _meta_model(config)
     layouts = {}
     for name, module in model.named_modules():

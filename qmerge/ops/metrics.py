@@ -74,15 +74,25 @@ def kl_summary(token_kl: torch.Tensor, agree: torch.Tensor, dp: torch.Tensor) ->
     """The statistics llama.cpp `perplexity --kl-divergence` prints, with SEs over windows.
     Inputs are [W, T-1]: per-token KL(ref ‖ cand), top-1 agreement (0/1), p_cand − p_ref of the target."""
     flat = token_kl.double().reshape(-1)
+    ordered = flat.sort().values
     return {
         "mean": _mean_se(token_kl.double().mean(dim=1)),
         "median": float(flat.median()),
-        "p99": float(torch.quantile(flat, 0.99)),
-        "p999": float(torch.quantile(flat, 0.999)),
+        "p99": quantile(ordered, 0.99),
+        "p999": quantile(ordered, 0.999),
         "max": float(flat.max()),
         "top1_agreement": _mean_se(agree.double().mean(dim=1)),
         "mean_dp_correct": _mean_se(dp.double().mean(dim=1)),
     }
+
+
+def quantile(ordered: torch.Tensor, q: float) -> float:
+    """`torch.quantile(x, q)` (linear interpolation between order statistics) of the sorted 1-D `ordered`, for any
+    size: torch.quantile refuses inputs above 2^24 elements, which a large eval reaches."""
+    pos = q * (ordered.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, ordered.numel() - 1)
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
 
 
 def weight_retention(w_stored: torch.Tensor, w_base: torch.Tensor, delta: torch.Tensor) -> float:

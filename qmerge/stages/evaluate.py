@@ -45,10 +45,10 @@ def _stored(candidate: Path, quantized: bool):
     return DequantizedReader(candidate) if quantized else CheckpointSource(candidate)
 
 
-def dense_weight_retention(plan: dict, candidates: dict[str, Path]) -> dict[str, dict]:
+def dense_weight_retention(plan: dict, candidates: dict[str, Path], nf4_device: str = "cpu") -> dict[str, dict]:
     """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base,
     streamed over one pass of the exact merge (it re-derives W_nf4, so it is done once for all candidates)."""
-    inputs = open_inputs(plan, "nf4", "cpu")
+    inputs = open_inputs(plan, "nf4", nf4_device)
     stored = {name: _stored(path, name == "quantized") for name, path in candidates.items()}
     layers = {name: {} for name in candidates}
     sums = {name: [0.0, 0.0] for name in candidates}
@@ -78,7 +78,9 @@ def dense_weight_retention(plan: dict, candidates: dict[str, Path]) -> dict[str,
 def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str) -> dict:
     cfg, plan = ctx.cfg, ctx.results["resolve"]
     adapters = [(Path(a["path"]), float(a["weight"])) for a in plan["adapters"]]
-    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, adapters, device)
+    # W_nf4 from the codes of the device the merge used (one rule for the run; CPU and CUDA codes may differ).
+    nf4_device = pick_device(cfg.merge.device)
+    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, adapters, device, nf4_device)
     views = {"reference": View(reference), "base": View(reference, adapters=False)}
     views |= {name: View(LayerwiseModel.from_folder(path, device)) for name, path in candidates.items()}
     tokenizer = load_tokenizer(next(iter(candidates.values())))
@@ -107,7 +109,7 @@ def run_evaluate(ctx: StageContext) -> dict:
     if "quantize" in ctx.inputs:
         candidates["quantized"] = ctx.inputs["quantize"]
     final = "quantized" if "quantize" in ctx.inputs else "merged"
-    device = pick_device("auto")
+    device = pick_device("auto")  # where the layers run; float32 (TF32 off) on either
     with no_tf32():
         sections = evaluate_candidates(ctx, candidates, device)
     report = {
@@ -117,7 +119,7 @@ def run_evaluate(ctx: StageContext) -> dict:
                      "device": device, "models": "streamed one decoder layer at a time"},
         "into": merge_result["into"], "final": final, "selection": merge_result.get("selection"),
         **sections,
-        "weight_retention": dense_weight_retention(ctx.results["resolve"], candidates),
+        "weight_retention": dense_weight_retention(ctx.results["resolve"], candidates, pick_device(ctx.cfg.merge.device)),
     }
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     ev = report["eval"]

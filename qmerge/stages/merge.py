@@ -61,7 +61,7 @@ def _merge_and_select(ctx: StageContext, plan: dict) -> dict:
                             ctx.cfg.merge.select_windows)
     batch_size = ctx.cfg.gate.batch_size if ctx.cfg.gate else 4
     batches = list(torch.split(windows.ids, batch_size))
-    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, _adapters(plan), device)
+    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, _adapters(plan), device, device)
     views = {"reference": View(reference)}
     views |= {into: View(LayerwiseModel.from_folder(folder, device)) for into, folder in folders.items()}
     logits = StreamedLogits(views, batches, ctx.quiet, desc="select")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from qmerge.dag import StageContext
-from qmerge.errors import BadInputError
+from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.gptq_checkpoint import pack_linear, quantization_config, write_model_files
 from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
 from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
@@ -138,7 +138,9 @@ def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.
 
 
 def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: str, quiet: bool,
-                       max_shard_size: int) -> dict:
+                       max_shard_size: int, expected: set[str]) -> dict:
+    """GPTQ of every linear, layer by layer. `expected`: the modules the plan says bitsandbytes quantized; a
+    GPTQ checkpoint in which one of them was not packed would be mislabelled, so that is an error."""
     runner = LayerwiseModel.from_folder(merged, device)
     reader = runner.source.reader  # a dense merged checkpoint (CheckpointSource)
     names = [f"{runner.layer_prefix(i)}.{n}.weight" for i in range(len(runner.layers))
@@ -155,6 +157,10 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
             prefix = runner.layer_prefix(index)
             layer = runner.load_layer(index)
             packed, report = quantize_layer(layer, batches, q, prefix)
+            missing = sorted(m for m in expected if m.startswith(f"{prefix}.") and m[len(prefix) + 1:] not in packed)
+            if missing:
+                raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "
+                                  "write a GPTQ checkpoint that holds them dense")
             _write_layer(writer, reader, prefix, packed)
             batches = [LayerBatch(run_layer(layer, b), b.kwargs) for b in batches]
             runner.free_layer(index)
@@ -190,7 +196,8 @@ def run_quantize(ctx: StageContext) -> dict:
     else:
         device = quantize_device()
         with no_tf32():
-            layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size)
+            layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size,
+                                        set(ctx.results["resolve"]["quantized_modules"]))
         write_model_files(merged, ctx.out, qconfig)
         report = {"backend": "qmerge", "device": device, "layers": layers, **_summary(layers)}
     report |= {"quantization_config": qconfig,

@@ -83,7 +83,7 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
     if pinned and pinned.lower() not in {base_sha, gguf_sha, *(e["sha256"] for e in base_entries)}:
         raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {gguf_sha or base_sha}",
                             path=cfg.source, fix="update base.sha256 or point base.path at the pinned model")
-    adapters = []
+    adapters, parsed = [], []
     for i, a in enumerate(cfg.adapters):
         apath = cfg.path(a.path, f"adapters[{i}].path")
         adapter = read_adapter(apath)
@@ -94,15 +94,25 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
             raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {weights_sha}",
                                 path=adapter.weights_file, fix="update the pin or use the pinned adapter")
         matches = match_adapter(adapter, base)
+        parsed.append((apath, a.weight, adapter))
         adapters.append({"path": str(apath), "weight": a.weight, "files": entries, "sha256": sha,
                          "modules": len(adapter.modules), "replaced_tensors": sorted(adapter.replacements),
                          "dora": any(m.magnitude for m in adapter.modules.values()), "matches": matches,
                          "tokenizer": (apath / "tokenizer_config.json").is_file()})
     _check_combination(cfg, adapters)
+    _check_replacements(cfg, parsed)
     if cfg.quantize is not None:  # shapes are known here, so a group_size that cannot work fails before the merge
         from qmerge.ops.gptq import check_group_size
 
         names = sorted(f"{m}.weight" for m in base.arch.quantized if f"{m}.weight" in base.tensors)
+        conv1d = sorted(m for m in base.arch.quantized if base.arch.layouts.get(m) == "conv1d")
+        if conv1d and cfg.quantize.backend == "qmerge":
+            raise BadInputError(f"GPTQ of Conv1D layers ({conv1d[0]} and {len(conv1d) - 1} more; GPT-2 style) is not "
+                                "supported by the qmerge backend: they would ship unquantized in a GPTQ checkpoint",
+                                path=cfg.source, fix='remove [quantize], or use quantize.backend = "gptqmodel"')
+        if not names:
+            raise BadInputError("[quantize] is set but this base has no quantizable linear layers", path=cfg.source,
+                                fix="remove [quantize]")
         check_group_size({n: base.tensors[n][1] for n in names}, names, cfg.quantize.group_size, cfg.quantize.bits,
                          cfg.source)
     if cfg.merge.into == "original" and base.prequantized:
@@ -132,6 +142,25 @@ def _check_combination(cfg: Config, adapters: list[dict]) -> None:
                 raise UnsupportedAdapterError(f"adapters {seen[t]} and {a['path']} both replace {t}; no exact "
                                               "merge exists", path=cfg.source)
             seen[t] = a["path"]
+
+
+def _check_replacements(cfg: Config, parsed: list[tuple[Path, float, Adapter]]) -> None:
+    """A tensor an adapter saves whole (modules_to_save, bias = "all"/"lora_only", a saved embedding) replaces the
+    base tensor: it has no weighted form, and another adapter's delta on the same module has no exact meaning."""
+    for path, weight, adapter in parsed:
+        if not adapter.replacements:
+            continue
+        if weight != 1.0:
+            raise UnsupportedAdapterError(
+                f"adapter {path} has weight {weight} but saves {', '.join(sorted(adapter.replacements)[:3])} whole "
+                "(modules_to_save, bias, or a saved embedding): a replaced tensor cannot be weighted", path=cfg.source,
+                fix="give this adapter weight 1.0, or retrain it without modules_to_save / bias")
+        for other_path, _, other in parsed:
+            clash = sorted(t for t in adapter.replacements if t.rpartition(".")[0] in other.modules)
+            if other is not adapter and clash:
+                raise UnsupportedAdapterError(
+                    f"adapter {path} replaces {clash[0]} whole and adapter {other_path} adds a LoRA delta to the same "
+                    "module: no exact merge exists", path=cfg.source, fix="merge them separately")
 
 
 def match_adapter(adapter: Adapter, base: BaseCheckpoint) -> dict:

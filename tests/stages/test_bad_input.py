@@ -157,3 +157,37 @@ def test_release_version_bad_placeholder(tmp_path, capsys, gated):
     assert "bad placeholder" in capsys.readouterr().err
     assert not (tmp_path / "releases" / "tiny").exists() or not any(
         p for p in (tmp_path / "releases" / "tiny").iterdir() if not p.name.startswith("."))
+
+
+def test_weighted_adapter_with_a_replaced_tensor(tmp_path, tiny_llama, capsys):
+    """modules_to_save saves lm_head whole: a weight of 0.5 would be silently ignored for it, so it is refused."""
+    a1 = make_adapter(tiny_llama, tmp_path / "a1", modules_to_save=["lm_head"])
+    cfg = write_config(tmp_path, tiny_llama, [(a1, 0.5)])
+    assert_exit_2(cfg, capsys, str(cfg), "has weight 0.5", "lm_head.weight", "cannot be weighted")
+
+
+def test_replacement_and_a_delta_on_the_same_module(tmp_path, tiny_llama, capsys):
+    a1 = make_adapter(tiny_llama, tmp_path / "a1", target_modules=["v_proj"], modules_to_save=["q_proj"])
+    a2 = make_adapter(tiny_llama, tmp_path / "a2", target_modules=["q_proj"], seed=2)
+    cfg = write_config(tmp_path, tiny_llama, [(a1, 1.0), (a2, 1.0)])
+    assert_exit_2(cfg, capsys, "replaces model.layers.0.self_attn.q_proj.weight whole", "no exact merge exists")
+
+
+def test_empty_skip_modules_means_no_default_skips(tmp_path, tiny_llama):
+    """`skip_modules = []` replaces transformers' default skips with nothing (lm_head is quantized too), as
+    `llm_int8_skip_modules=[]` does in transformers; "auto" keeps the defaults (lm_head skipped)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qmerge.io.architecture import describe_architecture
+
+    untied = tmp_path / "untied"
+    from tests.conftest import make_base
+
+    make_base(untied, tied=False)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=[])
+    oracle = AutoModelForCausalLM.from_pretrained(untied, quantization_config=q, device_map="cpu")
+    want = {n for n, m in oracle.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert "lm_head" in want
+    assert set(describe_architecture(untied, ()).quantized) == want
+    assert "lm_head" not in describe_architecture(untied, None).quantized

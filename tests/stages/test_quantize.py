@@ -221,3 +221,32 @@ def test_non_positive_definite_hessian_names_the_layer(setup, tmp_path, capsys):
     assert run_cli(config) == 2
     err = capsys.readouterr().err
     assert "model.layers.0.mlp.gate_proj" in err and "not positive definite" in err
+
+
+def test_gpt2_conv1d_with_the_qmerge_backend_is_exit_2(setup, tmp_path, capsys):
+    """GPT-2's Conv1D layers are quantized by bitsandbytes (so the adapter saw NF4) but the qmerge GPTQ backend
+    packs nn.Linear only: the checkpoint would be labelled GPTQ with its projections dense. Refused at resolve."""
+    gpt2 = make_base(tmp_path / "gpt2", arch="gpt2", dtype="float32")
+    adapter = make_adapter(gpt2, tmp_path / "a", target_modules=["c_attn"], fan_in_fan_out=True)
+    extra = f'[quantize]\ncalibration = "{setup["cal"]}"\nsamples = 4\nseq_len = 32\ngroup_size = 32\n'
+    cfg = write_config(tmp_path, gpt2, [(adapter, 1.0)], extra=extra)
+    assert run_cli(cfg) == 2
+    err = capsys.readouterr().err
+    assert "Conv1D" in err and "transformer.h.0." in err and 'backend = "gptqmodel"' in err
+    assert not (tmp_path / "work" / "merge").exists()
+
+
+def test_a_quantized_linear_left_unpacked_is_an_error(setup, tmp_path, monkeypatch):
+    """The stage's own guard: if the solver skipped a linear the plan lists as quantized, nothing is written."""
+    import qmerge.stages.quantize as stage
+
+    real = stage.quantize_layer
+
+    def drops_one(layer, batches, q, name):
+        packed, report = real(layer, batches, q, name)
+        packed.pop("mlp.down_proj")
+        return packed, report
+
+    monkeypatch.setattr(stage, "quantize_layer", drops_one)
+    assert run_cli(quantize_config(tmp_path, setup)) == 1
+    assert not list((tmp_path / "work" / "quantize").glob("*/done.json"))

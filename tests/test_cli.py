@@ -1,0 +1,38 @@
+"""`qmerge` (the console script) and `python -m qmerge` are one entry point: same help, same process defaults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qmerge
+
+SCRIPT = Path(sys.executable).parent / "qmerge"
+
+
+def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="the console script is not installed beside this python")
+def test_console_script_and_module_behave_the_same(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "THP_MEM_ALLOC_ENABLE", "TORCHINDUCTOR_CACHE_DIR")}
+    probe = ("import os, sys; from qmerge.cli import main; sys.argv = ['qmerge', '--version'];\n"
+             "try: main()\nexcept SystemExit: pass\n"
+             "print([os.environ.get(k) for k in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE', 'THP_MEM_ALLOC_ENABLE')])")
+    as_module = _run([sys.executable, "-m", "qmerge", "--help"], env)
+    as_script = _run([str(SCRIPT), "--help"], env)
+    assert as_module.returncode == as_script.returncode == 0
+    assert as_module.stdout == as_script.stdout
+    assert as_script.stdout.startswith("usage: qmerge")
+    assert "No pipeline logic" not in as_script.stdout and "exit codes" in as_script.stdout.lower()
+    # main() itself sets the process defaults (offline, THP), so the console script gets them too.
+    out = _run([sys.executable, "-c", probe], env)
+    assert "['1', '1', '1']" in out.stdout, out.stdout + out.stderr
+    for cmd in ([sys.executable, "-m", "qmerge", "--version"], [str(SCRIPT), "--version"]):
+        assert _run(cmd, env).stdout.strip() == f"qmerge {qmerge.__version__}"
