@@ -132,11 +132,12 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     from qmerge.io.textset import build_windows, load_text_spec
     from qmerge.merging import open_inputs
     from qmerge.models import checkpoint_model, load_dequantized, reference_model
+    from qmerge.plan import Plan
     from qmerge.stages.evaluate import load_tokenizer
 
-    plan = dirs["resolve_result"]
+    plan = Plan.from_json(dirs["resolve_result"])
     inputs = open_inputs(plan, "nf4", "cpu")
-    reference = reference_model(inputs.base, [(Path(a["path"]), float(a["weight"])) for a in plan["adapters"]])
+    reference = reference_model(inputs.base, plan.adapter_weights)
     ref_fwd, base_fwd = peft_forwards(reference)
     forwards = {"reference": ref_fwd, "base": base_fwd, "merged": _forward(checkpoint_model(dirs["merge"]))}
     for row in rows:

@@ -55,7 +55,7 @@ def estimates(cfg_path: Path) -> dict:
     from qmerge.config import load_config
     from qmerge.stages.resolve import resolve
 
-    return resolve(load_config(cfg_path), dry_run=True, progress=False)["estimate"]["stages"]
+    return resolve(load_config(cfg_path), dry_run=True, progress=False).estimate["stages"]
 
 
 def matmul_gflops() -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qmerge.config import Config
 from qmerge.errors import EXIT_OK, BadInputError
-from qmerge.io.atomic import atomic_dir, clean_stale_temps
+from qmerge.io.atomic import atomic_dir, clean_stale_temps, write_json
 
 log = logging.getLogger("qmerge")
 KEYED_PACKAGES = ("qmerge", "torch", "bitsandbytes", "transformers", "peft")
@@ -35,6 +35,13 @@ class StageContext:
     quiet: bool = False
     release_version: str | None = None
     dry_run: bool = False
+
+    @property
+    def plan(self):
+        """resolve's plan, typed (qmerge/plan.py)."""
+        from qmerge.plan import Plan
+
+        return Plan.from_json(self.results["resolve"])
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,7 @@ class Runner:
             if self.opts.only and stage.name != self.opts.only:
                 if done is None:
                     raise BadInputError(f"--only {self.opts.only} needs stage `{stage.name}`, which has no finished "
-                                        f"artifact under {path}", fix=f"run without --only first")
+                                        f"artifact under {path}", fix="run without --only first")
                 results[stage.name] = done["result"]
                 exit_code = done["result"].get("exit_code", EXIT_OK)
                 if exit_code != EXIT_OK:  # e.g. --only promote after a rejected gate: nothing may follow it
@@ -187,7 +194,7 @@ class Runner:
     def _write_done(self, out: Path, name: str, key: str, seconds: float, result: dict) -> None:
         done = {"stage": name, "key": key, "seconds": round(seconds, 3), "result": result, "versions": self.versions}
         # done.json last: its presence is what marks the artifact complete.
-        (out / "done.json").write_text(json.dumps(done, indent=2, sort_keys=True, default=str) + "\n")
+        write_json(out / "done.json", done)
 
     def _run_stage(self, stage: Stage, path: Path, dirs, results, keys) -> StageRecord:
         start = time.perf_counter()

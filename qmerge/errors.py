@@ -34,9 +34,3 @@ class ConfigError(BadInputError):
 
 class UnsupportedAdapterError(BadInputError):
     """An adapter whose math qmerge cannot reproduce exactly (exit 2)."""
-
-
-class GateRejected(QmergeError):
-    """The gate rejected the candidate (exit 3); the report says why."""
-
-    exit_code = EXIT_GATE_REJECTED

@@ -17,12 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from qmerge.io.safetensors_io import DTYPE_BITS
+
 IMPORTS = int(0.55 * 2**30)  # anonymous RSS of python + torch + transformers + peft + bitsandbytes, before any work
 F32 = 4
 MERGE_BYTES_PER_ELEMENT = 6  # largest tensor: float32 widened copy + stored copy in flight (the fused kernel)
 SOLVER_COPIES = 4  # GPTQ: W, its quantized copy, the error block and round-to-nearest's copy, float32
 LAYER0 = re.compile(r"^(.*\.)?(layers|h|blocks|layer)\.0\.")
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def model_shape(hf_config: dict, tensors: dict[str, tuple[str, tuple[int, ...]]]
     hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
     linears = [shape for name, (_, shape) in tensors.items() if name.endswith(".weight") and name[:-7] in quantized]
     largest_linear = max(linears, key=_numel, default=(hidden, hidden))
-    output = sum(_numel(s) * (out_itemsize if d in ("F32", "F16", "BF16") else ITEMSIZE.get(d, 4))
+    output = sum(_numel(s) * (out_itemsize if d in ("F32", "F16", "BF16") else DTYPE_BITS.get(d, 32) // 8)
                  for d, s in tensors.values())
     return Shape(hidden=hidden, intermediate=int(text.get("intermediate_size") or text.get("n_inner") or 4 * hidden),
                  vocab=int(text.get("vocab_size") or 0),

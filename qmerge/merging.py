@@ -9,7 +9,6 @@ tensor by tensor for whoever needs to compare against it (evaluate's weight-spac
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ from qmerge.errors import BadInputError
 from qmerge.io.adapter import Adapter, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
 from qmerge.numerics import DTYPES, MATH_DTYPE
+from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
 from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
 from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
+from qmerge.io.atomic import write_json
 
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -39,11 +40,11 @@ class MergeInputs:
     device: str = "cpu"
 
 
-def open_inputs(plan: dict, into: str, device: str) -> MergeInputs:
-    recipe = NF4Recipe(**plan["nf4"])
+def open_inputs(plan: Plan, into: str, device: str) -> MergeInputs:
+    recipe = NF4Recipe(**plan.nf4)
     # The resolved list replaces transformers' defaults exactly (an empty list means: nothing skipped).
-    base = BaseCheckpoint(Path(plan["base"]["folder"]), recipe, tuple(plan["skipped_modules"]))
-    adapters = tuple((read_adapter(Path(a["path"])), float(a["weight"])) for a in plan["adapters"])
+    base = BaseCheckpoint(Path(plan.base.folder), recipe, plan.skipped_modules)
+    adapters = tuple((read_adapter(path), weight) for path, weight in plan.adapter_weights)
     return MergeInputs(base, adapters, into, device)
 
 
@@ -209,7 +210,7 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: str) -> None:
         for section in (config, config.get("text_config")):
             if isinstance(section, dict) and "vocab_size" in section:
                 section["vocab_size"] = rows
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / "config.json", config)
     tokenizer_src = next((a.path for a, _ in inputs.adapters if (a.path / "tokenizer_config.json").is_file()),
                          inputs.base.folder)
     for fname in COPY_FILES:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qmerge.errors import BadInputError
 from qmerge.io.base import BaseCheckpoint
 from qmerge.numerics import MATH_DTYPE
 

@@ -117,6 +117,12 @@ def _publish(tmp: Path, target: Path, replace: bool) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+def write_json(path: Path | str, obj: object) -> None:
+    """`obj` as indented, key-sorted JSON (the one format of every JSON file qmerge writes). For files inside a
+    stage's or a release's temp dir, which is published atomically as a whole; `write_json_atomic` otherwise."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def write_json_atomic(path: Path | str, obj: object) -> None:
     """Writes `obj` as indented, key-sorted JSON via temp file + fsync + os.replace: readers never see half."""
     path = Path(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import BadInputError, QmergeError
-from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock
+from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, write_json
 from qmerge.io.paths import default_cache_root, package_version, sha256_file
 
 PROVENANCE = "qmerge_provenance.json"
@@ -155,7 +155,7 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
     config["architectures"] = [type(model).__name__]
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(out / "config.json", config)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)

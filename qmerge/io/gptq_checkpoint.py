@@ -22,6 +22,7 @@ import torch
 
 from qmerge.errors import BadInputError
 from qmerge.io.safetensors_io import CheckpointReader
+from qmerge.io.atomic import write_json
 
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT = "gptq"
@@ -119,8 +120,8 @@ def write_model_files(merged: Path, out_dir: Path, qconfig: dict) -> None:
     """config.json with `quantization_config`, quantize_config.json, and every tokenizer/generation file."""
     config = json.loads((merged / "config.json").read_text())
     config["quantization_config"] = qconfig
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / "quantize_config.json", qconfig)
     for src in merged.iterdir():
         if src.is_file() and (src.name.startswith(("tokenizer", "special_tokens", "added_tokens", "generation_"))
                               or src.name in ("vocab.json", "merges.txt", "chat_template.jinja")):

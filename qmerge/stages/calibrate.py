@@ -3,20 +3,10 @@ of its token ids. Refuses a calibration split that shares documents with the gat
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from safetensors.torch import save_file
 
 from qmerge.dag import StageContext
 from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
-
-
-def tokenizer_folder(plan: dict) -> Path:
-    """The adapter's tokenizer when it ships one (resized vocab, chat template), else the base's."""
-    for a in plan["adapters"]:
-        if a.get("tokenizer"):
-            return Path(a["path"])
-    return Path(plan["base"]["folder"])
 
 
 def run_calibrate(ctx: StageContext) -> dict:
@@ -28,7 +18,7 @@ def run_calibrate(ctx: StageContext) -> dict:
         for i, other in enumerate((ctx.cfg.gate.eval, *ctx.cfg.gate.extra_eval)):
             what = "gate.eval" if i == 0 else f"gate.extra_eval[{i - 1}]"
             check_disjoint(spec, load_text_spec(ctx.cfg.path(other, what)), "quantize.calibration", what)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(ctx.results["resolve"]))
+    tokenizer = AutoTokenizer.from_pretrained(ctx.plan.tokenizer_folder())
     windows = build_windows(tokenizer, spec, q.seq_len, q.samples)
     save_file({"input_ids": windows.ids.contiguous()}, str(ctx.out / "calibration.safetensors"))
     return {**windows.describe(), "samples": q.samples, "seq_len": q.seq_len, "sha256": windows.sha256}

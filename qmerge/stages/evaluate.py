@@ -10,7 +10,6 @@ pass through the layers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,8 +23,10 @@ from qmerge.layerwise import CheckpointSource, LayerwiseModel
 from qmerge.merging import merged_tensors, open_inputs
 from qmerge.models import streamed_base
 from qmerge.numerics import MATH_DTYPE, no_tf32
+from qmerge.plan import Plan
 from qmerge.ops.metrics import weight_retention
 from qmerge.runtime import pick_device
+from qmerge.io.atomic import write_json
 
 VANISHED = 0.5  # a layer keeping less than half its delta (weight space) is named in the report
 
@@ -45,7 +46,7 @@ def _stored(candidate: Path, quantized: bool):
     return DequantizedReader(candidate) if quantized else CheckpointSource(candidate)
 
 
-def dense_weight_retention(plan: dict, candidates: dict[str, Path], nf4_device: str = "cpu") -> dict[str, dict]:
+def dense_weight_retention(plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu") -> dict[str, dict]:
     """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base,
     streamed over one pass of the exact merge (it re-derives W_nf4, so it is done once for all candidates)."""
     inputs = open_inputs(plan, "nf4", nf4_device)
@@ -76,8 +77,8 @@ def dense_weight_retention(plan: dict, candidates: dict[str, Path], nf4_device: 
 
 
 def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str) -> dict:
-    cfg, plan = ctx.cfg, ctx.results["resolve"]
-    adapters = [(Path(a["path"]), float(a["weight"])) for a in plan["adapters"]]
+    cfg, plan = ctx.cfg, ctx.plan
+    adapters = plan.adapter_weights
     # W_nf4 from the codes of the device the merge used (one rule for the run; CPU and CUDA codes may differ).
     nf4_device = pick_device(cfg.merge.device)
     reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, adapters, device, nf4_device)
@@ -119,9 +120,9 @@ def run_evaluate(ctx: StageContext) -> dict:
                      "device": device, "models": "streamed one decoder layer at a time"},
         "into": merge_result["into"], "final": final, "selection": merge_result.get("selection"),
         **sections,
-        "weight_retention": dense_weight_retention(ctx.results["resolve"], candidates, pick_device(ctx.cfg.merge.device)),
+        "weight_retention": dense_weight_retention(ctx.plan, candidates, pick_device(ctx.cfg.merge.device)),
     }
-    (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_json(ctx.out / "report.json", report)
     ev = report["eval"]
     return {"final": final, "ppl": {k: v["value"] for k, v in ev["ppl"].items()},
             "retention": ev["candidates"][final]["retention"]["value"],

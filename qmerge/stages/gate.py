@@ -26,6 +26,7 @@ from statistics import NormalDist
 from qmerge.config import GateSettings
 from qmerge.dag import StageContext
 from qmerge.errors import EXIT_GATE_REJECTED, EXIT_OK
+from qmerge.io.atomic import write_json
 
 DEFAULT_GATE = {"max_ppl_increase": 0.02, "min_delta_retention": 0.9, "max_kl": 0.05}
 
@@ -148,7 +149,7 @@ def run_gate(ctx: StageContext) -> dict:
     verdict = decide(report, ctx.cfg.gate)
     payload = {**report, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
                                   **asdict(verdict), "verdict": verdict.verdict, "passed": verdict.passed}}
-    (ctx.out / "report.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_json(ctx.out / "report.json", payload)
     print(format_verdict(verdict), file=sys.stdout, flush=True)
     return {"verdict": verdict.verdict, "reasons": list(verdict.reasons), "candidate": verdict.candidate,
             "exit_code": EXIT_OK if verdict.passed else EXIT_GATE_REJECTED}

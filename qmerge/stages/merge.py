@@ -8,9 +8,7 @@ passes on the one with the lower NLL.
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 from qmerge.dag import StageContext
 from qmerge.evaluation import StreamedLogits, View, score
@@ -18,20 +16,22 @@ from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
 from qmerge.layerwise import LayerwiseModel
 from qmerge.merging import open_inputs, run_merge
 from qmerge.models import streamed_base
+from qmerge.plan import Plan
 from qmerge.runtime import pick_device
+from qmerge.io.atomic import write_json
 
 
 def run_merge_stage(ctx: StageContext) -> dict:
-    plan = ctx.results["resolve"]
+    plan = ctx.plan
     into = ctx.cfg.merge.into
-    if into == "auto" and plan["base"]["prequantized"]:
+    if into == "auto" and plan.base.prequantized:
         into = "nf4"  # a pre-quantized base has no original weights to try
     if into == "auto":
         report = _merge_and_select(ctx, plan)
     else:
         inputs = open_inputs(plan, into, pick_device(ctx.cfg.merge.device))
         report = run_merge(inputs, ctx.out, ctx.cfg.merge.dtype, ctx.cfg.merge.max_shard_size, ctx.quiet)
-    (ctx.out / "merge_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_json(ctx.out / "merge_report.json", report)
     return {k: v for k, v in report.items() if k != "layers"}
 
 
@@ -44,7 +44,7 @@ def _select_spec(ctx: StageContext):
     return spec
 
 
-def _merge_and_select(ctx: StageContext, plan: dict) -> dict:
+def _merge_and_select(ctx: StageContext, plan: Plan) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -61,7 +61,7 @@ def _merge_and_select(ctx: StageContext, plan: dict) -> dict:
                             ctx.cfg.merge.select_windows)
     batch_size = ctx.cfg.gate.batch_size if ctx.cfg.gate else 4
     batches = list(torch.split(windows.ids, batch_size))
-    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, _adapters(plan), device, device)
+    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, plan.adapter_weights, device, device)
     views = {"reference": View(reference)}
     views |= {into: View(LayerwiseModel.from_folder(folder, device)) for into, folder in folders.items()}
     logits = StreamedLogits(views, batches, ctx.quiet, desc="select")
@@ -75,7 +75,3 @@ def _merge_and_select(ctx: StageContext, plan: dict) -> dict:
     return {**reports[winner], "selection": {"spec": ctx.cfg.merge.select, "tokens_sha256": windows.sha256,
                                              "mean_nll": nll, "reference_nll": float(scores.window_nll("reference").mean()),
                                              "chosen": winner}}
-
-
-def _adapters(plan: dict) -> list[tuple[Path, float]]:
-    return [(Path(a["path"]), float(a["weight"])) for a in plan["adapters"]]

@@ -21,7 +21,7 @@ from pathlib import Path
 from qmerge import __version__
 from qmerge.dag import StageContext, package_versions
 from qmerge.errors import BadInputError
-from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink
+from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink, write_json
 from qmerge.io.safetensors_io import TEST_THROTTLE
 
 log = logging.getLogger("qmerge")
@@ -105,15 +105,15 @@ def check_free_space(sources: list[Path], root: Path) -> int:
 
 def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, str]) -> dict:
     report = json.loads((ctx.inputs["gate"] / "report.json").read_text())
-    plan = ctx.results["resolve"]
+    plan = ctx.plan
     return {
         "name": ctx.cfg.name, "version": version, "key": key, "qmerge_version": __version__,
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "final": report["final"], "into": report["into"],
         "provenance": {
-            "base": {k: plan["base"][k] for k in ("folder", "kind", "sha256", "files")},
-            "base_note": plan["base"].get("note"),
-            "adapters": [{k: a[k] for k in ("path", "weight", "sha256", "files")} for a in plan["adapters"]],
+            "base": {k: getattr(plan.base, k) for k in ("folder", "kind", "sha256", "files")},
+            "base_gguf": plan.base.gguf, "base_note": plan.base.note,
+            "adapters": [{k: getattr(a, k) for k in ("path", "weight", "sha256", "files")} for a in plan.adapters],
             "eval_token_ids_sha256": report["eval"]["tokens"]["sha256"],
             "calibration_token_ids_sha256": ctx.results.get("calibrate", {}).get("sha256"),
             "config": ctx.cfg.model_dump(mode="json"),
@@ -169,7 +169,7 @@ def run_promote(ctx: StageContext) -> dict:
                 files.update({f"dense/{k}": v for k, v in _copy_model(ctx.inputs["merge"], tmp / "dense", placed).items()})
             manifest = build_manifest(ctx, key, version, files)
             (tmp / "README.md").write_text(model_card(manifest))
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            write_json(tmp / "manifest.json", manifest)
         swap_symlink(latest, version)
     log.info("promoted %s", target)
     return {"release": str(target), "status": "promoted", "key": key, "version": version,

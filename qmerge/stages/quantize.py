@@ -5,12 +5,11 @@ Backend "qmerge": layer by layer (qmerge/layerwise.py): the calibration windows'
 are recorded, and inside the layer the linears are quantized true-sequentially: linears that read the same
 input form a group (q/k/v, then o, then gate/up, then down); each group's Hessian is collected from a forward
 through the layer as quantized so far, stopped as soon as that input exists. The quantized layer then
-produces the next layer's inputs. Backend "gptqmodel": qmerge/stages/quantize_gptqmodel.py.
+produces the next layer's inputs. Backend "gptqmodel": qmerge/gptqmodel_backend.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
 from qmerge.numerics import no_tf32
 from qmerge.ops import gptq
 from qmerge.ops.gptq import check_group_size
+from qmerge.io.atomic import write_json
 
 TOKENS_PER_BATCH = 4096  # calibration windows per layer forward: bounded activations, enough work per matmul
 
@@ -190,19 +190,19 @@ def run_quantize(ctx: StageContext) -> dict:
     ids = calibration_ids(ctx)
     qconfig = quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp)
     if q.backend == "gptqmodel":
-        from qmerge.stages.quantize_gptqmodel import run_gptqmodel
+        from qmerge.gptqmodel_backend import run_gptqmodel
 
         report = {"backend": "gptqmodel", **run_gptqmodel(merged, ctx.out, ids, q)}
     else:
         device = quantize_device()
         with no_tf32():
             layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size,
-                                        set(ctx.results["resolve"]["quantized_modules"]))
+                                        set(ctx.plan.quantized_modules))
         write_model_files(merged, ctx.out, qconfig)
         report = {"backend": "qmerge", "device": device, "layers": layers, **_summary(layers)}
     report |= {"quantization_config": qconfig,
                "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}}
-    (ctx.out / "quantize_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_json(ctx.out / "quantize_report.json", report)
     return {k: v for k, v in report.items() if k != "layers"}
 
 

@@ -18,6 +18,7 @@ from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
 from qmerge.io.paths import sha256_file
 from qmerge.merging import COPY_FILES
+from qmerge.plan import AdapterPlan, BasePlan, Plan
 
 def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
     """The HF folder for `base.path` (a GGUF file is converted once into a cached folder)."""
@@ -28,8 +29,9 @@ def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
         from qmerge.io.gguf import PROVENANCE
 
         folder = gguf_to_hf(path)  # hashes the GGUF to find its cache folder, whose provenance keeps that hash
-        sha = json.loads((folder / PROVENANCE).read_text())["sha256"]
-        return folder, {"kind": "gguf", "gguf": str(path), "gguf_sha256": sha}
+        provenance = json.loads((folder / PROVENANCE).read_text())
+        return folder, {"kind": "gguf", "gguf": str(path), "gguf_sha256": provenance["sha256"],
+                        "note": provenance.get("note")}
     if not path.is_dir():
         raise BadInputError("base.path is neither a model folder nor a .gguf file", path=path)
     if not (path / "config.json").is_file():
@@ -59,11 +61,11 @@ def _base_files(folder: Path) -> list[Path]:
 
 
 def run_resolve(ctx) -> dict:
-    """The stage entry point: the plan for `ctx.cfg`."""
-    return resolve(ctx.cfg, dry_run=ctx.dry_run, progress=not ctx.quiet)
+    """The stage entry point: the plan for `ctx.cfg`, serialised (later stages read it as `ctx.plan`)."""
+    return resolve(ctx.cfg, dry_run=ctx.dry_run, progress=not ctx.quiet).to_json()
 
 
-def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dict:
+def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Plan:
     folder, origin = base_folder(cfg, dry_run)
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
     # The base files are hashed on a thread while this one imports transformers and bitsandbytes and builds the
@@ -118,17 +120,16 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> dic
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
-    return {
-        "base": {"folder": str(folder), **origin, "prequantized": base.prequantized, "files": base_entries,
-                 "sha256": gguf_sha or base_sha, "model_type": base.arch.model_type,
-                 "tensors": len(base.tensors)},
-        "adapters": adapters,
-        "nf4": vars(nf4_recipe(cfg)),
-        "quantized_modules": sorted(base.arch.quantized),
-        "skipped_modules": list(base.arch.skipped),
-        "tied": base.arch.tied,
-        "estimate": _estimate(cfg, base),
-    }
+    return Plan(
+        base=BasePlan(folder=str(folder), **origin, prequantized=base.prequantized, files=tuple(base_entries),
+                      sha256=gguf_sha or base_sha, model_type=base.arch.model_type, tensors=len(base.tensors)),
+        adapters=tuple(AdapterPlan(**a) for a in adapters),
+        nf4=vars(nf4_recipe(cfg)),
+        quantized_modules=tuple(sorted(base.arch.quantized)),
+        skipped_modules=tuple(base.arch.skipped),
+        tied=base.arch.tied,
+        estimate=_estimate(cfg, base),
+    )
 
 
 def _check_combination(cfg: Config, adapters: list[dict]) -> None:

@@ -18,7 +18,7 @@ from qmerge.layerwise import LayerwiseModel, run_layer
 from qmerge.models import checkpoint_model
 from tests.conftest import logits, make_adapter, make_base, run_cli, save_char_tokenizer, write_config, write_text_spec
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel crashes on 2-core machines without it (issue 7)
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel crashes on 2-core machines without it
 HAS_GPTQMODEL = all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum"))
 needs_gptqmodel = pytest.mark.skipif(not HAS_GPTQMODEL, reason="needs the gptq extra (gptqmodel + optimum)")
 

@@ -1,7 +1,7 @@
 """quantize with `backend = "gptqmodel"`: GPTQModel 7.6.0 (extra `qmerge[gptq]`) on the merged folder, with the
 same settings and calibration token ids as qmerge's own backend, saved in the same GPTQ v1 format.
 
-Known traps (measured, issue 7): on a 2-core machine it needs GPTQMODEL_CPU_WORKERS=2; it writes ./logs into
+Known traps (measured): on a 2-core machine it needs GPTQMODEL_CPU_WORKERS=2; it writes ./logs into
 the working directory (so it runs in a temp cwd); it stores unquantized tensors as bf16; its own default
 config may differ from ours (act_group_aware), so every setting is passed explicitly.
 """
@@ -18,6 +18,7 @@ import torch
 
 from qmerge.errors import BadInputError
 from qmerge.io.gptq_checkpoint import quantization_config, write_model_files
+from qmerge.io.atomic import write_json
 
 CALIBRATION_BATCH = 8
 
@@ -71,7 +72,7 @@ def _restamp(merged: Path, out: Path, qconfig: dict) -> None:
         config = json.loads((out / "config.json").read_text())
         config.pop("dtype", None)
         config["torch_dtype"] = dtype
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(out / "config.json", config)
 
 
 def _version() -> str:
