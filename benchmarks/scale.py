@@ -71,10 +71,10 @@ def matmul_gflops() -> float:
     return 2 * 2048 * 4096 * 4096 / best / 1e9
 
 
-def evaluate_flops(params_per_layer: int, layers: int, vocab: int, hidden: int, tokens: int, models: int) -> float:
-    """Forward FLOPs of evaluate: 2 per weight per token for every model's layers and head (attention scores,
-    small at these lengths, left out)."""
-    return 2.0 * tokens * models * (params_per_layer * layers + vocab * hidden)
+def evaluate_flops(params_per_layer: int, layers: int, vocab: int, hidden: int, tokens: int, passes: int) -> float:
+    """Forward FLOPs of evaluate: 2 per weight per token for every forward pass's layers and head (attention
+    scores, small at these lengths, and the LoRA branch, r/hidden of a layer, left out)."""
+    return 2.0 * tokens * passes * (params_per_layer * layers + vocab * hidden)
 
 
 def run_stage(cfg: Path, stage: str, log) -> dict:
@@ -175,8 +175,8 @@ def main() -> None:
                                                     "vocab_size"))
     per_layer = 4 * h * h + 3 * h * inter
     params = layers * per_layer + 2 * vocab * h
-    models = 3 if args.quantize else 2
-    flops = evaluate_flops(per_layer, layers, vocab, h, args.windows * args.seq_len, models)
+    passes = 4 if args.quantize else 3  # reference, base, merged (, quantized): one forward each
+    flops = evaluate_flops(per_layer, layers, vocab, h, args.windows * args.seq_len, passes)
     gflops = matmul_gflops()
     print(f"\n### {w.note}\n\n{args.windows} eval windows × {args.seq_len} tokens"
           + (f"; GPTQ 4-bit g128 on {args.samples} × {args.seq_len} calibration tokens" if args.quantize else ""))
@@ -189,7 +189,7 @@ def main() -> None:
               f"| {ratio:.2f} | {m['write_mb'] / 1024:.2f} | {gib(e['disk_bytes'])} |")
     if "evaluate" in rows:
         floor = flops / (gflops * 1e9)
-        print(f"\nevaluate: {flops / 1e12:.1f} TFLOP of float32 forward ({models} models), this machine's GEMM "
+        print(f"\nevaluate: {flops / 1e12:.1f} TFLOP of float32 forward ({passes} forward passes), this machine's GEMM "
               f"{gflops:.0f} GFLOP/s → compute floor {floor:.0f} s; measured {rows['evaluate']['wall_s']:.0f} s "
               f"= {rows['evaluate']['wall_s'] / floor:.2f}× the floor (includes imports, hashing in resolve, "
               f"re-deriving W_nf4 and reading every checkpoint).")

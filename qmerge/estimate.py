@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from qmerge.io.safetensors_io import DTYPE_BITS
 
 IMPORTS = int(0.55 * 2**30)  # anonymous RSS of python + torch + transformers + peft + bitsandbytes, before any work
+LIGHT_IMPORTS = int(0.36 * 2**30)  # gate and promote: python + torch, no model libraries (measured 0.36 GiB)
 F32 = 4
 MERGE_BYTES_PER_ELEMENT = 6  # largest tensor: float32 widened copy + stored copy in flight (the fused kernel)
 SOLVER_COPIES = 4  # GPTQ: W, its quantized copy, the error block and round-to-nearest's copy, float32
@@ -112,7 +113,7 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
         models = 2 + (cfg.quantize is not None)
         out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, models + 1, g.windows * (1 + len(g.extra_eval)),
                                                        g.seq_len, g.batch_size), "disk_bytes": 0}
-        out["gate"] = {"peak_bytes": IMPORTS, "disk_bytes": 0}
+        out["gate"] = {"peak_bytes": LIGHT_IMPORTS, "disk_bytes": 0}
         shipped = final_bytes + (shape.output_bytes if cfg.quantize is not None and cfg.output.keep_dense else 0)
-        out["promote"] = {"peak_bytes": IMPORTS, "disk_bytes": 0 if same_filesystem else shipped}
+        out["promote"] = {"peak_bytes": LIGHT_IMPORTS, "disk_bytes": 0 if same_filesystem else shipped}
     return out

@@ -179,7 +179,7 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
                 metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \
                     w_base.shape == merged.shape else None
             if metrics is not None:
-                layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1]}
+                layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1], "delta_sq": metrics[2]}
             writer.add(name, stored.contiguous())
     write_model_files(inputs, out_dir, dtype)
     return {"into": inputs.into, "dtype": dtype, "tensors": len(names), "changed_tensors": len(layers),

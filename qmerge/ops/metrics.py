@@ -111,8 +111,8 @@ def relative_delta_norm(delta: torch.Tensor, w_base: torch.Tensor) -> float:
 
 
 def delta_metrics(w_stored: torch.Tensor, merged: torch.Tensor, w_base: torch.Tensor,
-                  chunk: int = 1 << 20) -> tuple[float, float] | None:
-    """(`weight_retention`, `relative_delta_norm`) with ΔW = merged − W_base (float32, as the merge computed
+                  chunk: int = 1 << 20) -> tuple[float, float, float] | None:
+    """(`weight_retention`, `relative_delta_norm`, ‖ΔW‖²) with ΔW = merged − W_base (float32, as the merge computed
     it), or None when ΔW is all zero: streamed over `chunk` elements at a time, so that the float64
     temporaries stay small (the slow twins above convert whole tensors). Same sums, other order: agrees
     with them to float64 rounding (tests: 1e-12 relative)."""
@@ -128,8 +128,9 @@ def delta_metrics(w_stored: torch.Tensor, merged: torch.Tensor, w_base: torch.Te
     return metrics_from_sums(dd, sd, bb)
 
 
-def metrics_from_sums(dd: float, sd: float, bb: float) -> tuple[float, float] | None:
-    """(retention, relative ΔW norm) from ‖ΔW‖², ⟨W_stored − W_base, ΔW⟩ and ‖W_base‖²; None when ΔW = 0."""
+def metrics_from_sums(dd: float, sd: float, bb: float) -> tuple[float, float, float] | None:
+    """(retention, relative ΔW norm, ‖ΔW‖²) from ‖ΔW‖², ⟨W_stored − W_base, ΔW⟩ and ‖W_base‖²; None when ΔW = 0.
+    ‖ΔW‖² weighs each tensor in the model-wide aggregate retention."""
     if dd == 0.0:
         return None
-    return sd / dd, (dd ** 0.5) / (bb ** 0.5) if bb else 0.0
+    return sd / dd, (dd ** 0.5) / (bb ** 0.5) if bb else 0.0, dd

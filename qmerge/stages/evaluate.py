@@ -22,9 +22,9 @@ from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.layerwise import CheckpointSource, LayerwiseModel
 from qmerge.merging import merged_tensors, open_inputs
 from qmerge.models import streamed_base
-from qmerge.numerics import MATH_DTYPE, no_tf32
+from qmerge.numerics import no_tf32
 from qmerge.plan import Plan
-from qmerge.ops.metrics import weight_retention
+from qmerge.ops.metrics import delta_metrics
 from qmerge.runtime import pick_device
 from qmerge.io.atomic import write_json
 
@@ -56,14 +56,14 @@ def dense_weight_retention(plan: Plan, candidates: dict[str, Path], nf4_device: 
     for tensor, exact, w_base in merged_tensors(inputs):
         if w_base is None or w_base.shape != exact.shape:
             continue
-        delta = exact - w_base
-        norm2 = float(delta.double().pow(2).sum())
-        if norm2 == 0.0:
-            continue
         for name, source in stored.items():
             if tensor not in source.names:
                 continue
-            r = weight_retention(source.get(tensor).to(MATH_DTYPE), w_base, delta)
+            # chunked float64 sums (ops/metrics.py; twin of weight_retention): no whole-tensor float64 copies
+            metrics = delta_metrics(source.get(tensor), exact, w_base)
+            if metrics is None:  # ΔW = 0 for this tensor
+                continue
+            r, _, norm2 = metrics
             layers[name][tensor] = r
             sums[name][0] += r * norm2
             sums[name][1] += norm2

@@ -18,7 +18,8 @@ def test_delta_metrics_match_slow_twins(storage, chunk):
     stored = merged.to(storage)
     delta = merged - base
     fast = delta_metrics(stored, merged, base, chunk=chunk)
-    slow = (weight_retention(stored.to(torch.float32), base, delta), relative_delta_norm(delta, base))
+    slow = (weight_retention(stored.to(torch.float32), base, delta), relative_delta_norm(delta, base),
+            float(delta.double().pow(2).sum()))
     assert fast == pytest.approx(slow, rel=1e-12, abs=0)
 
 
