@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     warnings.filterwarnings("ignore", module="transformers|peft|bitsandbytes|torch")
+    if args.quiet:
+        from qmerge.runtime import silence_third_party
+
+        silence_third_party()
     try:
         from qmerge.report import run_pipeline_command
 

@@ -35,3 +35,30 @@ def pick_device(setting: str = "auto") -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return setting
+
+
+# Loggers of libraries qmerge imports whose warnings are not actionable for a qmerge user (a missing optional
+# kernel package, an optional CUDA extension that cannot load on this machine). qmerge's own warnings stay.
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
+def silence_third_party() -> None:
+    """For --quiet (unattended runs read by people): third-party notes that need no action go nowhere.
+
+    - torchao / bitsandbytes log "Failed to load ..." for optional kernels; torch's pytree logs deprecation
+      warnings for enums torchao registers: their loggers are set to ERROR (torch resets its own loggers when it
+      is imported, so torch is imported first).
+    - GPTQModel (imported by PEFT whenever it is installed) prints a banner and environment notes from its own
+      logger at import, whatever the logging levels: it is imported here once with its output discarded.
+    """
+    import contextlib
+    import importlib.util
+    import logging
+
+    import torch  # noqa: F401 - first, see above
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if importlib.util.find_spec("gptqmodel") is not None:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+            import gptqmodel  # noqa: F401

@@ -36,3 +36,21 @@ def test_console_script_and_module_behave_the_same(tmp_path):
     assert "['1', '1', '1']" in out.stdout, out.stdout + out.stderr
     for cmd in ([sys.executable, "-m", "qmerge", "--version"], [str(SCRIPT), "--version"]):
         assert _run(cmd, env).stdout.strip() == f"qmerge {qmerge.__version__}"
+
+
+NOISE = ("GPT-QModel", "_pytree", "Failed to load", "kernels-community", "Python GIL", "Auto setting")
+
+
+def test_quiet_run_leaves_stderr_free_of_third_party_noise(gated, tmp_path):
+    """A nightly log under --quiet: no GPTQModel banner or environment notes (PEFT imports gptqmodel when it is
+    installed), no torch pytree deprecations, no optional-kernel notes from torchao / bitsandbytes."""
+    from tests.conftest import gate_config
+
+    cfg = gate_config(tmp_path, gated)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    done = subprocess.run([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--quiet"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "verdict: pass" in done.stdout
+    found = [marker for marker in NOISE if marker in done.stderr]
+    assert not found, done.stderr

@@ -204,31 +204,57 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
-                    desc_act: bool, damp: float, block_size: int = 128) -> GPTQResult:
-    """GPTQ of `w` [out, in] given H [in, in]; neither input is modified.
+class InverseHessian(NamedTuple):
+    """What GPTQ needs of H, computed once for every linear that shares it (q/k/v, gate/up read one input)."""
 
-    Columns go in order (or by decreasing diag H with `desc_act`, Sec. 4 "act-order"); each group's grid is
-    found when its first column is reached (in that order; g_idx maps columns back to groups). Lazy batch
-    updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul."""
-    dtype = _math_dtype(w)
-    w = w.to(dtype).clone()
-    h = hessian.to(device=w.device, dtype=dtype).clone()
-    rows, cols = w.shape
-    max_code(bits)  # validates bits before any work
-    groups = group_count(cols, group_size)
-    size = cols // groups
+    hinv: torch.Tensor  # upper Cholesky factor of (H + λI)⁻¹, columns in `perm` order
+    perm: torch.Tensor | None  # act-order: columns by decreasing diag H
+    damp: float  # the damping actually used
+
+
+# From this size on the Cholesky factorisations (n³) outweigh the thread synchronisation that made one thread
+# faster for small H: 2 threads on an 11008² Hessian take about half the time. Below it, one thread as before
+# (so small models give the same bytes as earlier releases).
+THREADED_CHOLESKY_FROM = 2048
+
+
+def inverse_hessian(hessian: torch.Tensor, damp: float, desc_act: bool,
+                    dtype: torch.dtype = GPTQ_PRECISION) -> InverseHessian:
+    h = hessian.to(dtype).clone()
     dead = torch.diagonal(h) == 0
     # A column no calibration token ever activated has no curvature: diag 1 decouples it (its off-diagonal
     # entries are 0 already), so it is rounded to nearest and its error reaches no other column.
     h[dead, dead] = 1
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if desc_act else None
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    with _one_cpu_thread(w.device):
+        h = h[perm][:, perm]
+    threads = contextlib.nullcontext() if h.shape[0] >= THREADED_CHOLESKY_FROM else _one_cpu_thread(h.device)
+    with threads:
         hinv, used = _inverse_cholesky(h, damp)
-        del h
-        w, scales, zeros, losses = _solve(w, hinv, bits, sym, size, _block_size(block_size, size, groups))
+    return InverseHessian(hinv, perm, used)
+
+
+def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
+                    desc_act: bool, damp: float, block_size: int = 128,
+                    inverse: InverseHessian | None = None) -> GPTQResult:
+    """GPTQ of `w` [out, in] given H [in, in]; neither input is modified. `inverse`: `inverse_hessian` of the same
+    H, damp and desc_act when the caller already has it (linears that share an input share it).
+
+    Columns go in order (or by decreasing diag H with `desc_act`, Sec. 4 "act-order"); each group's grid is
+    found when its first column is reached (in that order; g_idx maps columns back to groups). Lazy batch
+    updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul."""
+    dtype = _math_dtype(w)
+    w = w.to(dtype).clone()
+    rows, cols = w.shape
+    max_code(bits)  # validates bits before any work
+    groups = group_count(cols, group_size)
+    size = cols // groups
+    inverse = inverse or inverse_hessian(hessian.to(w.device), damp, desc_act, dtype)
+    perm, used = inverse.perm, inverse.damp
+    if perm is not None:
+        w = w[:, perm]
+    with _one_cpu_thread(w.device):
+        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, _block_size(block_size, size, groups))
     if used != damp:
         log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
     g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size

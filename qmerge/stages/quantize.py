@@ -110,14 +110,16 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
     packed, report = {}, {}
     for group in linear_groups(layer, batches[0]):
         hessian, _ = group_hessian(layer, linears[group[0]], batches)
+        try:  # once per group: the linears of a group read the same input, so they share H and its inverse
+            inverse = gptq.inverse_hessian(hessian, q.damp, q.desc_act)
+        except gptq.HessianNotPositiveDefinite as e:
+            raise BadInputError(f"GPTQ of {name}.{'/'.join(group)}: {e}", path=q.calibration,
+                                fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
         for module_name in group:
             linear = linears[module_name]
             w = linear.weight.detach()
-            try:
-                result = gptq.quantize_weight(w, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp)
-            except gptq.HessianNotPositiveDefinite as e:
-                raise BadInputError(f"GPTQ of {name}.{module_name}: {e}", path=q.calibration,
-                                    fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
+            result = gptq.quantize_weight(w, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
+                                          inverse=inverse)
             rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
             report[module_name] = _errors(w, result.weight, rtn.weight, hessian)
             codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
