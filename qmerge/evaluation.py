@@ -75,7 +75,8 @@ class StreamedLogits:
     logits of one batch at a time. Views of the same model (reference and base) share its loaded layer."""
 
     def __init__(self, views: dict[str, View], batches: list[torch.Tensor], quiet: bool = False,
-                 desc: str = "evaluate"):
+                 desc: str = "evaluate", on_layer=None):
+        """`on_layer(model, index, layer)`: called while a model's layer is real, after every view ran it."""
         self.views = views
         models = list({id(v.model): v.model for v in views.values()}.values())
         depth = {len(m.layers) for m in models}
@@ -93,6 +94,8 @@ class StreamedLogits:
                     if view.model is model:
                         with model.adapters(view.adapters):
                             self.states[name] = [LayerBatch(run_layer(layer, b), b.kwargs) for b in self.states[name]]
+                if on_layer is not None:
+                    on_layer(model, index, layer)
                 model.free_layer(index)
         for model in models:
             model.load_head()

@@ -161,14 +161,15 @@ class LayerwiseModel:
         raise BadInputError(f"no list of {count} decoder layers in {type(self.decoder).__name__}",
                             path=self.where, fix="this architecture is not supported layer-wise")
 
-    def _source_name(self, name: str) -> str | None:
+    def source_name(self, name: str) -> str | None:
+        """The source tensor behind parameter `name` of this model; None where the overlay fills it."""
         if self.overlay is not None:
             return self.overlay.source_name(name)
         return name.removeprefix(self._strip)
 
     def _value(self, name: str) -> torch.Tensor | None:
         """The tensor for parameter/buffer `name` from the source; None where the overlay or a tie provides it."""
-        key = self._source_name(name)
+        key = self.source_name(name)
         if key is None:
             return None
         if key in self.source.names:
@@ -189,7 +190,7 @@ class LayerwiseModel:
                 value = self._value(name)
                 if value is not None:
                     tensor.copy_(value.to(tensor.dtype) if value.is_floating_point() else value)
-                elif self._source_name(name) is not None:
+                elif self.source_name(name) is not None:
                     tied.append(name)
             if self.overlay is not None:
                 self.overlay.fill(self.model, set(full))
@@ -252,6 +253,10 @@ class LayerwiseModel:
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}"
+
+    def base_layer_prefix(self, index: int) -> str:
+        """The layer's prefix in checkpoint names (without an overlay's wrapper prefix)."""
+        return self.layer_prefix(index).removeprefix(self._strip)
 
     def _final_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """What the decoder applies after its layers (the final norm), in order."""

@@ -10,7 +10,7 @@ tensor by tensor for whoever needs to compare against it (evaluate's weight-spac
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def _checked(adapter: Adapter, name: str) -> torch.Tensor:
     return t
 
 
-def _base_weight(inputs: MergeInputs, name: str) -> torch.Tensor:
+def _base_weight(inputs: MergeInputs, name: str, as_trained: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The weight ΔW is added to, float32: a replacement saved by the adapter, or the base as chosen."""
     for adapter, _ in inputs.adapters:
         if name in adapter.replacements:
@@ -81,7 +81,7 @@ def _base_weight(inputs: MergeInputs, name: str) -> torch.Tensor:
         if source != name and source in adapter.resized:
             return _checked(adapter, adapter.replacements[source]).to(MATH_DTYPE)
     if inputs.into == "nf4":
-        return inputs.base.as_trained(source, inputs.device)
+        return as_trained(source)
     return inputs.base.original(source)
 
 
@@ -152,15 +152,18 @@ def merged_tensors(inputs: MergeInputs) -> Iterator[tuple[str, torch.Tensor, tor
         yield name, *merge_one(inputs, name)
 
 
-def merge_one(inputs: MergeInputs, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(exact float32 merged tensor, W_base or None when unchanged) for `name`, op by op."""
-    w = _base_weight(inputs, name)
+def merge_one(inputs: MergeInputs, name: str, w_nf4: Callable[[str], torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(exact float32 merged tensor, W_base or None when unchanged) for `name`, op by op. `w_nf4`: where W_nf4 of
+    a base tensor comes from when the caller already holds it (default: re-derived from the base shards)."""
+    as_trained = w_nf4 or (lambda n: inputs.base.as_trained(n, inputs.device))
+    w = _base_weight(inputs, name, as_trained)
     if not w.is_floating_point():
         return w, None
     delta, magnitude = _delta(inputs, name, w.shape)
     replaced = any(name in a.replacements for a, _ in inputs.adapters)
     if delta is None:
-        return w, (inputs.base.as_trained(name) if replaced and name in inputs.base.tensors else None)
+        return w, (as_trained(name) if replaced and name in inputs.base.tensors else None)
     return (dora_weight(w, delta, magnitude) if magnitude is not None else w + delta), w
 
 

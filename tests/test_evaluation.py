@@ -175,3 +175,31 @@ def test_streamed_evaluation_on_cuda_matches_cpu(tmp_path, tiny_llama, tokens):
             sections[device] = summarize(score(batches, logits, ("base", "merged"), ("merged",)), ("merged",))
     for name in ("reference", "base", "merged"):
         assert sections["cuda"]["ppl"][name]["value"] == pytest.approx(sections["cpu"]["ppl"][name]["value"], rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bias_all", "modules_to_save", "dora", "embedding_tied"])
+def test_weight_retention_fed_by_the_streamed_pass_equals_its_whole_twin(tmp_path, tokens, variant):
+    """Evaluate takes each layer's W_nf4 from the reference layer it already holds instead of re-deriving it:
+    the report must be exactly what the separate pass (`finish` alone) gives, and must see a lossy candidate."""
+    from qmerge.evaluation import StreamedLogits, View
+    from qmerge.layerwise import LayerwiseModel
+    from qmerge.models import streamed_base
+    from qmerge.plan import Plan
+    from qmerge.stages.evaluate import WeightRetention
+
+    base = make_base(tmp_path / "b", bias=variant == "bias_all", dtype="float32")
+    kwargs = {"plain": {}, "bias_all": {"bias": "all"}, "modules_to_save": {"modules_to_save": ["lm_head"]},
+              "dora": {"use_dora": True}, "embedding_tied": {"target_modules": ["embed_tokens", "q_proj"]}}[variant]
+    adapter = make_adapter(base, tmp_path / "a", b_std=1e-3, **kwargs)
+    merged = merged_candidate(tmp_path, base, [(adapter, 1.0)], dtype="bfloat16")  # bf16: retention below 1
+    (resolve_dir,) = [d for d in (tmp_path / "work" / "resolve").iterdir()]
+    plan = Plan.from_json(__import__("json").loads((resolve_dir / "done.json").read_text())["result"])
+    fed = WeightRetention(plan, {"merged": merged})
+    reference = streamed_base(fed.inputs.base, plan.adapter_weights)
+    views = {"reference": View(reference), "merged": View(LayerwiseModel.from_folder(merged))}
+    StreamedLogits(views, list(torch.split(tokens, 2)), quiet=True,
+                   on_layer=lambda m, i, layer: fed.add_layer(m, i, layer) if m is reference else None).close()
+    assert any(t.startswith("model.layers.") for t in fed.seen)
+    got, want = fed.finish(), WeightRetention(plan, {"merged": merged}).finish()
+    assert got == want
+    assert want["merged"]["layers"] and abs(want["merged"]["aggregate"] - 1) > 1e-6  # bf16 rounding is seen

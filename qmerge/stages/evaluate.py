@@ -20,9 +20,9 @@ from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.io.gptq_checkpoint import DequantizedReader
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.layerwise import CheckpointSource, LayerwiseModel
-from qmerge.merging import merged_tensors, open_inputs
+from qmerge.merging import merge_one, open_inputs, output_names
 from qmerge.models import streamed_base
-from qmerge.numerics import no_tf32
+from qmerge.numerics import MATH_DTYPE, no_tf32
 from qmerge.plan import Plan
 from qmerge.ops.metrics import delta_metrics
 from qmerge.runtime import pick_device
@@ -46,17 +46,28 @@ def _stored(candidate: Path, quantized: bool):
     return DequantizedReader(candidate) if quantized else CheckpointSource(candidate)
 
 
-def dense_weight_retention(plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu") -> dict[str, dict]:
-    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base,
-    streamed over one pass of the exact merge (it re-derives W_nf4, so it is done once for all candidates)."""
-    inputs = open_inputs(plan, "nf4", nf4_device)
-    stored = {name: _stored(path, name == "quantized") for name, path in candidates.items()}
-    layers = {name: {} for name in candidates}
-    sums = {name: [0.0, 0.0] for name in candidates}
-    for tensor, exact, w_base in merged_tensors(inputs):
+class WeightRetention:
+    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base.
+
+    Fed during the streamed pass: `add_layer` takes each decoder layer's tensors with the W_nf4 the reference's
+    layer already holds (so W_nf4 is derived once per evaluation, not twice); `finish` does every tensor not seen
+    yet (embeddings, head) by re-deriving it, and reports. `finish` alone is the whole computation (the twin)."""
+
+    def __init__(self, plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu"):
+        self.inputs = open_inputs(plan, "nf4", nf4_device)
+        self.stored = {name: _stored(path, name == "quantized") for name, path in candidates.items()}
+        self.names = output_names(self.inputs)
+        self.replaced = {t for adapter, _ in self.inputs.adapters for t in adapter.replacements}
+        self.seen: set[str] = set()
+        self.layers: dict[str, dict[str, float]] = {name: {} for name in candidates}
+        self.sums = {name: [0.0, 0.0] for name in candidates}
+
+    def add(self, tensor: str, w_nf4=None) -> None:
+        self.seen.add(tensor)
+        exact, w_base = merge_one(self.inputs, tensor, w_nf4)
         if w_base is None or w_base.shape != exact.shape:
-            continue
-        for name, source in stored.items():
+            return
+        for name, source in self.stored.items():
             if tensor not in source.names:
                 continue
             # chunked float64 sums (ops/metrics.py; twin of weight_retention): no whole-tensor float64 copies
@@ -64,24 +75,48 @@ def dense_weight_retention(plan: Plan, candidates: dict[str, Path], nf4_device: 
             if metrics is None:  # ΔW = 0 for this tensor
                 continue
             r, _, norm2 = metrics
-            layers[name][tensor] = r
-            sums[name][0] += r * norm2
-            sums[name][1] += norm2
-    out = {}
-    for name, per_layer in layers.items():
-        num, den = sums[name]
-        worst = sorted(per_layer.items(), key=lambda kv: kv[1])[:10]
-        out[name] = {"aggregate": num / den if den else None, "worst": worst,
-                     "vanished": [n for n, r in worst if r < VANISHED], "layers": per_layer}
-    return out
+            self.layers[name][tensor] = r
+            self.sums[name][0] += r * norm2
+            self.sums[name][1] += norm2
+
+    def add_layer(self, model: LayerwiseModel, index: int, layer: torch.nn.Module) -> None:
+        """Layer `index` of the reference, real right now: its base weights are W_nf4 (replaced tensors aside)."""
+        held = {}
+        for pname, p in layer.named_parameters(prefix=model.layer_prefix(index)):
+            source = model.source_name(pname)
+            if source is not None and source not in self.replaced:
+                held[source] = p.detach()
+        prefix = model.base_layer_prefix(index) + "."
+
+        def w_nf4(name: str) -> torch.Tensor:
+            if name in held:
+                return held[name].to(device="cpu", dtype=MATH_DTYPE)
+            return self.inputs.base.as_trained(name, self.inputs.device)
+
+        for tensor in self.names:
+            if tensor.startswith(prefix):
+                self.add(tensor, w_nf4)
+
+    def finish(self) -> dict[str, dict]:
+        for tensor in self.names:
+            if tensor not in self.seen:
+                self.add(tensor)
+        out = {}
+        for name, per_layer in self.layers.items():
+            num, den = self.sums[name]
+            worst = sorted(per_layer.items(), key=lambda kv: kv[1])[:10]
+            out[name] = {"aggregate": num / den if den else None, "worst": worst,
+                         "vanished": [n for n, r in worst if r < VANISHED], "layers": per_layer}
+        return out
 
 
-def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str) -> dict:
+def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str,
+                        retention: WeightRetention) -> dict:
     cfg, plan = ctx.cfg, ctx.plan
     adapters = plan.adapter_weights
     # W_nf4 from the codes of the device the merge used (one rule for the run; CPU and CUDA codes may differ).
     nf4_device = pick_device(cfg.merge.device)
-    reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, adapters, device, nf4_device)
+    reference = streamed_base(retention.inputs.base, adapters, device, nf4_device)
     views = {"reference": View(reference), "base": View(reference, adapters=False)}
     views |= {name: View(LayerwiseModel.from_folder(path, device)) for name, path in candidates.items()}
     tokenizer = load_tokenizer(next(iter(candidates.values())))
@@ -91,7 +126,9 @@ def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: 
         windows = build_windows(tokenizer, spec, cfg.gate.seq_len, cfg.gate.windows)
         texts.append((spec_path, windows, list(torch.split(windows.ids, cfg.gate.batch_size))))
     batches = [b for *_, text_batches in texts for b in text_batches]
-    logits = StreamedLogits(views, batches, ctx.quiet)
+    logits = StreamedLogits(views, batches, ctx.quiet,
+                            on_layer=lambda model, i, layer: retention.add_layer(model, i, layer)
+                            if model is reference else None)
     sections, first = [], 0
     others = tuple(n for n in views if n != "reference")
     for spec_path, windows, text_batches in texts:
@@ -111,8 +148,9 @@ def run_evaluate(ctx: StageContext) -> dict:
         candidates["quantized"] = ctx.inputs["quantize"]
     final = "quantized" if "quantize" in ctx.inputs else "merged"
     device = pick_device("auto")  # where the layers run; float32 (TF32 off) on either
+    retention = WeightRetention(ctx.plan, candidates, pick_device(ctx.cfg.merge.device))
     with no_tf32():
-        sections = evaluate_candidates(ctx, candidates, device)
+        sections = evaluate_candidates(ctx, candidates, device, retention)
     report = {
         "protocol": {"windows": "consecutive non-overlapping, BOS-prefixed when the tokenizer adds one",
                      "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
@@ -120,7 +158,7 @@ def run_evaluate(ctx: StageContext) -> dict:
                      "device": device, "models": "streamed one decoder layer at a time"},
         "into": merge_result["into"], "final": final, "selection": merge_result.get("selection"),
         **sections,
-        "weight_retention": dense_weight_retention(ctx.plan, candidates, pick_device(ctx.cfg.merge.device)),
+        "weight_retention": retention.finish(),
     }
     write_json(ctx.out / "report.json", report)
     ev = report["eval"]
