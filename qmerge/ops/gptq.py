@@ -164,11 +164,17 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     mean_diag = torch.diagonal(h).mean()
     tried = damp
     while True:
-        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (tried * mean_diag)
+        # H + λI without an n×n identity and its scaled copy (three n² temporaries on an 11008² Hessian: 1.5 GB):
+        # adding 0.0 everywhere first keeps the bits of `h + eye·λ` (-0.0 + 0.0 = +0.0 there too).
+        damped = h.clone().add_(0.0)
+        damped.diagonal().add_(tried * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0 and torch.isfinite(lower).all():
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info == 0 and torch.isfinite(upper).all():
                 return upper, tried
         if tried * 10 > MAX_DAMP * (1 + 1e-9):
@@ -226,8 +232,9 @@ def inverse_hessian(hessian: torch.Tensor, damp: float, desc_act: bool,
     # entries are 0 already), so it is rounded to nearest and its error reaches no other column.
     h[dead, dead] = 1
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if desc_act else None
-    if perm is not None:
-        h = h[perm][:, perm]
+    if perm is not None:  # one n² copy at a time
+        h = h.index_select(0, perm)
+        h = h.index_select(1, perm)
     threads = contextlib.nullcontext() if h.shape[0] >= THREADED_CHOLESKY_FROM else _one_cpu_thread(h.device)
     with threads:
         hinv, used = _inverse_cholesky(h, damp)
