@@ -1,5 +1,5 @@
-"""Whole models for evaluation: the NF4 base as trained, the reference (base + unmerged adapters), and
-checkpoints on disk. float32 compute throughout (DESIGN: the reference is the float32 model whose
+"""Whole models (the test twins of the layer-wise path below) and the reference for evaluation: the NF4 base as
+checkpoints on disk. float32 compute throughout (docs/design.md: the reference is the float32 model whose
 quantized linears hold W_nf4, with PEFT applying the adapter unmerged — never bitsandbytes' CPU 4-bit
 forward, which is off by ~0.5 %)."""
 

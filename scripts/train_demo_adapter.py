@@ -43,7 +43,7 @@ from qmerge.ops.metrics import perplexity, token_nll  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The trained base's quantization, recorded for pipeline configs (`[base.nf4]`): a float32 load, so W_nf4
-# is code·absmax in float32, off the bf16 grid (the setting DESIGN's measurements use).
+# is code·absmax in float32, off the bf16 grid (the setting of the measurements in docs/design.md).
 NF4 = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "float32",
        "load_dtype": "float32", "dequant_dtype": "float32"}
 

@@ -54,3 +54,4 @@ def test_quiet_run_leaves_stderr_free_of_third_party_noise(gated, tmp_path):
     assert "verdict: pass" in done.stdout
     found = [marker for marker in NOISE if marker in done.stderr]
     assert not found, done.stderr
+    assert "%|" not in done.stderr, done.stderr  # no progress bars under --quiet, qmerge's own included

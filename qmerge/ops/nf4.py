@@ -220,7 +220,7 @@ def nf4_roundtrip_fused(w: torch.Tensor, blocksize: int = 64, double_quant: bool
 
 def nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                dequant_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.Tensor:
-    """W_nf4 = float32(cast(code·absmax, dequant_dtype)): the weight the trained model saw (DESIGN)."""
+    """W_nf4 = float32(cast(code·absmax, dequant_dtype)): the weight the trained model saw (docs/design.md, "Numerics rules")."""
     if device == "cuda":
         state = quantize_nf4_bnb(w.to("cuda"), blocksize, double_quant)
         return dequantize_nf4_bnb(state, torch.float32).to(dequant_dtype).to(torch.float32)

@@ -20,7 +20,7 @@ from qmerge.io.paths import sha256_file
 from qmerge.merging import COPY_FILES
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
-def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
+def base_folder(cfg: Config, dry_run: bool = False, progress: bool = True) -> tuple[Path, dict]:
     """The HF folder for `base.path` (a GGUF file is converted once into a cached folder)."""
     path = cfg.path(cfg.base.path, "base.path")
     if path.is_file() and path.suffix == ".gguf":
@@ -28,7 +28,7 @@ def base_folder(cfg: Config, dry_run: bool = False) -> tuple[Path, dict]:
 
         from qmerge.io.gguf import PROVENANCE
 
-        folder = gguf_to_hf(path)  # hashes the GGUF to find its cache folder, whose provenance keeps that hash
+        folder = gguf_to_hf(path, progress=progress)  # hashes the GGUF to find its cache folder, whose provenance keeps that hash
         provenance = json.loads((folder / PROVENANCE).read_text())
         return folder, {"kind": "gguf", "gguf": str(path), "gguf_sha256": provenance["sha256"],
                         "note": provenance.get("note")}
@@ -66,7 +66,7 @@ def run_resolve(ctx) -> dict:
 
 
 def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Plan:
-    folder, origin = base_folder(cfg, dry_run)
+    folder, origin = base_folder(cfg, dry_run, progress)
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
     # The base files are hashed on a thread while this one imports transformers and bitsandbytes and builds the
     # meta model (hashing releases the GIL): on a 7B-shaped slice that hides the ~1.5 s of hashing. A failure

@@ -1,6 +1,6 @@
 """The merged checkpoint behaves exactly like the model as trained, for every adapter variant.
 
-Reference (DESIGN "Numerics rules"): the float32 model whose quantized linears hold W_nf4, with PEFT
+Reference (docs/design.md, "Numerics rules"): the float32 model whose quantized linears hold W_nf4, with PEFT
 applying the adapter unmerged; W_nf4 comes from transformers + bitsandbytes (`bnb_oracle`), never from
 qmerge's own NF4 code. Tolerance 1e-5 relative (max |Δlogit| / max |logit|): a float32 merge
 differs from the unmerged forward only by float32 re-association (x@(W+ΔW) vs x@W + (x@A)@B·s),
