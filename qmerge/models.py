@@ -1,7 +1,8 @@
-"""Whole models (the test twins of the layer-wise path below) and the reference for evaluation: the NF4 base as
-checkpoints on disk. float32 compute throughout (docs/design.md: the reference is the float32 model whose
-quantized linears hold W_nf4, with PEFT applying the adapter unmerged — never bitsandbytes' CPU 4-bit
-forward, which is off by ~0.5 %)."""
+"""The models evaluation compares, two ways: whole float32 models (the NF4 base as trained, the reference = base +
+unmerged adapters, checkpoints on disk), kept as the twins tests hold the streamed path to, and the layer-wise
+reference evaluate runs (`BaseSource`, `PeftOverlay`, `streamed_base`). float32 compute throughout
+(docs/design.md: the reference is the float32 model whose quantized linears hold W_nf4, with PEFT applying the
+adapter unmerged — never bitsandbytes' CPU 4-bit forward, which is off by ~0.5 %)."""
 
 from __future__ import annotations
 
