@@ -6,7 +6,7 @@ records what the decoder stack feeds its first layer (hidden states and keyword 
 embeddings, masks); then each layer is materialised in float32 from a `TensorSource`, run over the recorded
 batches, and freed; at the end the final norm and the output head turn the last hidden states into logits.
 
-Where the weights come from is the source's business: a dense checkpoint (`CheckpointSource`), a GPTQ checkpoint
+Where the weights come from is the source's business: a dense checkpoint (`CheckpointReader`), a GPTQ checkpoint
 dequantized tensor by tensor (`qmerge.io.gptq_checkpoint.DequantizedReader`), or the NF4 base as trained
 (`qmerge.models.BaseSource`). An `Overlay` may wrap the meta model (PEFT's LoRA layers for the reference) and
 fill the parameters it owns after the source has filled the rest.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,20 +30,9 @@ from qmerge.numerics import MATH_DTYPE
 
 
 class TensorSource(Protocol):
-    names: set[str]  # logical tensor names, as in an HF checkpoint of the unwrapped model
+    names: Collection[str]  # logical tensor names, as in an HF checkpoint of the unwrapped model
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
-
-
-class CheckpointSource:
-    """A dense HF checkpoint folder, one tensor at a time."""
-
-    def __init__(self, folder: Path):
-        self.reader = CheckpointReader(folder)
-        self.names = set(self.reader.tensors)
-
-    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        return self.reader.get(name, device)
 
 
 class Overlay(Protocol):
@@ -150,7 +140,7 @@ class LayerwiseModel:
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
         gptq = (config.get("quantization_config") or {}).get("quant_method") == "gptq"
-        source = DequantizedReader(folder) if gptq else CheckpointSource(folder)
+        source = DequantizedReader(folder) if gptq else CheckpointReader(folder)
         return cls(config, source, device, where=folder)
 
     def _find_layers(self) -> torch.nn.ModuleList:

@@ -20,13 +20,14 @@ from qmerge.numerics import MATH_DTYPE
 
 
 def model_from_config(config: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A whole float32 model of a config.json dict (weights uninitialised)."""
+    from transformers import AutoModelForCausalLM
 
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    hf_config = AutoConfig.for_model(**config)
+    from qmerge.layerwise import hf_config
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(hf_config, dtype=MATH_DTYPE)
+        return AutoModelForCausalLM.from_config(hf_config(config), dtype=MATH_DTYPE)
 
 
 def base_model_as_trained(base: BaseCheckpoint, device: str = "cpu") -> torch.nn.Module:

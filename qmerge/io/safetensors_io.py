@@ -184,6 +184,11 @@ class CheckpointReader:
                                 fix="point at a Hugging Face model folder saved with safetensors")
 
     @property
+    def names(self):
+        """Tensor names (a live view of `tensors`): a reader is a `qmerge.layerwise.TensorSource` as it is."""
+        return self.tensors.keys()
+
+    @property
     def files(self) -> list[Path]:
         return sorted({t.file for t in self.tensors.values()})
 

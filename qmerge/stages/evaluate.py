@@ -19,7 +19,8 @@ from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.io.gptq_checkpoint import DequantizedReader
 from qmerge.io.textset import build_windows, load_text_spec
-from qmerge.layerwise import CheckpointSource, LayerwiseModel
+from qmerge.io.safetensors_io import CheckpointReader
+from qmerge.layerwise import LayerwiseModel
 from qmerge.merging import merge_one, open_inputs, output_names
 from qmerge.models import streamed_base
 from qmerge.numerics import MATH_DTYPE, no_tf32
@@ -43,7 +44,7 @@ def load_tokenizer(folder: Path):
 
 def _stored(candidate: Path, quantized: bool):
     """A candidate's stored weights as a tensor source (a GPTQ candidate through qmerge's dequantization)."""
-    return DequantizedReader(candidate) if quantized else CheckpointSource(candidate)
+    return DequantizedReader(candidate) if quantized else CheckpointReader(candidate)
 
 
 class WeightRetention:

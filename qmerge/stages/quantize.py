@@ -144,7 +144,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     """GPTQ of every linear, layer by layer. `expected`: the modules the plan says bitsandbytes quantized; a
     GPTQ checkpoint in which one of them was not packed would be mislabelled, so that is an error."""
     runner = LayerwiseModel.from_folder(merged, device)
-    reader = runner.source.reader  # a dense merged checkpoint (CheckpointSource)
+    reader = runner.source  # a dense merged checkpoint (CheckpointReader)
     names = [f"{runner.layer_prefix(i)}.{n}.weight" for i in range(len(runner.layers))
              for n in layer_linears(runner.layers[i])]
     check_group_size({n: reader.tensors[n].shape for n in names}, names, q.group_size, q.bits, merged)
