@@ -20,7 +20,8 @@ def print_plan(records: list[StageRecord], out=None) -> None:
     print("qmerge plan (dry run: no weights loaded, nothing written)", file=out)
     print(f"  base: {base['folder']} ({base['kind']}, {base['model_type']}, {base['tensors']} tensors, "
           f"{'pre-quantized bnb-4bit' if base['prequantized'] else 'full precision'})", file=out)
-    print(f"        sha256 {base['sha256']}", file=out)
+    covers = "the GGUF file" if base.get("gguf_sha256") else f"combined over {len(base['files'])} files"
+    print(f"        sha256 {base['sha256']}  (the base.sha256 pin: {covers})", file=out)
     nf4 = plan["nf4"]
     print(f"  nf4:  blocksize {nf4['blocksize']}, double quant {nf4['double_quant']}, load {nf4['load_dtype'] or 'auto'}, "
           f"compute {nf4['compute_dtype']}, dequant {nf4['dequant_dtype'] or 'auto'}", file=out)
@@ -31,6 +32,7 @@ def print_plan(records: list[StageRecord], out=None) -> None:
         print(f"  adapter {a['path']} (weight {a['weight']}): {m['lora_modules']} LoRA modules, "
               f"{m['on_quantized_linears']} on quantized linears, {len(a['replaced_tensors'])} replaced tensors"
               f"{', DoRA' if a['dora'] else ''}; all matched to base shapes", file=out)
+        print(f"        sha256 {a['sha256']}  (the adapters.sha256 pin: combined over {len(a['files'])} files)", file=out)
     est = plan["estimate"]
     print(f"  estimate: output {_gib(est['output_bytes'])}, peak memory ~{_gib(est['peak_bytes'])} "
           f"(largest tensor {est['largest_tensor_elements']:,} elements)", file=out)

@@ -48,8 +48,10 @@ def nf4_recipe(cfg: Config) -> NF4Recipe:
 
 
 def files_digest(files: list[Path], progress: bool, stop: threading.Event | None = None) -> tuple[list[dict], str]:
+    """Each file's sha256, and the pin: the sha256 of their hex digests concatenated in file-name order (what
+    `sha256sum FILES | LC_ALL=C sort -k2 | cut -c1-64 | tr -d '\\n' | sha256sum` prints in the folder)."""
     entries = [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f, progress=progress, stop=stop)}
-               for f in sorted(files)]
+               for f in sorted(files, key=lambda f: f.name.encode())]
     combined = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
     return entries, combined
 
@@ -82,19 +84,24 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Pla
         base_entries, base_sha = digest.result()
     gguf_sha = origin.get("gguf_sha256")
     pinned = cfg.base.sha256
-    if pinned and pinned.lower() not in {base_sha, gguf_sha, *(e["sha256"] for e in base_entries)}:
-        raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {gguf_sha or base_sha}",
-                            path=cfg.source, fix="update base.sha256 or point base.path at the pinned model")
+    # One digest over everything that changes the result: a pin of config.json or of one shard of many would
+    # let the other files change unnoticed.
+    if pinned and pinned.lower() != (gguf_sha or base_sha):
+        raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {gguf_sha or base_sha} "
+                            f"({'the GGUF file' if gguf_sha else f'combined over its {len(base_entries)} files'})",
+                            path=cfg.source, fix="update base.sha256 (--dry-run prints it) or point base.path at the "
+                            "pinned model")
     adapters, parsed = [], []
     for i, a in enumerate(cfg.adapters):
         apath = cfg.path(a.path, f"adapters[{i}].path")
         adapter = read_adapter(apath)
         extra = [apath / f for f in COPY_FILES if (apath / f).is_file()]  # a tokenizer shipped with the adapter
         entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json", *extra], progress)
-        weights_sha = next(e["sha256"] for e in entries if e["path"] == str(adapter.weights_file))
-        if a.sha256 and a.sha256.lower() not in {sha, weights_sha}:
-            raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {weights_sha}",
-                                path=adapter.weights_file, fix="update the pin or use the pinned adapter")
+        # adapter_config.json is in the pin: alpha, r, rslora and the patterns change the merge as much as the weights
+        if a.sha256 and a.sha256.lower() != sha:
+            raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {sha} (combined over "
+                                f"{', '.join(Path(e['path']).name for e in entries)})", path=apath,
+                                fix="update the pin (--dry-run prints it) or use the pinned adapter")
         matches = match_adapter(adapter, base)
         parsed.append((apath, a.weight, adapter))
         adapters.append({"path": str(apath), "weight": a.weight, "files": entries, "sha256": sha,

@@ -109,6 +109,59 @@ def test_base_sha256_mismatch(tmp_path, tiny_llama, adapter, capsys):
     assert_exit_2(cfg, capsys, str(cfg), "sha256 mismatch")
 
 
+def _pinned(cfg: Path, base_pin: str | None = None, adapter_pin: str | None = None) -> Path:
+    text = cfg.read_text()
+    if base_pin:
+        text = text.replace("[base.nf4]", f'sha256 = "{base_pin}"\n[base.nf4]')
+    if adapter_pin:
+        text = text.replace("weight = 1.0", f'weight = 1.0\nsha256 = "{adapter_pin}"')
+    cfg.write_text(text)
+    return cfg
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _combined(*files: Path) -> str:
+    """The documented pin, computed independently: hex digests in file-name order, concatenated, hashed."""
+    import hashlib
+
+    return hashlib.sha256("".join(_sha(f) for f in sorted(files, key=lambda f: f.name)).encode()).hexdigest()
+
+
+def test_pins_are_the_combined_digests(tmp_path, tiny_llama, adapter):
+    from qmerge.config import load_config
+    from qmerge.stages.resolve import resolve
+
+    base_files = [p for p in tiny_llama.iterdir() if p.suffix in (".json", ".safetensors")]
+    pins = (_combined(*base_files), _combined(adapter / "adapter_model.safetensors", adapter / "adapter_config.json"))
+    plan = resolve(load_config(_pinned(write_config(tmp_path, tiny_llama, [(adapter, 1.0)]), *pins)), progress=False)
+    assert (plan.base.sha256, plan.adapters[0].sha256) == pins
+
+
+@pytest.mark.parametrize("pin", ["model.safetensors", "config.json"])
+def test_base_pin_of_one_file_is_refused(tmp_path, tiny_llama, adapter, capsys, pin):
+    """A pin must cover every file: one of them alone would let the rest change unnoticed."""
+    cfg = _pinned(write_config(tmp_path, tiny_llama, [(adapter, 1.0)]), base_pin=_sha(tiny_llama / pin))
+    assert_exit_2(cfg, capsys, str(cfg), "sha256 mismatch", "combined over")
+
+
+def test_adapter_pin_covers_its_config(tmp_path, tiny_llama, adapter, capsys):
+    """Pinning the weights alone is refused, and so is a pinned adapter whose alpha changed."""
+    weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    cfg = _pinned(write_config(tmp_path, tiny_llama, [(adapter, 1.0)]), adapter_pin=_sha(weights))
+    assert_exit_2(cfg, capsys, str(adapter), "sha256 mismatch for adapters[0]", "adapter_config.json")
+    pin = _combined(weights, config)
+    cfg = _pinned(write_config(tmp_path, tiny_llama, [(adapter, 1.0)]), adapter_pin=pin)
+    assert run_cli(cfg, "--dry-run") == 0
+    assert pin in capsys.readouterr().out  # the plan prints the pin to copy
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 3}))
+    assert_exit_2(cfg, capsys, "sha256 mismatch for adapters[0]")
+
+
 def test_dora_with_two_adapters(tmp_path, tiny_llama, capsys):
     a1 = make_adapter(tiny_llama, tmp_path / "a1", use_dora=True)
     a2 = make_adapter(tiny_llama, tmp_path / "a2")
