@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import Protocol
 import torch
 
 from qmerge.errors import BadInputError
+from qmerge.io.architecture import hf_config, meta_model
 from qmerge.io.safetensors_io import CheckpointReader
-from qmerge.numerics import MATH_DTYPE
 
 
 class TensorSource(Protocol):
@@ -79,21 +78,6 @@ class _Catcher(torch.nn.Module):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         self.seen.append(LayerBatch(hidden, kwargs))
         raise _Caught
-
-
-def hf_config(config: dict):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
-
-
-def meta_model(config) -> torch.nn.Module:
-    """The model of `config` on the meta device (no memory), float32 parameters."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, dtype=MATH_DTYPE)
 
 
 def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> str:

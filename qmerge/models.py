@@ -23,7 +23,7 @@ def model_from_config(config: dict):
     """A whole float32 model of a config.json dict (weights uninitialised)."""
     from transformers import AutoModelForCausalLM
 
-    from qmerge.layerwise import hf_config
+    from qmerge.io.architecture import hf_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,6 +22,9 @@ def print_plan(records: list[StageRecord], out=None) -> None:
           f"{'pre-quantized bnb-4bit' if base['prequantized'] else 'full precision'})", file=out)
     covers = "the GGUF file" if base.get("gguf_sha256") else f"combined over {len(base['files'])} files"
     print(f"        sha256 {base['sha256']}  (the base.sha256 pin: {covers})", file=out)
+    if base["kind"] == "gguf" and not Path(base["folder"]).is_dir():
+        print("        (GGUF not converted yet: planned from its header; the first real run converts it into that "
+              "folder)", file=out)
     nf4 = plan["nf4"]
     print(f"  nf4:  blocksize {nf4['blocksize']}, double quant {nf4['double_quant']}, load {nf4['load_dtype'] or 'auto'}, "
           f"compute {nf4['compute_dtype']}, dequant {nf4['dequant_dtype'] or 'auto'}", file=out)

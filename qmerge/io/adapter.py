@@ -82,9 +82,11 @@ def _load_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors memory-mapped (mmap): reading shapes touches only the pickle and the zip directory, not the
+    data (what a dry run may read). weights_only: no code in the pickle runs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with code in it, or a corrupt file
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle with code in it, a corrupt file, or the pre-1.6 non-zip format mmap cannot read
         raise BadInputError(f"cannot load adapter weights safely: {e}", path=path,
                             fix="re-save the adapter with safetensors (save_pretrained(safe_serialization=True))")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import BadInputError
+from qmerge.numerics import MATH_DTYPE
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,21 @@ class Architecture:
     layouts: dict[str, str]  # module name -> "linear" | "conv1d" | "embedding"
 
 
-def _meta_model(config):
+def hf_config(config: dict):
+    """A transformers config from a config.json dict (without the quantization_config the meta model must not see)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The model of `config` on the meta device (no memory), float32 parameters: the one place qmerge builds a
+    model skeleton (architecture replay, the layer runner, header-only GGUF plans)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"), warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, dtype=MATH_DTYPE)
 
 
 def load_hf_config(folder: Path):
@@ -54,7 +64,7 @@ def describe_architecture(folder: Path, skip_modules: tuple[str, ...] | None = N
     else:
         bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                         llm_int8_skip_modules=None if skip_modules is None else list(skip_modules))
-    model = _meta_model(config)
+    model = meta_model(config)
     layouts = {}
     for name, module in model.named_modules():
         if isinstance(module, Conv1D):

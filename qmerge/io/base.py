@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from qmerge.errors import BadInputError
+from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.architecture import Architecture, describe_architecture
-from qmerge.io.safetensors_io import CheckpointReader
+from qmerge.io.safetensors_io import CheckpointReader, TensorInfo
 from qmerge.numerics import DTYPES, MATH_DTYPE
 
 
@@ -39,10 +39,23 @@ class NF4Recipe:
         return [load, DTYPES[self.compute_dtype]]
 
 
+class HeadersOnly:
+    """A tensor table without data."""
+
+    def __init__(self, tensors: dict[str, TensorInfo]):
+        self.tensors = tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        raise QmergeError(f"{name}: a header-only view has no tensor data (this is a bug: a dry run loaded a weight)")
+
+
 class BaseCheckpoint:
     """Streams tensors of an HF folder or a pre-quantized bnb-4bit folder."""
 
-    def __init__(self, folder: Path, recipe: NF4Recipe, skip_modules: tuple[str, ...] | None = None):
+    def __init__(self, folder: Path, recipe: NF4Recipe, skip_modules: tuple[str, ...] | None = None,
+                 headers: dict[str, TensorInfo] | None = None):
+        """`headers`: the tensors, when `folder` holds only config.json (a dry run's view of a GGUF not yet converted;
+        loading a tensor is then an error)."""
         self.folder = folder
         self.recipe = recipe
         try:
@@ -57,7 +70,7 @@ class BaseCheckpoint:
             raise BadInputError("bitsandbytes 8-bit bases are not supported (the adapter must be trained on NF4)",
                                 path=folder / "config.json")
         self.prequantized = qc is not None
-        self.reader = CheckpointReader(folder)
+        self.reader = CheckpointReader(folder) if headers is None else HeadersOnly(headers)
         self.arch: Architecture = describe_architecture(folder, skip_modules, qc)
 
     @cached_property

@@ -19,11 +19,15 @@ import torch
 
 from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, write_json
+from qmerge.io.architecture import meta_model
 from qmerge.io.paths import default_cache_root, package_version, sha256_file
+from qmerge.io.safetensors_io import TensorInfo
 
 PROVENANCE = "qmerge_provenance.json"
 FORMAT = 1  # bump when the folder's contents change; older folders under the key are rebuilt
 UNQUANTIZED_TYPES = {"F32", "F16", "BF16", "F64"}
+NOTE = ("the base's 'original' (pre-NF4) weights are the GGUF's values dequantized to float32 by transformers' GGUF "
+        "loader: when the GGUF is quantized, so are they (the converted folder's provenance lists its types)")
 # A fixed short prompt for the reload check; any token ids work, these are in every llama-style vocab.
 _CHECK_IDS = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 198, 2016, 314, 1030, 28, 2]])
 
@@ -63,6 +67,17 @@ def _owning_package(path: Path) -> dict | None:
     return {"package": dist, "version": package_version(dist)}
 
 
+def cache_folder(gguf_path: Path, cache_root: Path | None = None, progress: bool = True) -> tuple[Path, str, bool]:
+    """(`<cache_root>/gguf/<sha256[:16]>/`, the GGUF's sha256, whether that folder is converted and current).
+    Reads the GGUF (to hash it) and writes nothing."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise BadInputError("GGUF file does not exist", path=gguf_path, fix="fix the path")
+    sha = sha256_file(gguf_path, progress=progress)
+    target = Path(cache_root or default_cache_root()) / "gguf" / sha[:16]
+    return target, sha, _is_current(target)
+
+
 def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool = True) -> Path:
     """The cached HF folder `<cache_root>/gguf/<sha256[:16]>/` for `gguf_path`, converting it on first use.
 
@@ -72,11 +87,8 @@ def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool =
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf_path = Path(gguf_path).expanduser().resolve()
-    if not gguf_path.is_file():
-        raise BadInputError("GGUF file does not exist", path=gguf_path, fix="fix the path")
-    sha = sha256_file(gguf_path, progress=progress)
-    target = Path(cache_root or default_cache_root()) / "gguf" / sha[:16]
-    if _is_current(target):
+    target, sha, current = cache_folder(gguf_path, cache_root, progress)
+    if current:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / f".{sha[:16]}.lock"):
@@ -90,6 +102,36 @@ def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool =
             _convert(gguf_path, tmp, progress)
             _write_provenance(tmp, gguf_path, sha, header)
     return target
+
+
+def header_view(gguf_path: Path, out: Path) -> dict[str, TensorInfo]:
+    """What the conversion would produce, from the GGUF header alone (for a dry run before the first conversion):
+    writes its config.json into `out` and returns the tensors the folder will hold (float32, each tie once).
+    No tensor data is read and no cache is written."""
+    from transformers import AutoConfig
+
+    gguf_path = Path(gguf_path).resolve()
+    gguf_header(gguf_path)  # a damaged file is exit 2 here too
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as e:
+        raise BadInputError(f"transformers cannot read this GGUF's config ({type(e).__name__}: {e})", path=gguf_path,
+                            fix="use an architecture transformers' GGUF loader supports, or an HF folder") from None
+    model = meta_model(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    write_json(out / "config.json", _folder_config(model))
+    return {name: TensorInfo(name, "F32", tuple(t.shape), gguf_path, t.numel() * 4)
+            for name, t in model.state_dict().items() if name not in tied}
+
+
+def _folder_config(model) -> dict:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]
+    return config
 
 
 def _is_current(target: Path) -> bool:
@@ -151,11 +193,7 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
         for name, tensor in model.state_dict().items():
             if name not in tied:
                 writer.add(name, tensor)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    config["architectures"] = [type(model).__name__]
-    write_json(out / "config.json", config)
+    write_json(out / "config.json", _folder_config(model))
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -7,7 +7,7 @@ Checks that every adapter tensor lands on a base module with matching shapes, ha
 from __future__ import annotations
 
 import hashlib
-import json
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,24 +20,30 @@ from qmerge.io.paths import sha256_file
 from qmerge.merging import COPY_FILES
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
-def base_folder(cfg: Config, dry_run: bool = False, progress: bool = True) -> tuple[Path, dict]:
-    """The HF folder for `base.path` (a GGUF file is converted once into a cached folder)."""
+def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
+                scratch: Path | None = None) -> tuple[Path, dict, dict | None]:
+    """The HF folder for `base.path`, what the plan says of its origin, and (only for a dry run before a GGUF's
+    first conversion) the header-only tensor table that stands in for the folder's weights.
+
+    A GGUF is converted once into a cached folder; a dry run never converts: it reads the GGUF's header and
+    writes the config the conversion would write into `scratch`."""
     path = cfg.path(cfg.base.path, "base.path")
     if path.is_file() and path.suffix == ".gguf":
-        from qmerge.io.gguf import gguf_to_hf
+        from qmerge.io import gguf
 
-        from qmerge.io.gguf import PROVENANCE
-
-        folder = gguf_to_hf(path, progress=progress)  # hashes the GGUF to find its cache folder, whose provenance keeps that hash
-        provenance = json.loads((folder / PROVENANCE).read_text())
-        return folder, {"kind": "gguf", "gguf": str(path), "gguf_sha256": provenance["sha256"],
-                        "note": provenance.get("note")}
+        target, sha, current = gguf.cache_folder(path, progress=progress)
+        origin = {"kind": "gguf", "gguf": str(path), "gguf_sha256": sha, "note": gguf.NOTE}
+        # The conversion is a pure function of the GGUF (and the keyed package versions): the GGUF is the input.
+        files = ({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha},)
+        if dry_run and not current:  # the plan names the folder the first real run will convert into
+            return scratch, {**origin, "files": files, "folder": str(target)}, gguf.header_view(path, scratch)
+        return gguf.gguf_to_hf(path, progress=progress), {**origin, "files": files}, None
     if not path.is_dir():
         raise BadInputError("base.path is neither a model folder nor a .gguf file", path=path)
     if not (path / "config.json").is_file():
         raise BadInputError("no config.json in the base folder", path=path,
                             fix="point base.path at a Hugging Face model folder (config.json + *.safetensors)")
-    return path, {"kind": "hf"}
+    return path, {"kind": "hf"}, None
 
 
 def nf4_recipe(cfg: Config) -> NF4Recipe:
@@ -68,20 +74,19 @@ def run_resolve(ctx) -> dict:
 
 
 def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Plan:
-    folder, origin = base_folder(cfg, dry_run, progress)
+    with tempfile.TemporaryDirectory(prefix="qmerge-dry-") as scratch:
+        folder, origin, headers = base_folder(cfg, progress, dry_run, Path(scratch))
+        return _resolve(cfg, folder, origin, headers, progress)
+
+
+def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, progress: bool) -> Plan:
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
-    # The base files are hashed on a thread while this one imports transformers and bitsandbytes and builds the
-    # meta model (hashing releases the GIL): on a 7B-shaped slice that hides the ~1.5 s of hashing. A failure
-    # here stops the hash at its next chunk instead of waiting for it.
-    stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmerge-sha256") as pool:
-        digest = pool.submit(files_digest, _base_files(folder), progress, stop)
-        try:
-            base = BaseCheckpoint(folder, nf4_recipe(cfg), skip)
-        except BaseException:
-            stop.set()
-            raise
-        base_entries, base_sha = digest.result()
+    plan_folder = origin.pop("folder", str(folder))
+    if origin["kind"] == "gguf":  # the GGUF is the input, hashed already; its conversion is a pure function of it
+        base = BaseCheckpoint(folder, nf4_recipe(cfg), skip, headers)
+        base_entries, base_sha = origin.pop("files"), origin["gguf_sha256"]
+    else:
+        base, base_entries, base_sha = _hashed_base(folder, nf4_recipe(cfg), skip, progress)
     gguf_sha = origin.get("gguf_sha256")
     pinned = cfg.base.sha256
     # One digest over everything that changes the result: a pin of config.json or of one shard of many would
@@ -128,7 +133,7 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Pla
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
     return Plan(
-        base=BasePlan(folder=str(folder), **origin, prequantized=base.prequantized, files=tuple(base_entries),
+        base=BasePlan(folder=plan_folder, **origin, prequantized=base.prequantized, files=tuple(base_entries),
                       sha256=gguf_sha or base_sha, model_type=base.arch.model_type, tensors=len(base.tensors)),
         adapters=tuple(AdapterPlan(**a) for a in adapters),
         nf4=vars(nf4_recipe(cfg)),
@@ -137,6 +142,22 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Pla
         tied=base.arch.tied,
         estimate=_estimate(cfg, base),
     )
+
+
+def _hashed_base(folder: Path, recipe: NF4Recipe, skip, progress: bool) -> tuple[BaseCheckpoint, list[dict], str]:
+    # The base files are hashed on a thread while this one imports transformers and bitsandbytes and builds the
+    # meta model (hashing releases the GIL): on a 7B-shaped slice that hides the ~1.5 s of hashing. A failure
+    # here stops the hash at its next chunk instead of waiting for it.
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmerge-sha256") as pool:
+        digest = pool.submit(files_digest, _base_files(folder), progress, stop)
+        try:
+            base = BaseCheckpoint(folder, recipe, skip)
+        except BaseException:
+            stop.set()
+            raise
+        entries, combined = digest.result()
+    return base, entries, combined
 
 
 def _check_combination(cfg: Config, adapters: list[dict]) -> None:

@@ -10,6 +10,7 @@ import importlib.util
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,31 @@ def test_cache_root_env(monkeypatch, tmp_path: Path) -> None:
     assert default_cache_root() == tmp_path
     monkeypatch.delenv("QMERGE_CACHE")
     assert default_cache_root() == Path(os.path.expanduser("~")) / ".cache" / "qmerge"
+
+
+def test_dry_run_reads_the_header_only_and_plans_what_the_real_run_does(converted: Path, tmp_path: Path,
+                                                                        monkeypatch, capsys) -> None:
+    """Before the first conversion a dry run writes nothing (no cache folder), and its plan, hence every stage key,
+    equals the plan made once the folder exists."""
+    import shutil
+
+    from tests.conftest import run_cli, write_config
+
+    adapter = Path(__file__).parents[2] / "adapters" / "demo-r8"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QMERGE_CACHE", str(cache))
+    cfg = write_config(tmp_path, GGUF, [(adapter, 1.0)])
+
+    def planned_keys() -> list[str]:
+        assert run_cli(cfg, "--dry-run") == 0
+        out = capsys.readouterr().out
+        return re.findall(r"^    (\w+) +([0-9a-f]{16}) ", out, flags=re.M), out
+
+    before, out = planned_keys()
+    assert "not converted yet" in out
+    assert not cache.exists() and not (tmp_path / "work").exists()
+    (cache / "gguf").mkdir(parents=True)
+    shutil.copytree(converted, cache / "gguf" / converted.name, copy_function=os.link)  # as if converted here
+    after, out = planned_keys()
+    assert "not converted yet" not in out
+    assert before == after and [name for name, _ in before][:2] == ["resolve", "merge"]

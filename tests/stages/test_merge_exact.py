@@ -88,6 +88,16 @@ def test_plain_lora(tmp_path, tiny_llama, tokens):
     assert all(abs(v["retention"] - 1) < 1e-6 for v in report["layers"].values())
 
 
+def test_pickled_bin_adapter(tmp_path, tiny_llama, tokens):
+    """An adapter_model.bin merges as its safetensors twin does (read memory-mapped, weights_only)."""
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    compare(tmp_path, tiny_llama, [(adapter, 1.0)], tokens)
+
+
 def test_rslora(tmp_path, tiny_llama, tokens):
     adapter = make_adapter(tiny_llama, tmp_path / "a", use_rslora=True, r=4, lora_alpha=8)
     compare(tmp_path, tiny_llama, [(adapter, 1.0)], tokens)
