@@ -102,12 +102,17 @@ def unpack_linear(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Te
     return codes, tensors["scales"].to(torch.float32), zeros.contiguous(), tensors["g_idx"].to(torch.int32)
 
 
-def dequantize_linear(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """W [O, I] float32 = scales[g_idx] · (codes − zeros[g_idx])."""
+def dequantize_linear(tensors: dict[str, torch.Tensor], bits: int, served: bool = False) -> torch.Tensor:
+    """W [O, I] float32 = scales[g_idx] · (codes − zeros[g_idx]).
+
+    served: the weight the serving kernels compute, in float16 (GPTQModel's torch/exllama/marlin kernels
+    multiply the fp16 scale by (q − z) in fp16). The float32 product is exact (an 11-bit scale times an integer
+    of at most 9 bits), so rounding it to float16 is bit for bit the fp16 product."""
     from qmerge.ops.gptq import dequantize_grouped
 
     codes, scales, zeros, g_idx = unpack_linear(tensors, bits)
-    return dequantize_grouped(codes, scales, zeros, g_idx)
+    w = dequantize_grouped(codes, scales, zeros, g_idx)
+    return w.to(torch.float16).to(torch.float32) if served else w
 
 
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, damp: float) -> dict:
@@ -142,9 +147,11 @@ def read_quantization_config(folder: Path) -> dict:
 
 class DequantizedReader:
     """A GPTQ v1 checkpoint seen as float32 tensors, one at a time: `<m>.weight` of a quantized linear is qmerge's
-    dequantization of its stored codes; every other tensor is read as stored (floats widened to float32)."""
+    dequantization of its stored codes, as the serving kernels compute it (fp16, `served`); every other tensor is
+    read as stored (floats widened to float32)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, served: bool = True):
+        self.served = served
         self.bits = int(read_quantization_config(folder)["bits"])
         self.reader = CheckpointReader(folder)
         self.quantized = {n.rpartition(".")[0] for n in self.reader.tensors if n.endswith(".qweight")}
@@ -155,7 +162,7 @@ class DequantizedReader:
         module = name.rpartition(".")[0]
         if name.endswith(".weight") and module in self.quantized:
             parts = {s: self.reader.get(f"{module}.{s}") for s in QUANTIZED_SUFFIXES}
-            return dequantize_linear(parts, self.bits).to(device)
+            return dequantize_linear(parts, self.bits, self.served).to(device)
         t = self.reader.get(name, device)
         return t.to(torch.float32) if t.is_floating_point() else t
 

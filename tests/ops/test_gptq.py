@@ -137,6 +137,10 @@ def test_pack_unpack_round_trip_is_bit_exact(bits):
     back = unpack_linear(stored, bits)
     assert torch.equal(back[0], codes) and torch.equal(back[2], res.zeros) and torch.equal(back[3], res.g_idx)
     assert torch.equal(dequantize_linear(stored, bits), res.weight)
+    # As served: the fp16 product the kernels compute, written out in fp16 arithmetic
+    g_idx = stored["g_idx"].long()
+    fp16 = stored["scales"][g_idx].T * (codes - res.zeros[g_idx].T).to(torch.float16)
+    assert fp16.dtype == torch.float16 and torch.equal(dequantize_linear(stored, bits, served=True), fp16.float())
 
 
 def test_v1_zero_convention():
