@@ -147,7 +147,11 @@ def summarize(scores: WindowScores, candidates: tuple[str, ...]) -> dict:
     section = {"ppl": {n: _est(metrics.perplexity(v)) for n, v in nll.items()},
                "nll": {n: {"value": float(v.mean()), "stderr": float(v.std(unbiased=True) / len(v) ** 0.5)}
                        for n, v in nll.items()},
-               "candidates": {}}
+               "candidates": {},
+               # what every ± above is computed from: anyone can re-derive the gate's decision, or resample it
+               "per_window": {"nll": {n: [float(x) for x in v] for n, v in nll.items()},
+                              "kl_mean": {n: [float(x) for x in torch.cat(scores.kl[n]).double().mean(dim=1)]
+                                          for n in candidates}}}
     for name in candidates:
         kl = torch.cat(scores.kl[name])
         agree = torch.cat(scores.agree[name])

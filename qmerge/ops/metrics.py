@@ -29,7 +29,7 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def _mean_se(x: torch.Tensor) -> Estimate:
+def mean_se(x: torch.Tensor) -> Estimate:
     x = x.double().reshape(-1)
     se = float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
     return Estimate(float(x.mean()), se)
@@ -37,14 +37,14 @@ def _mean_se(x: torch.Tensor) -> Estimate:
 
 def perplexity(window_nll: torch.Tensor) -> Estimate:
     """exp(mean NLL); SE by the delta method on the per-window means."""
-    m = _mean_se(window_nll)
+    m = mean_se(window_nll)
     ppl = math.exp(m.value)
     return Estimate(ppl, ppl * m.stderr)
 
 
 def ppl_ratio(window_nll_cand: torch.Tensor, window_nll_ref: torch.Tensor) -> Estimate:
     """ppl_cand / ppl_ref = exp(mean paired difference); SE by the delta method."""
-    d = _mean_se(window_nll_cand.double() - window_nll_ref.double())
+    d = mean_se(window_nll_cand.double() - window_nll_ref.double())
     r = math.exp(d.value)
     return Estimate(r, r * d.stderr)
 
@@ -55,7 +55,7 @@ def delta_retention(nll_base: torch.Tensor, nll_ref: torch.Tensor, nll_cand: tor
     Undefined when the adapter's own effect is within `min_effect_se` standard errors of zero or negative."""
     effect_w = nll_base.double() - nll_ref.double()
     kept_w = nll_base.double() - nll_cand.double()
-    effect = _mean_se(effect_w)
+    effect = mean_se(effect_w)
     if effect.value <= 0:
         return Retention(None, None, False, f"the adapter makes this text worse (Δnll {effect.value:+.4f})")
     if effect.value < min_effect_se * effect.stderr:
@@ -76,13 +76,13 @@ def kl_summary(token_kl: torch.Tensor, agree: torch.Tensor, dp: torch.Tensor) ->
     flat = token_kl.double().reshape(-1)
     ordered = flat.sort().values
     return {
-        "mean": _mean_se(token_kl.double().mean(dim=1)),
+        "mean": mean_se(token_kl.double().mean(dim=1)),
         "median": float(flat.median()),
         "p99": quantile(ordered, 0.99),
         "p999": quantile(ordered, 0.999),
         "max": float(flat.max()),
-        "top1_agreement": _mean_se(agree.double().mean(dim=1)),
-        "mean_dp_correct": _mean_se(dp.double().mean(dim=1)),
+        "top1_agreement": mean_se(agree.double().mean(dim=1)),
+        "mean_dp_correct": mean_se(dp.double().mean(dim=1)),
     }
 
 

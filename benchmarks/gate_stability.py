@@ -1,0 +1,181 @@
+"""How many eval windows make the gate's verdict stable, on the demo adapters.
+
+    python benchmarks/gate_stability.py                 # both demos, 500 draws per window count
+    python benchmarks/gate_stability.py --draws 100 --configs configs/demo.toml
+
+For each demo config: runs its pipeline once with the gate's eval text widened to every in-domain news document
+no demo stage has seen (lee_background documents 250:300: training used 0:110, GPTQ calibration 110:250) and every
+window of it evaluated (the evaluate report keeps per-window NLL and KL). Then, for each window count n, draws n
+of those windows without replacement (`--draws` seeds), re-derives the gate's figures from the drawn windows with
+the same metric functions and decides with the same `decide` as the gate stage. Prints, per config and n, how
+often the verdict was pass / reject / inconclusive. The weight-space check (exact, no sampling) keeps its value.
+
+Work dirs are the demos' own (`runs/`), so merge and quantize are reused when the demo ran already; nothing is
+promoted (output goes to a temporary folder). Writes benchmarks/results/gate_stability.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+POOL_SPEC = """# lee news documents no demo stage used: the pool the window draws come from
+[source]
+path = "package:gensim/test/test_data/lee_background.cor"
+format = "text"
+
+[split]
+documents = "250:300"
+"""
+COUNTS = (8, 12, 16, 24, 32)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="+", default=[str(REPO / "configs" / "demo.toml"),
+                                                     str(REPO / "configs" / "demo-fragile.toml")])
+    p.add_argument("--draws", type=int, default=500)
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gate_stability.json")
+    return p.parse_args(argv)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)
+
+
+def widened_config(config: Path, tmp: Path, windows: int = 2) -> Path:
+    """The demo config with absolute paths, the pool as eval text (all its windows), no extra eval, output in tmp."""
+    from qmerge.io.paths import read_toml
+
+    raw = read_toml(config, "config file")
+    here = config.parent
+
+    def absolute(p: str) -> str:
+        return p if p.startswith("package:") else str((here / p).resolve())
+
+    raw["work_dir"] = absolute(raw["work_dir"])
+    raw["base"]["path"] = absolute(raw["base"]["path"])
+    for a in raw["adapters"]:
+        a["path"] = absolute(a["path"])
+    if "quantize" in raw:
+        raw["quantize"]["calibration"] = absolute(raw["quantize"]["calibration"])
+    (tmp / "pool.toml").write_text(POOL_SPEC)
+    raw["gate"].update(eval=str(tmp / "pool.toml"), windows=windows)
+    raw["gate"].pop("extra_eval", None)
+    raw["output"]["dir"] = str(tmp / "releases")
+    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, (dict, list))]
+    for table, body in raw.items():
+        if isinstance(body, dict):
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if not isinstance(v, dict)]
+            for sub, sbody in body.items():
+                if isinstance(sbody, dict):
+                    lines += [f"[{table}.{sub}]"] + [f"{k} = {_toml_value(v)}" for k, v in sbody.items()]
+        elif isinstance(body, list):
+            for item in body:
+                lines += [f"[[{table}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    out = tmp / config.name
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def pool_windows(cfg_path: Path) -> int:
+    """Every window the pool (the config's gate.eval) holds at its seq_len, counted with the base's tokenizer."""
+    from qmerge.config import load_config
+    from qmerge.io.textset import build_windows, load_text_spec
+    from qmerge.stages.evaluate import load_tokenizer
+    from qmerge.stages.resolve import base_folder
+
+    cfg = load_config(cfg_path)
+    folder, _, _ = base_folder(cfg, progress=False)
+    spec = load_text_spec(cfg.path(cfg.gate.eval, "gate.eval"))
+    return int(build_windows(load_tokenizer(folder), spec, cfg.gate.seq_len, None).ids.shape[0])
+
+
+def evaluate_report(cfg_path: Path) -> tuple[dict, object]:
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.pipeline import STAGES
+
+    cfg = load_config(cfg_path)
+    runner = Runner(cfg, STAGES, Options(quiet=True))
+    records, code = runner.run()
+    rec = next(r for r in records if r.name == "evaluate")
+    report = json.loads((runner.work / "evaluate" / rec.key / "report.json").read_text())
+    print(f"{cfg_path.name}: pipeline exit {code} on all {report['eval']['tokens']['windows']} windows", flush=True)
+    return report, cfg.gate
+
+
+def drawn_report(report: dict, rows: list[int]) -> dict:
+    """The report's gate-relevant figures re-derived from the windows `rows` (same metric functions)."""
+    import torch
+
+    from qmerge.evaluation import _est
+    from qmerge.ops import metrics
+
+    ev, final = report["eval"], report["final"]
+    nll = {n: torch.tensor(v, dtype=torch.float64)[rows] for n, v in ev["per_window"]["nll"].items()}
+    kl = torch.tensor(ev["per_window"]["kl_mean"][final], dtype=torch.float64)[rows]
+    ret = metrics.delta_retention(nll["base"], nll["reference"], nll[final])
+    cand = {"ppl_ratio": _est(metrics.ppl_ratio(nll[final], nll["reference"])),
+            "retention": {"value": ret.value, "stderr": ret.stderr, "defined": ret.defined, "reason": ret.reason},
+            "kl": {"mean": _est(metrics.mean_se(kl))}}
+    return {**report, "eval": {"candidates": {final: cand}, "tokens": {"windows": len(rows)}}}
+
+
+def stability(report: dict, gate, counts: tuple[int, ...], draws: int) -> dict[int, Counter]:
+    import torch
+
+    from qmerge.stages.gate import decide
+
+    total = report["eval"]["tokens"]["windows"]
+    out = {}
+    for n in (c for c in counts if c <= total):
+        seen = Counter()
+        for seed in range(draws):
+            rows = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+            seen[decide(drawn_report(report, rows), gate).verdict] += 1
+        out[n] = seen
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qmerge.runtime import set_process_defaults, silence_third_party
+
+    set_process_defaults()
+    silence_third_party()
+    args = parse_args(argv)
+    results, lines = {}, []
+    with tempfile.TemporaryDirectory(prefix="qmerge-stability-") as tmp:
+        for config in map(Path, args.configs):
+            windows = pool_windows(widened_config(config.resolve(), Path(tmp)))
+            report, gate = evaluate_report(widened_config(config.resolve(), Path(tmp), windows))
+            total = report["eval"]["tokens"]["windows"]
+            table = stability(report, gate, (*COUNTS, total), args.draws)
+            full = {k: v for k, v in report["eval"]["candidates"][report["final"]].items()
+                    if k in ("ppl_ratio", "retention")}
+            results[config.name] = {"windows_in_pool": total, "final": report["final"], "all_windows": full,
+                                    "draws": args.draws, "verdicts": {n: dict(c) for n, c in table.items()}}
+            for n, c in table.items():
+                lines.append(f"| {config.name} ({report['final']}) | {n} | "
+                             + " | ".join(f"{100 * c[v] / args.draws:.0f} %" for v in ("pass", "reject",
+                                                                                       "inconclusive")) + " |")
+    print(f"\n{args.draws} draws of n windows without replacement from the pool; verdict frequencies\n")
+    print("| config (candidate) | windows | pass | reject | inconclusive |\n|---|---:|---:|---:|---:|")
+    print("\n".join(lines))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
