@@ -20,6 +20,7 @@ from tqdm import tqdm
 from qmerge.errors import BadInputError
 from qmerge.io.adapter import Adapter, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
+from qmerge.io.paths import MODEL_FILES
 from qmerge.numerics import DTYPES, MATH_DTYPE
 from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
@@ -27,10 +28,6 @@ from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
 from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
 from qmerge.io.atomic import write_json
-
-COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
 
 @dataclass(frozen=True)
 class MergeInputs:
@@ -216,7 +213,7 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: str) -> None:
     write_json(out_dir / "config.json", config)
     tokenizer_src = next((a.path for a, _ in inputs.adapters if (a.path / "tokenizer_config.json").is_file()),
                          inputs.base.folder)
-    for fname in COPY_FILES:
+    for fname in MODEL_FILES:
         src = (inputs.base.folder if fname == "generation_config.json" else tokenizer_src) / fname
         if src.is_file():
             shutil.copyfile(src, out_dir / fname)

@@ -17,7 +17,7 @@ import torch
 from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.architecture import Architecture, describe_architecture
 from qmerge.io.safetensors_io import CheckpointReader, TensorInfo
-from qmerge.numerics import DTYPES, MATH_DTYPE
+from qmerge.numerics import DTYPES, MATH_DTYPE, cast_as_trained
 
 
 
@@ -125,10 +125,9 @@ class BaseCheckpoint:
         conv1d = self.is_conv1d(name)
         # transformers quantizes a GPT-2 Conv1D weight transposed, as the [out, in] Linear4bit it becomes: the
         # NF4 blocks run along that layout, so quantize it that way and store it back as [in, out].
-        out = nf4_weight(loaded.T.contiguous() if conv1d else loaded, blocksize=self.recipe.blocksize,
-                         double_quant=self.recipe.double_quant, dequant_dtype=chain[0], device=device)
-        for dtype in chain[1:]:
-            out = out.to(dtype).to(MATH_DTYPE)
+        out = cast_as_trained(nf4_weight(loaded.T.contiguous() if conv1d else loaded, blocksize=self.recipe.blocksize,
+                                    double_quant=self.recipe.double_quant, dequant_dtype=chain[0], device=device),
+                         chain[1:])
         return (out.T.contiguous() if conv1d else out).cpu()
 
     def nf4_input(self, name: str) -> tuple[torch.Tensor, tuple[torch.dtype, ...]] | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import BadInputError
+from qmerge.io.paths import MODEL_FILES
 from qmerge.io.safetensors_io import CheckpointReader
 from qmerge.io.atomic import write_json
 
@@ -127,10 +128,9 @@ def write_model_files(merged: Path, out_dir: Path, qconfig: dict) -> None:
     config["quantization_config"] = qconfig
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "quantize_config.json", qconfig)
-    for src in merged.iterdir():
-        if src.is_file() and (src.name.startswith(("tokenizer", "special_tokens", "added_tokens", "generation_"))
-                              or src.name in ("vocab.json", "merges.txt", "chat_template.jinja")):
-            shutil.copyfile(src, out_dir / src.name)
+    for name in MODEL_FILES:
+        if (merged / name).is_file():
+            shutil.copyfile(merged / name, out_dir / name)
 
 
 def read_quantization_config(folder: Path) -> dict:

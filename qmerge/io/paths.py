@@ -56,6 +56,11 @@ class Cancelled(Exception):
     """A background hash stopped because its caller failed first."""
 
 
+# The files besides config and weights that travel with a model: tokenizer, chat template, generation defaults.
+MODEL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
 def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None = None) -> str:
     """Hex sha256 of a file, read in 8 MiB chunks (hashlib releases the GIL on each: other threads run on);
     raises `Cancelled` between chunks once `stop` is set."""

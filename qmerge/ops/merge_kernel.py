@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from qmerge.ops.lora import MATH_DTYPE
+from qmerge.numerics import MATH_DTYPE, cast_as_trained
 from qmerge.ops.metrics import delta_metrics, metrics_from_sums
 from qmerge.ops.nf4 import (NF4_CODE, CompiledKernel, _roundtrip_kernel, block_scales, dequantize_nf4,
                             quantize_nf4)
@@ -31,9 +31,7 @@ Metrics = tuple[float, float] | None  # (retention, relative ΔW norm), None whe
 
 def _merge_kernel(blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                   ba: torch.Tensor, scale: torch.Tensor, chain: tuple[torch.dtype, ...], storage: torch.dtype):
-    w = _roundtrip_kernel(blocks, recip, absmax, code)
-    for dtype in chain:
-        w = w.to(dtype).to(MATH_DTYPE)
+    w = cast_as_trained(_roundtrip_kernel(blocks, recip, absmax, code), chain)
     merged = w + ba * scale
     stored = merged.to(storage)
     delta = (merged - w).double()
@@ -62,9 +60,7 @@ def nf4_merge_reference(w: torch.Tensor, ba: torch.Tensor, scale: float, blocksi
                         chain: tuple[torch.dtype, ...], storage: torch.dtype) -> tuple[torch.Tensor, Metrics]:
     """The slow twin, op by op: eager NF4 round trip and casts (as `BaseCheckpoint.as_trained`), `lora_delta`'s
     product, the float32 add, the storage cast, `delta_metrics`."""
-    w_nf4 = dequantize_nf4(quantize_nf4(w, blocksize, double_quant), MATH_DTYPE)
-    for dtype in chain:
-        w_nf4 = w_nf4.to(dtype).to(MATH_DTYPE)
+    w_nf4 = cast_as_trained(dequantize_nf4(quantize_nf4(w, blocksize, double_quant), MATH_DTYPE), chain)
     merged = w_nf4 + ba.to(MATH_DTYPE) * scale
     stored = merged.to(storage)
     return stored, delta_metrics(stored, merged, w_nf4)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qmerge.numerics import cast_as_trained
+
 log = logging.getLogger(__name__)
 
 # bitsandbytes' NF4 code book (functional.get_4bit_type("nf4")): quantiles of N(0, 1), normalised to [-1, 1].
@@ -222,9 +224,10 @@ def nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                dequant_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.Tensor:
     """W_nf4 = float32(cast(code·absmax, dequant_dtype)): the weight the trained model saw (docs/design.md, "Numerics rules")."""
     if device == "cuda":
-        state = quantize_nf4_bnb(w.to("cuda"), blocksize, double_quant)
-        return dequantize_nf4_bnb(state, torch.float32).to(dequant_dtype).to(torch.float32)
-    return nf4_roundtrip_fused(w, blocksize, double_quant).to(dequant_dtype).to(torch.float32)
+        product = dequantize_nf4_bnb(quantize_nf4_bnb(w.to("cuda"), blocksize, double_quant), torch.float32)
+    else:
+        product = nf4_roundtrip_fused(w, blocksize, double_quant)
+    return cast_as_trained(product, (dequant_dtype,))
 
 
 def nf4_state_from_serialized(tensors: dict[str, torch.Tensor], prefix: str) -> NF4State:

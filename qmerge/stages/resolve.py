@@ -16,8 +16,7 @@ from qmerge.config import Config
 from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
-from qmerge.io.paths import sha256_file
-from qmerge.merging import COPY_FILES
+from qmerge.io.paths import MODEL_FILES, sha256_file
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
 def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
@@ -63,9 +62,9 @@ def files_digest(files: list[Path], progress: bool, stop: threading.Event | None
 
 
 def _base_files(folder: Path) -> list[Path]:
-    # tokenizer and generation files (COPY_FILES) end up in the output too
+    # tokenizer and generation files (MODEL_FILES) end up in the output too
     return [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")
-            or p.name == "config.json" or p.name in COPY_FILES]
+            or p.name == "config.json" or p.name in MODEL_FILES]
 
 
 def run_resolve(ctx) -> dict:
@@ -100,7 +99,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
     for i, a in enumerate(cfg.adapters):
         apath = cfg.path(a.path, f"adapters[{i}].path")
         adapter = read_adapter(apath)
-        extra = [apath / f for f in COPY_FILES if (apath / f).is_file()]  # a tokenizer shipped with the adapter
+        extra = [apath / f for f in MODEL_FILES if (apath / f).is_file()]  # a tokenizer shipped with the adapter
         entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json", *extra], progress)
         # adapter_config.json is in the pin: alpha, r, rslora and the patterns change the merge as much as the weights
         if a.sha256 and a.sha256.lower() != sha:
