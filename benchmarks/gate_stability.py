@@ -17,6 +17,7 @@ promoted (output goes to a temporary folder). Writes benchmarks/results/gate_sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from qmerge.scores import EvalReport  # noqa: E402
 
 POOL_SPEC = """# lee news documents no demo stage used: the pool the window draws come from
 [source]
@@ -110,26 +113,9 @@ def evaluate_report(cfg_path: Path) -> tuple[dict, object]:
     runner = Runner(cfg, STAGES, Options(quiet=True))
     records, code = runner.run()
     rec = next(r for r in records if r.name == "evaluate")
-    report = json.loads((runner.work / "evaluate" / rec.key / "report.json").read_text())
-    print(f"{cfg_path.name}: pipeline exit {code} on all {report['eval']['tokens']['windows']} windows", flush=True)
+    report = EvalReport.from_json(json.loads((runner.work / "evaluate" / rec.key / "report.json").read_text()))
+    print(f"{cfg_path.name}: pipeline exit {code} on all {report.eval.windows} windows", flush=True)
     return report, cfg.gate
-
-
-def drawn_report(report: dict, rows: list[int]) -> dict:
-    """The report's gate-relevant figures re-derived from the windows `rows` (same metric functions)."""
-    import torch
-
-    from qmerge.evaluation import _est
-    from qmerge.ops import metrics
-
-    ev, final = report["eval"], report["final"]
-    nll = {n: torch.tensor(v, dtype=torch.float64)[rows] for n, v in ev["per_window"]["nll"].items()}
-    kl = torch.tensor(ev["per_window"]["kl_mean"][final], dtype=torch.float64)[rows]
-    ret = metrics.delta_retention(nll["base"], nll["reference"], nll[final])
-    cand = {"ppl_ratio": _est(metrics.ppl_ratio(nll[final], nll["reference"])),
-            "retention": {"value": ret.value, "stderr": ret.stderr, "defined": ret.defined, "reason": ret.reason},
-            "kl": {"mean": _est(metrics.mean_se(kl))}}
-    return {**report, "eval": {"candidates": {final: cand}, "tokens": {"windows": len(rows)}}}
 
 
 def stability(report: dict, gate, counts: tuple[int, ...], draws: int) -> dict[int, Counter]:
@@ -137,13 +123,13 @@ def stability(report: dict, gate, counts: tuple[int, ...], draws: int) -> dict[i
 
     from qmerge.stages.gate import decide
 
-    total = report["eval"]["tokens"]["windows"]
+    total = report.eval.windows
     out = {}
     for n in (c for c in counts if c <= total):
         seen = Counter()
         for seed in range(draws):
             rows = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
-            seen[decide(drawn_report(report, rows), gate).verdict] += 1
+            seen[decide(report.on_windows(rows), gate).verdict] += 1
         out[n] = seen
     return out
 
@@ -159,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         for config in map(Path, args.configs):
             windows = pool_windows(widened_config(config.resolve(), Path(tmp)))
             report, gate = evaluate_report(widened_config(config.resolve(), Path(tmp), windows))
-            total = report["eval"]["tokens"]["windows"]
+            total = report.eval.windows
             table = stability(report, gate, (*COUNTS, total), args.draws)
-            full = {k: v for k, v in report["eval"]["candidates"][report["final"]].items()
-                    if k in ("ppl_ratio", "retention")}
-            results[config.name] = {"windows_in_pool": total, "final": report["final"], "all_windows": full,
+            full = {"ppl_ratio": dataclasses.asdict(report.final_scores.ppl_ratio),
+                    "retention": dataclasses.asdict(report.final_scores.retention)}
+            results[config.name] = {"windows_in_pool": total, "final": report.final, "all_windows": full,
                                     "draws": args.draws, "verdicts": {n: dict(c) for n, c in table.items()}}
             for n, c in table.items():
-                lines.append(f"| {config.name} ({report['final']}) | {n} | "
+                lines.append(f"| {config.name} ({report.final}) | {n} | "
                              + " | ".join(f"{100 * c[v] / args.draws:.0f} %" for v in ("pass", "reject",
                                                                                        "inconclusive")) + " |")
     print(f"\n{args.draws} draws of n windows without replacement from the pool; verdict frequencies\n")

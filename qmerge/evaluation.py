@@ -18,6 +18,7 @@ from tqdm import tqdm
 from qmerge.errors import BadInputError
 from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
 from qmerge.ops import metrics
+from qmerge.scores import CandidateScores, TextScores
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Logits = Callable[[str, int], torch.Tensor]  # (model name, batch index) -> float32 logits of that batch
@@ -140,40 +141,24 @@ def score(batches: list[torch.Tensor], logits: Logits, others: tuple[str, ...], 
     return out
 
 
-def summarize(scores: WindowScores, candidates: tuple[str, ...]) -> dict:
-    """Report section for one eval set: ppl ± SE of every model, and per candidate KL stats, ppl ratio
-    against the reference and delta retention, all with standard errors over windows."""
+def summarize(scores: WindowScores, candidates: tuple[str, ...], tokens: dict | None = None) -> TextScores:
+    """One eval text's section: ppl ± SE of every model, and per candidate KL stats, ppl ratio against the
+    reference and delta retention, all with standard errors over windows."""
     nll = {name: scores.window_nll(name) for name in scores.nll}
-    section = {"ppl": {n: _est(metrics.perplexity(v)) for n, v in nll.items()},
-               "nll": {n: {"value": float(v.mean()), "stderr": float(v.std(unbiased=True) / len(v) ** 0.5)}
-                       for n, v in nll.items()},
-               "candidates": {},
-               # what every ± above is computed from: anyone can re-derive the gate's decision, or resample it
-               "per_window": {"nll": {n: [float(x) for x in v] for n, v in nll.items()},
-                              "kl_mean": {n: [float(x) for x in torch.cat(scores.kl[n]).double().mean(dim=1)]
-                                          for n in candidates}}}
+    per_window = {"nll": {n: [float(x) for x in v] for n, v in nll.items()},
+                  "kl_mean": {n: [float(x) for x in torch.cat(scores.kl[n]).double().mean(dim=1)] for n in candidates}}
+    cands = {}
     for name in candidates:
         kl = torch.cat(scores.kl[name])
         agree = torch.cat(scores.agree[name])
         dp = torch.cat(scores.p_cand[name]) - torch.cat(scores.p_ref)
-        ret = metrics.delta_retention(nll["base"], nll["reference"], nll[name])
-        section["candidates"][name] = {
-            "kl": _jsonable(metrics.kl_summary(kl, agree, dp)),
-            "ppl_ratio": _est(metrics.ppl_ratio(nll[name], nll["reference"])),
-            "retention": {"value": ret.value, "stderr": ret.stderr, "defined": ret.defined, "reason": ret.reason},
-        }
-    return section
+        cands[name] = CandidateScores(metrics.ppl_ratio(nll[name], nll["reference"]),
+                                      metrics.delta_retention(nll["base"], nll["reference"], nll[name]),
+                                      _floats(metrics.kl_summary(kl, agree, dp)))
+    return TextScores(tokens or {}, {n: metrics.perplexity(v) for n, v in nll.items()},
+                      {n: metrics.Estimate(float(v.mean()), float(v.std(unbiased=True) / len(v) ** 0.5))
+                       for n, v in nll.items()}, cands, per_window)
 
 
-def _est(e) -> dict:
-    return {"value": float(e.value), "stderr": float(e.stderr)}
-
-
-def _jsonable(obj):
-    if hasattr(obj, "value") and hasattr(obj, "stderr"):
-        return _est(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, torch.Tensor):
-        return float(obj)
-    return obj
+def _floats(kl: dict) -> dict:
+    return {k: v if isinstance(v, metrics.Estimate) else float(v) for k, v in kl.items()}

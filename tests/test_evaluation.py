@@ -10,6 +10,7 @@ that they differ from the base (so the comparison is not trivially equal) is ass
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,14 @@ def both_reports(base: Path, adapters: list[tuple[Path, float]], candidates: dic
     forwards = {"reference": ref_fwd, "base": base_fwd}
     for name, path in candidates.items():
         forwards[name] = _forward(load_dequantized(path) if name == "quantized" else checkpoint_model(path))
-    whole = summarize(score(batches, whole_model_logits(forwards, batches), names, tuple(candidates)), tuple(candidates))
+    whole = asdict(summarize(score(batches, whole_model_logits(forwards, batches), names, tuple(candidates)),
+                             tuple(candidates)))
 
     reference = streamed_base(checkpoint, adapters)
     views = {"reference": View(reference), "base": View(reference, adapters=False)}
     views |= {name: View(LayerwiseModel.from_folder(path)) for name, path in candidates.items()}
     logits = StreamedLogits(views, batches, quiet=True)
-    streamed = summarize(score(batches, logits, names, tuple(candidates)), tuple(candidates))
+    streamed = asdict(summarize(score(batches, logits, names, tuple(candidates)), tuple(candidates)))
     logits.close()
     return streamed, whole, {v.model for v in views.values()}
 

@@ -17,6 +17,7 @@ import torch
 from qmerge.dag import StageContext
 from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
+from qmerge.scores import EvalReport
 from qmerge.io.gptq_checkpoint import DequantizedReader
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.io.safetensors_io import CheckpointReader
@@ -135,11 +136,11 @@ def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: 
     for spec_path, windows, text_batches in texts:
         scores = score(text_batches, logits, others, tuple(candidates), first=first)
         first += len(text_batches)
-        sections.append({"tokens": {**windows.describe(), "spec": spec_path, "windows": int(windows.ids.shape[0]),
-                                    "seq_len": cfg.gate.seq_len},
-                         **summarize(scores, tuple(candidates))})
+        sections.append(summarize(scores, tuple(candidates), {**windows.describe(), "spec": spec_path,
+                                                              "windows": int(windows.ids.shape[0]),
+                                                              "seq_len": cfg.gate.seq_len}))
     logits.close()
-    return {"eval": sections[0], "extra_eval": sections[1:]}
+    return sections
 
 
 def run_evaluate(ctx: StageContext) -> dict:
@@ -152,17 +153,15 @@ def run_evaluate(ctx: StageContext) -> dict:
     retention = WeightRetention(ctx.plan, candidates, pick_device(ctx.cfg.merge.device))
     with no_tf32():
         sections = evaluate_candidates(ctx, candidates, device, retention)
-    report = {
-        "protocol": {"windows": "consecutive non-overlapping, BOS-prefixed when the tokenizer adds one",
-                     "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
-                     "stderr": "over windows; ratios and retention from paired per-window differences",
-                     "device": device, "models": "streamed one decoder layer at a time"},
-        "into": merge_result["into"], "final": final, "selection": merge_result.get("selection"),
-        **sections,
-        "weight_retention": retention.finish(),
-    }
-    write_json(ctx.out / "report.json", report)
-    ev = report["eval"]
-    return {"final": final, "ppl": {k: v["value"] for k, v in ev["ppl"].items()},
-            "retention": ev["candidates"][final]["retention"]["value"],
-            "kl_mean": ev["candidates"][final]["kl"]["mean"]["value"]}
+    report = EvalReport(
+        protocol={"windows": "consecutive non-overlapping, BOS-prefixed when the tokenizer adds one",
+                  "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
+                  "stderr": "over windows; ratios and retention from paired per-window differences",
+                  "device": device, "models": "streamed one decoder layer at a time",
+                  "quantized_weights": "fp16 s*(q-z), as the serving kernels compute them"},
+        into=merge_result["into"], final=final, selection=merge_result.get("selection"),
+        eval=sections[0], extra_eval=tuple(sections[1:]), weight_retention=retention.finish())
+    write_json(ctx.out / "report.json", report.to_json())
+    scores = report.final_scores
+    return {"final": final, "ppl": {k: v.value for k, v in report.eval.ppl.items()},
+            "retention": scores.retention.value, "kl_mean": scores.kl["mean"].value}

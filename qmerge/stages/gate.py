@@ -26,6 +26,8 @@ from statistics import NormalDist
 from qmerge.config import GateSettings
 from qmerge.dag import StageContext
 from qmerge.errors import EXIT_GATE_REJECTED, EXIT_OK
+from qmerge.scores import EvalReport
+from qmerge.ops.metrics import Estimate, Retention
 from qmerge.io.atomic import write_json
 
 DEFAULT_GATE = {"max_ppl_increase": 0.02, "min_delta_retention": 0.9, "max_kl": 0.05}
@@ -65,18 +67,19 @@ class GateVerdict:
         return self.verdict == "pass"
 
 
-def _fmt(est: dict) -> str:
-    return f"{est['value']:.4f} ± {est['stderr']:.4f}"
+def _fmt(est: Estimate) -> str:
+    return f"{est.value:.4f} ± {est.stderr:.4f}"
 
 
 def z_value(confidence: float) -> float:
     return NormalDist().inv_cdf(confidence)
 
 
-def bounded_check(name: str, est: dict, limit: float, upper_limit: bool, z: float, what: str) -> Check:
+def bounded_check(name: str, est: Estimate | Retention, limit: float, upper_limit: bool, z: float,
+                  what: str) -> Check:
     """Decides `est` (value ± stderr) against `limit` on its one-sided bounds (see the module docstring).
     `upper_limit`: the value must stay at or below `limit` (else at or above)."""
-    value, se = est["value"], est["stderr"]
+    value, se = est.value, est.stderr
     if se is None or not math.isfinite(se):
         return Check(name, value, limit, INCONCLUSIVE, f"{what}: no standard error (one window?)")
     low, high = value - z * se, value + z * se
@@ -99,25 +102,25 @@ def windows_to_decide(check: Check, windows: int) -> int | None:
     return math.ceil(windows * ((check.bound - check.value) / (check.limit - check.value)) ** 2)
 
 
-def decide(report: dict, gate: GateSettings) -> GateVerdict:
-    final = report["final"]
-    cand = report["eval"]["candidates"][final]
+def decide(report: EvalReport, gate: GateSettings) -> GateVerdict:
+    final = report.final
+    cand = report.final_scores
     z = z_value(gate.confidence)
     checks: list[Check] = []
     notes: list[str] = []
-    ratio = cand["ppl_ratio"]
-    checks.append(bounded_check("ppl_ratio", ratio, 1 + gate.max_ppl_increase, True, z, f"ppl {final}/reference"))
-    ret = cand["retention"]
-    if ret["defined"]:
+    checks.append(bounded_check("ppl_ratio", cand.ppl_ratio, 1 + gate.max_ppl_increase, True, z,
+                                f"ppl {final}/reference"))
+    ret = cand.retention
+    if ret.defined:
         checks.append(bounded_check("delta_retention", ret, gate.min_delta_retention, False, z, "delta retention"))
     else:
-        notes.append(f"delta retention undefined on this text: {ret['reason']}; deciding on KL and perplexity")
-    if report["into"] == "nf4":
-        checks.append(bounded_check("kl", cand["kl"]["mean"], gate.max_kl, True, z,
+        notes.append(f"delta retention undefined on this text: {ret.reason}; deciding on KL and perplexity")
+    if report.into == "nf4":
+        checks.append(bounded_check("kl", cand.kl["mean"], gate.max_kl, True, z,
                                     f"mean KL(reference ‖ {final}) nats/token"))
     else:
-        notes.append(f'into = "{report["into"]}" is a different model by design: KL reported, not gated')
-    weights = report.get("weight_retention", {}).get(final)
+        notes.append(f'into = "{report.into}" is a different model by design: KL reported, not gated')
+    weights = report.weight_retention.get(final)
     if weights and weights.get("aggregate") is not None and final == "merged":
         agg = weights["aggregate"]
         vanished = ", ".join(weights.get("vanished", [])[:5]) or "none"
@@ -125,7 +128,7 @@ def decide(report: dict, gate: GateSettings) -> GateVerdict:
                             PASS if agg >= gate.min_delta_retention else FAIL,
                             f"weight-space retention {agg:.4f} (min {gate.min_delta_retention}); "
                             f"layers whose delta vanished: {vanished}"))
-    windows = report["eval"]["tokens"]["windows"]
+    windows = report.eval.windows
     reasons = [c.detail for c in checks if c.outcome == FAIL]
     for c in checks:
         if c.outcome == INCONCLUSIVE:
@@ -146,7 +149,7 @@ def format_verdict(v: GateVerdict) -> str:
 
 def run_gate(ctx: StageContext) -> dict:
     report = json.loads((ctx.inputs["evaluate"] / "report.json").read_text())
-    verdict = decide(report, ctx.cfg.gate)
+    verdict = decide(EvalReport.from_json(report), ctx.cfg.gate)
     payload = {**report, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
                                   **asdict(verdict), "verdict": verdict.verdict, "passed": verdict.passed}}
     write_json(ctx.out / "report.json", payload)

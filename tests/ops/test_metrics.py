@@ -68,7 +68,9 @@ def test_kl_summary_by_hand():
 def _check(value, se, limit, upper):
     from qmerge.stages.gate import bounded_check, z_value
 
-    return bounded_check("x", {"value": value, "stderr": se}, limit, upper, z_value(0.95), "x")
+    from qmerge.ops.metrics import Estimate
+
+    return bounded_check("x", Estimate(value, se), limit, upper, z_value(0.95), "x")
 
 
 @pytest.mark.parametrize("value,se,outcome", [
@@ -104,11 +106,14 @@ def test_gate_verdicts_from_a_report():
     from qmerge.stages.gate import decide
 
     def report(ret, ret_se, kl):
-        return {"final": "merged", "into": "nf4", "weight_retention": {},
-                "eval": {"tokens": {"windows": 24}, "candidates": {"merged": {
-                    "ppl_ratio": {"value": 1.0, "stderr": 0.001},
-                    "retention": {"value": ret, "stderr": ret_se, "defined": True, "reason": None},
-                    "kl": {"mean": {"value": kl, "stderr": 0.001}}}}}}
+        from qmerge.scores import EvalReport
+
+        return EvalReport.from_json({
+            "protocol": {}, "final": "merged", "into": "nf4", "weight_retention": {},
+            "eval": {"tokens": {"windows": 24}, "ppl": {}, "nll": {}, "per_window": {}, "candidates": {"merged": {
+                "ppl_ratio": {"value": 1.0, "stderr": 0.001},
+                "retention": {"value": ret, "stderr": ret_se, "defined": True, "reason": None},
+                "kl": {"mean": {"value": kl, "stderr": 0.001}}}}}})
 
     gate = GateSettings(eval="x")
     assert decide(report(0.99, 0.01, 0.001), gate).verdict == "pass"

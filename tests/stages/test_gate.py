@@ -56,6 +56,23 @@ def test_honest_float32_merge_passes_and_promotes(honest, capsys):
     assert len([p for p in release.iterdir() if not p.name.startswith(".") and p.name != "latest"]) == 1
 
 
+def test_report_figures_are_rederivable_from_its_per_window_values(honest):
+    """Every gated ± comes from the per-window values the report keeps: all windows reproduce it exactly, and a
+    subset gives different figures (the redraw the gate-stability benchmark uses)."""
+    from dataclasses import asdict
+
+    from qmerge.scores import EvalReport
+
+    rep = EvalReport.from_json(report(honest / "work"))
+    cand, windows = rep.final_scores, rep.eval.windows
+    again = rep.on_windows(list(range(windows))).final_scores
+    assert (again.ppl_ratio, again.retention) == (cand.ppl_ratio, cand.retention)
+    assert again.kl["mean"].value == pytest.approx(cand.kl["mean"].value, rel=1e-12)
+    assert again.kl["mean"].stderr == pytest.approx(cand.kl["mean"].stderr, rel=1e-9)
+    assert rep.on_windows(list(range(windows // 2))).final_scores.ppl_ratio != cand.ppl_ratio
+    assert EvalReport.from_json(rep.to_json()) == rep and asdict(rep) == rep.to_json()
+
+
 def _replace_merge(work: Path, model) -> None:
     merged = stage_dir(work, "merge")
     for f in merged.glob("model*.safetensors*"):
