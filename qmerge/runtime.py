@@ -15,6 +15,7 @@ Both are defaults: a value already in the environment wins.
 from __future__ import annotations
 
 import os
+import sys
 
 from qmerge.io.paths import default_cache_root
 
@@ -60,5 +61,15 @@ def silence_third_party() -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if importlib.util.find_spec("gptqmodel") is not None:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-            import gptqmodel  # noqa: F401
+        with open(os.devnull, "w") as devnull:
+            with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+                import gptqmodel  # noqa: F401
+            # Handlers created during that import (root's, transformers', datasets', ...) captured the discarded
+            # stream: point them back at stderr, so later warnings and errors are neither lost nor a
+            # "--- Logging error ---" traceback about a closed file.
+            for logger in (logging.root, *logging.Logger.manager.loggerDict.values()):
+                for handler in getattr(logger, "handlers", ()):
+                    if isinstance(handler, logging.StreamHandler) and handler.stream is devnull:
+                        handler.setStream(sys.stderr)
+                        if getattr(vars(handler).get("flush"), "__self__", None) is devnull:
+                            del handler.flush  # transformers pins the stream's flush: back to the class's

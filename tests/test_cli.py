@@ -55,3 +55,20 @@ def test_quiet_run_leaves_stderr_free_of_third_party_noise(gated, tmp_path):
     found = [marker for marker in NOISE if marker in done.stderr]
     assert not found, done.stderr
     assert "%|" not in done.stderr, done.stderr  # no progress bars under --quiet, qmerge's own included
+
+
+def test_quiet_import_of_gptqmodel_leaves_no_handler_on_a_closed_stream():
+    """The discarded import output must not take later log records with it: every handler that import created
+    writes to stderr afterwards (a closed stream would turn each warning into a 'Logging error' traceback)."""
+    import logging
+    import subprocess
+
+    code = ("import logging, sys; from qmerge.runtime import silence_third_party; silence_third_party(); "
+            "hs = [h for lg in (logging.root, *logging.Logger.manager.loggerDict.values()) "
+            "for h in getattr(lg, 'handlers', ()) if isinstance(h, logging.StreamHandler)]; "
+            "assert all(not getattr(h.stream, 'closed', False) for h in hs), hs; "
+            "logging.getLogger('transformers').error('qmerge-test-marker')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "qmerge-test-marker" in done.stderr and "Logging error" not in done.stderr, done.stderr
+    del logging
