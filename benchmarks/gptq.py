@@ -10,6 +10,10 @@ also counts touched mmap'd shard pages, and the sampled peak anonymous RSS; "qua
 without the child's imports and cached-artifact checks), then held-out perplexity and KL against the reference
 (NF4 base + adapter unmerged, float32) for the merged model and each quantized one, the latter loaded with
 qmerge's own dequantization (`load_dequantized`) so both backends are scored by the same code.
+Timing: `--repeat N` rounds (default 3), the backends taking turns (A B, B A, ...); before every run the machine
+must be idle (1-minute load ≤ 0.5 and no other torch process, waited for up to 2 min, else the run is refused
+unless `--allow-busy`, which marks the figures). The table shows medians with min–max over the runs and whether
+each backend wrote identical bytes every run; the scores are of the last run's output.
 Prints a markdown table and writes JSON (default benchmarks/results/gptq.json).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from dataclasses import asdict
 import json
 import os
 import platform
@@ -51,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--backends", default="qmerge,gptqmodel")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each backend, taking turns (A B, B A, A B, ...); the table shows medians and min-max")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="time even when the machine is not idle (the table then says so); default: wait, then refuse")
     p.add_argument("--gptqmodel-python", default=sys.executable,
                    help="python of an environment with the gptq extra (gptqmodel 7.6.0 + optimum)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gptq.json")
@@ -101,12 +110,14 @@ def child(config: Path, backend: str, out: Path) -> None:
     (out / "bench_child.json").write_text(json.dumps({"seconds": seconds, "result": result}, default=str))
 
 
-def run_backend(args: argparse.Namespace, backend: str) -> dict:
-    """One backend in its own child (benchmarks/measure.py: wall, ru_maxrss, sampled peak anonymous RSS)."""
-    from measure import run_measured
+def run_backend(args: argparse.Namespace, backend: str, index: int) -> dict:
+    """One backend in its own child (benchmarks/measure.py: wall, ru_maxrss, sampled peak anonymous RSS), after
+    waiting for an idle machine."""
+    from measure import run_measured, wait_for_idle
 
+    busy = wait_for_idle(args.allow_busy)
     config = write_config(args, backend)
-    out = args.work / "out" / f"{backend}-{int(time.time())}"
+    out = args.work / "out" / f"{backend}-{index}-{int(time.time())}"
     python = args.gptqmodel_python if backend == "gptqmodel" else sys.executable
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     cwd = Path.cwd()
@@ -120,8 +131,48 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
         return {"backend": backend, "error": f"child exited {m.rc}; see {args.work / f'{backend}.log'}"}
     stats = json.loads((out / "bench_child.json").read_text())
     return {"backend": backend, "folder": str(out), "quantize_seconds": stats["seconds"],
-            "child_wall_seconds": m.wall_s,
+            "child_wall_seconds": m.wall_s, "busy": busy, "weights_sha256": _weights_digest(out),
             "peak_rss_mb": m.maxrss_mb, "peak_anon_rss_mb": m.anon_peak_mb}
+
+
+def _weights_digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def alternate(args: argparse.Namespace, backends: list[str]) -> dict[str, list[dict]]:
+    """`repeat` rounds, the order reversed every other round (A B, B A, ...) so drift in the machine's speed
+    hits every backend alike."""
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    for i in range(args.repeat):
+        for backend in backends if i % 2 == 0 else backends[::-1]:
+            row = run_backend(args, backend, i)
+            print(f"round {i + 1}/{args.repeat} {backend}: "
+                  + (row["error"] if "error" in row else f"{row['quantize_seconds']:.1f} s, "
+                     f"peak anon {row['peak_anon_rss_mb']:.0f} MB"), flush=True)
+            runs[backend].append(row)
+    return runs
+
+
+def summarize_runs(backend: str, runs: list[dict]) -> dict:
+    """Median and min-max of every run's time and memory; the folder of the last run (for the scores)."""
+    from statistics import median
+
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"backend": backend, "error": runs[-1]["error"]}
+    secs = [r["quantize_seconds"] for r in ok]
+    anon = [r["peak_anon_rss_mb"] for r in ok]
+    return {"backend": backend, "folder": ok[-1]["folder"], "runs": len(ok), "failed_runs": len(runs) - len(ok),
+            "quantize_seconds": median(secs), "quantize_seconds_range": [min(secs), max(secs)],
+            "peak_anon_rss_mb": median(anon), "peak_anon_rss_mb_range": [min(anon), max(anon)],
+            "peak_rss_mb": median(r["peak_rss_mb"] for r in ok),
+            "identical_weights_every_run": len({r["weights_sha256"] for r in ok}) == 1,
+            "busy": [r["busy"] for r in ok if r["busy"]], "all_runs": runs}
 
 
 def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
@@ -149,25 +200,43 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     batches = list(torch.split(windows.ids, 4))
     scores = score(batches, whole_model_logits(forwards, batches), ("base", *candidates), candidates, quiet=False,
                    desc="evaluate")
-    return summarize(scores, candidates)
+    return asdict(summarize(scores, candidates))
 
 
 def table(rows: list[dict], ev: dict) -> str:
     ppl = ev["ppl"]
-    lines = ["| model | quantize s | peak RSS MB (ru_maxrss) | peak anon RSS MB | ppl (± se) | KL vs reference (± se) "
-             "| retention |", "|---|---|---|---|---|---|---|",
+    lines = ["| model | runs | quantize s, median (min–max) | peak anon RSS MB, median (min–max) | ppl (± se) "
+             "| KL vs reference (± se) | retention (± se) |", "|---|---:|---|---|---|---|---|",
              f"| reference | | | | {ppl['reference']['value']:.2f} ± {ppl['reference']['stderr']:.2f} | 0 | 100 % |",
              f"| base (NF4) | | | | {ppl['base']['value']:.2f} ± {ppl['base']['stderr']:.2f} | | 0 % |"]
     for name in ev["candidates"]:
         row = next((r for r in rows if r["backend"] == name), {})
         c = ev["candidates"][name]
         kl, ret = c["kl"]["mean"], c["retention"]
-        secs = f"{row['quantize_seconds']:.1f}" if row else ""
-        rss = f"{row['peak_rss_mb']:.0f} | {row['peak_anon_rss_mb']:.0f}" if row else " | "
-        retention = f"{100 * ret['value']:.0f} %" if ret["defined"] else "undefined"
-        lines.append(f"| {name} | {secs} | {rss} | {ppl[name]['value']:.2f} ± {ppl[name]['stderr']:.2f} | "
+        if row:
+            lo, hi = row["quantize_seconds_range"]
+            alo, ahi = row["peak_anon_rss_mb_range"]
+            timing = (f"{row['runs']} | {row['quantize_seconds']:.1f} ({lo:.1f}–{hi:.1f}) | "
+                      f"{row['peak_anon_rss_mb']:.0f} ({alo:.0f}–{ahi:.0f})")
+        else:
+            timing = " | | "
+        retention = (f"{100 * ret['value']:.0f} ± {100 * ret['stderr']:.0f} %" if ret["defined"] else "undefined")
+        lines.append(f"| {name} | {timing} | {ppl[name]['value']:.2f} ± {ppl[name]['stderr']:.2f} | "
                      f"{kl['value']:.4f} ± {kl['stderr']:.4f} | {retention} |")
     return "\n".join(lines)
+
+
+def ratio_line(runs: dict[str, list[dict]]) -> str | None:
+    """qmerge / GPTQModel wall: the ratio of medians, and the range over the rounds (each round's pair)."""
+    from statistics import median
+
+    a = [r.get("quantize_seconds") for r in runs.get("qmerge", [])]
+    b = [r.get("quantize_seconds") for r in runs.get("gptqmodel", [])]
+    pairs = [x / y for x, y in zip(a, b) if x and y]
+    if not pairs:
+        return None
+    return (f"qmerge / GPTQModel quantize wall: {median(x for x in a if x) / median(y for y in b if y):.2f}× "
+            f"(ratio of medians; per round {min(pairs):.2f}–{max(pairs):.2f}×, {len(pairs)} rounds)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,11 +247,19 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.adapter / "adapter_config.json").is_file():
         raise SystemExit(f"{args.adapter}: no adapter here; train it (scripts/train_demo_adapter.py) or pass --adapter")
     dirs = prepare(write_config(args, "qmerge"))
-    rows = [run_backend(args, b) for b in args.backends.split(",") if b]
+    runs = alternate(args, [b for b in args.backends.split(",") if b])
+    rows = [summarize_runs(b, r) for b, r in runs.items()]
     ev = evaluate(args, dirs, rows)
     print(table(rows, ev))
+    ratio = ratio_line(runs)
+    if ratio:
+        print(ratio)
+    busy = [b for r in rows for b in r.get("busy", [])]
+    if busy:
+        print(f"WARNING: {len(busy)} runs were timed on a busy machine ({busy[0]}): these figures do not count")
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "child"},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "backends": rows, "eval": ev,
+              "ratio": ratio,
               "rss_note": "peak_rss_mb: ru_maxrss of the child (anonymous + touched mmap'd pages); "
                           "peak_anon_rss_mb: highest RssAnon sampled every 20 ms"}
     for row in rows:

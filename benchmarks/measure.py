@@ -71,3 +71,48 @@ def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measureme
     return Measurement(cmd, proc.returncode, wall, usage.ru_maxrss / 1024, peak[0] / 1024,
                        io.get("rchar", 0) * mb, io.get("wchar", 0) * mb, io.get("read_bytes", 0) * mb,
                        io.get("write_bytes", 0) * mb)
+
+
+def _torch_processes() -> list[str]:
+    """Other processes that have libtorch mapped (a torch job competing for the cores), as 'pid command'."""
+    mine = {os.getpid(), os.getppid()}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in mine:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                if "libtorch_cpu" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:100]
+            found.append(f"{entry} {command}")
+        except OSError:
+            continue
+    return found
+
+
+def idle_check(max_load: float = 0.5) -> str | None:
+    """None when the machine is idle enough to time on: the 1-minute load average at most `max_load` and no
+    other torch process; else what is busy."""
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
+    others = _torch_processes()
+    if load <= max_load and not others:
+        return None
+    return f"load average {load:.2f} (max {max_load})" + (f"; other torch processes: {others}" if others else "")
+
+
+def wait_for_idle(allow_busy: bool, max_load: float = 0.5, patience_s: float = 120) -> str | None:
+    """Waits up to `patience_s` for an idle machine. Still busy: raises SystemExit, or with `allow_busy` returns
+    the reason (the caller marks the figures as taken on a busy machine)."""
+    deadline = time.monotonic() + patience_s
+    while (busy := idle_check(max_load)) is not None and time.monotonic() < deadline:
+        time.sleep(5)
+    if busy is None:
+        return None
+    if not allow_busy:
+        raise SystemExit(f"machine is not idle: {busy}. Timings taken now would mislead; stop the other jobs, "
+                         "or pass --allow-busy to measure anyway (the table will say so)")
+    print(f"WARNING: timing on a busy machine: {busy}", flush=True)
+    return busy
