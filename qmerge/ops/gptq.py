@@ -7,6 +7,7 @@ Shaped like llm-compressor's `modifiers/gptq/gptq_quantize.py`: `make_empty_hess
 is the one GPTQ checkpoints store: min/max asymmetric or symmetric, scales rounded to fp16 *before* use
 (the format stores fp16 scales, so the error the solver feeds back is the error of what is stored), zero
 points in [1, 2^bits] (the v1 format stores zero − 1 as an unsigned `bits`-bit field).
+Where and why this departs from IST-DASLab's and GPTQModel's GPTQ: docs/design.md, "GPTQ: where qmerge differs".
 
 Pure tensor math, no I/O. Computes in GPTQ_PRECISION, or float64 when handed float64 (test oracles).
 """
