@@ -5,6 +5,10 @@ It follows the OBQ update the paper starts from (Sec. 3, eqs. 2–3, with the fi
 "Step 1"): quantize column p, move the remaining columns by −(w_p − q_p)/[H⁻¹]_pp · [H⁻¹]_p,:, then
 remove p from H⁻¹ by Gaussian elimination, H⁻¹ ← H⁻¹ − H⁻¹_:,p H⁻¹_p,: / [H⁻¹]_pp. The per-group grid
 (`reference_grid`, written here row by row in plain Python) is found when a group's first column is reached.
+
+It makes qmerge's choices where qmerge departs from the published GPTQ code (fp16 grid, zero ≥ 1, symmetric range
+for one-signed groups, grids on fully updated columns, dead columns kept; docs/design.md, "GPTQ: where qmerge
+differs"), so it cannot catch those: test_gptq_gptqmodel.py checks them against GPTQModel itself.
 """
 
 from __future__ import annotations
