@@ -15,6 +15,10 @@ class QmergeError(Exception):
     exit_code = EXIT_INTERNAL
 
 
+class KernelCompileError(QmergeError):
+    """A fused kernel could not be compiled under QMERGE_COMPILE_STRICT (exit 1): no silent eager fallback."""
+
+
 class BadInputError(QmergeError):
     """Bad config or bad input file (exit 2). The message names the file and the problem."""
 

@@ -13,6 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A fused kernel that fails to compile raises (also in the pipeline subprocesses) instead of handing over to its
+# eager twin, which would make the fused-vs-twin tests compare the twin with itself. Set 0 to run without a C++
+# compiler; the tests that count compiled calls then fail, as they should.
+os.environ.setdefault("QMERGE_COMPILE_STRICT", "1")
 warnings.filterwarnings("ignore", module="transformers|peft|bitsandbytes")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qmerge.errors import KernelCompileError
 from qmerge.numerics import cast_as_trained
 
 log = logging.getLogger(__name__)
@@ -155,26 +156,59 @@ def _roundtrip_kernel(blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.T
 NF4_MIDPOINTS_LIST = NF4_MIDPOINTS.tolist()
 
 
+# Graphs one kernel may build: each (weight dtype, cast chain, storage dtype) is its own. A merge needs a few, the
+# test suite a few dozen; past dynamo's default of 8 the rest would run as plain Python, without a word.
+RECOMPILE_LIMIT = 64
+
+
+def compile_strict() -> bool:
+    """`QMERGE_COMPILE_STRICT=1` (the test suite's setting): a kernel that cannot be compiled raises instead of
+    handing over to its eager twin, so that a test of the fused path cannot pass by comparing the twin with itself."""
+    return os.environ.get("QMERGE_COMPILE_STRICT", "") not in ("", "0")
+
+
+def _missing_compiler() -> str:
+    """The usual reason inductor fails on a fresh machine, said plainly (its CPU backend builds C++), or ""."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return ""
+    except Exception:  # noqa: BLE001 - whatever the lookup raises, no compiler was found
+        return "no C++ compiler found (inductor tries $CXX, else g++): install one, or set QMERGE_COMPILE_STRICT=0"
+
+
 class CompiledKernel:
     """`fn` compiled by inductor (dynamic shapes) on its first call. Where that cannot work (no C++ compiler,
     or `QMERGE_NO_COMPILE=1`) a call returns None and the caller takes its eager twin, which gives the same
-    bits; so does any later failure, after which the kernel stays off for this process."""
+    bits; so does any later failure, after which the kernel stays off for this process. Under `compile_strict()`
+    a failure raises instead. `fullgraph` turns what dynamo would otherwise run eagerly behind the caller's back
+    (a graph break, too many graphs) into such a failure, so `ran`, the calls answered by compiled code, is exact."""
 
     def __init__(self, fn, **options):
-        self.fn, self.options, self._compiled, self.failed = fn, options, None, False
+        self.fn, self.options, self._compiled, self.failed, self.ran = fn, options, None, False, 0
 
     def __call__(self, *args):
-        if self.failed or os.environ.get("QMERGE_NO_COMPILE"):
+        strict = compile_strict()
+        if os.environ.get("QMERGE_NO_COMPILE") or (self.failed and not strict):
             return None
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True, options=self.options or None)
-            return self._compiled(*args)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager twin
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=self.options or None)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                out = self._compiled(*args)
+        except Exception as e:  # any compiler failure: the eager twin, or under strict an error
+            if strict:
+                why = _missing_compiler() or "QMERGE_COMPILE_STRICT is set (0 takes the eager path)"
+                detail = (str(e).strip().splitlines() or [""])[0]  # dynamo appends paragraphs of debugging hints
+                raise KernelCompileError(f"torch.compile failed for {self.fn.__name__}: {why}; "
+                                         f"{type(e).__name__}: {detail}") from e
             log.warning("torch.compile failed for %s (%s); using the eager path (same bits, slower)",
                         self.fn.__name__, e)
             self.failed = True
             return None
+        self.ran += 1
+        return out
 
 
 ROUNDTRIP = CompiledKernel(_roundtrip_kernel)

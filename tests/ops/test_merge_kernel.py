@@ -1,16 +1,22 @@
 """`nf4_merge` (one inductor kernel per weight) against its op-by-op twin `nf4_merge_reference`: the stored
 bits identical, the retention sums equal to float64 rounding, for every storage dtype and cast chain the
-merge stage can ask for; and the merge stage writes the same checkpoint with or without the fused path."""
+merge stage can ask for; and the merge stage writes the same checkpoint with or without the fused path. Each
+fused case also checks that compiled code answered (`MERGE.ran`): the suite runs with QMERGE_COMPILE_STRICT, and
+a silent eager fallback would compare the twin with itself."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
+from qmerge.errors import KernelCompileError
+from qmerge.ops import merge_kernel
 from qmerge.ops.lora import lora_delta
 from qmerge.ops.merge_kernel import nf4_merge, nf4_merge_reference
+from qmerge.ops.nf4 import CompiledKernel
 from tests.conftest import make_adapter, run_cli, write_config
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -35,7 +41,9 @@ def test_fused_equals_op_by_op(storage, chain, double_quant):
     scale = 16 / 8 ** 0.5  # rslora: not a power of two, so the float32 product rounds
     ba = b @ a
     assert torch.equal(ba * scale, lora_delta(a, b, scale))  # the factor/scale split is lora_delta's product
+    ran = merge_kernel.MERGE.ran
     stored, metrics = nf4_merge(w, ba, scale, 64, double_quant, chain, storage)
+    assert merge_kernel.MERGE.ran == ran + 1
     ref_stored, ref_metrics = nf4_merge_reference(w, ba, scale, 64, double_quant, chain, storage)
     assert stored.dtype == storage and stored.shape == w.shape
     assert torch.equal(stored, ref_stored)
@@ -59,13 +67,45 @@ def test_the_casts_matter_on_this_input():
 def test_partial_blocks_and_eager_fallback(shape, monkeypatch):
     w, a, b = _inputs(shape)
     ba = b @ a
+    ran = merge_kernel.MERGE.ran
     fused = nf4_merge(w, ba, 2.0, 64, True, (BF16,), BF16)
+    assert merge_kernel.MERGE.ran == ran + (w.numel() % 64 == 0)  # a partial block takes the op-by-op path
     monkeypatch.setenv("QMERGE_NO_COMPILE", "1")
     eager = nf4_merge(w, ba, 2.0, 64, True, (BF16,), BF16)
+    assert merge_kernel.MERGE.ran == ran + (w.numel() % 64 == 0)
     ref = nf4_merge_reference(w, ba, 2.0, 64, True, (BF16,), BF16)
     for got in (fused, eager):
         assert torch.equal(got[0], ref[0])
         assert got[1] == pytest.approx(ref[1], rel=1e-12, abs=0)
+
+
+def test_compile_failure_takes_the_eager_twin_unless_strict(monkeypatch, caplog):
+    """The fallback itself, on a kernel inductor cannot build (and no C++ compiler on the path): strict, an error
+    that says so; otherwise the op-by-op bits, a warning, and the kernel off from then on."""
+    from torch._inductor import config as inductor_config
+
+    def broken(fn, **options):
+        def compiled(*args):
+            raise RuntimeError("C++ compile failed")
+        return compiled
+
+    monkeypatch.setattr(merge_kernel, "MERGE", CompiledKernel(merge_kernel._merge_kernel, emulate_precision_casts=True))
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(logging.getLogger("qmerge"), "propagate", True)  # the CLI turns it off
+    w, a, b = _inputs()
+    ba = b @ a
+    ref = nf4_merge_reference(w, ba, 2.0, 64, True, (BF16,), BF16)
+    monkeypatch.setenv("QMERGE_COMPILE_STRICT", "1")
+    with pytest.raises(KernelCompileError, match=r"_merge_kernel: no C\+\+ compiler found.*C\+\+ compile failed"):
+        nf4_merge(w, ba, 2.0, 64, True, (BF16,), BF16)
+    assert not merge_kernel.MERGE.failed
+    monkeypatch.setenv("QMERGE_COMPILE_STRICT", "0")
+    with caplog.at_level(logging.WARNING, logger="qmerge.ops.nf4"):
+        got = nf4_merge(w, ba, 2.0, 64, True, (BF16,), BF16)
+    assert torch.equal(got[0], ref[0]) and got[1] == pytest.approx(ref[1], rel=1e-12, abs=0)
+    assert "torch.compile failed for _merge_kernel" in caplog.text
+    assert merge_kernel.MERGE.failed and merge_kernel.MERGE.ran == 0
 
 
 def test_non_finite_weight_takes_the_exact_path():
@@ -99,6 +139,7 @@ def test_merge_stage_same_checkpoint_with_and_without_fusion(tmp_path, tiny_llam
         fused_calls.append(out is not None)
         return out
 
+    ran = merge_kernel.MERGE.ran
     for route in ("fused", "op-by-op"):
         monkeypatch.setattr(merge, "_fused_merge", counting if route == "fused" else lambda *args: None)
         folder = tmp_path / route
@@ -110,6 +151,7 @@ def test_merge_stage_same_checkpoint_with_and_without_fusion(tmp_path, tiny_llam
         outputs[route] = load_file(out / "model.safetensors")
         reports[route] = json.loads((out / "merge_report.json").read_text())["layers"]
     assert sum(fused_calls) == 8  # q, v, down (first adapter) and up (second), in both layers
+    assert merge_kernel.MERGE.ran == ran + 8  # each by compiled code
     assert outputs["fused"].keys() == outputs["op-by-op"].keys()
     for name, t in outputs["fused"].items():
         assert torch.equal(t, outputs["op-by-op"][name]), name

@@ -1,13 +1,14 @@
 """NF4 reproduction: the torch path equals bitsandbytes bit for bit, and both equal what transformers +
-bitsandbytes hold after loading a model with BitsAndBytesConfig(nf4, double quant)."""
+bitsandbytes hold after loading a model with BitsAndBytesConfig(nf4, double quant). The fused round trip's tests
+check that compiled code answered (`ROUNDTRIP.ran`), not its eager twin."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qmerge.ops.nf4 import (NF4_CODE, dequantize_nf4, dequantize_nf4_bnb, nf4_state_from_serialized, nf4_weight,
-                            quantize_nf4, quantize_nf4_bnb)
+from qmerge.ops.nf4 import (NF4_CODE, ROUNDTRIP, dequantize_nf4, dequantize_nf4_bnb, nf4_state_from_serialized,
+                            nf4_weight, quantize_nf4, quantize_nf4_bnb)
 from tests.conftest import make_base
 
 
@@ -62,7 +63,7 @@ def test_matches_transformers_load_time_quantization(tmp_path):
     saved = load_file(tmp_path / "bnb" / "model.safetensors")
     import bitsandbytes.functional as F
 
-    checked = 0
+    checked, ran = 0, ROUNDTRIP.ran
     for name, module in loaded.named_modules():
         if getattr(getattr(module, "weight", None), "quant_state", None) is None:
             continue
@@ -76,6 +77,7 @@ def test_matches_transformers_load_time_quantization(tmp_path):
         assert torch.equal(dequantize_nf4(from_disk).float(), expected)
         checked += 1
     assert checked == 14  # 7 linears x 2 layers; lm_head and embeddings stay unquantized
+    assert ROUNDTRIP.ran == ran + 14
 
 
 @pytest.mark.gpu
@@ -100,7 +102,9 @@ def test_fused_roundtrip_is_bit_identical_to_slow_twin(shape, dtype, double_quan
         w.view(-1)[:64] = 0  # an all-zero block
         w.view(-1)[64] = 1e-30  # a block whose absmax is tiny
     slow = dequantize_nf4(quantize_nf4(w, 64, double_quant), torch.float32)
+    ran = ROUNDTRIP.ran
     fast = nf4_roundtrip_fused(w, 64, double_quant)
+    assert ROUNDTRIP.ran == ran + (w.numel() % 64 == 0)  # a partial block takes the slow twin
     assert fast.dtype == torch.float32 and torch.equal(fast, slow)
 
 
@@ -113,7 +117,9 @@ def test_fused_roundtrip_codes_exact_at_midpoints():
     w = torch.cat([vals, torch.tensor([1.0])]).repeat(64)[: 64 * 46].reshape(-1, 64)
     w[:, 0] = 1.0  # absmax 1 in every block: scaled == value
     slow = dequantize_nf4(quantize_nf4(w, 64, False), torch.float32)
+    ran = ROUNDTRIP.ran
     assert torch.equal(nf4_roundtrip_fused(w, 64, False), slow)
+    assert ROUNDTRIP.ran == ran + 1
 
 
 def test_fused_roundtrip_falls_back_on_nan():
@@ -122,10 +128,40 @@ def test_fused_roundtrip_falls_back_on_nan():
     w = torch.randn(4, 64)
     w[1, 3] = float("nan")
     slow = dequantize_nf4(quantize_nf4(w, 64, False), torch.float32)
+    ran = ROUNDTRIP.ran
     torch.testing.assert_close(nf4_roundtrip_fused(w, 64, False), slow, equal_nan=True, atol=0, rtol=0)
+    assert ROUNDTRIP.ran == ran  # NaN semantics only bucketize keeps
 
 
 def test_nf4_weight_cpu_equals_slow_twin_on_a_llama_sized_layer():
     w = (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
     slow = dequantize_nf4(quantize_nf4(w, 64, True), torch.float32).to(torch.bfloat16).float()
+    ran = ROUNDTRIP.ran
     assert torch.equal(nf4_weight(w, 64, True, torch.bfloat16, "cpu"), slow)
+    assert ROUNDTRIP.ran == ran + 1
+
+
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _with_graph_break(x: torch.Tensor) -> torch.Tensor:
+    torch._dynamo.graph_break()
+    return x * 2
+
+
+def test_what_dynamo_would_run_eagerly_is_a_failure(monkeypatch):
+    """Dynamo runs a graph break, or a graph past its recompile limit, as plain Python without a word; a kernel
+    makes both a compile failure, so that `ran` counts compiled code only."""
+    from qmerge.errors import KernelCompileError
+    from qmerge.ops import nf4
+
+    monkeypatch.setenv("QMERGE_COMPILE_STRICT", "1")
+    monkeypatch.setattr(nf4, "RECOMPILE_LIMIT", 1)
+    kernel, x = nf4.CompiledKernel(_twice), torch.ones(64)
+    assert torch.equal(kernel(x), x * 2) and kernel.ran == 1
+    with pytest.raises(KernelCompileError, match="_twice"):
+        kernel(x.double())  # a second graph
+    with pytest.raises(KernelCompileError, match="_with_graph_break"):
+        nf4.CompiledKernel(_with_graph_break)(x)
+    assert kernel.ran == 1
