@@ -80,6 +80,39 @@ def test_matches_transformers_load_time_quantization(tmp_path):
     assert ROUNDTRIP.ran == ran + 14
 
 
+@pytest.mark.parametrize("stored,load,compute", [("float16", "bfloat16", "bfloat16"),
+                                                 ("float32", "bfloat16", "bfloat16"),
+                                                 ("float32", "float16", "bfloat16")])
+def test_cast_chain_matches_bitsandbytes(tmp_path, stored, load, compute):
+    """A base stored in one dtype and loaded in another: bitsandbytes quantizes the loaded (rounded) weight,
+    dequantizes to that dtype and Linear4bit casts to compute_dtype. `as_trained` (NF4Recipe.seen_dtype_chain)
+    must give exactly what bitsandbytes gives, checked against bitsandbytes' own dequantize_4bit."""
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qmerge.io.base import BaseCheckpoint, NF4Recipe
+    from tests.conftest import DTYPES
+
+    base = make_base(tmp_path / "base", dtype=stored)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=DTYPES[compute])
+    loaded = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, device_map="cpu", dtype=DTYPES[load])
+    ours = BaseCheckpoint(base, NF4Recipe(64, True, load, compute, None))
+    unloaded = BaseCheckpoint(base, NF4Recipe(64, True, None, compute, None))  # the chain without the load cast
+    checked = differs = 0
+    for name, module in loaded.named_modules():
+        qs = getattr(getattr(module, "weight", None), "quant_state", None)
+        if qs is None:
+            continue
+        assert qs.dtype == DTYPES[load] and qs.nested and module.compute_dtype == DTYPES[compute]
+        expected = F.dequantize_4bit(module.weight.data, qs).to(module.compute_dtype).float()
+        assert torch.equal(ours.as_trained(f"{name}.weight"), expected), name
+        differs += not torch.equal(unloaded.as_trained(f"{name}.weight"), expected)
+        checked += 1
+    assert checked == 14
+    assert differs == 14  # the load cast changes every weight here: a chain that skipped it would fail above
+
+
 @pytest.mark.gpu
 def test_cuda_and_cpu_codes(capsys):
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
