@@ -106,7 +106,10 @@ def test_into_original_reports_kl_but_gates_on_ppl_and_retention(gated, tmp_path
     assert "kl" not in names and "ppl_ratio" in names
     assert report["eval"]["candidates"]["merged"]["kl"]["mean"]["value"] > 0
     assert any("different model by design" in n for n in report["gate"]["notes"])
-    assert code == (0 if report["gate"]["passed"] else 3)
+    # The adapter is strong (‖ΔW‖/‖W‖ ≈ 1.5): NF4's error costs ~1 % perplexity against a 2 % limit (measured
+    # 1.009, upper bound 1.012) and retention stays ~0.99. So the gate passes and the release is published.
+    assert report["gate"]["passed"], report["gate"]
+    assert code == 0
 
 
 def test_into_auto_scores_both_on_the_select_split(gated, tmp_path):
@@ -115,10 +118,14 @@ def test_into_auto_scores_both_on_the_select_split(gated, tmp_path):
     sel = _merge_result(tmp_path / "work")["selection"]
     assert set(sel["mean_nll"]) == {"nf4", "original"}
     assert sel["chosen"] == min(sel["mean_nll"], key=sel["mean_nll"].get)
+    # The adapter was trained on W_nf4 and is merged in float32: into "nf4" is the model as trained, which
+    # "original" (no NF4 error) cannot beat on held-out text (measured 3.570 vs 3.575 nats).
+    assert sel["chosen"] == "nf4"
     (d,) = [d for d in (tmp_path / "work" / "gate").iterdir() if (d / "done.json").is_file()]
     report = json.loads((d / "report.json").read_text())
     assert report["into"] == sel["chosen"] and report["selection"]["mean_nll"] == sel["mean_nll"]
-    assert code == (0 if report["gate"]["passed"] else 3)
+    assert report["gate"]["passed"], report["gate"]
+    assert code == 0
 
 
 def test_auto_refuses_the_gates_own_eval_split(gated, tmp_path, capsys):
