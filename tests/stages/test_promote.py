@@ -1,5 +1,6 @@
-"""promote: concurrent promotions of one name in two processes, an interrupted promotion, versions never
-overwritten, and merge.into = "original" / "auto" (chosen on the select split, never the gate's)."""
+"""promote: concurrent promotions of one name in two processes (one key; two versions at once), an interrupted
+promotion, versions never overwritten, and merge.into = "original" / "auto" (chosen on the select split, never
+the gate's)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from qmerge.io.atomic import TEMP_MARK
 from tests.conftest import gate_config, run_cli, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +57,78 @@ def test_two_processes_promote_the_same_name(gated, tmp_path):
     manifest = assert_complete(root / "latest")
     assert (root / "latest").resolve().name == manifest["version"]
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+
+
+def _promoting(folder: Path) -> bool:
+    """Whether the run in `folder` is inside its promote stage (the stage's temp dir exists)."""
+    stage = folder / "work" / "promote"
+    return stage.is_dir() and any(TEMP_MARK in p.name for p in stage.iterdir())
+
+
+def _latest_seen(root: Path) -> str | None:
+    """What a reader of `latest` finds now: nothing before the first release, else a whole published version."""
+    latest = root / "latest"
+    if not latest.is_symlink():
+        assert not latest.exists()
+        return None
+    version = os.readlink(latest)  # versions are immutable once published: read through the name, not the link
+    manifest = json.loads((root / version / "manifest.json").read_text())
+    assert manifest["version"] == version
+    assert all((root / version / name).is_file() for name in manifest["files"])
+    return version
+
+
+def test_two_processes_promote_two_versions_at_once(gated, tmp_path):
+    """Two different releases (two adapters, so two keys) of one name, promoted by two processes at once: the
+    test holds the name's lock until both wait for it inside their promote stage. Both publish, and `latest`
+    is never missing once set, never dangling, never a half-written folder; it ends at one of the two."""
+    from qmerge.io.atomic import file_lock
+
+    releases = tmp_path / "releases"
+    root = releases / "tiny"
+    folders, cfgs = [tmp_path / "run1", tmp_path / "run2"], []
+    for folder, adapter in zip(folders, (gated["adapter"], gated["fragile"])):
+        folder.mkdir()
+        cfg = gate_config(folder, gated, adapter)
+        assert run_cli(cfg) == 0  # merge to gate finished (and released elsewhere): below, promote alone runs
+        cfg.write_text(cfg.read_text().replace(f'dir = "{folder / "releases"}"', f'dir = "{releases}"'))
+        cfgs.append(cfg)
+    root.mkdir(parents=True)
+    procs, seen = [], set()
+    try:
+        with file_lock(root / ".lock"):
+            procs = [cli(cfg, "--release-version", f"v{i}", env={"QMERGE_TEST_SLOW_WRITE": "0.2"})
+                     for i, cfg in enumerate(cfgs, 1)]
+            deadline = time.time() + 240
+            while not all(_promoting(f) for f in folders):
+                assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                    [p.stderr.read().decode() for p in procs if p.poll() is not None]
+                time.sleep(0.05)
+            assert _latest_seen(root) is None
+        while any(p.poll() is None for p in procs):
+            now = _latest_seen(root)
+            assert now is not None or not seen, f"latest vanished after pointing at {seen}"
+            seen |= {now} - {None}
+            time.sleep(0.01)
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], [p.stderr.read().decode() for p in procs]
+    assert visible(root) == {"v1", "v2", "latest"}, visible(root)
+    manifests = [assert_complete(root / v) for v in ("v1", "v2")]
+    assert [m["version"] for m in manifests] == ["v1", "v2"] and manifests[0]["key"] != manifests[1]["key"]
+    for folder, manifest in zip(folders, manifests):  # each run says it promoted its own version
+        done = [json.loads((d / "done.json").read_text())["result"] for d in (folder / "work" / "promote").iterdir()
+                if (d / "done.json").is_file()]
+        assert {"status": "promoted", "release": str(root / manifest["version"]), "key": manifest["key"]} in \
+            [{k: r.get(k) for k in ("status", "release", "key")} for r in done], done
+    final = _latest_seen(root)
+    assert final in {"v1", "v2"} and seen <= {"v1", "v2"}, seen
+    assert assert_complete(root / "latest")["version"] == final
+    assert not [p for p in root.iterdir() if TEMP_MARK in p.name]
 
 
 def test_interrupted_promotion_keeps_previous_latest(gated, tmp_path):
