@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qmerge.config import Config
 from qmerge.errors import EXIT_OK, BadInputError
-from qmerge.io.atomic import atomic_dir, clean_stale_temps, write_json
+from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, write_json
 
 log = logging.getLogger("qmerge")
 KEYED_PACKAGES = ("qmerge", "torch", "bitsandbytes", "transformers", "peft")
@@ -164,16 +164,30 @@ class Runner:
                     return records, exit_code
                 continue
             if done is not None and stage.cached and not self._forced(index, stage):
-                records.append(StageRecord(stage.name, key, "cached", 0.0, done["result"]))
-                results[stage.name] = done["result"]
+                record = StageRecord(stage.name, key, "cached", 0.0, done["result"])
             else:
-                record = self._run_stage(stage, path, dirs, results, keys)
-                records.append(record)
-                results[stage.name] = record.result
+                record = self._run_or_reuse(stage, index, path, dirs, results, keys)
+            records.append(record)
+            results[stage.name] = record.result
             exit_code = results[stage.name].get("exit_code", EXIT_OK)
             if exit_code != EXIT_OK:
                 return records, exit_code
         return records, EXIT_OK
+
+    def _run_or_reuse(self, stage: Stage, index: int, path: Path, dirs, results, keys) -> StageRecord:
+        """Builds `path` under its key's lock. Runs sharing a work dir take turns per key: a key another run
+        finished while this one waited is reused, never rebuilt or replaced (replaced only when forced, by
+        --force / --from / --only); different keys build in parallel."""
+        forced = self._forced(index, stage)
+
+        def waiting(holder: str) -> None:
+            log.info("stage %s %s is being built by process %s; waiting for it", stage.name, path.name, holder)
+
+        with file_lock(path.parent / f".{path.name}.lock", timeout=None, on_wait=waiting):
+            done = _load_done(path)
+            if done is not None and stage.cached and not forced:
+                return StageRecord(stage.name, path.name, "cached", 0.0, done["result"])
+            return self._run_stage(stage, path, dirs, results, keys, replace=path.exists())
 
     def _run_keyed_by_result(self, stage: Stage) -> StageRecord:
         start = time.perf_counter()
@@ -186,9 +200,10 @@ class Runner:
         if self.opts.dry_run:
             return StageRecord(stage.name, key, "ran", seconds, result)
         if _load_done(path) is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_dir(path, replace=True) as tmp:
-                self._write_done(tmp, stage.name, key, seconds, result)
+            with file_lock(path.parent / f".{key}.lock", timeout=None):
+                if _load_done(path) is None:  # equal keys mean equal results: whoever comes first publishes
+                    with atomic_dir(path, replace=path.exists()) as tmp:
+                        self._write_done(tmp, stage.name, key, seconds, result)
         return StageRecord(stage.name, key, "ran", seconds, result)
 
     def _write_done(self, out: Path, name: str, key: str, seconds: float, result: dict) -> None:
@@ -196,13 +211,13 @@ class Runner:
         # done.json last: its presence is what marks the artifact complete.
         write_json(out / "done.json", done)
 
-    def _run_stage(self, stage: Stage, path: Path, dirs, results, keys) -> StageRecord:
+    def _run_stage(self, stage: Stage, path: Path, dirs, results, keys, replace: bool = False) -> StageRecord:
         start = time.perf_counter()
         inputs = {n: dirs[n] for n in stage.needs if n in dirs}
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(path.parent)
         log.info("stage %s -> %s", stage.name, path)
-        with atomic_dir(path, replace=True) as tmp:
+        with atomic_dir(path, replace=replace) as tmp:
             ctx = StageContext(self.cfg, tmp, inputs, dict(results), dict(keys), self.opts.quiet,
                                self.opts.release_version)
             result = stage.entry()(ctx)

@@ -160,16 +160,22 @@ def swap_symlink(link: Path | str, target_name: str) -> None:
 
 
 @contextmanager
-def file_lock(path: Path | str, timeout: float | None = 600.0) -> Iterator[None]:
+def file_lock(path: Path | str, timeout: float | None = 600.0, on_wait=None) -> Iterator[None]:
     """Exclusive advisory lock (fcntl.flock) on `path`, waiting up to `timeout` seconds (None: forever).
-    flock belongs to the open file, so it is released if the holder dies; it is not re-entrant."""
+    flock belongs to the open file, so it is released if the holder dies; it is not re-entrant.
+    `on_wait(holder_pid)` is called once if the lock is held by another process when we arrive."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        if timeout is None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        else:
-            _flock_with_deadline(f, path, timeout)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(path.read_text().strip() or "?")
+            if timeout is None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            else:
+                _flock_with_deadline(f, path, timeout)
         try:
             f.seek(0)
             f.truncate()

@@ -113,3 +113,48 @@ def test_only_redoes_one_stage_and_stops(tmp_path, tiny_llama):
     before = merge_dir(tmp_path / "work").stat().st_mtime_ns
     assert run_cli(cfg, "--only", "merge") == 0  # redone, even though finished
     assert merge_dir(tmp_path / "work").stat().st_mtime_ns != before
+
+
+def _stage_status(stdout: str, stage: str) -> tuple[str, str]:
+    """(key, status) of `stage` in a pipeline summary."""
+    line = next(ln for ln in stdout.splitlines() if ln.split()[:1] == [stage])
+    return line.split()[1], line.split()[2]
+
+
+def _pipelines(*configs: Path) -> list[subprocess.Popen]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | {"OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-m", "qmerge", "pipeline", str(c)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in configs]
+
+
+def test_runs_sharing_a_work_dir_build_each_key_once(tmp_path, tiny_llama):
+    """Two runs of one config on one work dir: while one builds the merge the other waits for it and reuses
+    it (never rebuilt, never replaced under a reader); a third config with another merge key is not held up."""
+    from qmerge.io.atomic import file_lock
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg_other = write_config(other, tiny_llama, [(adapter, 1.0)], merge={"dtype": "bfloat16"})
+    cfg_other.write_text(cfg_other.read_text().replace(str(other / "work"), str(tmp_path / "work")))
+    key = _stage_status(subprocess.run([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--dry-run"],
+                                       cwd=ROOT, capture_output=True, text=True, check=True).stdout, "merge")[0]
+    with file_lock(tmp_path / "work" / "merge" / f".{key}.lock"):  # both runs must arrive while it is held
+        a, b = _pipelines(cfg, cfg)
+        (c,) = _pipelines(cfg_other)
+        assert c.wait(timeout=300) == 0  # another key: builds while the first key is locked
+        deadline = time.monotonic() + 120
+        waiting = []
+        while len(waiting) < 2 and time.monotonic() < deadline:  # both runs blocked on the key
+            time.sleep(0.5)
+            waiting = [p for p in (a, b) if p.poll() is None]
+        assert len(waiting) == 2
+        time.sleep(3)
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    assert [p.returncode for p in (a, b)] == [0, 0], [e for _, e in outs]
+    statuses = sorted(_stage_status(out, "merge")[1] for out, _ in outs)
+    assert statuses == ["cached", "ran"]  # one built it, the other reused it
+    assert any("is being built by process" in err for _, err in outs)
+    finished = sorted(d.name for d in (tmp_path / "work" / "merge").iterdir() if (d / "done.json").is_file())
+    assert len(finished) == 2 and key in finished  # this key once, and the other config's key
