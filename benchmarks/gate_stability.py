@@ -37,7 +37,7 @@ format = "text"
 [split]
 documents = "250:300"
 """
-COUNTS = (8, 12, 16, 24, 32)
+COUNTS = (3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

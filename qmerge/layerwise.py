@@ -270,3 +270,104 @@ def run_layer(layer: torch.nn.Module, batch: LayerBatch) -> torch.Tensor:
     with torch.no_grad():
         out = layer(batch.hidden, **batch.kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+class _Aborted(BaseException):
+    """Unwinds a paused batch whose lockstep pass was abandoned (an error elsewhere)."""
+
+
+class LockstepForward:
+    """Every batch's forward through one layer, advanced together from stop to stop: one forward per layer where
+    GPTQ would otherwise re-run the layer from its start for every group of linears it quantizes.
+
+    `stops` are modules in the order the layer calls them (each a group's first linear). `advance()` runs each
+    batch, one after the other in batch order, until it reaches the next stop's input (handed to
+    `on_input(stop, batch, x)`) and pauses there; the caller may then change that stop's weights (quantize the
+    group) before the next `advance()` lets every batch continue through it. After the last stop, `advance()`
+    runs the batches to their ends and `outputs` holds the layer's outputs.
+
+    Threads only serve as frames that can pause: exactly one runs at any time, in the order a plain loop would,
+    so every op sees the same inputs and weights as in a loop of re-runs and gives the same bits. The price is
+    memory: each paused batch keeps the activations its frame holds (callers bound it, see `lockstep_bytes`)."""
+
+    def __init__(self, layer: torch.nn.Module, batches: list[LayerBatch], stops: list[torch.nn.Module],
+                 on_input):
+        import threading
+
+        self.layer, self.batches, self.on_input = layer, batches, on_input
+        self.outputs: list[torch.Tensor | None] = [None] * len(batches)
+        self.stop = -1  # the stop every batch has reached (len(stops): the end)
+        self._stops = len(stops)
+        self._go = [threading.Event() for _ in batches]
+        self._back = threading.Event()
+        self._at = [-1] * len(batches)
+        self._error: BaseException | None = None
+        self._abort = False
+        self._local = threading.local()
+        self._threads = [threading.Thread(target=self._run, args=(b,), daemon=True, name=f"qmerge-lockstep-{b}")
+                         for b in range(len(batches))]
+        self._handles = [m.register_forward_pre_hook(lambda _m, args, i=i: self._pause(i, args[0]))
+                         for i, m in enumerate(stops)]
+
+    def _run(self, b: int) -> None:
+        self._local.batch = b
+        self._wait(b)
+        try:
+            self.outputs[b] = run_layer(self.layer, self.batches[b])
+            self._at[b] = self._stops
+        except _Aborted:
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self._error = e
+        self._back.set()
+
+    def _wait(self, b: int) -> None:
+        self._go[b].wait()
+        self._go[b].clear()
+        if self._abort:
+            raise _Aborted
+
+    def _pause(self, stop: int, x: torch.Tensor) -> None:
+        b = self._local.batch
+        if stop != self.stop + 1:
+            raise RuntimeError(f"the layer reached stop {stop} before stop {self.stop + 1}: its linears are not "
+                               "called in the order one window's forward showed")
+        self.on_input(stop, b, x)
+        self._at[b] = stop
+        self._back.set()
+        self._wait(b)
+
+    def advance(self) -> None:
+        """Every batch to the next stop (or, after the last one, to its end)."""
+        target = self.stop + 1
+        for b, thread in enumerate(self._threads):
+            if not thread.is_alive() and self._at[b] == -1:
+                thread.start()
+            self._go[b].set()
+            self._back.wait()
+            self._back.clear()
+            if self._error is not None:
+                self.close()
+                raise self._error
+            if self._at[b] != target:
+                self.close()
+                raise RuntimeError(f"batch {b} stopped at {self._at[b]}, expected {target} (a linear the layer "
+                                   "skips for some inputs?)")
+        self.stop = target
+
+    def close(self) -> None:
+        """Removes the hooks; batches still paused are unwound."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._abort = True
+        for b, thread in enumerate(self._threads):
+            if thread.is_alive():
+                self._go[b].set()
+                thread.join()
+
+
+def lockstep_bytes(tokens: int, hidden: int, widest: int) -> int:
+    """A bound on what paused batches hold (float32): per token the layer's input and residual, the attention's
+    query/key/value and output, or the MLP's widest activation, whichever stop they wait at."""
+    return tokens * 4 * (3 * hidden + widest)

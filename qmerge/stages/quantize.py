@@ -20,13 +20,16 @@ from qmerge.dag import StageContext
 from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.gptq_checkpoint import pack_linear, quantization_config, write_model_files
 from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
-from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
+from qmerge.layerwise import LayerBatch, LayerwiseModel, LockstepForward, lockstep_bytes, run_layer
 from qmerge.numerics import no_tf32
 from qmerge.ops import gptq
 from qmerge.ops.gptq import check_group_size
 from qmerge.io.atomic import write_json
 
 TOKENS_PER_BATCH = 4096  # calibration windows per layer forward: bounded activations, enough work per matmul
+# Lockstep passes (one forward per layer) when the paused batches' activations fit in this; larger calibration
+# sets re-run the layer per group instead (same bits, bounded memory).
+LOCKSTEP_BUDGET = 512 * 2**20
 
 
 class _StopForward(Exception):
@@ -104,31 +107,64 @@ def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear,
     return hessian, count
 
 
-def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str) -> tuple[dict, dict]:
-    """GPTQ on every linear of `layer`, true-sequentially; returns (packed tensors by module, error report)."""
+def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str,
+                   lockstep: bool = False) -> tuple[dict, dict, list[torch.Tensor]]:
+    """GPTQ on every linear of `layer`, true-sequentially; returns (packed tensors by module, error report, the
+    layer's outputs for every batch, computed with the quantized weights).
+
+    `lockstep`: the batches advance through one forward, pausing at each group's input (`LockstepForward`),
+    instead of re-running the layer from its start for each group and once more for the outputs. Same inputs,
+    same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold."""
     linears = layer_linears(layer)
+    groups = linear_groups(layer, batches[0])
+    hessians = [(gptq.make_empty_hessian(linears[g[0]].in_features, device=linears[g[0]].weight.device), 0)
+                for g in groups]
+
+    def accumulate(stop: int, _batch: int, x: torch.Tensor) -> None:
+        hessians[stop] = gptq.accumulate_hessian(x, *hessians[stop])
+
+    passes = LockstepForward(layer, batches, [linears[g[0]] for g in groups], accumulate) if lockstep else None
     packed, report = {}, {}
-    for group in linear_groups(layer, batches[0]):
-        hessian, _ = group_hessian(layer, linears[group[0]], batches)
-        try:  # once per group: the linears of a group read the same input, so they share H and its inverse
-            inverse = gptq.inverse_hessian(hessian, q.damp, q.desc_act)
-        except gptq.HessianNotPositiveDefinite as e:
-            raise BadInputError(f"GPTQ of {name}.{'/'.join(group)}: {e}", path=q.calibration,
-                                fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
-        for module_name in group:
-            linear = linears[module_name]
-            w = linear.weight.detach()
-            result = gptq.quantize_weight(w, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
-                                          inverse=inverse)
-            rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
-            report[module_name] = _errors(w, result.weight, rtn.weight, hessian)
-            codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
-            packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
-                                              result.g_idx.cpu(), q.bits)
-            with torch.no_grad():
-                linear.weight.copy_(result.weight)
-        del hessian
-    return packed, report
+    try:
+        for index, group in enumerate(groups):
+            if passes is not None:
+                passes.advance()  # every batch paused at this group's input; its H is complete
+                hessian = hessians[index][0]
+                hessians[index] = None
+            else:
+                hessian, _ = group_hessian(layer, linears[group[0]], batches)
+            _quantize_group(layer, linears, group, hessian, q, name, packed, report)
+            del hessian
+        if passes is None:
+            return packed, report, [run_layer(layer, b) for b in batches]
+        passes.advance()  # to the end, through the quantized weights
+        return packed, report, passes.outputs
+    finally:
+        if passes is not None:
+            passes.close()
+
+
+def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tensor, q, name: str, packed: dict,
+                    report: dict) -> None:
+    """GPTQ of the linears of one group (one shared input, hence one H), packed into `packed`, the layer's
+    weights replaced by their quantized values so later groups see them."""
+    try:  # once per group: the linears of a group read the same input, so they share H and its inverse
+        inverse = gptq.inverse_hessian(hessian, q.damp, q.desc_act)
+    except gptq.HessianNotPositiveDefinite as e:
+        raise BadInputError(f"GPTQ of {name}.{'/'.join(group)}: {e}", path=q.calibration,
+                            fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
+    for module_name in group:
+        linear = linears[module_name]
+        w = linear.weight.detach()
+        result = gptq.quantize_weight(w, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
+                                      inverse=inverse)
+        rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
+        report[module_name] = _errors(w, result.weight, rtn.weight, hessian)
+        codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
+        packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
+                                          result.g_idx.cpu(), q.bits)
+        with torch.no_grad():
+            linear.weight.copy_(result.weight)
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor) -> dict:
@@ -150,6 +186,9 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     check_group_size({n: reader.tensors[n].shape for n in names}, names, q.group_size, q.bits, merged)
     batch_size = max(1, TOKENS_PER_BATCH // ids.shape[1])
     batches = runner.layer_inputs(ids, batch_size)
+    widths = [d for n in names for d in reader.tensors[n].shape]
+    hidden = batches[0].hidden.shape[-1]
+    lockstep = lockstep_bytes(ids.numel(), hidden, max(widths)) <= LOCKSTEP_BUDGET
     layers_report = {}
     with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
         for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast
@@ -158,13 +197,14 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
         for index in tqdm(range(len(runner.layers)), desc="quantize (gptq)", disable=quiet, unit="layer"):
             prefix = runner.layer_prefix(index)
             layer = runner.load_layer(index)
-            packed, report = quantize_layer(layer, batches, q, prefix)
+            packed, report, outputs = quantize_layer(layer, batches, q, prefix, lockstep)
             missing = sorted(m for m in expected if m.startswith(f"{prefix}.") and m[len(prefix) + 1:] not in packed)
             if missing:
                 raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "
                                   "write a GPTQ checkpoint that holds them dense")
             _write_layer(writer, reader, prefix, packed)
-            batches = [LayerBatch(run_layer(layer, b), b.kwargs) for b in batches]
+            batches = [LayerBatch(out, b.kwargs) for out, b in zip(outputs, batches)]
+            del outputs
             runner.free_layer(index)
             layers_report[prefix] = report
     return layers_report

@@ -78,6 +78,55 @@ def test_linears_grouped_by_shared_input_in_call_order(setup):
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
+@pytest.mark.parametrize("desc_act", [True, False])
+def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act):
+    """One forward per layer, paused at each group's input, against re-running the layer from its start for every
+    group and once more for the outputs: identical packed tensors, errors and outputs, layer after layer."""
+    from types import SimpleNamespace
+
+    from qmerge.stages.quantize import quantize_layer
+
+    q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=desc_act, damp=0.01, calibration="x")
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
+    ids = torch.randint(1, 96, (6, 32), generator=torch.Generator().manual_seed(1))
+    plain = lockstep = runner.layer_inputs(ids, 2)
+    for i in range(len(runner.layers)):
+        results = []
+        for batches, mode in ((plain, False), (lockstep, True)):
+            results.append(quantize_layer(runner.load_layer(i), batches, q, f"layer{i}", lockstep=mode))
+            runner.free_layer(i)
+        (p_packed, p_report, p_out), (l_packed, l_report, l_out) = results
+        assert p_report == l_report
+        for module, tensors in p_packed.items():
+            for suffix, t in tensors.items():
+                assert torch.equal(t, l_packed[module][suffix]), (i, module, suffix)
+        assert all(torch.equal(a, b) for a, b in zip(p_out, l_out))
+        plain = [type(b)(o, b.kwargs) for o, b in zip(p_out, plain)]
+        lockstep = [type(b)(o, b.kwargs) for o, b in zip(l_out, lockstep)]
+    assert not any(t.name.startswith("qmerge-lockstep") for t in __import__("threading").enumerate())
+
+
+def test_lockstep_error_in_a_paused_batch_reaches_the_caller(setup):
+    """A failure inside one batch's forward is raised in the caller's thread; the other batches are unwound."""
+    import threading
+
+    from qmerge.layerwise import LockstepForward
+
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
+    batches = runner.layer_inputs(torch.randint(1, 96, (4, 16)), 1)
+    layer = runner.load_layer(0)
+
+    def on_input(stop, batch, x):
+        if batch == 2:
+            raise ValueError("boom in batch 2")
+
+    passes = LockstepForward(layer, batches, [layer.self_attn.q_proj, layer.mlp.down_proj], on_input)
+    with pytest.raises(ValueError, match="boom in batch 2"):
+        passes.advance()
+    assert not any(t.name.startswith("qmerge-lockstep") and t.is_alive() for t in threading.enumerate())
+    assert not layer.self_attn.q_proj._forward_pre_hooks
+
+
 def test_checkpoint_format(quantized):
     out = quantized["out"]
     config = json.loads((out / "config.json").read_text())
@@ -242,10 +291,10 @@ def test_a_quantized_linear_left_unpacked_is_an_error(setup, tmp_path, monkeypat
 
     real = stage.quantize_layer
 
-    def drops_one(layer, batches, q, name):
-        packed, report = real(layer, batches, q, name)
+    def drops_one(layer, batches, q, name, lockstep=False):
+        packed, report, outputs = real(layer, batches, q, name, lockstep)
         packed.pop("mlp.down_proj")
-        return packed, report
+        return packed, report, outputs
 
     monkeypatch.setattr(stage, "quantize_layer", drops_one)
     assert run_cli(quantize_config(tmp_path, setup)) == 1
