@@ -4,7 +4,8 @@ Each stage holds a bounded working set, so its peak is a sum of named terms (doc
 - the libraries every stage imports (torch, transformers, peft, bitsandbytes): `IMPORTS`;
 - merge: the largest tensor in flight (stored, float32 base, W_nf4, ΔW, merged, cast) and the write-behind buffer;
 - quantize: one decoder layer in float32, the calibration windows' hidden states (layer inputs and outputs), the
-  largest linear's Hessian and the solver's copies of its weight, one batch's activations;
+  largest linear's Hessian and the solver's copies of its weight, one batch's activations (or, for calibration
+  sets small enough for lockstep passes, what every paused batch holds);
 - evaluate: one decoder layer per model in float32, every view's hidden states for every window, one batch's
   activations, the output heads and one batch of logits per model;
 - promote: nothing beyond the imports; disk only for files that cannot be hardlinked.
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from qmerge.io.safetensors_io import DTYPE_BITS
+from qmerge.layerwise import LOCKSTEP_BUDGET, lockstep_bytes
 
 IMPORTS = int(0.55 * 2**30)  # anonymous RSS of python + torch + transformers + peft + bitsandbytes, before any work
 LIGHT_IMPORTS = int(0.36 * 2**30)  # gate and promote: python + torch, no model libraries (measured 0.36 GiB)
@@ -81,8 +83,9 @@ def quantize_peak(shape: Shape, samples: int, seq_len: int, batch: int) -> int:
     out_f, in_f = shape.largest_linear
     hidden_states = 2 * samples * seq_len * shape.hidden * F32  # one layer's inputs and outputs, all windows
     hessian = 3 * shape.max_in_features ** 2 * F32  # H, its Cholesky inverse, the damped copy
+    paused = lockstep_bytes(samples * seq_len, shape.hidden, max(out_f, in_f))  # lockstep passes, when they fit
     return (IMPORTS + shape.layer_elements * F32 + hidden_states + hessian + SOLVER_COPIES * out_f * in_f * F32
-            + _batch_activations(shape, batch, seq_len))
+            + (paused if paused <= LOCKSTEP_BUDGET else _batch_activations(shape, batch, seq_len)))
 
 
 def evaluate_peak(shape: Shape, models: int, views: int, windows: int, seq_len: int, batch: int) -> int:

@@ -367,6 +367,11 @@ class LockstepForward:
                 thread.join()
 
 
+# GPTQ runs lockstep passes (one forward per layer) when the paused batches' activations fit in this; larger
+# calibration sets re-run the layer per group instead (same bits, bounded memory).
+LOCKSTEP_BUDGET = 512 * 2**20
+
+
 def lockstep_bytes(tokens: int, hidden: int, widest: int) -> int:
     """A bound on what paused batches hold (float32): per token the layer's input and residual, the attention's
     query/key/value and output, or the MLP's widest activation, whichever stop they wait at."""

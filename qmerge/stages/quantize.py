@@ -20,16 +20,14 @@ from qmerge.dag import StageContext
 from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.gptq_checkpoint import pack_linear, quantization_config, write_model_files
 from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
-from qmerge.layerwise import LayerBatch, LayerwiseModel, LockstepForward, lockstep_bytes, run_layer
+from qmerge.layerwise import (LOCKSTEP_BUDGET, LayerBatch, LayerwiseModel, LockstepForward, lockstep_bytes,
+                              run_layer)
 from qmerge.numerics import no_tf32
 from qmerge.ops import gptq
 from qmerge.ops.gptq import check_group_size
 from qmerge.io.atomic import write_json
 
 TOKENS_PER_BATCH = 4096  # calibration windows per layer forward: bounded activations, enough work per matmul
-# Lockstep passes (one forward per layer) when the paused batches' activations fit in this; larger calibration
-# sets re-run the layer per group instead (same bits, bounded memory).
-LOCKSTEP_BUDGET = 512 * 2**20
 
 
 class _StopForward(Exception):
