@@ -38,7 +38,10 @@ def resolve_path(value: str, relative_to: Path, *, what: str, config_file: Path 
 
 def read_toml(path: Path, what: str = "config file") -> dict:
     """A TOML file as a dict; a missing, unreadable or invalid file is a ConfigError naming it (exit 2)."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     from qmerge.errors import ConfigError
 
