@@ -105,7 +105,8 @@ def child(config: Path, backend: str, out: Path) -> None:
     dirs = prepare(config)
     out.mkdir(parents=True)
     start = time.perf_counter()
-    result = run_quantize(StageContext(cfg, out, {"merge": dirs["merge"], "calibrate": dirs["calibrate"]}, {}, {}))
+    result = run_quantize(StageContext(cfg, out, {"merge": dirs["merge"], "calibrate": dirs["calibrate"]},
+                                       {"resolve": dirs["resolve_result"]}, {}))
     seconds = time.perf_counter() - start
     (out / "bench_child.json").write_text(json.dumps({"seconds": seconds, "result": result}, default=str))
 
