@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every stage, ignoring finished artifacts")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     p.add_argument("--release-version", metavar="V", help="release version (default: output.version)")
+    p.add_argument("--summary-json", metavar="FILE", help="also write the run's summary (stages, results, exit "
+                   "code) as JSON to FILE")
+    m = sub.add_parser("matrix", help="build a release matrix: bases x adapters x targets, sharing stages")
+    m.add_argument("matrix")
+    m.add_argument("--dry-run", action="store_true", help="list the builds and their memory estimates; run nothing")
+    m.add_argument("--jobs", type=int, metavar="N", help="builds at once (default: CPU count, within memory)")
+    m.add_argument("--memory-gib", type=float, metavar="G", help="memory budget (default: 90%% of available)")
+    m.add_argument("--quiet", action="store_true", help="no progress lines, warnings and errors only")
     return parser
 
 
@@ -59,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
         silence_third_party()
     try:
+        if args.command == "matrix":
+            from qmerge.matrix import run_matrix_command
+
+            return run_matrix_command(args)
         from qmerge.report import run_pipeline_command
 
         return run_pipeline_command(args)

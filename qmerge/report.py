@@ -80,4 +80,12 @@ def run_pipeline_command(args) -> int:
         print_plan(records)
     else:
         print_summary(records, runner.work, exit_code)
+    if getattr(args, "summary_json", None):
+        from qmerge.io.atomic import write_json_atomic
+
+        write_json_atomic(args.summary_json, {
+            "config": str(cfg.source), "exit_code": exit_code, "dry_run": opts.dry_run,
+            "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3)}
+                       for r in records],
+            "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote")}})
     return exit_code

@@ -125,12 +125,16 @@ def write_json(path: Path | str, obj: object) -> None:
 
 def write_json_atomic(path: Path | str, obj: object) -> None:
     """Writes `obj` as indented, key-sorted JSON via temp file + fsync + os.replace: readers never see half."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Writes `text` via temp file + fsync + os.replace: readers see the old file or the new one, never half."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -55,6 +55,42 @@ def read_toml(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"not valid TOML: {e}", path=path) from None
 
 
+def dump_toml(obj: dict) -> str:
+    """`obj` (str/int/float/bool values, lists of them, tables, lists of tables) as TOML that `read_toml` reads
+    back equal. Strings are written JSON-escaped, which is valid TOML."""
+    import json
+    import re
+
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+    def value(v) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v)
+
+    def is_tables(v) -> bool:
+        return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def table(prefix: str, body: dict) -> list[str]:
+        lines = [f"{key(k)} = {value(v)}" for k, v in body.items()
+                 if not isinstance(v, dict) and not is_tables(v) and v is not None]
+        for k, v in body.items():
+            name = f"{prefix}.{key(k)}" if prefix else key(k)
+            if isinstance(v, dict):
+                lines += ["", f"[{name}]", *table(name, v)]
+            elif is_tables(v):
+                for item in v:
+                    lines += ["", f"[[{name}]]", *table(name, item)]
+        return lines
+
+    return "\n".join(table("", obj)) + "\n"
+
+
 class Cancelled(Exception):
     """A background hash stopped because its caller failed first."""
 

@@ -23,6 +23,7 @@ from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
 from qmerge.layerwise import (LOCKSTEP_BUDGET, LayerBatch, LayerwiseModel, LockstepForward, lockstep_bytes,
                               run_layer)
 from qmerge.numerics import no_tf32
+from qmerge.runtime import release_large_frees
 from qmerge.ops import gptq
 from qmerge.ops.gptq import check_group_size
 from qmerge.io.atomic import write_json
@@ -187,6 +188,8 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     widths = [d for n in names for d in reader.tensors[n].shape]
     hidden = batches[0].hidden.shape[-1]
     lockstep = lockstep_bytes(ids.numel(), hidden, max(widths)) <= LOCKSTEP_BUDGET
+    if lockstep:
+        release_large_frees()
     layers_report = {}
     with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
         for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast

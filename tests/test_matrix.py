@@ -1,0 +1,139 @@
+"""`qmerge matrix`: builds expand from bases × adapters × targets, share one work dir (a merge feeding two targets
+is built once), run in parallel processes, and report per build and in aggregate; bad entries are exit 2 before
+anything runs; a rerun rebuilds nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmerge.errors import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_INTERNAL, EXIT_OK
+from tests.conftest import write_text_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matrix_file(folder: Path, g: dict, targets: str = "") -> Path:
+    cal = write_text_spec(folder, "cal", "100:140")
+    text = f"""
+work_dir = "work"
+[defaults.merge]
+dtype = "float32"
+device = "cpu"
+[defaults.gate]
+eval = "{g['heldout']}"
+windows = 24
+seq_len = 64
+batch_size = 8
+[defaults.output]
+dir = "releases"
+
+[[bases]]
+name = "tiny"
+path = "{g['base']}"
+nf4 = {{ load_dtype = "float32", compute_dtype = "float32" }}
+
+[[adapters]]
+name = "strong"
+path = "{g['adapter']}"
+
+[[adapters]]
+name = "rslora"
+path = "{g['rslora']}"
+
+[[targets]]
+name = "dense"
+
+[[targets]]
+name = "gptq"
+quantize = {{ calibration = "{cal}", samples = 16, seq_len = 64, group_size = 32 }}
+{targets}"""
+    path = folder / "releases.toml"
+    path.write_text(text)
+    return path
+
+
+def run_matrix(path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    return subprocess.run([sys.executable, "-m", "qmerge", "matrix", str(path), "--quiet", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_matrix_shares_merges_and_a_rerun_rebuilds_nothing(gated, tmp_path):
+    path = matrix_file(tmp_path, gated)
+    done = run_matrix(path)
+    report = json.loads((tmp_path / "work" / "matrix" / "matrix_report.json").read_text())
+    builds = {b["build"]: b for b in report["builds"]}
+    assert sorted(builds) == ["rslora-dense", "rslora-gptq", "strong-dense", "strong-gptq"], done.stderr
+    codes = [b["exit_code"] for b in builds.values()]
+    assert set(codes) <= {EXIT_OK, EXIT_GATE_REJECTED}, done.stdout + done.stderr
+    assert done.returncode == report["exit_code"] == (EXIT_GATE_REJECTED if EXIT_GATE_REJECTED in codes else EXIT_OK)
+    for b in builds.values():  # the verdict each build printed is what its exit code says
+        assert b["verdict"] in ("pass", "reject", "inconclusive")
+        assert (b["verdict"] == "pass") == (b["exit_code"] == EXIT_OK)
+        assert (b["release"] is not None) == (b["verdict"] == "pass")
+    for adapter in ("strong", "rslora"):  # one merge per adapter, built by one build, reused by the other
+        dense, gptq = builds[f"{adapter}-dense"], builds[f"{adapter}-gptq"]
+        assert dense["merge"].split()[0] == gptq["merge"].split()[0]
+        assert sorted(b["merge"].split()[1] for b in (dense, gptq)) == ["cached", "ran"]
+    merges = [d for d in (tmp_path / "work" / "merge").iterdir() if (d / "done.json").is_file()]
+    assert len(merges) == 2
+    for line in ("strong-gptq", "verdict", "exit code"):
+        assert line in done.stdout
+
+    again = run_matrix(path)
+    assert again.returncode == done.returncode
+    rerun = json.loads((tmp_path / "work" / "matrix" / "matrix_report.json").read_text())
+    assert all(set(b["ran"]) <= {"resolve", "promote"} for b in rerun["builds"]), rerun["builds"]
+    assert all(b["release_status"] in (None, "unchanged") for b in rerun["builds"])
+
+
+def test_bad_target_is_exit_2_before_anything_runs(gated, tmp_path):
+    path = matrix_file(tmp_path, gated, targets='\n[[targets]]\nname = "bad"\nmerge = { dtype = "float8" }\n')
+    done = run_matrix(path)
+    assert done.returncode == EXIT_BAD_INPUT
+    assert "build strong-bad" in done.stderr and "merge.dtype" in done.stderr and str(path) in done.stderr
+    assert not (tmp_path / "work" / "merge").exists()
+
+
+@pytest.mark.parametrize("codes,want", [([0, 0], EXIT_OK), ([0, 3], EXIT_GATE_REJECTED), ([3, 1], EXIT_INTERNAL),
+                                        ([1, 2, 3], EXIT_BAD_INPUT), ([0, 130], EXIT_INTERNAL)])
+def test_aggregate_exit_code(codes, want):
+    from qmerge.matrix import aggregate_exit
+
+    assert aggregate_exit(codes) == want
+
+
+def test_expand_names_paths_and_filters(tmp_path):
+    from qmerge.matrix import expand
+
+    (tmp_path / "m.toml").write_text("""
+work_dir = "w"
+[defaults.gate]
+eval = "eval.toml"
+[[bases]]
+name = "b1"
+path = "base1"
+[[bases]]
+name = "b2"
+path = "package:pkg/base.gguf"
+[[adapters]]
+name = "a"
+path = "ad"
+bases = ["b2"]
+[[targets]]
+name = "q"
+quantize = { calibration = "cal.toml" }
+""")
+    work, builds = expand(tmp_path / "m.toml")
+    assert work == tmp_path / "w"
+    ((name, cfg),) = builds
+    assert name == "b2-a-q" and cfg["base"]["path"] == "package:pkg/base.gguf"
+    assert cfg["adapters"] == [{"path": str(tmp_path / "ad")}]
+    assert cfg["gate"]["eval"] == str(tmp_path / "eval.toml")
+    assert cfg["quantize"]["calibration"] == str(tmp_path / "cal.toml")
