@@ -62,6 +62,12 @@ class Stage:
         return getattr(importlib.import_module(module), function)
 
 
+# Result fields of a keyed-by-result stage that describe the run rather than determine what later stages compute
+# (the plan's memory estimates depend on every section of the config): left out of its key, so configs that
+# differ only in later stages (a dense and a GPTQ target of one adapter) share the plan and everything after it.
+DESCRIPTIVE = ("estimate",)
+
+
 @dataclass
 class Options:
     dry_run: bool = False
@@ -193,7 +199,8 @@ class Runner:
         start = time.perf_counter()
         ctx = StageContext(self.cfg, Path("/nonexistent"), {}, {}, {}, self.opts.quiet, dry_run=self.opts.dry_run)
         result = stage.entry()(ctx)
-        key = digest({"stage": stage.name, "config": stage.config_slice(self.cfg), "result": result,
+        keyed = {k: v for k, v in result.items() if k not in DESCRIPTIVE}
+        key = digest({"stage": stage.name, "config": stage.config_slice(self.cfg), "result": keyed,
                       "versions": self.versions})[:16]
         path = self.work / stage.name / key
         seconds = time.perf_counter() - start
