@@ -81,11 +81,14 @@ def run_pipeline_command(args) -> int:
     else:
         print_summary(records, runner.work, exit_code)
     if getattr(args, "summary_json", None):
-        from qmerge.io.atomic import write_json_atomic
+        import json
 
-        write_json_atomic(args.summary_json, {
+        from qmerge.io.atomic import atomic_write_text
+
+        atomic_write_text(args.summary_json, json.dumps({
             "config": str(cfg.source), "exit_code": exit_code, "dry_run": opts.dry_run,
             "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3)}
                        for r in records],
-            "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote")}})
+            "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote")}},
+            indent=2, sort_keys=True, default=str) + "\n")
     return exit_code

@@ -194,7 +194,7 @@ def test_weight_retention_fed_by_the_streamed_pass_equals_its_whole_twin(tmp_pat
               "dora": {"use_dora": True}, "embedding_tied": {"target_modules": ["embed_tokens", "q_proj"]}}[variant]
     adapter = make_adapter(base, tmp_path / "a", b_std=1e-3, **kwargs)
     merged = merged_candidate(tmp_path, base, [(adapter, 1.0)], dtype="bfloat16")  # bf16: retention below 1
-    (resolve_dir,) = [d for d in (tmp_path / "work" / "resolve").iterdir()]
+    (resolve_dir,) = [d for d in (tmp_path / "work" / "resolve").iterdir() if d.is_dir()]
     plan = Plan.from_json(__import__("json").loads((resolve_dir / "done.json").read_text())["result"])
     fed = WeightRetention(plan, {"merged": merged})
     reference = streamed_base(fed.inputs.base, plan.adapter_weights)

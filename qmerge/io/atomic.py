@@ -125,7 +125,7 @@ def write_json(path: Path | str, obj: object) -> None:
 
 def write_json_atomic(path: Path | str, obj: object) -> None:
     """Writes `obj` as indented, key-sorted JSON via temp file + fsync + os.replace: readers never see half."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

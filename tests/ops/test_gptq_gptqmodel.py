@@ -76,7 +76,13 @@ def gptqmodel_quantize(w, h, group_size, sym, desc_act, block_size, quantizer=Qu
     gptq.quantizer = quantizer(qcfg=config, name=gptq.name)  # what GPTQ.create_quantizer would make
     gptq.quantizer.configure(perchannel=True)  # as GPTQModel's GPTQProcessor does
     gptq.H, gptq.nsamples = h.clone(), TOKENS
-    q, scale, zero, g_idx, *_ = gptq.quantize(blocksize=block_size)
+    # One thread, as qmerge's solver runs below 2048 columns: the block updates' matmuls round by thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, scale, zero, g_idx, *_ = gptq.quantize(blocksize=block_size)
+    finally:
+        torch.set_num_threads(threads)
     return q, scale.T, zero.T, g_idx, gptq.quantizer
 
 
