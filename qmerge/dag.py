@@ -180,6 +180,10 @@ class Runner:
                 return records, exit_code
         return records, EXIT_OK
 
+    def lock_path(self, stage: str, key: str) -> Path:
+        """The lock a stage key is built under, kept out of the stage folders (which hold only artifacts)."""
+        return self.work / ".locks" / f"{stage}-{key}.lock"
+
     def _run_or_reuse(self, stage: Stage, index: int, path: Path, dirs, results, keys) -> StageRecord:
         """Builds `path` under its key's lock. Runs sharing a work dir take turns per key: a key another run
         finished while this one waited is reused, never rebuilt or replaced (replaced only when forced, by
@@ -189,7 +193,7 @@ class Runner:
         def waiting(holder: str) -> None:
             log.info("stage %s %s is being built by process %s; waiting for it", stage.name, path.name, holder)
 
-        with file_lock(path.parent / f".{path.name}.lock", timeout=None, on_wait=waiting):
+        with file_lock(self.lock_path(stage.name, path.name), timeout=None, on_wait=waiting):
             done = _load_done(path)
             if done is not None and stage.cached and not forced:
                 return StageRecord(stage.name, path.name, "cached", 0.0, done["result"])
@@ -207,7 +211,7 @@ class Runner:
         if self.opts.dry_run:
             return StageRecord(stage.name, key, "ran", seconds, result)
         if _load_done(path) is None:
-            with file_lock(path.parent / f".{key}.lock", timeout=None):
+            with file_lock(self.lock_path(stage.name, key), timeout=None):
                 if _load_done(path) is None:  # equal keys mean equal results: whoever comes first publishes
                     with atomic_dir(path, replace=path.exists()) as tmp:
                         self._write_done(tmp, stage.name, key, seconds, result)

@@ -140,7 +140,7 @@ def test_runs_sharing_a_work_dir_build_each_key_once(tmp_path, tiny_llama):
     cfg_other.write_text(cfg_other.read_text().replace(str(other / "work"), str(tmp_path / "work")))
     key = _stage_status(subprocess.run([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--dry-run"],
                                        cwd=ROOT, capture_output=True, text=True, check=True).stdout, "merge")[0]
-    with file_lock(tmp_path / "work" / "merge" / f".{key}.lock"):  # both runs must arrive while it is held
+    with file_lock(tmp_path / "work" / ".locks" / f"merge-{key}.lock"):  # both runs must arrive while it is held
         a, b = _pipelines(cfg, cfg)
         (c,) = _pipelines(cfg_other)
         assert c.wait(timeout=300) == 0  # another key: builds while the first key is locked
