@@ -6,6 +6,7 @@ Checks that every adapter tensor lands on a base module with matching shapes, ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 import threading
@@ -34,7 +35,9 @@ def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
         origin = {"kind": "gguf", "gguf": str(path), "gguf_sha256": sha, "note": gguf.NOTE}
         # The conversion is a pure function of the GGUF (and the keyed package versions): the GGUF is the input.
         files = ({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha},)
-        if dry_run and not current:  # the plan names the folder the first real run will convert into
+        if current:
+            return target, {**origin, "files": files}, None
+        if dry_run:  # the plan names the folder the first real run will convert into
             return scratch, {**origin, "files": files, "folder": str(target)}, gguf.header_view(path, scratch)
         return gguf.gguf_to_hf(path, progress=progress), {**origin, "files": files}, None
     if not path.is_dir():
@@ -73,8 +76,9 @@ def run_resolve(ctx) -> dict:
 
 
 def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Plan:
-    with tempfile.TemporaryDirectory(prefix="qmerge-dry-") as scratch:
-        folder, origin, headers = base_folder(cfg, progress, dry_run, Path(scratch))
+    # a dry run's scratch folder, for the config of a GGUF not yet converted
+    with tempfile.TemporaryDirectory(prefix="qmerge-dry-") if dry_run else contextlib.nullcontext() as scratch:
+        folder, origin, headers = base_folder(cfg, progress, dry_run, scratch and Path(scratch))
         return _resolve(cfg, folder, origin, headers, progress)
 
 
@@ -86,13 +90,12 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         base_entries, base_sha = origin.pop("files"), origin["gguf_sha256"]
     else:
         base, base_entries, base_sha = _hashed_base(folder, nf4_recipe(cfg), skip, progress)
-    gguf_sha = origin.get("gguf_sha256")
     pinned = cfg.base.sha256
     # One digest over everything that changes the result: a pin of config.json or of one shard of many would
     # let the other files change unnoticed.
-    if pinned and pinned.lower() != (gguf_sha or base_sha):
-        raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {gguf_sha or base_sha} "
-                            f"({'the GGUF file' if gguf_sha else f'combined over its {len(base_entries)} files'})",
+    if pinned and pinned.lower() != base_sha:
+        covers = "the GGUF file" if origin["kind"] == "gguf" else f"combined over its {len(base_entries)} files"
+        raise BadInputError(f"sha256 mismatch: config pins {pinned} but the base hashes to {base_sha} ({covers})",
                             path=cfg.source, fix="update base.sha256 (--dry-run prints it) or point base.path at the "
                             "pinned model")
     adapters, parsed = [], []
@@ -133,7 +136,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
     return Plan(
         base=BasePlan(folder=plan_folder, **origin, prequantized=base.prequantized, files=tuple(base_entries),
-                      sha256=gguf_sha or base_sha, model_type=base.arch.model_type, tensors=len(base.tensors)),
+                      sha256=base_sha, model_type=base.arch.model_type, tensors=len(base.tensors)),
         adapters=tuple(AdapterPlan(**a) for a in adapters),
         nf4=vars(nf4_recipe(cfg)),
         quantized_modules=tuple(sorted(base.arch.quantized)),
