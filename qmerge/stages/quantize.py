@@ -116,10 +116,12 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
     same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold."""
     linears = layer_linears(layer)
     groups = linear_groups(layer, batches[0])
-    hessians = [(gptq.make_empty_hessian(linears[g[0]].in_features, device=linears[g[0]].weight.device), 0)
-                for g in groups]
+    hessians: list[tuple[torch.Tensor, int] | None] = [None] * len(groups)  # each made when its group is reached
 
     def accumulate(stop: int, _batch: int, x: torch.Tensor) -> None:
+        if hessians[stop] is None:
+            first = linears[groups[stop][0]]
+            hessians[stop] = (gptq.make_empty_hessian(first.in_features, device=first.weight.device), 0)
         hessians[stop] = gptq.accumulate_hessian(x, *hessians[stop])
 
     passes = LockstepForward(layer, batches, [linears[g[0]] for g in groups], accumulate) if lockstep else None
