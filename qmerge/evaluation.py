@@ -145,11 +145,11 @@ def summarize(scores: WindowScores, candidates: tuple[str, ...], tokens: dict | 
     """One eval text's section: ppl ± SE of every model, and per candidate KL stats, ppl ratio against the
     reference and delta retention, all with standard errors over windows."""
     nll = {name: scores.window_nll(name) for name in scores.nll}
-    per_window = {"nll": {n: [float(x) for x in v] for n, v in nll.items()},
-                  "kl_mean": {n: [float(x) for x in torch.cat(scores.kl[n]).double().mean(dim=1)] for n in candidates}}
+    per_window = {"nll": {n: [float(x) for x in v] for n, v in nll.items()}, "kl_mean": {}}
     cands = {}
     for name in candidates:
         kl = torch.cat(scores.kl[name])
+        per_window["kl_mean"][name] = [float(x) for x in kl.double().mean(dim=1)]  # what kl_summary's mean averages
         agree = torch.cat(scores.agree[name])
         dp = torch.cat(scores.p_cand[name]) - torch.cat(scores.p_ref)
         cands[name] = CandidateScores(metrics.ppl_ratio(nll[name], nll["reference"]),
