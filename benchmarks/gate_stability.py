@@ -49,45 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return json.dumps(v)
-
-
 def widened_config(config: Path, tmp: Path, windows: int = 2) -> Path:
     """The demo config with absolute paths, the pool as eval text (all its windows), no extra eval, output in tmp."""
-    from qmerge.io.paths import read_toml
+    from qmerge.io.paths import dump_toml, read_toml
+    from qmerge.matrix import absolute_paths
 
-    raw = read_toml(config, "config file")
-    here = config.parent
-
-    def absolute(p: str) -> str:
-        return p if p.startswith("package:") else str((here / p).resolve())
-
-    raw["work_dir"] = absolute(raw["work_dir"])
-    raw["base"]["path"] = absolute(raw["base"]["path"])
-    for a in raw["adapters"]:
-        a["path"] = absolute(a["path"])
-    if "quantize" in raw:
-        raw["quantize"]["calibration"] = absolute(raw["quantize"]["calibration"])
+    raw = absolute_paths(read_toml(config, "config file"), config.parent)
     (tmp / "pool.toml").write_text(POOL_SPEC)
     raw["gate"].update(eval=str(tmp / "pool.toml"), windows=windows)
     raw["gate"].pop("extra_eval", None)
     raw["output"]["dir"] = str(tmp / "releases")
-    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, (dict, list))]
-    for table, body in raw.items():
-        if isinstance(body, dict):
-            lines.append(f"[{table}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if not isinstance(v, dict)]
-            for sub, sbody in body.items():
-                if isinstance(sbody, dict):
-                    lines += [f"[{table}.{sub}]"] + [f"{k} = {_toml_value(v)}" for k, v in sbody.items()]
-        elif isinstance(body, list):
-            for item in body:
-                lines += [f"[[{table}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
     out = tmp / config.name
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text(dump_toml(raw))
     return out
 
 

@@ -40,6 +40,7 @@ SECTIONS = ("merge", "quantize", "gate", "output")
 class Build:
     name: str
     config: Path
+    shares: str = ""  # base + adapter: builds with the same value share a merge
     estimate_bytes: int = 0
     exit_code: int | None = None
     seconds: float = 0.0
@@ -59,6 +60,20 @@ def _absolute(value, folder: Path):
         p = Path(value).expanduser()
         return str(p if p.is_absolute() else (folder / p).resolve())
     return value
+
+
+def absolute_paths(config: dict, folder: Path) -> dict:
+    """Every path of a pipeline config dict made absolute against `folder` (in place; `package:` paths kept), so
+    the config can be written anywhere."""
+    if "work_dir" in config:
+        config["work_dir"] = _absolute(config["work_dir"], folder)
+    for section, keys in PATH_KEYS.items():
+        entries = config.get(section)
+        for entry in entries if isinstance(entries, list) else [entries] if entries else []:
+            for k in keys:
+                if k in entry:
+                    entry[k] = _absolute(entry[k], folder)
+    return config
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -81,8 +96,9 @@ def _named(raw: dict, key: str, path: Path) -> list[dict]:
     return items
 
 
-def expand(path: Path) -> tuple[Path, list[tuple[str, dict]]]:
-    """(work dir, [(build name, pipeline config dict)]) of a matrix file; exit 2 naming what is wrong."""
+def expand(path: Path) -> tuple[Path, list[tuple[str, dict, str]]]:
+    """(work dir, [(build name, pipeline config dict, base/adapter)]) of a matrix file; exit 2 naming what is
+    wrong."""
     from qmerge.io.paths import read_toml
 
     path = Path(path).resolve()
@@ -117,13 +133,8 @@ def expand(path: Path) -> tuple[Path, list[tuple[str, dict]]]:
                 config |= {"name": name, "work_dir": str(work),
                            "base": {k: v for k, v in base.items() if k != "name"},
                            "adapters": [{k: v for k, v in adapter.items() if k not in ("name", "bases")}]}
-                for section, keys in PATH_KEYS.items():
-                    entries = config.get(section)
-                    for entry in entries if isinstance(entries, list) else [entries] if entries else []:
-                        for k in keys:
-                            if k in entry:
-                                entry[k] = _absolute(entry[k], folder)
-                builds.append((name, config))
+                absolute_paths(config, folder)
+                builds.append((name, config, f"{base['name']}/{adapter['name']}"))
     return work, builds
 
 
@@ -137,7 +148,7 @@ def write_builds(path: Path) -> tuple[Path, list[Build]]:
     folder = work / "matrix"
     folder.mkdir(parents=True, exist_ok=True)
     builds = []
-    for name, config in expanded:
+    for name, config, shares in expanded:
         file = folder / f"{name}.toml"
         atomic_write_text(file, f"# build {name} of {path} (written by qmerge matrix; edit the matrix file)\n"
                           + dump_toml(config))
@@ -145,7 +156,7 @@ def write_builds(path: Path) -> tuple[Path, list[Build]]:
             load_config(file)
         except ConfigError as e:
             raise ConfigError(f"build {name}: {e}", path=path) from None
-        builds.append(Build(name, file))
+        builds.append(Build(name, file, shares))
     return work, builds
 
 
@@ -164,11 +175,11 @@ def available_memory() -> int:
 
 
 def order_for_sharing(builds: list[Build]) -> list[Build]:
-    """Round robin over adapters (build names share their adapter part): builds running at the same time rarely
-    need the same merge, and a later target of an adapter finds its merge finished."""
+    """Round robin over base/adapter pairs: builds running at the same time rarely need the same merge, and a
+    later target of an adapter finds its merge finished."""
     groups: dict[str, list[Build]] = {}
     for b in builds:
-        groups.setdefault(b.name.rsplit("-", 1)[0], []).append(b)
+        groups.setdefault(b.shares, []).append(b)
     out = []
     while any(groups.values()):
         for g in groups.values():

@@ -132,8 +132,8 @@ quantize = { calibration = "cal.toml" }
 """)
     work, builds = expand(tmp_path / "m.toml")
     assert work == tmp_path / "w"
-    ((name, cfg),) = builds
-    assert name == "b2-a-q" and cfg["base"]["path"] == "package:pkg/base.gguf"
+    ((name, cfg, shares),) = builds
+    assert name == "b2-a-q" and shares == "b2/a" and cfg["base"]["path"] == "package:pkg/base.gguf"
     assert cfg["adapters"] == [{"path": str(tmp_path / "ad")}]
     assert cfg["gate"]["eval"] == str(tmp_path / "eval.toml")
     assert cfg["quantize"]["calibration"] == str(tmp_path / "cal.toml")
