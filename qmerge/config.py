@@ -42,21 +42,33 @@ class AdapterSettings(Strict):
     path: str
     weight: float = 1.0
     sha256: str | None = None
+    # A task of a multi-adapter release: its own eval text, scored against the NF4 base + this adapter alone.
+    name: str | None = None  # the task's name in the report (default: the adapter folder's name)
+    eval: str | None = None
+    required: bool = True  # the gate rejects when this task fails; False: reported only
+
+    @property
+    def task(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
 class MergeSettings(Strict):
     into: Literal["nf4", "original", "auto"] = "nf4"
     select: str | None = None
     select_windows: int = Field(default=8, gt=0)
-    method: Literal["linear", "ties", "dare"] = "linear"
+    # How several adapters' deltas combine (qmerge/ops/combine.py); a single adapter takes any method.
+    method: Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "linear"
+    density: float = Field(default=1.0, gt=0, le=1)  # the share of each ΔWᵢ's entries kept (not for linear)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    seed: int = Field(default=0, ge=0)  # DARE's drop masks
     dtype: DType = "bfloat16"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     max_shard_size: int = Field(default=5 * 2**30, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> MergeSettings:
-        if self.method != "linear":
-            raise ValueError(f"merge.method = {self.method!r} is not implemented yet; use \"linear\"")
+        if self.method == "linear" and self.density != 1.0:
+            raise ValueError('merge.density applies to the pruning methods; "linear" keeps every entry')
         if self.into == "auto" and self.select is None:
             raise ValueError('merge.into = "auto" needs merge.select (a text spec, never the gate\'s eval split)')
         return self
@@ -83,7 +95,7 @@ class QuantizeSettings(Strict):
 
 
 class GateSettings(Strict):
-    eval: str
+    eval: str | None = None  # None: only the adapters' own eval texts (tasks) are gated
     windows: int = Field(default=24, gt=1)
     seq_len: int = Field(default=256, gt=1)
     extra_eval: tuple[str, ...] = ()
@@ -111,6 +123,31 @@ class Config(Strict):
     output: OutputSettings = OutputSettings()
     # Where the TOML came from; relative paths resolve against its folder. Not a TOML key.
     source: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> Config:
+        tasks = [a.task for a in self.adapters if a.eval is not None]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"adapters with an eval text need distinct names (got {tasks}); set adapters.name")
+        if self.gate is not None and self.gate.eval is None and not tasks:
+            raise ValueError("gate needs an eval text: set gate.eval, or adapters.eval for each task")
+        if self.merge.method != "linear" and any(a.weight < 0 for a in self.adapters):
+            raise ValueError(f'merge.method = "{self.merge.method}" needs non-negative adapter weights '
+                             '(negation is defined for "linear" only)')
+        return self
+
+    @property
+    def tasks(self) -> tuple[AdapterSettings, ...]:
+        """The adapters gated on their own eval text."""
+        return tuple(a for a in self.adapters if a.eval is not None)
+
+    def eval_texts(self) -> list[tuple[str, str]]:
+        """(spec, config key) of every text evaluate scores on: gate.eval, gate.extra_eval, each task's eval."""
+        if self.gate is None:
+            return []
+        texts = [(self.gate.eval, "gate.eval")] if self.gate.eval is not None else []
+        texts += [(v, f"gate.extra_eval[{i}]") for i, v in enumerate(self.gate.extra_eval)]
+        return texts + [(a.eval, f"adapters[{self.adapters.index(a)}].eval") for a in self.tasks]
 
     @field_validator("name")
     @classmethod

@@ -114,7 +114,8 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
     if cfg.gate is not None:
         g = cfg.gate
         models = 2 + (cfg.quantize is not None)
-        out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, models + 1, g.windows * (1 + len(g.extra_eval)),
+        texts = max((g.eval is not None) + len(g.extra_eval), 1)  # one pass per reference; a task's has one text
+        out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, models + 1, g.windows * texts,
                                                        g.seq_len, g.batch_size), "disk_bytes": 0}
         out["gate"] = {"peak_bytes": LIGHT_IMPORTS, "disk_bytes": 0}
         shipped = final_bytes + (shape.output_bytes if cfg.quantize is not None and cfg.output.keep_dense else 0)

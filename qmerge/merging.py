@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +24,29 @@ from qmerge.io.paths import MODEL_FILES
 from qmerge.numerics import DTYPES, MATH_DTYPE
 from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
+from qmerge.ops.combine import combine
 from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
 from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
 from qmerge.io.atomic import write_json
+
+@dataclass(frozen=True)
+class Combination:
+    """How several adapters' deltas combine per tensor (qmerge/ops/combine.py); `linear` is the plain sum."""
+
+    method: str = "linear"
+    density: float = 1.0
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+    @classmethod
+    def of(cls, settings) -> Combination:
+        """From `[merge]` (config.MergeSettings)."""
+        return cls(settings.method, settings.density, settings.majority_sign_method, settings.seed)
+
+
+LINEAR = Combination()
+
 
 @dataclass(frozen=True)
 class MergeInputs:
@@ -35,14 +54,34 @@ class MergeInputs:
     adapters: tuple[tuple[Adapter, float], ...]
     into: str  # "nf4" | "original"
     device: str = "cpu"
+    combination: Combination = LINEAR
 
 
-def open_inputs(plan: Plan, into: str, device: str) -> MergeInputs:
+def open_inputs(plan: Plan, into: str, device: str, combination: Combination = LINEAR) -> MergeInputs:
     recipe = NF4Recipe(**plan.nf4)
     # The resolved list replaces transformers' defaults exactly (an empty list means: nothing skipped).
     base = BaseCheckpoint(Path(plan.base.folder), recipe, plan.skipped_modules)
     adapters = tuple((read_adapter(path), weight) for path, weight in plan.adapter_weights)
-    return MergeInputs(base, adapters, into, device)
+    inputs = MergeInputs(base, adapters, into, device, combination)
+    check_combination(inputs)
+    return inputs
+
+
+def check_combination(inputs: MergeInputs) -> None:
+    """A combination of several adapters is defined on additive deltas only: a DoRA magnitude or a full
+    replacement tensor (modules_to_save, a saved embedding) has no exact meaning inside a sum, let alone a TIES
+    election. Refused, naming the adapter."""
+    if len(inputs.adapters) < 2:
+        return
+    for adapter, _ in inputs.adapters:
+        if any(m.magnitude for m in adapter.modules.values()):
+            raise BadInputError("DoRA adapters cannot be combined with other adapters (the magnitude rescales the "
+                                "whole weight, not a delta)", path=adapter.path,
+                                fix="merge the DoRA adapter alone, or retrain it as plain LoRA")
+        if adapter.replacements and inputs.combination.method != "linear":
+            raise BadInputError(f"the adapter saves whole tensors ({', '.join(sorted(adapter.replacements)[:3])}); "
+                                f'merge.method = "{inputs.combination.method}" combines deltas only',
+                                path=adapter.path, fix='use merge.method = "linear", or drop modules_to_save')
 
 
 def untied(inputs: MergeInputs) -> dict[str, str]:
@@ -82,12 +121,13 @@ def _base_weight(inputs: MergeInputs, name: str, as_trained: Callable[[str], tor
     return inputs.base.original(source)
 
 
-def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Σ weightᵢ·ΔWᵢ for `name` (None when no adapter touches it), and the DoRA magnitude if any."""
+def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
+    """[(adapter index, ΔWᵢ = scaleᵢ·BᵢAᵢ, unweighted, float32 on CPU)] of the adapters that change `name`, and the
+    DoRA magnitude if any."""
     module, param = name.rsplit(".", 1)
     layout = inputs.base.arch.layouts.get(module, "linear")
-    total, magnitude = None, None
-    for adapter, weight in inputs.adapters:
+    deltas, magnitude = [], None
+    for i, (adapter, _) in enumerate(inputs.adapters):
         mod = adapter.modules.get(module)
         if mod is None:
             continue
@@ -102,9 +142,29 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Ten
                 magnitude = _checked(adapter, mod.magnitude).to(MATH_DTYPE).reshape(-1)
         else:
             continue
-        d = d.cpu() * weight if weight != 1.0 else d.cpu()
-        total = d if total is None else total + d
-    if total is not None and total.shape != shape:
+        deltas.append((i, d.cpu()))
+    return deltas, magnitude
+
+
+def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The combined delta for `name` (Σ weightᵢ·ΔWᵢ for `linear`; None when no adapter touches it), and the DoRA
+    magnitude if any."""
+    deltas, magnitude = adapter_deltas(inputs, name)
+    if not deltas:
+        return None, magnitude
+    c = inputs.combination
+    if c.method == "linear":  # Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote)
+        total = None
+        for i, d in deltas:
+            weight = inputs.adapters[i][1]
+            d = d * weight if weight != 1.0 else d
+            total = d if total is None else total + d
+    else:  # adapters that do not touch `name` contribute a zero delta (they still count in TIES' election)
+        full = dict(deltas)
+        zeros = torch.zeros_like(deltas[0][1])
+        total = combine([full.get(i, zeros) for i in range(len(inputs.adapters))],
+                        [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name)
+    if total.shape != shape:
         raise BadInputError(f"ΔW for {name} has shape {list(total.shape)} but the base has {list(shape)}")
     return total, magnitude
 
@@ -131,7 +191,8 @@ def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype):
     if nf4 is None:
         return None
     w, chain = nf4
-    if len(touching) == 1 and touching[0][2] == 1.0:  # ΔW = (B@A)·scale: the kernel applies the scale
+    if len(touching) == 1 and touching[0][2] == 1.0 and inputs.combination.density >= 1:
+        # ΔW = (B@A)·scale: the kernel applies the scale
         adapter, mod, _ = touching[0]
         a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
         factor, scale = b @ a, mod.scale
@@ -182,8 +243,9 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
                 layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1], "delta_sq": metrics[2]}
             writer.add(name, stored.contiguous())
     write_model_files(inputs, out_dir, dtype)
+    combination = {} if inputs.combination == LINEAR else {"combination": asdict(inputs.combination)}
     return {"into": inputs.into, "dtype": dtype, "tensors": len(names), "changed_tensors": len(layers),
-            "untied": sorted(untied(inputs)), "layers": layers}
+            "untied": sorted(untied(inputs)), **combination, "layers": layers}
 
 
 def embedding_rows(inputs: MergeInputs) -> int | None:

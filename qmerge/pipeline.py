@@ -19,12 +19,18 @@ def text_digest(cfg: Config, value: str, what: str) -> dict:
 def _eval_texts(cfg: Config) -> dict | None:
     if cfg.gate is None:
         return None
-    return {"eval": text_digest(cfg, cfg.gate.eval, "gate.eval"),
-            "extra_eval": [text_digest(cfg, v, f"gate.extra_eval[{i}]") for i, v in enumerate(cfg.gate.extra_eval)]}
+    texts = {"eval": text_digest(cfg, cfg.gate.eval, "gate.eval") if cfg.gate.eval is not None else None,
+             "extra_eval": [text_digest(cfg, v, f"gate.extra_eval[{i}]") for i, v in enumerate(cfg.gate.extra_eval)]}
+    if cfg.tasks:  # absent for single-text configs, so their keys stay what they were
+        texts["tasks"] = [{"task": a.task, "adapter": cfg.adapters.index(a),
+                           **text_digest(cfg, a.eval, "adapters.eval")} for a in cfg.tasks]
+    return texts
 
 
 def _merge_slice(cfg: Config) -> dict:
-    out = cfg.merge.model_dump(exclude={"device"})
+    # linear's pruning parameters are inert: left out, so linear configs keep the keys they had before them
+    inert = {"density", "majority_sign_method", "seed"} if cfg.merge.method == "linear" else set()
+    out = cfg.merge.model_dump(exclude={"device", *inert})
     if cfg.merge.into == "auto":  # the choice is scored on `select` windows of gate.seq_len, disjoint from gate.eval
         out["select_text"] = text_digest(cfg, cfg.merge.select, "merge.select")
         out["gate"] = {"seq_len": cfg.gate.seq_len if cfg.gate else None, "texts": _eval_texts(cfg)}
@@ -43,11 +49,15 @@ def _evaluate_slice(cfg: Config) -> dict:
 
 
 def _gate_slice(cfg: Config) -> dict | None:
-    return cfg.gate.model_dump() if cfg.gate else None
+    if cfg.gate is None:
+        return None
+    required = {"required_tasks": [a.task for a in cfg.tasks if a.required]} if cfg.tasks else {}
+    return cfg.gate.model_dump() | required
 
 
 def _resolve_slice(cfg: Config) -> dict:
-    return {"base": cfg.base.model_dump(), "adapters": [a.model_dump() for a in cfg.adapters]}
+    return {"base": cfg.base.model_dump(),
+            "adapters": [a.model_dump(exclude={"name", "eval", "required"}) for a in cfg.adapters]}
 
 
 def _quantize_slice(cfg: Config) -> dict:

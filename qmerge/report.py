@@ -59,6 +59,11 @@ def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=No
             print(f"  perplexity: {ppl}", file=out)
             print(f"  {res['final']}: delta retention {ret}, mean KL vs reference {res['kl_mean']:.5f} nats/token",
                   file=out)
+        if r.name == "evaluate":
+            for task, t in r.result.get("tasks", {}).items():
+                ret = "undefined" if t.get("retention") is None else f"{t['retention']:.3f}"
+                print(f"  task {task}: {r.result['final']} ppl {t['ppl']:.3f}, delta retention {ret}, mean KL vs "
+                      f"its reference {t['kl_mean']:.5f} nats/token", file=out)
         if r.name == "gate" and "verdict" in r.result:
             print(f"  verdict: {r.result['verdict']}", file=out)
             for reason in r.result.get("reasons", []):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from qmerge.ops import metrics
 
@@ -51,9 +51,12 @@ class EvalReport:
     into: str  # "nf4" | "original"
     final: str  # the candidate that ships: "merged" | "quantized"
     selection: dict | None  # merge.into = "auto": what was compared
-    eval: TextScores
+    eval: TextScores | None  # gate.eval against the reference of all adapters (None: only tasks are gated)
     extra_eval: tuple[TextScores, ...]
-    weight_retention: dict  # candidate -> {"aggregate", "vanished", "layers"}
+    weight_retention: dict  # candidate -> {"aggregate", "vanished", "layers", "tasks"?}
+    # task -> its own eval text, against the NF4 base + that adapter alone (a multi-adapter release)
+    tasks: dict[str, TextScores] = field(default_factory=dict)
+    combination: dict | None = None  # merge.method and its parameters when not "linear"
 
     @property
     def final_scores(self) -> CandidateScores:
@@ -78,5 +81,7 @@ class EvalReport:
 
     @classmethod
     def from_json(cls, d: dict) -> EvalReport:
-        return cls(d["protocol"], d["into"], d["final"], d.get("selection"), TextScores.from_json(d["eval"]),
-                   tuple(TextScores.from_json(x) for x in d.get("extra_eval", ())), d.get("weight_retention", {}))
+        return cls(d["protocol"], d["into"], d["final"], d.get("selection"),
+                   TextScores.from_json(d["eval"]) if d.get("eval") is not None else None,
+                   tuple(TextScores.from_json(x) for x in d.get("extra_eval", ())), d.get("weight_retention", {}),
+                   {k: TextScores.from_json(v) for k, v in d.get("tasks", {}).items()}, d.get("combination"))

@@ -128,6 +128,19 @@ def delta_metrics(w_stored: torch.Tensor, merged: torch.Tensor, w_base: torch.Te
     return metrics_from_sums(dd, sd, bb)
 
 
+def projection_sums(w_stored: torch.Tensor, w_base: torch.Tensor, delta: torch.Tensor,
+                    chunk: int = 1 << 20) -> tuple[float, float]:
+    """(⟨W_stored − W_base, Δ⟩, ‖Δ‖²) for a given Δ (one adapter's own ΔWᵢ in a combination), chunked float64 sums:
+    summed over tensors, their ratio is that adapter's weight-space retention."""
+    stored, base, d = (t.reshape(-1) for t in (w_stored, w_base, delta))
+    sd = dd = 0.0
+    for i in range(0, d.numel(), chunk):
+        di = d[i:i + chunk].double()
+        dd += float(torch.dot(di, di))
+        sd += float(torch.dot(stored[i:i + chunk].double() - base[i:i + chunk].double(), di))
+    return sd, dd
+
+
 def metrics_from_sums(dd: float, sd: float, bb: float) -> tuple[float, float, float] | None:
     """(retention, relative ΔW norm, ‖ΔW‖²) from ‖ΔW‖², ⟨W_stored − W_base, ΔW⟩ and ‖W_base‖²; None when ΔW = 0.
     ‖ΔW‖² weighs each tensor in the model-wide aggregate retention."""

@@ -14,10 +14,8 @@ def run_calibrate(ctx: StageContext) -> dict:
 
     q = ctx.cfg.quantize
     spec = load_text_spec(ctx.cfg.path(q.calibration, "quantize.calibration"))
-    if ctx.cfg.gate is not None:
-        for i, other in enumerate((ctx.cfg.gate.eval, *ctx.cfg.gate.extra_eval)):
-            what = "gate.eval" if i == 0 else f"gate.extra_eval[{i - 1}]"
-            check_disjoint(spec, load_text_spec(ctx.cfg.path(other, what)), "quantize.calibration", what)
+    for other, what in ctx.cfg.eval_texts():
+        check_disjoint(spec, load_text_spec(ctx.cfg.path(other, what)), "quantize.calibration", what)
     tokenizer = AutoTokenizer.from_pretrained(ctx.plan.tokenizer_folder())
     windows = build_windows(tokenizer, spec, q.seq_len, q.samples)
     save_file({"input_ids": windows.ids.contiguous()}, str(ctx.out / "calibration.safetensors"))

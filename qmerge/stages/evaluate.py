@@ -17,16 +17,17 @@ import torch
 from qmerge.dag import StageContext
 from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
-from qmerge.scores import EvalReport
+from qmerge.scores import EvalReport, TextScores
 from qmerge.io.gptq_checkpoint import DequantizedReader
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.io.safetensors_io import CheckpointReader
 from qmerge.layerwise import LayerwiseModel
-from qmerge.merging import merge_one, open_inputs, output_names
+from qmerge.io.base import BaseCheckpoint
+from qmerge.merging import LINEAR, Combination, adapter_deltas, merge_one, open_inputs, output_names
 from qmerge.models import streamed_base
 from qmerge.numerics import MATH_DTYPE, no_tf32
 from qmerge.plan import Plan
-from qmerge.ops.metrics import delta_metrics
+from qmerge.ops.metrics import delta_metrics, projection_sums
 from qmerge.runtime import pick_device
 from qmerge.io.atomic import write_json
 
@@ -49,31 +50,42 @@ def _stored(candidate: Path, quantized: bool):
 
 
 class WeightRetention:
-    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base.
+    """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base; and for
+    each task (an adapter with its own eval text), its own ΔWᵢ = scaleᵢ·BᵢAᵢ in place of ΔW.
 
     Fed during the streamed pass: `add_layer` takes each decoder layer's tensors with the W_nf4 the reference's
     layer already holds (so W_nf4 is derived once per evaluation, not twice); `finish` does every tensor not seen
     yet (embeddings, head) by re-deriving it, and reports. `finish` alone is the whole computation (the twin)."""
 
-    def __init__(self, plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu"):
-        self.inputs = open_inputs(plan, "nf4", nf4_device)
+    def __init__(self, plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu",
+                 combination: Combination = LINEAR, tasks: dict[int, str] | None = None):
+        self.inputs = open_inputs(plan, "nf4", nf4_device, combination)
         self.stored = {name: _stored(path, name == "quantized") for name, path in candidates.items()}
         self.names = output_names(self.inputs)
         self.replaced = {t for adapter, _ in self.inputs.adapters for t in adapter.replacements}
+        self.tasks = tasks or {}
         self.seen: set[str] = set()
         self.layers: dict[str, dict[str, float]] = {name: {} for name in candidates}
         self.sums = {name: [0.0, 0.0] for name in candidates}
+        self.task_sums = {name: {task: [0.0, 0.0] for task in self.tasks.values()} for name in candidates}
 
     def add(self, tensor: str, w_nf4=None) -> None:
         self.seen.add(tensor)
         exact, w_base = merge_one(self.inputs, tensor, w_nf4)
         if w_base is None or w_base.shape != exact.shape:
             return
+        own = [(self.tasks[i], d) for i, d in adapter_deltas(self.inputs, tensor)[0] if i in self.tasks] \
+            if self.tasks else []
         for name, source in self.stored.items():
             if tensor not in source.names:
                 continue
+            stored = source.get(tensor)
             # chunked float64 sums (ops/metrics.py; twin of weight_retention): no whole-tensor float64 copies
-            metrics = delta_metrics(source.get(tensor), exact, w_base)
+            metrics = delta_metrics(stored, exact, w_base)
+            for task, delta in own:
+                sums = projection_sums(stored, w_base, delta)
+                self.task_sums[name][task][0] += sums[0]
+                self.task_sums[name][task][1] += sums[1]
             if metrics is None:  # ΔW = 0 for this tensor
                 continue
             r, _, norm2 = metrics
@@ -109,28 +121,32 @@ class WeightRetention:
             worst = sorted(per_layer.items(), key=lambda kv: kv[1])[:10]
             out[name] = {"aggregate": num / den if den else None, "worst": worst,
                          "vanished": [n for n, r in worst if r < VANISHED], "layers": per_layer}
+            if self.tasks:
+                out[name]["tasks"] = {task: (sd / dd if dd else None) for task, (sd, dd) in self.task_sums[name].items()}
         return out
 
 
-def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str,
-                        retention: WeightRetention) -> dict:
-    cfg, plan = ctx.cfg, ctx.plan
-    adapters = plan.adapter_weights
+def _texts(ctx: StageContext, tokenizer, specs: list[tuple[str, str]]) -> list:
+    cfg = ctx.cfg
+    texts = []
+    for spec_path, what in specs:
+        windows = build_windows(tokenizer, load_text_spec(cfg.path(spec_path, what)), cfg.gate.seq_len, cfg.gate.windows)
+        texts.append((spec_path, windows, list(torch.split(windows.ids, cfg.gate.batch_size))))
+    return texts
+
+
+def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: list, candidates: dict[str, Path],
+               device: str, base: BaseCheckpoint, on_layer=None, desc: str = "evaluate") -> list[TextScores]:
+    """One streamed pass: the reference (the NF4 base + `adapters`, unmerged), the base, and every candidate on
+    `texts`; one TextScores per text."""
+    nf4_device = pick_device(ctx.cfg.merge.device)
     # W_nf4 from the codes of the device the merge used (one rule for the run; CPU and CUDA codes may differ).
-    nf4_device = pick_device(cfg.merge.device)
-    reference = streamed_base(retention.inputs.base, adapters, device, nf4_device)
+    reference = streamed_base(base, adapters, device, nf4_device)
     views = {"reference": View(reference), "base": View(reference, adapters=False)}
     views |= {name: View(LayerwiseModel.from_folder(path, device)) for name, path in candidates.items()}
-    tokenizer = load_tokenizer(next(iter(candidates.values())))
-    texts = []
-    for i, spec_path in enumerate((cfg.gate.eval, *cfg.gate.extra_eval)):
-        spec = load_text_spec(cfg.path(spec_path, "gate.eval" if i == 0 else f"gate.extra_eval[{i - 1}]"))
-        windows = build_windows(tokenizer, spec, cfg.gate.seq_len, cfg.gate.windows)
-        texts.append((spec_path, windows, list(torch.split(windows.ids, cfg.gate.batch_size))))
     batches = [b for *_, text_batches in texts for b in text_batches]
-    logits = StreamedLogits(views, batches, ctx.quiet,
-                            on_layer=lambda model, i, layer: retention.add_layer(model, i, layer)
-                            if model is reference else None)
+    hook = (lambda model, i, layer: on_layer(model, i, layer) if model is reference else None) if on_layer else None
+    logits = StreamedLogits(views, batches, ctx.quiet, desc=desc, on_layer=hook)
     sections, first = [], 0
     others = tuple(n for n in views if n != "reference")
     for spec_path, windows, text_batches in texts:
@@ -138,9 +154,33 @@ def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: 
         first += len(text_batches)
         sections.append(summarize(scores, tuple(candidates), {**windows.describe(), "spec": spec_path,
                                                               "windows": int(windows.ids.shape[0]),
-                                                              "seq_len": cfg.gate.seq_len}))
+                                                              "seq_len": ctx.cfg.gate.seq_len}))
     logits.close()
     return sections
+
+
+def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str,
+                        retention: WeightRetention) -> tuple[list[TextScores], dict[str, TextScores]]:
+    """(sections on gate.eval and gate.extra_eval against the reference of all adapters, {task: its section against
+    the NF4 base + that adapter alone}). All texts of one reference share one pass through the layers."""
+    cfg, plan = ctx.cfg, ctx.plan
+    tokenizer = load_tokenizer(next(iter(candidates.values())))
+    base = retention.inputs.base
+    hook = retention.add_layer
+    sections = []
+    shared = [(v, w) for v, w in cfg.eval_texts() if w.startswith("gate.")]
+    if shared:
+        sections = score_pass(ctx, plan.adapter_weights, _texts(ctx, tokenizer, shared), candidates, device, base,
+                              hook)
+        hook = None
+    tasks = {}
+    for adapter in cfg.tasks:
+        i = cfg.adapters.index(adapter)
+        texts = _texts(ctx, tokenizer, [(adapter.eval, f"adapters[{i}].eval")])
+        tasks[adapter.task] = score_pass(ctx, [(plan.adapter_weights[i][0], 1.0)], texts, candidates, device, base,
+                                         hook, desc=f"evaluate {adapter.task}")[0]
+        hook = None
+    return sections, tasks
 
 
 def run_evaluate(ctx: StageContext) -> dict:
@@ -150,9 +190,11 @@ def run_evaluate(ctx: StageContext) -> dict:
         candidates["quantized"] = ctx.inputs["quantize"]
     final = "quantized" if "quantize" in ctx.inputs else "merged"
     device = pick_device("auto")  # where the layers run; float32 (TF32 off) on either
-    retention = WeightRetention(ctx.plan, candidates, pick_device(ctx.cfg.merge.device))
+    cfg = ctx.cfg
+    retention = WeightRetention(ctx.plan, candidates, pick_device(cfg.merge.device), Combination.of(cfg.merge),
+                                {cfg.adapters.index(a): a.task for a in cfg.tasks})
     with no_tf32():
-        sections = evaluate_candidates(ctx, candidates, device, retention)
+        sections, tasks = evaluate_candidates(ctx, candidates, device, retention)
     report = EvalReport(
         protocol={"windows": "consecutive non-overlapping, BOS-prefixed when the tokenizer adds one",
                   "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
@@ -160,8 +202,18 @@ def run_evaluate(ctx: StageContext) -> dict:
                   "device": device, "models": "streamed one decoder layer at a time",
                   "quantized_weights": "fp16 s*(q-z), as the serving kernels compute them"},
         into=merge_result["into"], final=final, selection=merge_result.get("selection"),
-        eval=sections[0], extra_eval=tuple(sections[1:]), weight_retention=retention.finish())
+        eval=sections[0] if cfg.gate.eval is not None else None,
+        extra_eval=tuple(sections[1:] if cfg.gate.eval is not None else sections),
+        weight_retention=retention.finish(), tasks=tasks,
+        combination=merge_result.get("combination"))
     write_json(ctx.out / "report.json", report.to_json())
-    scores = report.final_scores
-    return {"final": final, "ppl": {k: v.value for k, v in report.eval.ppl.items()},
-            "retention": scores.retention.value, "kl_mean": scores.kl["mean"].value}
+    out = {"final": final}
+    if report.eval is not None:
+        scores = report.final_scores
+        out |= {"ppl": {k: v.value for k, v in report.eval.ppl.items()}, "retention": scores.retention.value,
+                "kl_mean": scores.kl["mean"].value}
+    for task, section in tasks.items():
+        c = section.candidates[final]
+        out.setdefault("tasks", {})[task] = {"ppl": section.ppl[final].value, "retention": c.retention.value,
+                                             "kl_mean": c.kl["mean"].value}
+    return out

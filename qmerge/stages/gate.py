@@ -26,7 +26,7 @@ from statistics import NormalDist
 from qmerge.config import GateSettings
 from qmerge.dag import StageContext
 from qmerge.errors import EXIT_GATE_REJECTED, EXIT_OK
-from qmerge.scores import EvalReport
+from qmerge.scores import CandidateScores, EvalReport
 from qmerge.ops.metrics import Estimate, Retention
 from qmerge.io.atomic import write_json
 
@@ -102,24 +102,49 @@ def windows_to_decide(check: Check, windows: int) -> int | None:
     return math.ceil(windows * ((check.bound - check.value) / (check.limit - check.value)) ** 2)
 
 
-def decide(report: EvalReport, gate: GateSettings) -> GateVerdict:
+def text_checks(cand: CandidateScores, gate: GateSettings, into: str, final: str, z: float,
+                label: str = "") -> tuple[list[Check], list[str]]:
+    """The eval-text checks of one candidate on one text against its reference: perplexity, delta retention, KL.
+    `label` prefixes a task's check names ("task news: ")."""
+    checks, notes = [], []
+    checks.append(bounded_check(f"{label}ppl_ratio", cand.ppl_ratio, 1 + gate.max_ppl_increase, True, z,
+                                f"{label}ppl {final}/reference"))
+    ret = cand.retention
+    if ret.defined:
+        checks.append(bounded_check(f"{label}delta_retention", ret, gate.min_delta_retention, False, z,
+                                    f"{label}delta retention"))
+    else:
+        notes.append(f"{label}delta retention undefined on this text: {ret.reason}; deciding on KL and perplexity")
+    if into == "nf4":
+        checks.append(bounded_check(f"{label}kl", cand.kl["mean"], gate.max_kl, True, z,
+                                    f"{label}mean KL(reference ‖ {final}) nats/token"))
+    else:
+        notes.append(f'{label}into = "{into}" is a different model by design: KL reported, not gated')
+    return checks, notes
+
+
+def decide(report: EvalReport, gate: GateSettings, required: tuple[str, ...] | None = None) -> GateVerdict:
+    """`required`: the tasks whose failure rejects (default: every task in the report); the others are reported
+    in the notes."""
     final = report.final
-    cand = report.final_scores
     z = z_value(gate.confidence)
     checks: list[Check] = []
     notes: list[str] = []
-    checks.append(bounded_check("ppl_ratio", cand.ppl_ratio, 1 + gate.max_ppl_increase, True, z,
-                                f"ppl {final}/reference"))
-    ret = cand.retention
-    if ret.defined:
-        checks.append(bounded_check("delta_retention", ret, gate.min_delta_retention, False, z, "delta retention"))
-    else:
-        notes.append(f"delta retention undefined on this text: {ret.reason}; deciding on KL and perplexity")
-    if report.into == "nf4":
-        checks.append(bounded_check("kl", cand.kl["mean"], gate.max_kl, True, z,
-                                    f"mean KL(reference ‖ {final}) nats/token"))
-    else:
-        notes.append(f'into = "{report.into}" is a different model by design: KL reported, not gated')
+    windows: dict[str, int] = {}
+    if report.eval is not None:
+        c, n = text_checks(report.final_scores, gate, report.into, final, z)
+        checks += c
+        notes += n
+        windows |= {check.name: report.eval.windows for check in c}
+    required = tuple(report.tasks) if required is None else required
+    for task, section in report.tasks.items():
+        c, n = text_checks(section.candidates[final], gate, report.into, final, z, f"task {task}: ")
+        if task in required:
+            checks += c
+            notes += n
+            windows |= {check.name: section.windows for check in c}
+        else:
+            notes += n + [f"not required: {check.detail}: {check.outcome}" for check in c]
     weights = report.weight_retention.get(final)
     if weights and weights.get("aggregate") is not None and final == "merged":
         agg = weights["aggregate"]
@@ -128,29 +153,35 @@ def decide(report: EvalReport, gate: GateSettings) -> GateVerdict:
                             PASS if agg >= gate.min_delta_retention else FAIL,
                             f"weight-space retention {agg:.4f} (min {gate.min_delta_retention}); "
                             f"layers whose delta vanished: {vanished}"))
-    windows = report.eval.windows
+    for task, value in (weights or {}).get("tasks", {}).items():
+        if value is not None:
+            notes.append(f"task {task}: weight-space retention of its own ΔW {value:.4f} (reported, not gated: "
+                         "pruning methods keep a task's function with a fraction of its weights)")
     reasons = [c.detail for c in checks if c.outcome == FAIL]
     for c in checks:
         if c.outcome == INCONCLUSIVE:
-            need = windows_to_decide(c, windows)
+            need = windows_to_decide(c, windows.get(c.name, 0))
             more = f"; about {need} windows would likely decide it" if need else ""
-            reasons.append(f"inconclusive: {c.detail}: more windows needed ({windows} now{more})")
+            reasons.append(f"inconclusive: {c.detail}: more windows needed ({windows.get(c.name)} now{more})")
     return GateVerdict(final, tuple(checks), tuple(reasons), tuple(notes))
 
 
 def format_verdict(v: GateVerdict) -> str:
-    lines = [f"gate: {v.verdict.upper()} ({v.candidate})", f"  {'check':<17} {'value':>10} {'limit':>8}  result"]
+    width = max([17, *(len(c.name) for c in v.checks)])
+    lines = [f"gate: {v.verdict.upper()} ({v.candidate})", f"  {'check':<{width}} {'value':>10} {'limit':>8}  result"]
     for c in v.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
-        lines.append(f"  {c.name:<17} {value:>10} {c.limit:>8.4f}  {c.outcome}")
+        lines.append(f"  {c.name:<{width}} {value:>10} {c.limit:>8.4f}  {c.outcome}")
     lines += [f"  {'inconclusive' if r.startswith('inconclusive') else 'reject'}: {r}" for r in v.reasons] + [f"  note: {n}" for n in v.notes]
     return "\n".join(lines)
 
 
 def run_gate(ctx: StageContext) -> dict:
     report = json.loads((ctx.inputs["evaluate"] / "report.json").read_text())
-    verdict = decide(EvalReport.from_json(report), ctx.cfg.gate)
+    required = tuple(a.task for a in ctx.cfg.tasks if a.required)
+    verdict = decide(EvalReport.from_json(report), ctx.cfg.gate, required)
     payload = {**report, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
+                                  "required_tasks": list(required),
                                   **asdict(verdict), "verdict": verdict.verdict, "passed": verdict.passed}}
     write_json(ctx.out / "report.json", payload)
     print(format_verdict(verdict), file=sys.stdout, flush=True)

@@ -14,7 +14,7 @@ from qmerge.dag import StageContext
 from qmerge.evaluation import StreamedLogits, View, score
 from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
 from qmerge.layerwise import LayerwiseModel
-from qmerge.merging import open_inputs, run_merge
+from qmerge.merging import Combination, open_inputs, run_merge
 from qmerge.models import streamed_base
 from qmerge.plan import Plan
 from qmerge.runtime import pick_device
@@ -29,7 +29,7 @@ def run_merge_stage(ctx: StageContext) -> dict:
     if into == "auto":
         report = _merge_and_select(ctx, plan)
     else:
-        inputs = open_inputs(plan, into, pick_device(ctx.cfg.merge.device))
+        inputs = open_inputs(plan, into, pick_device(ctx.cfg.merge.device), Combination.of(ctx.cfg.merge))
         report = run_merge(inputs, ctx.out, ctx.cfg.merge.dtype, ctx.cfg.merge.max_shard_size, ctx.quiet)
     write_json(ctx.out / "merge_report.json", report)
     return {k: v for k, v in report.items() if k != "layers"}
@@ -38,9 +38,9 @@ def run_merge_stage(ctx: StageContext) -> dict:
 def _select_spec(ctx: StageContext):
     cfg = ctx.cfg
     spec = load_text_spec(cfg.path(cfg.merge.select, "merge.select"))
-    if cfg.gate is not None:
+    for other, what in cfg.eval_texts():
         # Choosing on the gate's own text would bias the gate in favour of the chosen candidate.
-        check_disjoint(spec, load_text_spec(cfg.path(cfg.gate.eval, "gate.eval")), "merge.select", "gate.eval")
+        check_disjoint(spec, load_text_spec(cfg.path(other, what)), "merge.select", what)
     return spec
 
 
@@ -54,7 +54,7 @@ def _merge_and_select(ctx: StageContext, plan: Plan) -> dict:
     for into in ("nf4", "original"):
         folders[into] = ctx.out / "candidates" / into
         folders[into].mkdir(parents=True)
-        reports[into] = run_merge(open_inputs(plan, into, device), folders[into], ctx.cfg.merge.dtype,
+        reports[into] = run_merge(open_inputs(plan, into, device, Combination.of(ctx.cfg.merge)), folders[into], ctx.cfg.merge.dtype,
                                   ctx.cfg.merge.max_shard_size, ctx.quiet)
     tokenizer = AutoTokenizer.from_pretrained(folders["nf4"])
     windows = build_windows(tokenizer, spec, ctx.cfg.gate.seq_len if ctx.cfg.gate else 256,

@@ -114,33 +114,45 @@ def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, s
             "base": {k: getattr(plan.base, k) for k in ("folder", "kind", "sha256", "files")},
             "base_gguf": plan.base.gguf, "base_note": plan.base.note,
             "adapters": [{k: getattr(a, k) for k in ("path", "weight", "sha256", "files")} for a in plan.adapters],
-            "eval_token_ids_sha256": report["eval"]["tokens"]["sha256"],
+            "eval_token_ids_sha256": report["eval"]["tokens"]["sha256"] if report.get("eval") else None,
+            "task_token_ids_sha256": {t: sec["tokens"]["sha256"] for t, sec in report.get("tasks", {}).items()},
             "calibration_token_ids_sha256": ctx.results.get("calibrate", {}).get("sha256"),
             "config": ctx.cfg.model_dump(mode="json"),
             "config_sha256": hashlib.sha256(ctx.cfg.source.read_bytes()).hexdigest(),
             "stage_keys": ctx.keys, "packages": package_versions(),
         },
-        "metrics": report["eval"], "extra_eval": report.get("extra_eval", []),
+        "metrics": report.get("eval"), "extra_eval": report.get("extra_eval", []), "tasks": report.get("tasks", {}),
+        "combination": report.get("combination"),
         "weight_retention": report.get("weight_retention", {}), "gate": report["gate"], "files": files,
     }
 
 
-def model_card(manifest: dict) -> str:
-    ev = manifest["metrics"]
+def _card_section(title: str, ev: dict, final: str) -> list[str]:
+    """One eval text of the model card: every model's perplexity, then the final model's retention and KL."""
     rows = [f"| {name} | {e['value']:.3f} ± {e['stderr']:.3f} |" for name, e in ev["ppl"].items()]
-    cand = ev["candidates"][manifest["final"]]
+    cand = ev["candidates"][final]
     ret = cand["retention"]
     ret_text = f"{ret['value']:.3f} ± {ret['stderr']:.3f}" if ret["defined"] else f"undefined ({ret['reason']})"
-    return "\n".join([
-        f"# {manifest['name']} {manifest['version']}", "",
-        f"Built by qmerge {manifest['qmerge_version']}: the adapter(s) merged in float32 into the "
-        f"`{manifest['into']}` base weights; final artifact: {manifest['final']}.", "",
-        f"Gate: **{manifest['gate']['verdict']}**. Perplexity on `{ev['tokens']['spec']}` "
-        f"({ev['tokens']['windows']} windows × {ev['tokens']['seq_len']} tokens):", "",
-        "| model | perplexity |", "|---|---|", *rows, "",
-        f"Delta retention of the final model: {ret_text}; mean KL(reference ‖ final) "
-        f"{cand['kl']['mean']['value']:.5f} nats/token, top-1 agreement {cand['kl']['top1_agreement']['value']:.4f}.",
-        "", "Provenance (hashes of every input, package versions) is in `manifest.json`.", ""])
+    return [f"{title} `{ev['tokens']['spec']}` ({ev['tokens']['windows']} windows × {ev['tokens']['seq_len']} "
+            "tokens):", "", "| model | perplexity |", "|---|---|", *rows, "",
+            f"Delta retention of the final model: {ret_text}; mean KL(reference ‖ final) "
+            f"{cand['kl']['mean']['value']:.5f} nats/token, top-1 agreement {cand['kl']['top1_agreement']['value']:.4f}.",
+            ""]
+
+
+def model_card(manifest: dict) -> str:
+    final = manifest["final"]
+    combination = manifest.get("combination")
+    how = f" (merge.method = {combination['method']}, density {combination['density']})" if combination else ""
+    lines = [f"# {manifest['name']} {manifest['version']}", "",
+             f"Built by qmerge {manifest['qmerge_version']}: the adapter(s) merged in float32 into the "
+             f"`{manifest['into']}` base weights{how}; final artifact: {final}.", "",
+             f"Gate: **{manifest['gate']['verdict']}**.", ""]
+    if manifest.get("metrics"):
+        lines += _card_section("Perplexity on", manifest["metrics"], final)
+    for task, section in manifest.get("tasks", {}).items():
+        lines += _card_section(f"Task `{task}` (reference: the NF4 base + this adapter alone), on", section, final)
+    return "\n".join(lines + ["Provenance (hashes of every input, package versions) is in `manifest.json`.", ""])
 
 
 def run_promote(ctx: StageContext) -> dict:

@@ -1,0 +1,190 @@
+"""Multi-adapter combination methods against independent float64 transcriptions of the papers' algorithms
+(entry by entry, small tensors), against PEFT's `merge_utils` (the definitions qmerge follows) and mergekit's
+generalized task arithmetic where the two coincide, and the degenerate cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmerge.ops.combine import combine, dare_mask, keep_generator, top_k_mask
+
+SHAPE = (7, 9)
+
+
+def _deltas(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(SHAPE, generator=g) * 10 ** -(i % 3) for i in range(n)]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = float(want.abs().max()) or 1.0
+    assert float((got.double() - want).abs().max()) <= 1e-6 * scale, (got, want)
+
+
+# --- float64 transcriptions, entry by entry --------------------------------------------------------------------
+
+def _topk_keep(t: torch.Tensor, density: float) -> set[int]:
+    """TIES' 'keep top-k%' by magnitude: the k = ⌊density·n⌋ largest |values| (ties: lower index first)."""
+    flat = [abs(float(x)) for x in t.reshape(-1)]
+    k = int(density * len(flat))
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    return set(order[:k])
+
+
+def _sgn(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def oracle(deltas, weights, method, density, sign_method="total", keep=None):
+    """Yadav et al. Algorithm 1 (trim, elect, disjoint merge) with PEFT's per-task weights λᵢ applied before the
+    disjoint mean; Yu et al. DARE (drop with p = 1 − density, rescale by 1/(1 − p)) with `keep` the drop masks;
+    task arithmetic as Σ λᵢ τᵢ. An elected sign of 0 (an exact zero total) counts as + (PEFT's rule)."""
+    n, flat = len(deltas), [d.double().reshape(-1).tolist() for d in deltas]
+    size = len(flat[0])
+    if method in ("ties", "magnitude_prune"):
+        kept = [_topk_keep(d, density) for d in deltas]
+        trimmed = [[v if j in kept[i] else 0.0 for j, v in enumerate(flat[i])] for i in range(n)]
+    elif method in ("dare_linear", "dare_ties"):
+        trimmed = [[v / density if keep[i].reshape(-1)[j] else 0.0 for j, v in enumerate(flat[i])] for i in range(n)]
+    else:
+        trimmed = flat
+    out = []
+    for j in range(size):
+        if method in ("ties", "dare_ties"):
+            votes = sum(trimmed[i][j] if sign_method == "total" else _sgn(trimmed[i][j]) for i in range(n))
+            elected = 1 if votes >= 0 else -1
+            agree = [i for i in range(n) if _sgn(trimmed[i][j]) == elected]
+            out.append(sum(weights[i] * trimmed[i][j] for i in agree) / len(agree) if agree else 0.0)
+        else:
+            out.append(sum(weights[i] * trimmed[i][j] for i in range(n)))
+    return torch.tensor(out, dtype=torch.float64).reshape(deltas[0].shape)
+
+
+def _keep_masks(n: int, density: float, seed: int, name: str) -> list[torch.Tensor]:
+    return [dare_mask(torch.Size(SHAPE), density, keep_generator(seed, i, name)) for i in range(n)]
+
+
+@pytest.mark.parametrize("method,density,sign", [
+    ("linear", 1.0, "total"), ("magnitude_prune", 0.3, "total"), ("ties", 0.5, "total"),
+    ("ties", 0.2, "frequency"), ("ties", 1.0, "total"), ("dare_linear", 0.4, "total"), ("dare_ties", 0.6, "total"),
+    ("dare_ties", 0.3, "frequency")])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.7, 1.3, 0.25)])
+def test_methods_equal_their_paper_transcriptions(method, density, sign, weights):
+    deltas = _deltas(3)
+    keep = _keep_masks(3, density, 5, "w") if method.startswith("dare") else None
+    got = combine(deltas, weights, method, density, sign, seed=5, tensor="w")
+    assert got.dtype == torch.float32
+    _close(got, oracle(deltas, weights, method, density, sign, keep))
+
+
+def test_linear_negation_and_single_adapter():
+    a, b = _deltas(2)
+    _close(combine([a, b], [1.0, -0.5], "linear"), a.double() - 0.5 * b.double())
+    # one adapter, density 1: every method is that adapter's ΔW times its weight
+    for method in ("linear", "ties", "magnitude_prune", "dare_linear", "dare_ties"):
+        _close(combine([a], [2.0], method, 1.0), 2.0 * a.double())
+
+
+def test_ties_with_density_one_elects_but_does_not_trim():
+    a, b = _deltas(2)
+    a[0, 0], b[0, 0] = 3.0, -1.0  # opposite signs: the + side wins the 'total' election, b's entry is dropped
+    got = combine([a, b], [1.0, 1.0], "ties", 1.0)
+    assert float(got[0, 0]) == 3.0
+    same = (a.sign() == b.sign())
+    _close(got[same], (a[same].double() + b[same].double()) / 2)
+
+
+def test_top_k_keeps_exactly_k_and_breaks_ties_by_index():
+    t = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 3.0])
+    mask = top_k_mask(t, 0.5)  # k = 3: 3.0, then the first two of the three |2.0|
+    assert mask.tolist() == [False, True, True, False, False, True]
+    assert int(top_k_mask(torch.randn(1000), 0.137).sum()) == 137
+    assert not top_k_mask(t, 0.1).any() and top_k_mask(t, 1.0).all()
+
+
+def test_dare_keeps_about_density_and_is_seeded_per_tensor():
+    shape = torch.Size((300, 400))
+    mask = dare_mask(shape, 0.3, keep_generator(0, 0, "x"))
+    share = float(mask.double().mean())
+    assert abs(share - 0.3) < 5 * (0.3 * 0.7 / mask.numel()) ** 0.5
+    again = dare_mask(shape, 0.3, keep_generator(0, 0, "x"))
+    assert torch.equal(mask, again)
+    for other in (keep_generator(1, 0, "x"), keep_generator(0, 1, "x"), keep_generator(0, 0, "y")):
+        assert not torch.equal(mask, dare_mask(shape, 0.3, other))
+
+
+def test_bit_identical_for_the_same_seed():
+    deltas = _deltas(3, seed=3)
+    for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        one = combine(deltas, [1.0, 0.5, 2.0], method, 0.4, seed=11, tensor="t")
+        two = combine([d.clone() for d in deltas], [1.0, 0.5, 2.0], method, 0.4, seed=11, tensor="t")
+        assert torch.equal(one, two)
+
+
+# --- PEFT's merge_utils: the definitions qmerge follows ----------------------------------------------------------
+
+@pytest.mark.parametrize("density,sign", [(0.5, "total"), (0.3, "frequency")])
+def test_ties_and_magnitude_prune_equal_peft_merge_utils(density, sign):
+    from peft.utils import merge_utils
+
+    deltas = _deltas(3, seed=2)
+    w = torch.tensor([0.7, 1.3, 0.25])
+    _close(combine(deltas, w.tolist(), "ties", density, sign), merge_utils.ties(deltas, w, density, sign).double())
+    _close(combine(deltas, w.tolist(), "magnitude_prune", density),
+           merge_utils.magnitude_prune(deltas, w, density).double())
+    _close(combine(deltas, w.tolist(), "linear"), merge_utils.task_arithmetic(deltas, w).double())
+
+
+def test_dare_equals_peft_given_the_same_keep_mask(monkeypatch):
+    """PEFT draws DARE's mask from the global RNG with torch.bernoulli; handed qmerge's masks, its arithmetic
+    (drop, rescale, weight, elect, disjoint mean) gives the same result."""
+    from peft.utils import merge_utils
+
+    deltas, w, density = _deltas(3, seed=4), torch.tensor([1.0, 0.5, 2.0]), 0.4
+    masks = iter(_keep_masks(3, density, 9, "t"))
+    monkeypatch.setattr(merge_utils.torch, "bernoulli", lambda p: next(masks).to(p.dtype))
+    want = merge_utils.dare_ties(deltas, w, density, "total")
+    _close(combine(deltas, w.tolist(), "dare_ties", density, seed=9, tensor="t"), want.double())
+
+
+# --- mergekit's generalized task arithmetic, where its definitions coincide with PEFT's ---------------------------
+
+def mergekit_gta(deltas, weights, consensus, normalize, sparsified):
+    """mergekit `generalized_task_arithmetic`: weights applied before the sign consensus ("sum" / "count" on the
+    weighted deltas), mixed = Σ masked weighted deltas, divided by Σ weights·mask when normalizing."""
+    tvs = torch.stack([s.double() for s in sparsified]) * torch.tensor(weights, dtype=torch.float64)[:, None, None]
+    w = torch.tensor(weights, dtype=torch.float64)[:, None, None].expand_as(tvs)
+    if consensus:
+        sign = tvs.sign()
+        votes = tvs.sum(0) if consensus == "sum" else sign.sum(0)
+        mask = sign == ((votes >= 0).double() * 2 - 1)
+        mixed, divisor = (tvs * mask).sum(0), (w * mask).sum(0)
+    else:
+        mixed, divisor = tvs.sum(0), w.sum(0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return mixed / divisor if normalize else mixed
+
+
+@pytest.mark.parametrize("consensus,sign", [("sum", "total"), ("count", "frequency")])
+def test_ties_equals_mergekit_at_unit_weights(consensus, sign):
+    """With unit weights mergekit's weighted election and Σ weight·mask divisor are PEFT's count-of-agreeing mean."""
+    deltas = _deltas(3, seed=6)
+    trimmed = [d * top_k_mask(d, 0.4) for d in deltas]
+    _close(combine(deltas, [1.0] * 3, "ties", 0.4, sign), mergekit_gta(deltas, [1.0] * 3, consensus, True, trimmed))
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 1.7)])
+def test_dare_linear_equals_mergekit_without_normalization(weights):
+    deltas, density = _deltas(2, seed=7), 0.5
+    dropped = [d * m / density for d, m in zip(deltas, _keep_masks(2, density, 1, "t"))]
+    _close(combine(deltas, list(weights), "dare_linear", density, seed=1, tensor="t"),
+           mergekit_gta(deltas, list(weights), None, False, dropped))
+
+
+def test_the_oracle_can_fail():
+    """The transcription is not a copy of the implementation: a wrong election rule is caught."""
+    deltas = _deltas(3, seed=8)
+    got = combine(deltas, [1.0] * 3, "ties", 0.5, "total")
+    wrong = oracle(deltas, [1.0] * 3, "ties", 0.5, "frequency")
+    assert float((got.double() - wrong).abs().max()) > 1e-3
