@@ -1,0 +1,372 @@
+"""GGUF output: a dense HF checkpoint folder written by qmerge -> one GGUF file that llama.cpp loads, with the
+`gguf` package only (no llama.cpp build). The conversion follows llama.cpp's `convert_hf_to_gguf.py` (classes
+`ModelBase.prepare_tensors`, `TextModel.set_gguf_parameters`, `LlamaModel`, `_set_vocab_gpt2`); where qmerge
+differs, the comment says so.
+
+What is written:
+- tensors under llama.cpp's names (`gguf.get_tensor_name_map`), llama attention Q/K rows permuted HF -> GGUF
+  (`LlamaModel.permute`: HF keeps each head's rotary halves apart, llama.cpp interleaves them);
+- the metadata llama.cpp reads for the architecture, and the byte-level BPE tokenizer (`tokenizer.ggml.model =
+  "gpt2"`), its pre-tokenizer named by llama.cpp's hash of a test string's token ids.
+
+Types (`TENSOR_RULES`): 1-D tensors and `*_norm.weight` are always F32 (`prepare_tensors`: "Most of the codebase
+that takes in 1D tensors or norms only handles F32 tensors"); every other weight gets the requested type; a weight
+whose row length is not a multiple of the type's block size falls back to F16 (`prepare_tensors` catches
+`gguf.QuantError` and writes F16). For the 4/5-bit types this is llama-quantize's `--pure` mode: llama-quantize's
+default mix (Q6_K output head, ...) needs K-quants, which `gguf.quants` cannot produce.
+
+Memory: the header, metadata and every tensor's info are written first (shapes and types are known from the
+safetensors headers), then the tensors' data one at a time: read, permute, quantize, write, drop. Never more
+than one tensor (and its quantized copy) is alive. Writes go to a temp file next to the target, fsynced, renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qmerge.errors import BadInputError, ConfigError
+from qmerge.io.atomic import fsync_dir, temp_sibling
+from qmerge.io.paths import sha256_file
+from qmerge.io.safetensors_io import CheckpointReader
+
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # what gguf.quants quantizes in Python
+# HF model_type -> GGUF architecture. Mistral is llama's tensor map and metadata in llama.cpp (`LlamaModel` is
+# registered for MistralForCausalLM); qwen2 is llama's tensor names without the Q/K permutation, plus q/k/v biases.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+PERMUTED = {"llama"}  # GGUF architectures whose attention Q/K rows llama.cpp permutes (NORM rope)
+ROPE_TYPES = ("default", "linear", "yarn")
+TENSOR_RULES = ("1-D tensors and *_norm.weight: F32; other weights: the requested type, F16 where a row is not "
+                "a multiple of its block size (llama.cpp convert_hf_to_gguf.py prepare_tensors)")
+# llama.cpp's pre-tokenizer check (convert_hf_to_gguf.py `get_vocab_base_pre`): the sha256 of str(token ids of
+# CHKTXT) names the pre-tokenizer. A fixed subset of llama.cpp's table, for the bases qmerge meets; an unknown hash
+# is refused, as llama.cpp refuses it (a wrong pre-tokenizer silently changes how llama.cpp splits text).
+CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+          "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+          "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+          "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen/Qwen3-Embedding-0.6B
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # mistralai/Mistral-Nemo-Base-2407
+}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_SKIPPED = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")  # never written (llama.cpp)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]  # numpy order, as in the HF checkpoint
+    qtype: str
+    nbytes: int
+    permute_heads: int | None  # Q/K: the head count of the permutation, else None
+
+
+def _fix() -> str:
+    return f"choose one of {', '.join(QTYPES)}"
+
+
+def _model_type(hf_config: dict) -> str:
+    return str(hf_config.get("model_type") or "")
+
+
+def validate_gguf_target(hf_config: dict, qtype: str) -> None:
+    """Refuses, before anything runs, a combination the writer cannot produce: an unknown type (ConfigError), or
+    an architecture / config feature it does not convert (BadInputError). Both are exit 2."""
+    if qtype not in QTYPES:
+        raise ConfigError(f"unknown GGUF type {qtype!r}", fix=_fix())
+    model_type = _model_type(hf_config)
+    if model_type not in ARCHITECTURES:
+        raise BadInputError(f"GGUF output supports model_type {', '.join(sorted(ARCHITECTURES))}; this model is "
+                            f"{model_type or 'of no model_type'!r}",
+                            fix="convert it with llama.cpp's convert_hf_to_gguf.py, or drop the GGUF output")
+    problems = []
+    if model_type in ("llama", "mistral") and (hf_config.get("attention_bias") or hf_config.get("mlp_bias")):
+        problems.append("attention_bias/mlp_bias (not part of llama's GGUF metadata: loaders would drop the biases)")
+    if hf_config.get("use_sliding_window") or (model_type == "mistral" and hf_config.get("sliding_window")
+                                               and hf_config["sliding_window"] < hf_config.get("max_position_embeddings", 0)):
+        problems.append(f"sliding-window attention ({hf_config.get('sliding_window')}): llama.cpp's llama/qwen2 "
+                        "graphs attend to the whole context")
+    rope_type = _rope(hf_config).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        problems.append(f"rope type {rope_type!r} (written: {', '.join(ROPE_TYPES)})")
+    if problems:
+        raise BadInputError(f"cannot write this {model_type} model as GGUF: " + "; ".join(problems),
+                            fix="convert it with llama.cpp's convert_hf_to_gguf.py, or drop the GGUF output")
+
+
+def _rope(hf_config: dict) -> dict:
+    """The rope parameters, from transformers 5's `rope_parameters` or the older `rope_scaling` + `rope_theta`."""
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    if "rope_theta" not in params and hf_config.get("rope_theta") is not None:
+        params["rope_theta"] = hf_config["rope_theta"]
+    return params
+
+
+def tensor_qtype(gguf_name: str, shape: tuple[int, ...], qtype: str) -> str:
+    """The type tensor `gguf_name` is written in when the file's type is `qtype` (llama.cpp's rules, module doc)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return "F32"
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+    return qtype if shape[-1] % block == 0 else "F16"
+
+
+def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return rows * (shape[-1] // block) * size
+
+
+def plan_tensors(hf_config: dict, reader: CheckpointReader, qtype: str, folder: Path | None = None) -> list[PlannedTensor]:
+    """Every tensor the file will hold, in write order (embedding, blocks in order, final norm, head)."""
+    import gguf
+
+    arch = ARCHITECTURES[_model_type(hf_config)]
+    n_layers = int(hf_config["num_hidden_layers"])
+    n_head = int(hf_config["num_attention_heads"])
+    n_kv = int(hf_config.get("num_key_value_heads") or n_head)
+    name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    planned = []
+    for hf_name, info in reader.tensors.items():
+        if hf_name.endswith(_SKIPPED) or (tied and hf_name == "lm_head.weight"):
+            continue  # tied: the head is token_embd (llama.cpp loads output = token_embd when output is absent)
+        stem, dot, suffix = hf_name.rpartition(".")
+        mapped = name_map.get_name(stem)
+        if mapped is None or not dot:
+            raise BadInputError(f"tensor {hf_name!r} has no llama.cpp name for architecture {arch}", path=folder,
+                                fix="this checkpoint is not a plain llama/qwen2 model")
+        gguf_name = f"{mapped}.{suffix}"
+        shape = tuple(info.shape)
+        permute = None
+        if arch in PERMUTED and stem.endswith("self_attn.q_proj"):
+            permute = n_head
+        elif arch in PERMUTED and stem.endswith("self_attn.k_proj"):
+            permute = n_kv  # LlamaModel.permute(w, n_head, n_kv) permutes with n_kv heads when they differ
+        t = tensor_qtype(gguf_name, shape, qtype)
+        planned.append(PlannedTensor(hf_name, gguf_name, shape, t, _nbytes(shape, t), permute))
+    if tied and "lm_head.weight" not in reader.tensors and "model.embed_tokens.weight" not in reader.tensors:
+        raise BadInputError("no model.embed_tokens.weight", path=folder, fix="the checkpoint is incomplete")
+
+    def order(p: PlannedTensor) -> tuple:
+        m = _LAYER.match(p.hf_name)
+        if m:
+            return (1, int(m.group(1)), p.gguf_name)
+        return (0 if p.gguf_name.startswith("token_embd") else 2 if p.gguf_name.startswith("output_norm") else 3,
+                0, p.gguf_name)
+
+    return sorted(planned, key=order)
+
+
+def permute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF -> GGUF rows of a llama Q or K projection (convert_hf_to_gguf.py `LlamaModel.permute`): within each head,
+    row order [first half | second half] of the rotary pairs becomes interleaved [x0, y0, x1, y1, ...]."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return quantize(tensor.numpy(), GGMLQuantizationType[qtype])
+
+
+def _write_one(writer, reader: CheckpointReader, p: PlannedTensor) -> None:
+    """One tensor: read, float32, permute, encode, write. Every intermediate dies on return."""
+    tensor = reader.get(p.hf_name).to(torch.float32)
+    if p.permute_heads is not None:
+        tensor = permute_qk(tensor, p.permute_heads).contiguous()
+    data = _encode(tensor, p.qtype)
+    if data.nbytes != p.nbytes:
+        raise AssertionError(f"{p.hf_name}: encoded {data.nbytes} bytes, planned {p.nbytes}")
+    writer.write_tensor_data(data)
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------------
+
+def _add_hparams(writer, hf_config: dict, arch: str, qtype: str, name: str) -> None:
+    """TextModel.set_gguf_parameters + LlamaModel.set_gguf_parameters, for the keys a llama/qwen2 config has."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(int(hf_config["num_hidden_layers"]))
+    writer.add_context_length(int(hf_config["max_position_embeddings"]))
+    writer.add_embedding_length(int(hf_config["hidden_size"]))
+    writer.add_feed_forward_length(int(hf_config["intermediate_size"]))
+    n_head = int(hf_config["num_attention_heads"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(hf_config.get("num_key_value_heads") or n_head))
+    rope = _rope(hf_config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(hf_config["rms_norm_eps"]))
+    head_dim = hf_config.get("head_dim") or int(hf_config["hidden_size"]) // n_head
+    if hf_config.get("head_dim") is not None:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+    writer.add_file_type(_file_type(qtype))
+    if arch == "llama":
+        writer.add_vocab_size(int(hf_config["vocab_size"]))
+        writer.add_rope_dimension_count(int(head_dim))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _file_type(qtype: str) -> int:
+    from gguf import LlamaFileType
+
+    return int(LlamaFileType.ALL_F32 if qtype == "F32" else LlamaFileType[f"MOSTLY_{qtype}"])
+
+
+def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
+    """`_set_vocab_gpt2`: tokens (+ [PAD<i>] up to vocab_size), token types, pre-tokenizer, merges, special ids,
+    add_bos/add_eos, chat template. Returns the pre-tokenizer name."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer_json = folder / "tokenizer.json"
+    try:
+        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        model = spec["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"no readable tokenizer.json ({type(e).__name__}: {e})", path=tokenizer_json,
+                            fix="ship the tokenizer files with the merged checkpoint") from None
+    byte_level = '"ByteLevel"' in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
+        raise BadInputError(f"tokenizer is {model.get('type')} (byte_fallback={model.get('byte_fallback')}); GGUF "
+                            "output writes byte-level BPE tokenizers only (tokenizer.ggml.model = gpt2); "
+                            "sentencepiece/llama vocabularies are not written", path=tokenizer_json,
+                            fix="convert with llama.cpp's convert_hf_to_gguf.py")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab_size = int(hf_config.get("vocab_size") or len(tokenizer.vocab))
+    if max(tokenizer.vocab.values()) >= vocab_size:
+        raise BadInputError(f"the tokenizer has ids up to {max(tokenizer.vocab.values())}, the model's vocab_size is "
+                            f"{vocab_size}", path=folder, fix="the tokenizer does not belong to this model")
+    chkhsh = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    pre = PRE_TOKENIZERS.get(chkhsh)
+    if pre is None:
+        raise BadInputError(f"unknown BPE pre-tokenizer (llama.cpp check hash {chkhsh})", path=tokenizer_json,
+                            fix="convert with llama.cpp's convert_hf_to_gguf.py, which knows more pre-tokenizers "
+                                f"(qmerge knows: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})")
+    # get_vocab_base: added tokens that are special (or look special) are CONTROL, other added ones USER_DEFINED.
+    reverse = {i: t for t, i in tokenizer.vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            tokens.append(token)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise BadInputError("tokenizer.json has no merges", path=tokenizer_json, fix="a BPE tokenizer needs its merges")
+    special.add_to_gguf(writer, quiet=True)
+    # Always state add_bos/add_eos (llama.cpp's own default for a gpt2 vocab differs by version): what the source
+    # tokenizer does to plain text.
+    probe = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if "bos" not in special.add_special_token:
+        writer.add_add_bos_token(len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id)
+    if "eos" not in special.add_special_token:
+        writer.add_add_eos_token(len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id)
+    return pre
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, name: str | None = None) -> dict:
+    """Writes the dense HF checkpoint in `folder` as one GGUF file `out_file` of type `qtype` (module doc).
+
+    `name` (general.name) defaults to `out_file`'s stem, so the bytes depend on the inputs and the file name only.
+    Returns {"qtype", "file", "bytes", "seconds", "tensor_types", "sha256", "pre_tokenizer", "tensors"}."""
+    import gguf
+
+    start = time.perf_counter()
+    folder, out_file = Path(folder), Path(out_file)
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read config.json ({type(e).__name__}: {e})", path=folder / "config.json") from None
+    validate_gguf_target(hf_config, qtype)
+    if (hf_config.get("quantization_config") or {}):
+        raise BadInputError("is a quantized checkpoint; GGUF output reads dense checkpoints", path=folder,
+                            fix="write the GGUF from the merged (dense) checkpoint")
+    arch = ARCHITECTURES[_model_type(hf_config)]
+    reader = CheckpointReader(folder)
+    planned = plan_tensors(hf_config, reader, qtype, folder)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out_file)
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    try:
+        _add_hparams(writer, hf_config, arch, qtype, name or out_file.stem)
+        pre = _add_vocab(writer, folder, hf_config)
+        for p in planned:
+            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType[p.qtype])
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in planned:
+            _write_one(writer, reader, p)
+        writer.flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        os.replace(tmp, out_file)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        reader.close()
+    fsync_dir(out_file.parent)
+    if not quiet:
+        print(f"qmerge: wrote {out_file} ({qtype}, {out_file.stat().st_size / 2**20:.1f} MiB)")
+    return {"qtype": qtype, "file": str(out_file), "bytes": out_file.stat().st_size,
+            "seconds": round(time.perf_counter() - start, 3),
+            "tensor_types": dict(sorted(Counter(p.qtype for p in planned).items())),
+            "sha256": sha256_file(out_file, progress=False), "pre_tokenizer": pre, "tensors": len(planned),
+            "rules": TENSOR_RULES}

