@@ -106,10 +106,48 @@ class GateSettings(Strict):
     batch_size: int = Field(default=4, gt=0)
 
 
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # what the `gguf` package quantizes
+
+
+def artifact_of(fmt: str) -> str:
+    """The artifact (evaluate's candidate name) an `output.formats` entry ships."""
+    fmt = fmt.lower()
+    if fmt == "safetensors":
+        return "merged"
+    if fmt == "gptq":
+        return "quantized"
+    if fmt.startswith("gguf-"):
+        return "gguf-" + fmt[5:].upper()
+    return fmt
+
+
 class OutputSettings(Strict):
     dir: str = "releases"
     version: str = "{date}-{key}"
     keep_dense: bool = False
+    # What the release ships, each artifact gated on its own written bytes: "safetensors" (the dense merge),
+    # "gptq" (GPTQ v1, needs [quantize]), "compressed-tensors" (pack-quantized from the GPTQ result), "gguf-<type>"
+    # (from the dense merge; type one of GGUF_TYPES). Default: "gptq" with [quantize], else "safetensors".
+    formats: tuple[str, ...] | None = None
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("output.formats is empty; leave it out for the default")
+        for fmt in v:
+            low = fmt.lower()
+            if low.startswith("gguf-") and low[5:].upper() in GGUF_TYPES:
+                continue
+            if low not in ("safetensors", "gptq", "compressed-tensors"):
+                raise ValueError(f"unknown format {fmt!r}: use safetensors, gptq, compressed-tensors or "
+                                 f"gguf-<type> with type one of {', '.join(GGUF_TYPES)}")
+        names = [artifact_of(f) for f in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"output.formats lists a format twice: {list(v)}")
+        return v
 
 
 class Config(Strict):
@@ -135,6 +173,36 @@ class Config(Strict):
             raise ValueError(f'merge.method = "{self.merge.method}" needs non-negative adapter weights '
                              '(negation is defined for "linear" only)')
         return self
+
+    @model_validator(mode="after")
+    def _check_formats(self) -> Config:
+        formats = [f.lower() for f in self.output.formats or ()]
+        needs_gptq = [f for f in formats if f in ("gptq", "compressed-tensors")]
+        if needs_gptq and self.quantize is None:
+            raise ValueError(f"output.formats {needs_gptq} needs a [quantize] section (the GPTQ result they ship)")
+        if "compressed-tensors" in formats:
+            q = self.quantize
+            if q.bits not in (4, 8):
+                raise ValueError(f"compressed-tensors holds 4- or 8-bit weights for vLLM's kernels (quantize.bits = "
+                                 f"{q.bits})")
+            if q.desc_act and q.group_size != -1:
+                raise ValueError("compressed-tensors 0.20 cannot hold act-order with groups (its group dequantization "
+                                 "ignores g_idx): set quantize.desc_act = false, or group_size = -1")
+        if self.output.formats is not None and self.gate is None:
+            raise ValueError("output.formats ships gated artifacts: add a [gate] section")
+        return self
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        """The candidates the release ships, in `output.formats` order ("merged", "quantized", "gguf-Q8_0", ...)."""
+        if self.output.formats is None:
+            return ("quantized",) if self.quantize is not None else ("merged",)
+        return tuple(artifact_of(f) for f in self.output.formats)
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """The artifacts the export stage writes (all but the merge's and the quantize stage's own)."""
+        return tuple(a for a in self.artifacts if a not in ("merged", "quantized"))
 
     @property
     def tasks(self) -> tuple[AdapterSettings, ...]:

@@ -25,7 +25,6 @@ import torch
 
 from qmerge.errors import BadInputError
 from qmerge.io.architecture import hf_config, meta_model
-from qmerge.io.safetensors_io import CheckpointReader
 
 
 class TensorSource(Protocol):
@@ -119,18 +118,13 @@ class LayerwiseModel:
 
     @classmethod
     def from_folder(cls, folder: Path, device: str = "cpu") -> LayerwiseModel:
-        """A checkpoint on disk: dense safetensors, GPTQ v1 dequantized to float32 tensor by tensor, or a GGUF
-        checkpoint view (one `*.gguf` + config.json, `qmerge.io.gguf_reader.write_folder_view`) dequantized the same way."""
-        from qmerge.io.gguf_reader import find_gguf, GGUFTensorSource
-        from qmerge.io.gptq_checkpoint import DequantizedReader
+        """A checkpoint on disk, its weights read back by `qmerge.io.sources.tensor_source`: dense safetensors, GPTQ
+        v1 or compressed-tensors dequantized tensor by tensor, or a GGUF folder view dequantized the same way."""
+        from qmerge.io.sources import tensor_source
+
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        gptq = (config.get("quantization_config") or {}).get("quant_method") == "gptq"
-        gguf_file = None if gptq else find_gguf(folder)
-        if gguf_file is not None:
-            source = GGUFTensorSource(gguf_file)
-        else:
-            source = DequantizedReader(folder) if gptq else CheckpointReader(folder)
+        source = tensor_source(folder)
         return cls(config, source, device, where=folder)
 
     def _find_layers(self) -> torch.nn.ModuleList:

@@ -62,26 +62,7 @@ def open_inputs(plan: Plan, into: str, device: str, combination: Combination = L
     # The resolved list replaces transformers' defaults exactly (an empty list means: nothing skipped).
     base = BaseCheckpoint(Path(plan.base.folder), recipe, plan.skipped_modules)
     adapters = tuple((read_adapter(path), weight) for path, weight in plan.adapter_weights)
-    inputs = MergeInputs(base, adapters, into, device, combination)
-    check_combination(inputs)
-    return inputs
-
-
-def check_combination(inputs: MergeInputs) -> None:
-    """A combination of several adapters is defined on additive deltas only: a DoRA magnitude or a full
-    replacement tensor (modules_to_save, a saved embedding) has no exact meaning inside a sum, let alone a TIES
-    election. Refused, naming the adapter."""
-    if len(inputs.adapters) < 2:
-        return
-    for adapter, _ in inputs.adapters:
-        if any(m.magnitude for m in adapter.modules.values()):
-            raise BadInputError("DoRA adapters cannot be combined with other adapters (the magnitude rescales the "
-                                "whole weight, not a delta)", path=adapter.path,
-                                fix="merge the DoRA adapter alone, or retrain it as plain LoRA")
-        if adapter.replacements and inputs.combination.method != "linear":
-            raise BadInputError(f"the adapter saves whole tensors ({', '.join(sorted(adapter.replacements)[:3])}); "
-                                f'merge.method = "{inputs.combination.method}" combines deltas only',
-                                path=adapter.path, fix='use merge.method = "linear", or drop modules_to_save')
+    return MergeInputs(base, adapters, into, device, combination)
 
 
 def untied(inputs: MergeInputs) -> dict[str, str]:

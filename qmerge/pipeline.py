@@ -52,7 +52,8 @@ def _gate_slice(cfg: Config) -> dict | None:
     if cfg.gate is None:
         return None
     required = {"required_tasks": [a.task for a in cfg.tasks if a.required]} if cfg.tasks else {}
-    return cfg.gate.model_dump() | required
+    shipped = {"artifacts": list(cfg.artifacts)} if cfg.output.formats is not None else {}
+    return cfg.gate.model_dump() | required | shipped
 
 
 def _resolve_slice(cfg: Config) -> dict:
@@ -66,6 +67,14 @@ def _quantize_slice(cfg: Config) -> dict:
 
 def _promote_slice(cfg: Config) -> dict:
     return cfg.output.model_dump() | {"name": cfg.name}
+
+
+def _export_slice(cfg: Config) -> dict:
+    return {"formats": list(cfg.exports)}
+
+
+def _exporting(cfg: Config) -> bool:
+    return bool(cfg.exports)
 
 
 def _quantizing(cfg: Config) -> bool:
@@ -84,9 +93,10 @@ STAGES = [
     Stage("calibrate", ("resolve",), _calibrate_slice, "qmerge.stages.calibrate:run_calibrate", enabled=_quantizing),
     Stage("quantize", ("merge", "calibrate"), _quantize_slice, "qmerge.stages.quantize:run_quantize",
           enabled=_quantizing),
-    Stage("evaluate", ("resolve", "merge", "quantize"), _evaluate_slice, "qmerge.stages.evaluate:run_evaluate",
-          enabled=_gating),
+    Stage("export", ("merge", "quantize"), _export_slice, "qmerge.stages.export:run_export", enabled=_exporting),
+    Stage("evaluate", ("resolve", "merge", "quantize", "export"), _evaluate_slice,
+          "qmerge.stages.evaluate:run_evaluate", enabled=_gating),
     Stage("gate", ("evaluate",), _gate_slice, "qmerge.stages.gate:run_gate", enabled=_gating),
-    Stage("promote", ("resolve", "merge", "calibrate", "quantize", "gate"), _promote_slice,
+    Stage("promote", ("resolve", "merge", "calibrate", "quantize", "export", "gate"), _promote_slice,
           "qmerge.stages.promote:run_promote", enabled=_gating, cached=False),
 ]

@@ -57,6 +57,11 @@ class EvalReport:
     # task -> its own eval text, against the NF4 base + that adapter alone (a multi-adapter release)
     tasks: dict[str, TextScores] = field(default_factory=dict)
     combination: dict | None = None  # merge.method and its parameters when not "linear"
+    shipped: tuple[str, ...] = ()  # the candidates the release ships (output.formats), `final` first
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        return self.shipped or (self.final,)
 
     @property
     def final_scores(self) -> CandidateScores:
@@ -84,4 +89,5 @@ class EvalReport:
         return cls(d["protocol"], d["into"], d["final"], d.get("selection"),
                    TextScores.from_json(d["eval"]) if d.get("eval") is not None else None,
                    tuple(TextScores.from_json(x) for x in d.get("extra_eval", ())), d.get("weight_retention", {}),
-                   {k: TextScores.from_json(v) for k, v in d.get("tasks", {}).items()}, d.get("combination"))
+                   {k: TextScores.from_json(v) for k, v in d.get("tasks", {}).items()}, d.get("combination"),
+                   tuple(d.get("shipped", ())))

@@ -18,9 +18,8 @@ from qmerge.dag import StageContext
 from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.scores import EvalReport, TextScores
-from qmerge.io.gptq_checkpoint import DequantizedReader
+from qmerge.io.sources import tensor_source
 from qmerge.io.textset import build_windows, load_text_spec
-from qmerge.io.safetensors_io import CheckpointReader
 from qmerge.layerwise import LayerwiseModel
 from qmerge.io.base import BaseCheckpoint
 from qmerge.merging import LINEAR, Combination, adapter_deltas, merge_one, open_inputs, output_names
@@ -44,9 +43,9 @@ def load_tokenizer(folder: Path):
                             fix="ship the tokenizer files with the base model or the adapter") from None
 
 
-def _stored(candidate: Path, quantized: bool):
-    """A candidate's stored weights as a tensor source (a GPTQ candidate through qmerge's dequantization)."""
-    return DequantizedReader(candidate) if quantized else CheckpointReader(candidate)
+def _stored(candidate: Path, quantized: bool = False):
+    """A candidate's stored weights as a tensor source, read back from the written files (qmerge/io/sources.py)."""
+    return tensor_source(candidate)
 
 
 class WeightRetention:
@@ -60,7 +59,7 @@ class WeightRetention:
     def __init__(self, plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu",
                  combination: Combination = LINEAR, tasks: dict[int, str] | None = None):
         self.inputs = open_inputs(plan, "nf4", nf4_device, combination)
-        self.stored = {name: _stored(path, name == "quantized") for name, path in candidates.items()}
+        self.stored = {name: _stored(path) for name, path in candidates.items()}
         self.names = output_names(self.inputs)
         self.replaced = {t for adapter, _ in self.inputs.adapters for t in adapter.replacements}
         self.tasks = tasks or {}
@@ -188,7 +187,9 @@ def run_evaluate(ctx: StageContext) -> dict:
     candidates = {"merged": ctx.inputs["merge"]}
     if "quantize" in ctx.inputs:
         candidates["quantized"] = ctx.inputs["quantize"]
-    final = "quantized" if "quantize" in ctx.inputs else "merged"
+    candidates |= {artifact: ctx.inputs["export"] / artifact for artifact in ctx.cfg.exports}
+    shipped = ctx.cfg.artifacts
+    final = shipped[0]
     device = pick_device("auto")  # where the layers run; float32 (TF32 off) on either
     cfg = ctx.cfg
     retention = WeightRetention(ctx.plan, candidates, pick_device(cfg.merge.device), Combination.of(cfg.merge),
@@ -200,11 +201,13 @@ def run_evaluate(ctx: StageContext) -> dict:
                   "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
                   "stderr": "over windows; ratios and retention from paired per-window differences",
                   "device": device, "models": "streamed one decoder layer at a time",
-                  "quantized_weights": "fp16 s*(q-z), as the serving kernels compute them"},
+                  "quantized_weights": "fp16 s*(q-z), as the serving kernels compute them",
+                  "artifacts": "read back from the written files by a reader that is not the writer: GGUF by gguf's "
+                               "dequantizer, compressed-tensors by its own decompressor"},
         into=merge_result["into"], final=final, selection=merge_result.get("selection"),
         eval=sections[0] if cfg.gate.eval is not None else None,
         extra_eval=tuple(sections[1:] if cfg.gate.eval is not None else sections),
-        weight_retention=retention.finish(), tasks=tasks,
+        weight_retention=retention.finish(), tasks=tasks, shipped=tuple(shipped),
         combination=merge_result.get("combination"))
     write_json(ctx.out / "report.json", report.to_json())
     out = {"final": final}

@@ -123,16 +123,17 @@ def text_checks(cand: CandidateScores, gate: GateSettings, into: str, final: str
     return checks, notes
 
 
-def decide(report: EvalReport, gate: GateSettings, required: tuple[str, ...] | None = None) -> GateVerdict:
-    """`required`: the tasks whose failure rejects (default: every task in the report); the others are reported
-    in the notes."""
-    final = report.final
+def decide(report: EvalReport, gate: GateSettings, required: tuple[str, ...] | None = None,
+           candidate: str | None = None) -> GateVerdict:
+    """The verdict on `candidate` (default: the report's final one). `required`: the tasks whose failure rejects
+    (default: every task in the report); the others are reported in the notes."""
+    final = candidate or report.final
     z = z_value(gate.confidence)
     checks: list[Check] = []
     notes: list[str] = []
     windows: dict[str, int] = {}
     if report.eval is not None:
-        c, n = text_checks(report.final_scores, gate, report.into, final, z)
+        c, n = text_checks(report.eval.candidates[final], gate, report.into, final, z)
         checks += c
         notes += n
         windows |= {check.name: report.eval.windows for check in c}
@@ -176,14 +177,32 @@ def format_verdict(v: GateVerdict) -> str:
     return "\n".join(lines)
 
 
+def overall(verdicts: dict[str, GateVerdict]) -> str:
+    """"pass" when every shipped artifact passed, "partial" when some did, else the first one's verdict."""
+    passed = [a for a, v in verdicts.items() if v.passed]
+    if len(passed) == len(verdicts):
+        return "pass"
+    return "partial" if passed else next(iter(verdicts.values())).verdict
+
+
 def run_gate(ctx: StageContext) -> dict:
+    """Decides every artifact the release would ship. The gate stage itself fails (exit 3) only when none passed;
+    promote then ships the passing ones and exits 3 when any was left out."""
     report = json.loads((ctx.inputs["evaluate"] / "report.json").read_text())
+    parsed = EvalReport.from_json(report)
     required = tuple(a.task for a in ctx.cfg.tasks if a.required)
-    verdict = decide(EvalReport.from_json(report), ctx.cfg.gate, required)
+    verdicts = {artifact: decide(parsed, ctx.cfg.gate, required, artifact) for artifact in parsed.artifacts}
+    primary = verdicts[parsed.artifacts[0]]
+    verdict = overall(verdicts)
+    artifacts = {a: {"verdict": v.verdict, "reasons": list(v.reasons)} for a, v in verdicts.items()}
     payload = {**report, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
-                                  "required_tasks": list(required),
-                                  **asdict(verdict), "verdict": verdict.verdict, "passed": verdict.passed}}
+                                  "required_tasks": list(required), **asdict(primary), "verdict": verdict,
+                                  "passed": primary.passed, "artifacts": {a: asdict(v) | {"verdict": v.verdict}
+                                                                          for a, v in verdicts.items()}}}
     write_json(ctx.out / "report.json", payload)
-    print(format_verdict(verdict), file=sys.stdout, flush=True)
-    return {"verdict": verdict.verdict, "reasons": list(verdict.reasons), "candidate": verdict.candidate,
-            "exit_code": EXIT_OK if verdict.passed else EXIT_GATE_REJECTED}
+    for v in verdicts.values():
+        print(format_verdict(v), file=sys.stdout, flush=True)
+    passed = [a for a, v in verdicts.items() if v.passed]
+    reasons = [f"{a}: {r}" if len(verdicts) > 1 else r for a, v in verdicts.items() for r in v.reasons]
+    return {"verdict": verdict, "reasons": reasons, "candidate": primary.candidate, "artifacts": artifacts,
+            "passed_artifacts": passed, "exit_code": EXIT_OK if passed else EXIT_GATE_REJECTED}

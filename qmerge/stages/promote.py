@@ -25,7 +25,7 @@ from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink, write_json
 from qmerge.io.safetensors_io import TEST_THROTTLE
 
 log = logging.getLogger("qmerge")
-SKIP = {"done.json", "merge_report.json", "quantize_report.json"}
+SKIP = {"done.json", "merge_report.json", "quantize_report.json", "quantize_layers.json"}
 FREE_MARGIN = 64 * 2**20
 
 
@@ -54,7 +54,22 @@ def _sha256(path: Path) -> str:
 
 
 def final_artifact(ctx: StageContext) -> Path:
-    return ctx.inputs["quantize"] if "quantize" in ctx.inputs else ctx.inputs["merge"]
+    return artifact_folder(ctx, ctx.cfg.artifacts[0])
+
+
+def artifact_folder(ctx: StageContext, artifact: str) -> Path:
+    """The finished stage folder holding `artifact` (the bytes evaluate read back and the gate decided on)."""
+    if artifact == "merged":
+        return ctx.inputs["merge"]
+    if artifact == "quantized":
+        return ctx.inputs["quantize"]
+    return ctx.inputs["export"] / artifact
+
+
+def shipped(ctx: StageContext) -> list[str]:
+    """The artifacts this release holds: those the gate passed, in output.formats order."""
+    gate = ctx.results["gate"]
+    return list(gate.get("passed_artifacts", ctx.cfg.artifacts))
 
 
 def _model_files(src: Path) -> list[Path]:
@@ -89,6 +104,12 @@ def _copy_model(src: Path, dst: Path, placed: dict[str, int]) -> dict[str, str]:
     return hashes
 
 
+def _subfolder(ctx: StageContext, artifact: str) -> str:
+    """Where an artifact sits in the release: at the top when the config ships one format (the layout every
+    single-format release has), else in a folder named after it."""
+    return "" if len(ctx.cfg.artifacts) == 1 else artifact
+
+
 def check_free_space(sources: list[Path], root: Path) -> int:
     """Bytes the release needs on `root`'s filesystem (0 for files that will be hardlinked); exit 2 when the
     filesystem has less free space than that plus a margin for the manifest and model card."""
@@ -105,6 +126,12 @@ def check_free_space(sources: list[Path], root: Path) -> int:
 
 def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, str]) -> dict:
     report = json.loads((ctx.inputs["gate"] / "report.json").read_text())
+    exported = ctx.results.get("export", {}).get("artifacts", {})
+    verdicts = report["gate"].get("artifacts", {report["final"]: {"verdict": report["gate"]["verdict"]}})
+    artifacts = {a: {"verdict": v["verdict"], "shipped": a in shipped(ctx), "folder": _subfolder(ctx, a) or ".",
+                     "bytes": sum(f.stat().st_size for f in _model_files(artifact_folder(ctx, a))),
+                     **({"write_seconds": exported[a]["seconds"]} if a in exported else {})}
+                 for a, v in verdicts.items()}
     plan = ctx.plan
     return {
         "name": ctx.cfg.name, "version": version, "key": key, "qmerge_version": __version__,
@@ -123,7 +150,8 @@ def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, s
         },
         "metrics": report.get("eval"), "extra_eval": report.get("extra_eval", []), "tasks": report.get("tasks", {}),
         "combination": report.get("combination"),
-        "weight_retention": report.get("weight_retention", {}), "gate": report["gate"], "files": files,
+        "weight_retention": report.get("weight_retention", {}), "gate": report["gate"], "artifacts": artifacts,
+        "files": files,
     }
 
 
@@ -140,14 +168,63 @@ def _card_section(title: str, ev: dict, final: str) -> list[str]:
             ""]
 
 
+QUANTIZED = ("quantized", "compressed-tensors", "gguf-Q")  # artifact name prefixes of quantized weights
+
+
+def _base_model(manifest: dict) -> str:
+    """The base's Hub-style id when an adapter names one ("org/name"), else the base's file or folder name."""
+    prov = manifest["provenance"]
+    for adapter in prov["adapters"]:
+        cfg_file = Path(adapter["path"]) / "adapter_config.json"
+        name = json.loads(cfg_file.read_text()).get("base_model_name_or_path") if cfg_file.is_file() else None
+        if isinstance(name, str) and name.count("/") == 1 and ":" not in name and not Path(name).exists():
+            return name
+    return Path(prov["base_gguf"] or prov["base"]["folder"]).name
+
+
+def front_matter(manifest: dict) -> list[str]:
+    """The Hub's model-card metadata (YAML; JSON scalars are valid YAML): base model and relation, who quantized,
+    and `model-index` with the gate's figures of every shipped artifact on every eval text."""
+    shipped = [a for a, v in manifest.get("artifacts", {}).items() if v["shipped"]] or [manifest["final"]]
+    relation = "quantized" if any(a.startswith(QUANTIZED) for a in shipped) else \
+        "merge" if len(manifest["provenance"]["adapters"]) > 1 else "finetune"
+    q = json.dumps
+    lines = ["---", f"base_model: {q(_base_model(manifest))}", f"base_model_relation: {relation}",
+             f"quantized_by: {q('qmerge ' + manifest['qmerge_version'])}" if relation == "quantized" else None,
+             "library_name: transformers", "tags: [qmerge" + "".join(f", {q(a)}" for a in shipped) + "]",
+             "model-index:", f"- name: {q(manifest['name'])}", "  results:"]
+    sections = ([("eval", manifest["metrics"])] if manifest.get("metrics") else []) + \
+        [(f"task {t}", sec) for t, sec in manifest.get("tasks", {}).items()]
+    for label, sec in sections:
+        lines += ["  - task: {type: text-generation}",
+                  f"    dataset: {{name: {q(label + ': ' + sec['tokens']['spec'])}, type: {q(sec['tokens']['spec'])}}}",
+                  "    metrics:"]
+        for artifact in shipped:
+            cand = sec["candidates"].get(artifact)
+            if cand is None:
+                continue
+            figures = [("perplexity", sec["ppl"][artifact]["value"]),
+                       ("kl_divergence", cand["kl"]["mean"]["value"])]
+            if cand["retention"]["defined"]:
+                figures.append(("delta_retention", cand["retention"]["value"]))
+            lines += [f"    - {{type: {kind}, value: {value:.6g}, name: {q(f'{kind} ({artifact})')}}}"
+                      for kind, value in figures]
+    return [line for line in lines if line is not None] + ["---", ""]
+
+
 def model_card(manifest: dict) -> str:
     final = manifest["final"]
     combination = manifest.get("combination")
     how = f" (merge.method = {combination['method']}, density {combination['density']})" if combination else ""
-    lines = [f"# {manifest['name']} {manifest['version']}", "",
+    lines = [*front_matter(manifest), f"# {manifest['name']} {manifest['version']}", "",
              f"Built by qmerge {manifest['qmerge_version']}: the adapter(s) merged in float32 into the "
              f"`{manifest['into']}` base weights{how}; final artifact: {final}.", "",
              f"Gate: **{manifest['gate']['verdict']}**.", ""]
+    artifacts = manifest.get("artifacts", {})
+    if len(artifacts) > 1:
+        lines += ["| artifact | folder | verdict | bytes |", "|---|---|---|---|",
+                  *(f"| {a} | {v['folder'] if v['shipped'] else '(not shipped)'} | {v['verdict']} | {v['bytes']:,} |"
+                    for a, v in artifacts.items()), ""]
     if manifest.get("metrics"):
         lines += _card_section("Perplexity on", manifest["metrics"], final)
     for task, section in manifest.get("tasks", {}).items():
@@ -165,17 +242,23 @@ def run_promote(ctx: StageContext) -> dict:
             current = json.loads((latest / "manifest.json").read_text())
             if current.get("key") == key:
                 log.info("release %s already holds key %s: nothing new to promote", current["version"], key)
-                return {"release": str(latest.resolve()), "status": "unchanged", "key": key}
+                return {"release": str(latest.resolve()), "status": "unchanged", "key": key, **_left_out(ctx)}
         version = release_version(ctx, key)
         target = root / version
         if target.exists():
             raise BadInputError(f"release {target} already exists and is never overwritten",
                                 fix="pass --release-version with a new version")
-        dense = ctx.cfg.output.keep_dense and "quantize" in ctx.inputs
-        check_free_space([final_artifact(ctx), *([ctx.inputs["merge"]] if dense else [])], root)
+        dense = ctx.cfg.output.keep_dense and "quantize" in ctx.inputs and "merged" not in ctx.cfg.artifacts
+        ships = shipped(ctx)
+        check_free_space([artifact_folder(ctx, a) for a in ships] + ([ctx.inputs["merge"]] if dense else []), root)
         placed = {"linked": 0, "copied": 0}
         with atomic_dir(target) as tmp:
-            files = _copy_model(final_artifact(ctx), tmp, placed)
+            files = {}
+            for artifact in ships:
+                sub = _subfolder(ctx, artifact)
+                (tmp / sub).mkdir(exist_ok=True)
+                copied = _copy_model(artifact_folder(ctx, artifact), tmp / sub, placed)
+                files.update({f"{sub}/{k}" if sub else k: v for k, v in copied.items()})
             if dense:
                 (tmp / "dense").mkdir()
                 files.update({f"dense/{k}": v for k, v in _copy_model(ctx.inputs["merge"], tmp / "dense", placed).items()})
@@ -184,5 +267,14 @@ def run_promote(ctx: StageContext) -> dict:
             write_json(tmp / "manifest.json", manifest)
         swap_symlink(latest, version)
     log.info("promoted %s", target)
-    return {"release": str(target), "status": "promoted", "key": key, "version": version,
-            "bytes_linked": placed["linked"], "bytes_copied": placed["copied"]}
+    return {"release": str(target), "status": "promoted", "key": key, "version": version, "artifacts": ships,
+            "bytes_linked": placed["linked"], "bytes_copied": placed["copied"], **_left_out(ctx)}
+
+
+def _left_out(ctx: StageContext) -> dict:
+    """A release that leaves a configured artifact out (the gate rejected it) still exits 3: the nightly job must
+    see that a format it asked for did not ship."""
+    from qmerge.errors import EXIT_GATE_REJECTED
+
+    missing = [a for a in ctx.cfg.artifacts if a not in shipped(ctx)]
+    return {"left_out": missing, "exit_code": EXIT_GATE_REJECTED} if missing else {}

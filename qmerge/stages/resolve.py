@@ -131,6 +131,11 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
                                 fix="remove [quantize]")
         check_group_size({n: base.tensors[n][1] for n in names}, names, cfg.quantize.group_size, cfg.quantize.bits,
                          cfg.source)
+    for artifact in cfg.exports:  # a GGUF type or architecture llama.cpp cannot take fails before the merge
+        if artifact.startswith("gguf-"):
+            from qmerge.io.gguf_writer import validate_gguf_target
+
+            validate_gguf_target(base.hf_config, artifact[5:])
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
@@ -173,6 +178,11 @@ def _check_combination(cfg: Config, adapters: list[dict]) -> None:
                 raise UnsupportedAdapterError(f"adapters {seen[t]} and {a['path']} both replace {t}; no exact "
                                               "merge exists", path=cfg.source)
             seen[t] = a["path"]
+        if a["replaced_tensors"] and len(adapters) > 1 and cfg.merge.method != "linear":
+            raise UnsupportedAdapterError(
+                f"adapter {a['path']} saves whole tensors ({', '.join(a['replaced_tensors'][:3])}); merge.method = "
+                f'"{cfg.merge.method}" combines deltas only', path=cfg.source,
+                fix='use merge.method = "linear", or retrain without modules_to_save')
 
 
 def _check_replacements(cfg: Config, parsed: list[tuple[Path, float, Adapter]]) -> None:

@@ -1,0 +1,94 @@
+"""Release formats end to end: each artifact of `output.formats` is written by the export stage, scored by evaluate
+from its written bytes, gated on its own, and only the passing ones ship; impossible combinations are exit 2
+before anything runs. A tiny random llama with SmolLM2's real tokenizer (the GGUF writer needs a BPE vocab
+llama.cpp knows), a random adapter, lee news text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qmerge.io.paths import sha256_file
+from tests.conftest import make_adapter, run_cli, write_config, write_text_spec
+from tests.io.test_gguf_writer import _tiny_smol
+from tests.stages.test_merge_exact import finished
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory) -> dict:
+    from tests.io.test_gguf_writer import GGUF
+    from qmerge.io.gguf import gguf_to_hf
+
+    root = tmp_path_factory.mktemp("formats")
+    base = _tiny_smol(root / "base", gguf_to_hf(GGUF, progress=False))
+    return {"root": root, "base": base, "adapter": make_adapter(base, root / "adapter", b_std=0.02),
+            "heldout": write_text_spec(root, "heldout", "200:230")}
+
+
+def _config(folder: Path, s: dict, formats: list[str], gate: str = "", quantize: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = f'[gate]\neval = "{s["heldout"]}"\nwindows = 8\nseq_len = 64\nbatch_size = 8\n{gate}\n{quantize}\n'
+    cfg = write_config(folder, s["base"], [(s["adapter"], 1.0)], merge={"dtype": "bfloat16"}, extra=extra)
+    text = cfg.read_text().replace("[output]\n", f"[output]\nformats = {json.dumps(formats)}\n")
+    cfg.write_text(text)
+    return cfg
+
+
+def _gate_report(folder: Path) -> dict:
+    """The report of the last gate run (a changed threshold makes a new gate key beside the old one)."""
+    done = sorted((folder / "work" / "gate").glob("*/done.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads((done[-1].parent / "report.json").read_text())
+
+
+def test_every_format_is_gated_on_its_written_bytes_and_ships_only_if_it_passed(tmp_path, smol):
+    formats = ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_0"]
+    assert run_cli(_config(tmp_path / "open", smol, formats, gate="max_kl = 10.0\nmax_ppl_increase = 10.0\n"
+                                                                  "min_delta_retention = -100.0")) == 0
+    report = _gate_report(tmp_path / "open")
+    kl = {a: report["eval"]["candidates"][a]["kl"]["mean"]["value"] for a in ("merged", "gguf-F16", "gguf-Q8_0",
+                                                                              "gguf-Q4_0")}
+    # bf16 -> f16 is exact but for the values under f16's normal range (|w| < 6.1e-5), which lose bits
+    assert kl["gguf-F16"] == pytest.approx(kl["merged"], rel=1e-2)
+    assert kl["merged"] < kl["gguf-Q8_0"] < kl["gguf-Q4_0"]
+    release = tmp_path / "open" / "releases" / "tiny" / "latest"
+    manifest = json.loads((release / "manifest.json").read_text())
+    export = finished(tmp_path / "open" / "work", "export")
+    for artifact in ("gguf-F16", "gguf-Q8_0", "gguf-Q4_0"):  # the release holds the very bytes evaluate read back
+        assert sha256_file(release / artifact / "model.gguf") == sha256_file(export / artifact / "model.gguf")
+        assert manifest["artifacts"][artifact]["verdict"] == "pass" and manifest["artifacts"][artifact]["shipped"]
+    assert (release / "merged" / "model.safetensors").is_file()
+
+    # The same evaluation, a gate strict enough that 4-bit fails: Q4_0 is left out, the rest ships, exit 3.
+    limit = (kl["gguf-Q8_0"] * kl["gguf-Q4_0"]) ** 0.5
+    strict = f"max_kl = {limit}\nmax_ppl_increase = 10.0\nmin_delta_retention = -100.0"
+    cfg = _config(tmp_path / "open", smol, formats, gate=strict)
+    assert run_cli(cfg) == 3
+    report = _gate_report(tmp_path / "open")
+    assert report["gate"]["verdict"] == "partial"
+    assert report["gate"]["artifacts"]["gguf-Q4_0"]["verdict"] != "pass"
+    release = (tmp_path / "open" / "releases" / "tiny" / "latest").resolve()
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert not (release / "gguf-Q4_0").exists() and not manifest["artifacts"]["gguf-Q4_0"]["shipped"]
+    assert (release / "gguf-Q8_0" / "model.gguf").is_file()
+    card = (release / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model_relation"] == "quantized" and meta["quantized_by"].startswith("qmerge")
+    names = {m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert "kl_divergence (gguf-Q8_0)" in names and "kl_divergence (gguf-Q4_0)" not in names
+
+
+@pytest.mark.parametrize("formats,quantize,message", [
+    (["compressed-tensors"], "", "needs a [quantize] section"),
+    (["gptq"], "", "needs a [quantize] section"),
+    (["gguf-q4_k"], "", "unknown format"),
+    (["compressed-tensors"], "[quantize]\ncalibration = \"x.toml\"\ndesc_act = true\ngroup_size = 32",
+     "act-order with groups"),
+])
+def test_impossible_combinations_are_exit_2_before_anything_runs(tmp_path, smol, capsys, formats, quantize, message):
+    cfg = _config(tmp_path, smol, formats, quantize=quantize)
+    assert run_cli(cfg) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work" / "merge").exists()
