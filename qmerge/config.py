@@ -6,6 +6,9 @@ the TOML; `Config.path(value)` resolves them against the config file's folder (o
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -119,6 +122,8 @@ def artifact_of(fmt: str) -> str:
     if fmt.startswith("gguf-"):
         return "gguf-" + fmt[5:].upper()
     return fmt
+# An MLflow alias: letters, digits, '_' and '-'; MLflow reserves "latest" and "v<number>" (version references).
+_ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 class OutputSettings(Strict):
@@ -148,6 +153,25 @@ class OutputSettings(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"output.formats lists a format twice: {list(v)}")
         return v
+    # Model registry (qmerge/registry.py): every gated build recorded, every promoted release a model version.
+    registry: Literal["mlflow"] | None = None
+    registry_uri: str | None = None  # default: sqlite:///<output.dir>/mlflow.db
+    registered_model: str | None = None  # default: the config's name
+    alias: str = "champion"  # moved to the new version on pass only
+
+    @model_validator(mode="after")
+    def _registry(self) -> OutputSettings:
+        if self.registry is None:
+            set_keys = [k for k in ("registry_uri", "registered_model") if getattr(self, k) is not None]
+            if set_keys:
+                raise ValueError(f"output.{set_keys[0]} is set but output.registry is not (set registry = \"mlflow\")")
+            return self
+        if self.registered_model is not None and not self.registered_model.strip():
+            raise ValueError("output.registered_model must not be empty")
+        if not _ALIAS.fullmatch(self.alias) or self.alias == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
+            raise ValueError(f"output.alias {self.alias!r}: letters, digits, '_' and '-' only, and not \"latest\" or "
+                             "v<number> (MLflow reserves them)")
+        return self
 
 
 class Config(Strict):
@@ -238,6 +262,54 @@ class Config(Strict):
         p = Path(value).expanduser()
         return (p if p.is_absolute() else self.folder / p).resolve()
 
+    @property
+    def registry_uri(self) -> str:
+        """The registry's URI: output.registry_uri (a relative sqlite path is relative to the config folder), by
+        default the SQLite file `<output.dir>/mlflow.db`."""
+        uri = self.output.registry_uri
+        if uri is None:
+            return f"sqlite:///{self.output_path(self.output.dir) / 'mlflow.db'}"
+        return absolute_sqlite_uri(uri, self.folder)
+
+    @property
+    def registered_model(self) -> str:
+        return self.output.registered_model or self.name
+
+
+SQLITE = "sqlite:///"
+
+
+def absolute_sqlite_uri(uri: str, folder: Path) -> str:
+    """`sqlite:///relative.db` made absolute against `folder` (other URIs, and absolute or in-memory SQLite, as
+    they are), so a config's registry does not depend on the directory qmerge runs from."""
+    if not uri.startswith(SQLITE) or uri[len(SQLITE):].startswith("/") or uri[len(SQLITE):] in ("", ":memory:"):
+        return uri
+    return SQLITE + str((Path(folder) / Path(uri[len(SQLITE):]).expanduser()).resolve())
+
+
+def module_available(name: str) -> bool:
+    """Whether `import name` would find the module, without importing it (an entry None in sys.modules, as a
+    test sets it, counts as missing)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+# What output.registry = "mlflow" needs at run time: the client and, for SQLite registries, its database layer.
+MLFLOW_MODULES = ("mlflow", "sqlalchemy", "alembic")
+
+
+def check_registry_installed(cfg: Config, path: Path) -> None:
+    """Exit 2 naming the extra when the registry's client is not installed: found when the config is loaded
+    (a matrix validates every build before anything runs), not after a release was built."""
+    if cfg.output.registry != "mlflow":
+        return
+    needed = MLFLOW_MODULES if cfg.registry_uri.startswith("sqlite:") else MLFLOW_MODULES[:1]
+    missing = [m for m in needed if not module_available(m)]
+    if missing:
+        raise ConfigError(f'output.registry = "mlflow" needs {", ".join(missing)}, which is not installed',
+                          path=path, fix="pip install 'qmerge[mlflow]'")
+
 
 def _format_validation_error(err: ValidationError, path: Path) -> str:
     lines = []
@@ -260,6 +332,11 @@ def load_config(path: str | Path) -> Config:
     if "source" in raw:
         raise ConfigError("unknown key `source`", path=path)
     try:
-        return Config.model_validate({**raw, "source": path.resolve()})
+        cfg = Config.model_validate({**raw, "source": path.resolve()})
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, path)) from None
+    if cfg.output.registry is not None and cfg.gate is None:
+        raise ConfigError("output.registry records gated releases, but this config has no [gate]", path=path,
+                          fix="add a [gate] section, or remove output.registry")
+    check_registry_installed(cfg, path)
+    return cfg

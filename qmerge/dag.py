@@ -54,6 +54,9 @@ class Stage:
     cached: bool = True  # False: runs every time (promote decides for itself what is new)
     # True: always runs (cheap), and its key hashes what it found (file contents), not only the config.
     keyed_by_result: bool = False
+    # True: runs even after an earlier stage stopped the pipeline with a non-zero exit code (a rejected gate), to
+    # record that outcome; its own non-zero exit code, if any, becomes the run's.
+    after_stop: bool = False
 
     def entry(self) -> Callable[[StageContext], dict]:
         if callable(self.run):
@@ -141,8 +144,9 @@ class Runner:
         dirs: dict[str, Path] = {}
         results: dict[str, dict] = {}
         records: list[StageRecord] = []
+        final = EXIT_OK  # the exit code of the stage that stopped the pipeline (then only after_stop stages run)
         for index, stage in enumerate(self.stages):
-            if not stage.enabled(self.cfg):
+            if not stage.enabled(self.cfg) or (final != EXIT_OK and not stage.after_stop):
                 continue
             if stage.keyed_by_result:
                 record = self._run_keyed_by_result(stage)
@@ -158,7 +162,7 @@ class Runner:
             if self.opts.dry_run:
                 records.append(StageRecord(stage.name, key, "cached" if done else "planned"))
                 continue
-            if self.opts.only and any(r.name == self.opts.only for r in records):
+            if self.opts.only and index > [s.name for s in self.stages].index(self.opts.only):
                 break  # --only: nothing after the stage that was asked for
             if self.opts.only and stage.name != self.opts.only:
                 if done is None:
@@ -167,7 +171,7 @@ class Runner:
                 results[stage.name] = done["result"]
                 exit_code = done["result"].get("exit_code", EXIT_OK)
                 if exit_code != EXIT_OK:  # e.g. --only promote after a rejected gate: nothing may follow it
-                    return records, exit_code
+                    final = exit_code
                 continue
             if done is not None and stage.cached and not self._forced(index, stage):
                 record = StageRecord(stage.name, key, "cached", 0.0, done["result"])
@@ -177,8 +181,8 @@ class Runner:
             results[stage.name] = record.result
             exit_code = results[stage.name].get("exit_code", EXIT_OK)
             if exit_code != EXIT_OK:
-                return records, exit_code
-        return records, EXIT_OK
+                final = exit_code
+        return records, final
 
     def lock_path(self, stage: str, key: str) -> Path:
         """The lock a stage key is built under, kept out of the stage folders (which hold only artifacts)."""

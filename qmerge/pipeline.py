@@ -65,8 +65,16 @@ def _quantize_slice(cfg: Config) -> dict:
     return cfg.quantize.model_dump()
 
 
+REGISTRY_KEYS = {"registry", "registry_uri", "registered_model", "alias"}
+
+
 def _promote_slice(cfg: Config) -> dict:
-    return cfg.output.model_dump() | {"name": cfg.name}
+    # The registry settings say where a release is recorded, not what it holds: left out of promote's key.
+    return cfg.output.model_dump(exclude=REGISTRY_KEYS) | {"name": cfg.name}
+
+
+def _register_slice(cfg: Config) -> dict:
+    return {"uri": cfg.registry_uri, "registered_model": cfg.registered_model, "alias": cfg.output.alias}
 
 
 def _export_slice(cfg: Config) -> dict:
@@ -85,6 +93,10 @@ def _gating(cfg: Config) -> bool:
     return cfg.gate is not None
 
 
+def _registering(cfg: Config) -> bool:
+    return cfg.gate is not None and cfg.output.registry is not None
+
+
 # Each stage's entry point is named as "module:function" and imported when the stage runs, so a dry run or a
 # resumed pipeline never imports the stages it does not run (resolve overlaps hashing with those imports).
 STAGES = [
@@ -99,4 +111,7 @@ STAGES = [
     Stage("gate", ("evaluate",), _gate_slice, "qmerge.stages.gate:run_gate", enabled=_gating),
     Stage("promote", ("resolve", "merge", "calibrate", "quantize", "export", "gate"), _promote_slice,
           "qmerge.stages.promote:run_promote", enabled=_gating, cached=False),
+    # Runs after a rejected gate too (a reject is recorded, never aliased); a failure keeps the release (exit 1).
+    Stage("register", ("resolve", "calibrate", "gate", "promote"), _register_slice,
+          "qmerge.stages.register:run_register", enabled=_registering, cached=False, after_stop=True),
 ]

@@ -46,6 +46,16 @@ def print_plan(records: list[StageRecord], out=None) -> None:
         print(f"    {r.name:<10} {r.key}  {r.status:<7}{figures}", file=out)
 
 
+def registry_line(result: dict) -> str:
+    """One line for the register stage's result: version and alias, the recorded reject, or the failure."""
+    if result.get("status") == "failed":
+        return result["error"]
+    if result.get("version"):
+        return (f"{result['registered_model']} version {result['version']} @{result['alias']} "
+                f"({result['status']}) in {result['registry']}")
+    return f"{result['registered_model']}: {result['verdict']} recorded as run {result['run_id']} ({result['status']})"
+
+
 def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=None) -> None:
     out = out or sys.stdout
     print("qmerge summary", file=out)
@@ -70,6 +80,8 @@ def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=No
                 print(f"    - {reason}", file=out)
         if r.name == "promote" and r.result.get("release"):
             print(f"  release: {r.result['release']} ({r.result.get('status', '')})", file=out)
+        if r.name == "register" and r.result:
+            print(f"  registry: {registry_line(r.result)}", file=out)
     print(f"  exit code {exit_code}", file=out)
 
 
@@ -94,6 +106,6 @@ def run_pipeline_command(args) -> int:
             "config": str(cfg.source), "exit_code": exit_code, "dry_run": opts.dry_run,
             "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3)}
                        for r in records],
-            "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote")}},
+            "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote", "register")}},
             indent=2, sort_keys=True, default=str) + "\n")
     return exit_code

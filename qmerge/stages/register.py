@@ -1,0 +1,46 @@
+"""register: record the gate's outcome in the model registry (`[output] registry = "mlflow"`), after promote.
+
+Runs after a passing promote and after a rejected or inconclusive gate alike (the stage runner lets it follow a
+stop): a pass becomes a model version whose source is the release folder, and the alias moves to it; a reject is
+recorded as a run with its reasons and never aliased (qmerge/registry.py says what is recorded and why).
+
+A registry failure does not undo anything: the release stays published and `latest` stays swapped. The stage then
+returns exit code 1 with the error and the release named, so an unattended job sees the failure; a rerun promotes
+nothing new (unchanged) and registers what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qmerge.dag import StageContext
+from qmerge.errors import EXIT_INTERNAL
+
+log = logging.getLogger("qmerge")
+
+
+def run_register(ctx: StageContext) -> dict:
+    import json
+
+    from qmerge.registry import Outcome, gate_metrics, outcome_tags, record
+
+    cfg = ctx.cfg
+    gate, promote = ctx.results["gate"], ctx.results.get("promote", {})
+    report_file = ctx.inputs["gate"] / "report.json"
+    report = json.loads(report_file.read_text())
+    reasons = tuple(gate.get("reasons", ()))
+    keys = {k: v for k, v in ctx.keys.items() if k != "register"}
+    tags = outcome_tags(cfg.name, gate["verdict"], reasons, keys, ctx.results["resolve"], report,
+                        ctx.results.get("calibrate", {}).get("sha256"))
+    outcome = Outcome(cfg.name, gate["verdict"], reasons, gate_metrics(report), tags, ctx.keys["gate"],
+                      promote.get("release"), promote.get("key"))
+    uri, model = cfg.registry_uri, cfg.registered_model
+    work = cfg.output_path(cfg.work_dir)
+    try:
+        return record(uri, model, cfg.output.alias, outcome, report_file, work)
+    except Exception as e:  # the registry's failure, not the release's: it stays published
+        kept = f"release {outcome.release} is published and kept" if outcome.release else "nothing was promoted"
+        error = f"registering {model} ({outcome.verdict}) in {uri} failed: {type(e).__name__}: {e}"
+        log.error("%s; %s; fix: make the registry reachable and rerun (nothing is rebuilt)", error, kept)
+        return {"registry": uri, "registered_model": model, "verdict": outcome.verdict, "status": "failed",
+                "error": f"{error}; {kept}", "release": outcome.release, "exit_code": EXIT_INTERNAL}
