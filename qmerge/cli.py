@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--jobs", type=int, metavar="N", help="builds at once (default: CPU count, within memory)")
     m.add_argument("--memory-gib", type=float, metavar="G", help="memory budget (default: 90%% of available)")
     m.add_argument("--quiet", action="store_true", help="no progress lines, warnings and errors only")
+    m.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the builds as Ray tasks on the cluster at ADDRESS (default: $RAY_ADDRESS, else a local "
+                        "Ray instance started for this run); needs pip install 'qmerge[ray]'")
     return parser
 
 

@@ -15,6 +15,8 @@ The matrix file (paths relative to it; keys other than `name` / `bases` are the 
     [[targets]]  name = "..."  + pipeline sections: merge = {...}, quantize = {...}, gate = {...}, output = {...}
 
 Build `<adapter>-<target>` (`<base>-<adapter>-<target>` with several bases) publishes to `<output.dir>/<build>/`.
+`--ray [ADDRESS]` runs the same builds as Ray tasks (qmerge/ray_scheduler.py); the table, report and exit code are
+the same.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def absolute_paths(config: dict, folder: Path) -> dict:
             for k in keys:
                 if k in entry:
                     entry[k] = _absolute(entry[k], folder)
+    output = config.get("output")
+    if isinstance(output, dict) and isinstance(output.get("registry_uri"), str):
+        from qmerge.config import absolute_sqlite_uri
+
+        output["registry_uri"] = absolute_sqlite_uri(output["registry_uri"], folder)
     return config
 
 
@@ -245,7 +252,16 @@ def _row(b: Build) -> dict:
             "retention": ev.get("retention"), "kl_mean": ev.get("kl_mean"),
             "ppl": ev.get("ppl", {}).get(ev.get("final", "")),
             "release": promote.get("release"), "release_status": promote.get("status"),
+            "registry": _registry(results.get("register")),
             "reasons": gate.get("reasons", []), "error": b.error, "config": str(b.config), "log": str(b.log)}
+
+
+def _registry(result: dict | None) -> str | None:
+    if not result:
+        return None
+    from qmerge.report import registry_line
+
+    return registry_line(result)
 
 
 def print_table(rows: list[dict], out=None) -> None:
@@ -259,6 +275,8 @@ def print_table(rows: list[dict], out=None) -> None:
         release = r["release"] and f"{r['release']} ({r['release_status']})" or (r["error"] or "")[:90]
         print(f"  {r['build']:<28} {r['exit_code']:>4}  {r['verdict']:<12} {r['merge']:<26} {ret:>9} {kl:>8}  "
               f"{release}", file=out)
+        if r.get("registry"):
+            print(f"  {'':<28} registry: {r['registry']}", file=out)
 
 
 def run_matrix_command(args) -> int:
@@ -266,6 +284,15 @@ def run_matrix_command(args) -> int:
 
     path = Path(args.matrix)
     work, builds = write_builds(path)
+    ray = getattr(args, "ray", None) is not None  # --ray, with or without an address
+    address = None
+    if ray and not args.dry_run:  # every check that can refuse the run happens before anything runs
+        from qmerge.ray_scheduler import check_reachable, import_ray, resolve_address, run_builds_ray
+
+        import_ray()
+        address = resolve_address(args.ray or None)
+        if address is not None:
+            check_reachable(address)
     for b in builds:
         b.estimate_bytes = estimate(b)
     budget = int(args.memory_gib * 2**30) if args.memory_gib else int(0.9 * available_memory())
@@ -277,12 +304,17 @@ def run_matrix_command(args) -> int:
             print(f"  {b.name:<28} peak ~{b.estimate_bytes / 2**30:.2f} GiB  {b.config}")
         return EXIT_OK
     started = time.perf_counter()
-    run_builds(order_for_sharing(builds), jobs, budget, args.quiet)
+    if ray:
+        scheduler = f"ray {run_builds_ray(order_for_sharing(builds), address, args.jobs, budget, args.quiet)}"
+    else:
+        scheduler = "local"
+        run_builds(order_for_sharing(builds), jobs, budget, args.quiet)
     rows = [_row(b) for b in builds]
     code = aggregate_exit([b.exit_code for b in builds])
     print_table(rows)
     report = {"matrix": str(path.resolve()), "work_dir": str(work), "exit_code": code, "jobs": jobs,
-              "memory_budget_bytes": budget, "seconds": round(time.perf_counter() - started, 1), "builds": rows,
+              "scheduler": scheduler, "memory_budget_bytes": budget,
+              "seconds": round(time.perf_counter() - started, 1), "builds": rows,
               "estimates": {b.name: b.estimate_bytes for b in builds}}
     write_json_atomic(work / "matrix" / "matrix_report.json", report)
     print(f"  exit code {code}; report {work / 'matrix' / 'matrix_report.json'}")

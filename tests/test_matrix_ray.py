@@ -1,0 +1,183 @@
+"""`qmerge matrix --ray`: the same builds as Ray tasks on a real Ray instance give the same table, report, verdicts,
+exit codes and release bytes as the local scheduler; a task that raises or whose worker dies fails its build
+(exit 1) and no other; a missing Ray, an unreachable address or a GPU build on a cluster without GPUs is exit 2
+before anything runs.
+
+One Ray instance serves the whole module (starting one takes seconds on 2 cores): it is started by qmerge's own
+`ray_session` (the path `--ray` without an address takes), and the matrix subprocesses connect to it by address."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmerge.errors import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_INTERNAL, EXIT_OK, BadInputError
+from tests.test_matrix import ROOT, matrix_file
+
+pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    from qmerge.ray_scheduler import ray_session
+
+    with ray_session(None, num_cpus=2, memory=4 * 2**30) as ray:
+        yield ray.get_runtime_context().gcs_address
+    assert not ray.is_initialized()
+
+
+def small_matrix(folder: Path, g: dict) -> Path:
+    """One adapter, three targets sharing its merge and evaluate: a pass, a reject (a retention bar no model
+    reaches) and a build that fails at run time, in promote (a bad version placeholder), after its gate passed.
+    Every build records itself in the default SQLite registry."""
+    folder.mkdir()
+    path = folder / "releases.toml"
+    path.write_text(f"""
+work_dir = "work"
+[defaults.merge]
+dtype = "float32"
+device = "cpu"
+[defaults.gate]
+eval = "{g['heldout']}"
+windows = 24
+seq_len = 64
+batch_size = 8
+[defaults.output]
+dir = "releases"
+registry = "mlflow"
+
+[[bases]]
+name = "tiny"
+path = "{g['base']}"
+nf4 = {{ load_dtype = "float32", compute_dtype = "float32" }}
+
+[[adapters]]
+name = "strong"
+path = "{g['adapter']}"
+
+[[targets]]
+name = "dense"
+
+[[targets]]
+name = "strict"
+gate = {{ min_delta_retention = 1.5 }}
+
+[[targets]]
+name = "badver"
+output = {{ version = "{{nope}}" }}
+""")
+    return path
+
+
+def run_matrix(path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "qmerge", "matrix", str(path), "--quiet", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1200)
+
+
+def release_bytes(folder: Path, build: str) -> dict[str, str]:
+    latest = folder / "releases" / build / "latest"
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(latest.iterdir())
+            if f.name not in ("manifest.json", "README.md")}
+
+
+@pytest.mark.slow
+def test_ray_builds_match_the_local_scheduler(gated, tmp_path, ray_address):
+    local, on_ray = small_matrix(tmp_path / "local", gated), small_matrix(tmp_path / "ray", gated)
+    done_local = run_matrix(local)
+    done_ray = run_matrix(on_ray, "--ray", ray_address)
+    reports = [json.loads((p.parent / "work" / "matrix" / "matrix_report.json").read_text()) for p in (local, on_ray)]
+    assert reports[0]["scheduler"] == "local" and reports[1]["scheduler"] == f"ray {ray_address}"
+    rows = [{b["build"]: b for b in r["builds"]} for r in reports]
+    assert sorted(rows[1]) == ["strong-badver", "strong-dense", "strong-strict"], done_ray.stderr
+    for name in rows[0]:
+        a, b = rows[0][name], rows[1][name]
+        assert (a["exit_code"], a["verdict"], a["retention"], a["kl_mean"]) == \
+               (b["exit_code"], b["verdict"], b["retention"], b["kl_mean"]), (name, done_ray.stdout, done_ray.stderr)
+    ray_rows = rows[1]
+    assert ray_rows["strong-dense"]["exit_code"] == EXIT_OK and ray_rows["strong-dense"]["verdict"] == "pass"
+    assert ray_rows["strong-strict"]["exit_code"] == EXIT_GATE_REJECTED
+    assert ray_rows["strong-badver"]["exit_code"] == EXIT_BAD_INPUT and "placeholder" in ray_rows["strong-badver"]["error"]
+    assert done_local.returncode == done_ray.returncode == reports[1]["exit_code"] == EXIT_BAD_INPUT
+    # The same release bytes, hashed by the manifest and by us, whichever scheduler built them.
+    hashes = [release_bytes(p.parent, "strong-dense") for p in (local, on_ray)]
+    assert hashes[0] == hashes[1] and "model.safetensors" in hashes[0]
+    manifests = [json.loads((p.parent / "releases" / "strong-dense" / "latest" / "manifest.json").read_text())
+                 for p in (local, on_ray)]
+    assert manifests[0]["files"] == manifests[1]["files"] and manifests[0]["key"] == manifests[1]["key"]
+    # The registry rows: the pass is version 1 with the alias, the reject a run only.
+    assert ray_rows["strong-dense"]["registry"].startswith("strong-dense version 1 @champion (registered)")
+    assert "reject recorded as run" in ray_rows["strong-strict"]["registry"]
+    for line in ("strong-dense", "registry:", "exit code 2"):
+        assert line in done_ray.stdout
+
+
+def test_a_raising_or_crashing_task_fails_its_build_only(ray_address, tmp_path):
+    import ray
+
+    from qmerge.matrix import Build
+    from qmerge.ray_scheduler import gather
+
+    @ray.remote(max_retries=0, num_cpus=0)
+    def ok():
+        return {"exit_code": 0, "seconds": 1.0, "summary": json.dumps({"results": {"gate": {"verdict": "pass"}}}),
+                "log_tail": "", "node": "n"}
+
+    @ray.remote(max_retries=0, num_cpus=0)
+    def raises():
+        raise ValueError("broken build")
+
+    @ray.remote(max_retries=0, num_cpus=0)
+    def dies():
+        os._exit(7)
+
+    builds = [Build(n, tmp_path / f"{n}.toml") for n in ("ok", "raises", "dies")]
+    gather(ray, {ok.remote(): builds[0], raises.remote(): builds[1], dies.remote(): builds[2]}, quiet=True)
+    assert builds[0].exit_code == EXIT_OK and builds[0].summary["results"]["gate"]["verdict"] == "pass"
+    assert builds[0].error is None
+    assert builds[1].exit_code == EXIT_INTERNAL and "broken build" in builds[1].error
+    assert builds[2].exit_code == EXIT_INTERNAL and builds[2].error.startswith("Ray task failed")
+
+
+def test_task_resources_share_cpus_cap_memory_and_refuse_a_gpu_build(ray_address, tmp_path):
+    import ray
+
+    from qmerge.matrix import Build
+    from qmerge.ray_scheduler import task_resources
+
+    def build(name: str, device: str, estimate: int) -> Build:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(f'name = "{name}"\nwork_dir = "w"\n[base]\npath = "b"\n[[adapters]]\npath = "a"\n'
+                       f'[merge]\ndevice = "{device}"\n')
+        return Build(name, cfg, estimate_bytes=estimate)
+
+    small, huge = build("small", "auto", 2**20), build("huge", "cpu", 2**50)
+    res = task_resources([small, huge], ray, jobs=None)
+    assert res["small"] == {"num_cpus": 1, "num_gpus": 0, "memory": 2**20}  # 2 CPUs over 2 builds
+    assert res["huge"]["memory"] == 4 * 2**30  # capped at the node's: it runs alone there
+    assert task_resources([small], ray, jobs=1)["small"]["num_cpus"] == 2
+    with pytest.raises(BadInputError, match="no Ray node has a GPU"):
+        task_resources([build("gpu", "cuda", 2**20)], ray, jobs=None)
+
+
+def test_unreachable_address_and_missing_ray_are_exit_2_before_anything_runs(gated, tmp_path, monkeypatch, capsys):
+    from qmerge.cli import main
+
+    path = matrix_file(tmp_path, gated)
+    assert main(["matrix", str(path), "--quiet", "--ray", "127.0.0.1:1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1 is not reachable" in err and "ray start --head" in err
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # --ray alone takes $RAY_ADDRESS
+    assert main(["matrix", str(path), "--quiet", "--ray"]) == EXIT_BAD_INPUT
+    assert "127.0.0.1:1 is not reachable" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    assert main(["matrix", str(path), "--quiet", "--ray"]) == EXIT_BAD_INPUT
+    assert "pip install 'qmerge[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "merge").exists()
