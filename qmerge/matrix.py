@@ -312,7 +312,8 @@ def run_matrix_command(args) -> int:
     rows = [_row(b) for b in builds]
     code = aggregate_exit([b.exit_code for b in builds])
     print_table(rows)
-    report = {"matrix": str(path.resolve()), "work_dir": str(work), "exit_code": code, "jobs": jobs,
+    report = {"matrix": str(path.resolve()), "work_dir": str(work), "exit_code": code,
+              "jobs": args.jobs if ray else jobs,
               "scheduler": scheduler, "memory_budget_bytes": budget,
               "seconds": round(time.perf_counter() - started, 1), "builds": rows,
               "estimates": {b.name: b.estimate_bytes for b in builds}}

@@ -81,6 +81,10 @@ def test_pass_moves_the_alias_reject_is_recorded_and_reruns_add_nothing(gated, t
     assert result["verdict"] == "reject" and result["version"] is None and result["status"] == "recorded"
     assert run_cli(rejecting) == EXIT_GATE_REJECTED
     assert len(runs(c, "reject")) == 1 and register_result(tmp_path)["status"] == "unchanged"
+    # --only register after a rejected gate: the stage still follows the stop, and still adds nothing.
+    assert run_cli(rejecting, "--only", "register") == EXIT_GATE_REJECTED
+    assert len(runs(c, "reject")) == 1 and register_result(tmp_path)["status"] == "unchanged"
+    assert str(c.get_model_version_by_alias("tiny", "champion").version) == "2"
 
 
 def test_registry_failure_keeps_the_release_and_a_rerun_registers_it(gated, tmp_path, monkeypatch, capsys):
