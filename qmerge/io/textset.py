@@ -27,6 +27,7 @@ class TextSource(_Strict):
     path: str
     format: Literal["text", "jsonl", "parquet", "mediawiki"] = "text"
     field: str = "text"
+    encoding: str = "utf-8"  # of a "text" file (e.g. "cp1252" for older corpora)
 
 
 class TextSplit(_Strict):
@@ -96,13 +97,13 @@ def load_documents(spec: TextSpec) -> list[str]:
     except Exception as e:  # unreadable file, bad encoding, broken bz2/XML, a jsonl/parquet datasets rejects
         raise BadInputError(f"cannot read {spec.source.format} text from {spec.source_path} "
                             f"({type(e).__name__}: {e})", path=spec.spec_path,
-                            fix="check source.path and source.format") from None
+                            fix="check source.path, source.format and source.encoding") from None
 
 
 def _load_documents(spec: TextSpec) -> list[str]:
     fmt, path = spec.source.format, spec.source_path
     if fmt == "text":
-        docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs = [line.strip() for line in path.read_text(encoding=spec.source.encoding).splitlines() if line.strip()]
     elif fmt == "mediawiki":
         docs = _mediawiki(path)
     else:
