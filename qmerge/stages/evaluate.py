@@ -210,7 +210,9 @@ def run_evaluate(ctx: StageContext) -> dict:
         weight_retention=retention.finish(), tasks=tasks, shipped=tuple(shipped),
         combination=merge_result.get("combination"))
     write_json(ctx.out / "report.json", report.to_json())
-    out = {"final": final}
+    out = {"final": final, "bytes": {name: sum(f.stat().st_size for f in Path(path).iterdir()
+                                               if f.is_file() and f.name != "done.json")
+                                     for name, path in candidates.items()}}
     if report.eval is not None:
         scores = report.final_scores
         out |= {"ppl": {k: v.value for k, v in report.eval.ppl.items()}, "retention": scores.retention.value,

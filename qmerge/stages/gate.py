@@ -194,11 +194,14 @@ def run_gate(ctx: StageContext) -> dict:
     verdicts = {artifact: decide(parsed, ctx.cfg.gate, required, artifact) for artifact in parsed.artifacts}
     primary = verdicts[parsed.artifacts[0]]
     verdict = overall(verdicts)
-    artifacts = {a: {"verdict": v.verdict, "reasons": list(v.reasons)} for a, v in verdicts.items()}
+    sizes = ctx.results.get("evaluate", {}).get("bytes", {})
+    artifacts = {a: {"verdict": v.verdict, "bytes": sizes.get(a), "reasons": list(v.reasons)}
+                 for a, v in verdicts.items()}
     payload = {**report, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
                                   "required_tasks": list(required), **asdict(primary), "verdict": verdict,
-                                  "passed": primary.passed, "artifacts": {a: asdict(v) | {"verdict": v.verdict}
-                                                                          for a, v in verdicts.items()}}}
+                                  "passed": primary.passed,
+                                  "artifacts": {a: asdict(v) | {"verdict": v.verdict, "bytes": sizes.get(a)}
+                                                for a, v in verdicts.items()}}}
     write_json(ctx.out / "report.json", payload)
     for v in verdicts.values():
         print(format_verdict(v), file=sys.stdout, flush=True)
