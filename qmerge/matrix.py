@@ -33,7 +33,7 @@ from pathlib import Path
 from qmerge.errors import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_INTERNAL, EXIT_OK, ConfigError
 
 # Keys whose values are paths, by section: made absolute (against the matrix file) in each build's config.
-PATH_KEYS = {"base": ("path",), "adapters": ("path",), "merge": ("select",), "quantize": ("calibration",),
+PATH_KEYS = {"base": ("path",), "adapters": ("path", "eval"), "merge": ("select",), "quantize": ("calibration",),
              "gate": ("eval", "extra_eval"), "output": ("dir",)}
 SECTIONS = ("merge", "quantize", "gate", "output")
 
