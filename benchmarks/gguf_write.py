@@ -4,7 +4,7 @@
 
 For each type: `write` = qmerge.io.gguf_writer.write_gguf (read, permute, quantize, write, fsync; not the sha256),
 `quantize` = the same tensors read, permuted and quantized with nothing written, `copy` = shutil.copyfile of the
-written file (the same number of bytes). `(write - quantize) / copy` is the writer's I/O overhead over a plain
+written file (the same number of bytes) + fsync, as durable as the writer's file. `(write - quantize) / copy` is the writer's I/O overhead over a plain
 copy: near 1 means streaming costs what copying costs. `write` also holds a fixed cost (tokenizer load, the
 pre-tokenizer check, the vocabulary; about a second), which dominates on tiny models: compare on real ones. With `llama_cpp` (llama-cpp-python) importable, also the
 perplexity llama.cpp computes on the file over a fixed text; without it, that column says so.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -87,6 +88,8 @@ def main() -> int:
             quant = quantize_only(folder, qtype)
             start = time.perf_counter()
             shutil.copyfile(path, out / "copy.bin")
+            with open(out / "copy.bin", "rb+") as f:  # durable, as the writer's file is (it fsyncs before the rename)
+                os.fsync(f.fileno())
             copy = time.perf_counter() - start
             (out / "copy.bin").unlink()
             ratio = (report["seconds"] - quant) / copy if copy > 0 else float("nan")
