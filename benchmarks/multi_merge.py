@@ -65,6 +65,7 @@ def main(argv=None) -> int:
             results[name].append({"wall_s": m.wall_s, "anon_peak_mb": m.anon_peak_mb})
             print(f"[{time.strftime('%H:%M:%S')}] {name} run {rep + 1}: {m.wall_s:.1f} s, "
                   f"peak anon {m.anon_peak_mb:.0f} MB", file=sys.stderr, flush=True)
+            save(w.note, args.repeat, results)  # after every run: a cut-short benchmark keeps what it measured
             shutil.rmtree(run, ignore_errors=True)
     print(f"\n7B-shaped slice ({w.note}); {args.repeat} alternating runs each, medians (min–max)\n")
     print("| merge | wall s | peak anon RSS MB |")
@@ -73,10 +74,13 @@ def main(argv=None) -> int:
         walls, peaks = [r["wall_s"] for r in runs], [r["anon_peak_mb"] for r in runs]
         print(f"| {name} | {statistics.median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f}) | "
               f"{statistics.median(peaks):.0f} ({min(peaks):.0f}–{max(peaks):.0f}) |")
-    out = HERE / "results" / "multi-merge-7b-slice.json"
-    out.write_text(json.dumps({"workload": w.note, "repeat": args.repeat, "results": results,
-                               "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
     return 0
+
+
+def save(note: str, repeat: int, results: dict) -> None:
+    out = HERE / "results" / "multi-merge-7b-slice.json"
+    out.write_text(json.dumps({"workload": note, "repeat": repeat, "results": results,
+                               "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
