@@ -13,9 +13,13 @@ Methods, named and defined as PEFT's `peft.utils.merge_utils` defines them (the 
 - `dare_ties`: DARE's drop-and-rescale in place of TIES' trim, then TIES' election and disjoint mean.
 
 Determinism. Top-k ties at the threshold magnitude are broken by the lower flat index (torch.topk leaves that
-order unspecified). DARE's keep mask for adapter i of tensor `name` is drawn on CPU from its own generator,
-seeded by (merge seed, i, name) through SHA-256, so it does not depend on the order tensors are merged in, on
-the device, or on any other tensor: the same seed gives the same bytes. The sums run in adapter order.
+order unspecified). DARE's keep mask for adapter i of tensor `name` is drawn on CPU block by block (flat blocks of
+BLOCK elements), each block from its own generator seeded by (merge seed, i, name, block) through SHA-256, so it
+does not depend on the order tensors are merged in, on the device, or on any other tensor: the same seed gives
+the same bytes. The sums run in adapter order.
+
+Memory. The combination streams over those flat blocks: besides the adapters' ΔWᵢ of the tensor and the result, it
+holds one |ΔWᵢ| copy while finding a top-k threshold and a few blocks, not whole-tensor masks and sums.
 """
 
 from __future__ import annotations
@@ -33,69 +37,105 @@ SPARSIFY = {"linear": None, "magnitude_prune": "magnitude", "ties": "magnitude",
 ELECTS_SIGN = {"ties", "dare_ties"}
 
 
-def top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the k = ⌊density·numel⌋ entries of largest |value| (ties at the k-th magnitude: lower
-    flat index first). O(numel): a k-th value selection, not a sort."""
+BLOCK = 1 << 20  # flat elements per block: the unit of DARE's masks and of the streamed combination
+
+
+def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int] | None:
+    """(the k-th largest |value|, how many entries equal to it are kept) for k = ⌊density·numel⌋; None keeps all.
+    O(numel): a k-th value selection, not a sort."""
     flat = delta.reshape(-1).abs()
     n = flat.numel()
     k = int(density * n)
     if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
+        return None
     if k <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest magnitude
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:  # entries equal to the threshold, in index order, until k are kept
-        at = torch.nonzero(flat == threshold).reshape(-1)[:missing]
-        mask[at] = True
-    return mask.reshape(delta.shape)
+        return float("inf"), 0
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    return float(threshold), k - int((flat > threshold).sum())
 
 
-def keep_generator(seed: int, adapter: int, tensor: str) -> torch.Generator:
-    """The CPU generator of DARE's keep mask for one adapter's delta of one tensor."""
-    digest = hashlib.sha256(f"{seed}\0{adapter}\0{tensor}".encode()).digest()
+def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: list[int]) -> torch.Tensor:
+    """The top-k mask of one flat block, given the tensor's threshold; `admitted[0]` counts the threshold-equal
+    entries kept so far (lower flat index first), across blocks in order."""
+    if threshold is None:
+        return torch.ones_like(block, dtype=torch.bool)
+    value, equal_kept = threshold
+    magnitude = block.abs()
+    mask = magnitude > value
+    left = equal_kept - admitted[0]
+    if left > 0:
+        equal = magnitude == value
+        take = equal & (torch.cumsum(equal, 0) <= left)
+        admitted[0] += int(take.sum())
+        mask |= take
+    return mask
+
+
+def top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the k = ⌊density·numel⌋ entries of largest |value| (ties at the k-th magnitude: lower
+    flat index first)."""
+    return _kept(delta.reshape(-1), _threshold(delta, density), [0]).reshape(delta.shape)
+
+
+def keep_generator(seed: int, adapter: int, tensor: str, block: int = 0) -> torch.Generator:
+    """The CPU generator of DARE's keep mask for one flat block of one adapter's delta of one tensor."""
+    digest = hashlib.sha256(f"{seed}\0{adapter}\0{tensor}\0{block}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keep each entry independently with probability `density` (u < density, u uniform in [0, 1))."""
-    return torch.rand(shape, generator=generator, dtype=torch.float64) < density
+def dare_block(numel: int, density: float, seed: int, adapter: int, tensor: str, block: int) -> torch.Tensor:
+    """Keep each entry of flat block `block` independently with probability `density` (u < density, u uniform in
+    [0, 1) from that block's own generator)."""
+    u = torch.rand(numel, generator=keep_generator(seed, adapter, tensor, block), dtype=torch.float64)
+    return u < density
 
 
-def sparsified(delta: torch.Tensor, method: str, density: float, seed: int, adapter: int,
-               tensor: str) -> torch.Tensor:
-    """ΔWᵢ after the method's trim (magnitude) or drop-and-rescale (random); float32, on delta's device."""
-    kind = SPARSIFY[method]
-    if kind is None or density >= 1:
-        return delta
-    if kind == "magnitude":
-        return delta * top_k_mask(delta, density)
-    keep = dare_mask(delta.shape, density, keep_generator(seed, adapter, tensor)).to(delta.device)
-    return delta * keep / density
-
-
-def elected(trimmed: Sequence[torch.Tensor], method: str) -> torch.Tensor:
-    """The sign TIES elects per entry: +1 or −1 (a zero total elects +1)."""
-    total = torch.zeros_like(trimmed[0])
-    for t in trimmed:
-        total += t if method == "total" else t.sign()
-    return torch.where(total >= 0, 1.0, -1.0).to(trimmed[0].dtype)
+def dare_mask(shape: torch.Size, density: float, seed: int, adapter: int, tensor: str) -> torch.Tensor:
+    """DARE's whole keep mask of one adapter's delta of `tensor`: its flat blocks of BLOCK elements, in order."""
+    n = 1
+    for d in shape:
+        n *= d
+    blocks = [dare_block(min(BLOCK, n - i), density, seed, adapter, tensor, i // BLOCK) for i in range(0, n, BLOCK)]
+    return (torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.bool)).reshape(shape)
 
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float = 1.0,
             majority_sign_method: str = "total", seed: int = 0, tensor: str = "") -> torch.Tensor:
     """The combined delta of one tensor (float32). `deltas[i]` is adapter i's exact ΔWᵢ (float32, unweighted);
-    `tensor` names it for DARE's per-tensor keep masks."""
+    `tensor` names it for DARE's keep masks. Streamed over flat blocks of BLOCK elements: besides the deltas and
+    the result, the working set is one |ΔWᵢ| copy (the top-k thresholds) and a few blocks."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")
-    parts = [sparsified(d.to(MATH_DTYPE), method, density, seed, i, tensor) for i, d in enumerate(deltas)]
+    flats = [d.to(MATH_DTYPE).reshape(-1) for d in deltas]
+    kind = SPARSIFY[method] if density < 1 else None
+    thresholds = [_threshold(f, density) for f in flats] if kind == "magnitude" else None
+    admitted = [[0] for _ in flats]
+    out = torch.empty_like(flats[0])
+    for start in range(0, out.numel(), BLOCK):
+        stop = min(start + BLOCK, out.numel())
+        parts = []
+        for i, f in enumerate(flats):
+            part = f[start:stop]
+            if kind == "magnitude":
+                part = part * _kept(part, thresholds[i], admitted[i])
+            elif kind == "random":
+                part = part * dare_block(stop - start, density, seed, i, tensor, start // BLOCK) / density
+            parts.append(part)
+        out[start:stop] = _combined(parts, weights, method, majority_sign_method)
+    return out.reshape(deltas[0].shape)
+
+
+def _combined(parts: list[torch.Tensor], weights: Sequence[float], method: str, sign_method: str) -> torch.Tensor:
+    """One block: the weighted sum in adapter order, or TIES' election and disjoint mean."""
     if method not in ELECTS_SIGN:
         total = parts[0] * weights[0] if weights[0] != 1.0 else parts[0].clone()
         for part, weight in zip(parts[1:], weights[1:]):
             total += part * weight if weight != 1.0 else part
         return total
-    sign = elected(parts, majority_sign_method)
+    votes = torch.zeros_like(parts[0])
+    for part in parts:
+        votes += part if sign_method == "total" else part.sign()
+    sign = torch.where(votes >= 0, 1.0, -1.0).to(parts[0].dtype)  # a zero total elects +1
     total = torch.zeros_like(parts[0])
     count = torch.zeros_like(parts[0])
     for part, weight in zip(parts, weights):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qmerge.ops.combine import combine, dare_mask, keep_generator, top_k_mask
+from qmerge.ops import combine as combine_module
+from qmerge.ops.combine import combine, dare_mask, top_k_mask
 
 SHAPE = (7, 9)
 
@@ -62,7 +63,7 @@ def oracle(deltas, weights, method, density, sign_method="total", keep=None):
 
 
 def _keep_masks(n: int, density: float, seed: int, name: str) -> list[torch.Tensor]:
-    return [dare_mask(torch.Size(SHAPE), density, keep_generator(seed, i, name)) for i in range(n)]
+    return [dare_mask(torch.Size(SHAPE), density, seed, i, name) for i in range(n)]
 
 
 @pytest.mark.parametrize("method,density,sign", [
@@ -105,13 +106,29 @@ def test_top_k_keeps_exactly_k_and_breaks_ties_by_index():
 
 def test_dare_keeps_about_density_and_is_seeded_per_tensor():
     shape = torch.Size((300, 400))
-    mask = dare_mask(shape, 0.3, keep_generator(0, 0, "x"))
+    mask = dare_mask(shape, 0.3, 0, 0, "x")
     share = float(mask.double().mean())
     assert abs(share - 0.3) < 5 * (0.3 * 0.7 / mask.numel()) ** 0.5
-    again = dare_mask(shape, 0.3, keep_generator(0, 0, "x"))
-    assert torch.equal(mask, again)
-    for other in (keep_generator(1, 0, "x"), keep_generator(0, 1, "x"), keep_generator(0, 0, "y")):
-        assert not torch.equal(mask, dare_mask(shape, 0.3, other))
+    assert torch.equal(mask, dare_mask(shape, 0.3, 0, 0, "x"))
+    for other in ((1, 0, "x"), (0, 1, "x"), (0, 0, "y")):
+        assert not torch.equal(mask, dare_mask(shape, 0.3, *other))
+
+
+@pytest.mark.parametrize("method,density", [("ties", 0.3), ("magnitude_prune", 0.5), ("dare_ties", 0.5),
+                                            ("dare_linear", 0.4)])
+def test_streaming_over_blocks_changes_nothing(monkeypatch, method, density):
+    """Blocks of 5 elements over a 7×9 tensor (13 blocks): top-k ties that straddle blocks (adapter 0 holds only
+    magnitudes 1 and 2), masks drawn block by block, the election and disjoint mean per block, all equal to the
+    whole-tensor oracle."""
+    monkeypatch.setattr(combine_module, "BLOCK", 5)
+    deltas = _deltas(3, seed=12)
+    g = torch.Generator().manual_seed(3)  # adapter 0: magnitudes 1 or 2 only, so the k-th largest is a tie that
+    deltas[0] = torch.randint(1, 3, SHAPE, generator=g).float() * (torch.randint(0, 2, SHAPE, generator=g) * 2 - 1)
+    kth = deltas[0].abs().reshape(-1).sort(descending=True).values[int(density * 63) - 1]
+    assert int((deltas[0].abs() >= kth).sum()) > int(density * 63)  # more entries at the k-th magnitude than fit
+    keep = _keep_masks(3, density, 4, "b") if method.startswith("dare") else None
+    got = combine(deltas, [1.0, 0.5, 2.0], method, density, seed=4, tensor="b")
+    _close(got, oracle(deltas, [1.0, 0.5, 2.0], method, density, keep=keep))
 
 
 def test_bit_identical_for_the_same_seed():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qmerge.ops.combine import dare_mask, keep_generator
+from qmerge.ops.combine import dare_mask
 from tests.conftest import make_adapter, run_cli, scaled_adapter, write_config
 from tests.ops.test_combine import oracle
 from tests.stages.test_merge_exact import finished
@@ -65,7 +65,7 @@ def test_every_method_equals_its_oracle(tmp_path, tiny_llama, three, w_nf4, meth
             assert torch.equal(merged[name], w), f"{name} changed though no adapter touches it"
             continue
         deltas = [torch.zeros(w.shape, dtype=torch.float64) if d is None else d for d in deltas]
-        keep = [dare_mask(w.shape, density, keep_generator(7, i, name)) for i in range(3)] \
+        keep = [dare_mask(w.shape, density, 7, i, name) for i in range(3)] \
             if method.startswith("dare") else None
         want = oracle(deltas, weights, method, density, sign, keep)
         got = merged[name].double() - w.double()
