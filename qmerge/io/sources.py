@@ -15,6 +15,19 @@ import json
 from pathlib import Path
 
 
+# Stage bookkeeping written beside an artifact's model files: never shipped, never counted in its size.
+NOT_SHIPPED = {"done.json", "merge_report.json", "quantize_report.json", "quantize_layers.json"}
+
+
+def artifact_files(folder: Path) -> list[Path]:
+    """The files a release ships for the artifact in `folder`, in name order."""
+    return [f for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name not in NOT_SHIPPED]
+
+
+def artifact_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in artifact_files(folder))
+
+
 def quant_method(folder: Path) -> str | None:
     config = json.loads((Path(folder) / "config.json").read_text())
     return (config.get("quantization_config") or {}).get("quant_method")

@@ -25,6 +25,7 @@ holds one |ΔWᵢ| copy while finding a top-k threshold and a few blocks, not wh
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -92,9 +93,7 @@ def dare_block(numel: int, density: float, seed: int, adapter: int, tensor: str,
 
 def dare_mask(shape: torch.Size, density: float, seed: int, adapter: int, tensor: str) -> torch.Tensor:
     """DARE's whole keep mask of one adapter's delta of `tensor`: its flat blocks of BLOCK elements, in order."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     blocks = [dare_block(min(BLOCK, n - i), density, seed, adapter, tensor, i // BLOCK) for i in range(0, n, BLOCK)]
     return (torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.bool)).reshape(shape)
 

@@ -18,7 +18,7 @@ from qmerge.dag import StageContext
 from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.scores import EvalReport, TextScores
-from qmerge.io.sources import tensor_source
+from qmerge.io.sources import artifact_bytes, tensor_source
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.layerwise import LayerwiseModel
 from qmerge.io.base import BaseCheckpoint
@@ -43,11 +43,6 @@ def load_tokenizer(folder: Path):
                             fix="ship the tokenizer files with the base model or the adapter") from None
 
 
-def _stored(candidate: Path, quantized: bool = False):
-    """A candidate's stored weights as a tensor source, read back from the written files (qmerge/io/sources.py)."""
-    return tensor_source(candidate)
-
-
 class WeightRetention:
     """⟨W_cand − W_base, ΔW⟩ / ‖ΔW‖² per changed tensor of every candidate, ΔW = exact float32 merge − W_base; and for
     each task (an adapter with its own eval text), its own ΔWᵢ = scaleᵢ·BᵢAᵢ in place of ΔW.
@@ -59,7 +54,8 @@ class WeightRetention:
     def __init__(self, plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu",
                  combination: Combination = LINEAR, tasks: dict[int, str] | None = None):
         self.inputs = open_inputs(plan, "nf4", nf4_device, combination)
-        self.stored = {name: _stored(path) for name, path in candidates.items()}
+        # each candidate's stored weights, read back from its written files (qmerge/io/sources.py)
+        self.stored = {name: tensor_source(path) for name, path in candidates.items()}
         self.names = output_names(self.inputs)
         self.replaced = {t for adapter, _ in self.inputs.adapters for t in adapter.replacements}
         self.tasks = tasks or {}
@@ -210,9 +206,7 @@ def run_evaluate(ctx: StageContext) -> dict:
         weight_retention=retention.finish(), tasks=tasks, shipped=tuple(shipped),
         combination=merge_result.get("combination"))
     write_json(ctx.out / "report.json", report.to_json())
-    out = {"final": final, "bytes": {name: sum(f.stat().st_size for f in Path(path).iterdir()
-                                               if f.is_file() and f.name != "done.json")
-                                     for name, path in candidates.items()}}
+    out = {"final": final, "bytes": {name: artifact_bytes(path) for name, path in candidates.items()}}
     if report.eval is not None:
         scores = report.final_scores
         out |= {"ppl": {k: v.value for k, v in report.eval.ppl.items()}, "retention": scores.retention.value,

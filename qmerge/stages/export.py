@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from qmerge.dag import StageContext
+from qmerge.io.sources import artifact_bytes
 
 
 def run_export(ctx: StageContext) -> dict:
@@ -32,7 +33,7 @@ def run_export(ctx: StageContext) -> dict:
 
             report = write_compressed_tensors(ctx.inputs["quantize"], out, quiet=ctx.quiet)
         artifacts[artifact] = {"seconds": round(time.perf_counter() - start, 3),
-                               "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+                               "bytes": artifact_bytes(out),
                                **{k: v for k, v in report.items() if k in ("qtype", "sha256", "tensor_types",
                                                                          "write_seconds", "quantize_seconds")}}
     return {"artifacts": artifacts}

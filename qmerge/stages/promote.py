@@ -23,9 +23,9 @@ from qmerge.dag import StageContext, package_versions
 from qmerge.errors import BadInputError
 from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink, write_json
 from qmerge.io.safetensors_io import TEST_THROTTLE
+from qmerge.io.sources import artifact_bytes, artifact_files
 
 log = logging.getLogger("qmerge")
-SKIP = {"done.json", "merge_report.json", "quantize_report.json", "quantize_layers.json"}
 FREE_MARGIN = 64 * 2**20
 
 
@@ -72,10 +72,6 @@ def shipped(ctx: StageContext) -> list[str]:
     return list(gate.get("passed_artifacts", ctx.cfg.artifacts))
 
 
-def _model_files(src: Path) -> list[Path]:
-    return [f for f in sorted(src.iterdir()) if f.is_file() and f.name not in SKIP]
-
-
 def _place(src: Path, dst: Path) -> bool:
     """Hardlinks `src` to `dst` when both are on one filesystem (True), else copies it (False).
 
@@ -94,7 +90,7 @@ def _place(src: Path, dst: Path) -> bool:
 
 def _copy_model(src: Path, dst: Path, placed: dict[str, int]) -> dict[str, str]:
     hashes = {}
-    for f in _model_files(src):
+    for f in artifact_files(src):
         linked = _place(f, dst / f.name)
         os.chmod(dst / f.name, (dst / f.name).stat().st_mode & ~0o222)  # a release is immutable; so is its source
         placed["linked" if linked else "copied"] += f.stat().st_size
@@ -114,7 +110,7 @@ def check_free_space(sources: list[Path], root: Path) -> int:
     """Bytes the release needs on `root`'s filesystem (0 for files that will be hardlinked); exit 2 when the
     filesystem has less free space than that plus a margin for the manifest and model card."""
     same_fs = root.stat().st_dev
-    need = sum(f.stat().st_size for src in sources for f in _model_files(src) if f.stat().st_dev != same_fs)
+    need = sum(f.stat().st_size for src in sources for f in artifact_files(src) if f.stat().st_dev != same_fs)
     free = shutil.disk_usage(root).free
     if need + FREE_MARGIN > free:
         raise BadInputError(f"the release needs {need / 2**30:.2f} GiB (+ {FREE_MARGIN / 2**20:.0f} MiB margin) on "
@@ -128,8 +124,9 @@ def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, s
     report = json.loads((ctx.inputs["gate"] / "report.json").read_text())
     exported = ctx.results.get("export", {}).get("artifacts", {})
     verdicts = report["gate"].get("artifacts", {report["final"]: {"verdict": report["gate"]["verdict"]}})
-    artifacts = {a: {"verdict": v["verdict"], "shipped": a in shipped(ctx), "folder": _subfolder(ctx, a) or ".",
-                     "bytes": sum(f.stat().st_size for f in _model_files(artifact_folder(ctx, a))),
+    ships = shipped(ctx)
+    artifacts = {a: {"verdict": v["verdict"], "shipped": a in ships, "folder": _subfolder(ctx, a) or ".",
+                     "bytes": artifact_bytes(artifact_folder(ctx, a)),
                      **({"write_seconds": exported[a]["seconds"]} if a in exported else {})}
                  for a, v in verdicts.items()}
     plan = ctx.plan
