@@ -18,9 +18,10 @@ from tests.conftest import write_text_spec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matrix_file(folder: Path, g: dict, targets: str = "") -> Path:
-    cal = write_text_spec(folder, "cal", "100:140")
-    text = f"""
+def matrix_head(g: dict, output: str = "") -> str:
+    """The defaults, the tiny base and its "strong" adapter: what every test matrix starts with. `output`: more
+    lines for [defaults.output]."""
+    return f"""
 work_dir = "work"
 [defaults.merge]
 dtype = "float32"
@@ -32,7 +33,7 @@ seq_len = 64
 batch_size = 8
 [defaults.output]
 dir = "releases"
-
+{output}
 [[bases]]
 name = "tiny"
 path = "{g['base']}"
@@ -41,7 +42,12 @@ nf4 = {{ load_dtype = "float32", compute_dtype = "float32" }}
 [[adapters]]
 name = "strong"
 path = "{g['adapter']}"
+"""
 
+
+def matrix_file(folder: Path, g: dict, targets: str = "") -> Path:
+    cal = write_text_spec(folder, "cal", "100:140")
+    text = matrix_head(g) + f"""
 [[adapters]]
 name = "rslora"
 path = "{g['rslora']}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qmerge.errors import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_INTERNAL, EXIT_OK, BadInputError
-from tests.test_matrix import ROOT, matrix_file
+from tests.test_matrix import ROOT, matrix_file, matrix_head
 
 pytest.importorskip("ray")
 
@@ -38,39 +38,17 @@ def small_matrix(folder: Path, g: dict) -> Path:
     Every build records itself in the default SQLite registry."""
     folder.mkdir()
     path = folder / "releases.toml"
-    path.write_text(f"""
-work_dir = "work"
-[defaults.merge]
-dtype = "float32"
-device = "cpu"
-[defaults.gate]
-eval = "{g['heldout']}"
-windows = 24
-seq_len = 64
-batch_size = 8
-[defaults.output]
-dir = "releases"
-registry = "mlflow"
-
-[[bases]]
-name = "tiny"
-path = "{g['base']}"
-nf4 = {{ load_dtype = "float32", compute_dtype = "float32" }}
-
-[[adapters]]
-name = "strong"
-path = "{g['adapter']}"
-
+    path.write_text(matrix_head(g, output='registry = "mlflow"') + """
 [[targets]]
 name = "dense"
 
 [[targets]]
 name = "strict"
-gate = {{ min_delta_retention = 1.5 }}
+gate = { min_delta_retention = 1.5 }
 
 [[targets]]
 name = "badver"
-output = {{ version = "{{nope}}" }}
+output = { version = "{nope}" }
 """)
     return path
 
