@@ -1,8 +1,11 @@
 """`qmerge matrix releases.toml`: a nightly release matrix. Bases × adapters × targets expand into builds, each an
 ordinary pipeline config; every build shares one work dir, so a stage with equal inputs (one merge feeding every
 quantized target of an adapter) is built once, whichever build gets there first, and a rerun with nothing changed
-rebuilds nothing. Builds run as parallel `qmerge pipeline` processes within a CPU and a memory budget (the
-`--dry-run` estimates); a failed build does not stop the others. One summary table, `matrix_report.json`, and one
+rebuilds nothing. Every build is first resolved in this process (its memory estimate; torch and transformers
+imported once, each input file hashed once for all builds); a build with nothing to do (every cached stage
+finished, its release and registry record unchanged) is answered from its stored results there, exactly as its
+pipeline process would answer. The others run as parallel `qmerge pipeline` processes within a CPU and a memory
+budget (the estimates); a failed build does not stop the others. One summary table, `matrix_report.json`, and one
 exit code: 2 if any build had bad input, else 1 if any hit an internal error, else 3 if any was rejected (or
 inconclusive), else 0.
 
@@ -15,8 +18,8 @@ The matrix file (paths relative to it; keys other than `name` / `bases` are the 
     [[targets]]  name = "..."  + pipeline sections: merge = {...}, quantize = {...}, gate = {...}, output = {...}
 
 Build `<adapter>-<target>` (`<base>-<adapter>-<target>` with several bases) publishes to `<output.dir>/<build>/`.
-`--ray [ADDRESS]` runs the same builds as Ray tasks (qmerge/ray_scheduler.py); the table, report and exit code are
-the same.
+`--ray [ADDRESS]` runs the builds left to run as Ray tasks (qmerge/ray_scheduler.py); the table, report and exit code
+are the same.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qmerge.errors import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_INTERNAL, EXIT_OK, ConfigError
+from qmerge.errors import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_INTERNAL, EXIT_OK, ConfigError, QmergeError
 
 # Keys whose values are paths, by section: made absolute (against the matrix file) in each build's config.
 PATH_KEYS = {"base": ("path",), "adapters": ("path", "eval"), "merge": ("select",), "quantize": ("calibration",),
@@ -48,6 +51,7 @@ class Build:
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)  # what `qmerge pipeline --summary-json` wrote
     error: str | None = None  # the last lines of its log, when it wrote no summary
+    reused: bool = False  # answered in this process from its stored results (nothing to build): no pipeline process
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -175,6 +179,43 @@ def estimate(build: Build) -> int:
     return int(resolve(load_config(build.config), dry_run=True, progress=False).estimate["peak_bytes"])
 
 
+def answer_unchanged(builds: list[Build], quiet: bool) -> None:
+    """Sets each build's estimate from its plan, and answers each build that has nothing to do from its stored
+    results, as its pipeline process would (the same summary JSON and log, the same row), without starting it:
+    on a rerun with nothing changed, that process spends seconds importing torch and transformers and hashing
+    inputs to find only finished stages. Reads only (a reuse-only run: qmerge/dag.py). A build resolve refuses is
+    exit 2 before anything runs, as before; one that fails later is left to its own process, which says why."""
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.io.atomic import atomic_write_text
+    from qmerge.io.paths import memoized_hashes
+    from qmerge.pipeline import STAGES
+    from qmerge.report import print_summary, summary_json
+
+    with memoized_hashes():
+        for b in builds:
+            start = time.perf_counter()
+            runner = Runner(load_config(b.config), STAGES, Options(quiet=True, reuse_only=True))
+            try:
+                records, code = runner.run()
+            except QmergeError:
+                if not runner.records:
+                    raise
+                records, code = runner.records, None
+            b.estimate_bytes = int(next(r for r in records if r.name == "resolve").result["estimate"]["peak_bytes"])
+            if code is None:
+                continue
+            text = summary_json(runner.cfg.source, records, code)
+            atomic_write_text(b.config.with_suffix(".summary.json"), text)
+            with open(b.log, "w") as log:
+                print_summary(records, runner.work, code, out=log)
+            b.summary, b.exit_code, b.reused = json.loads(text), code, True
+            b.seconds = time.perf_counter() - start
+            if not quiet:
+                print(f"qmerge matrix: {b.name} has nothing to build: answered from its finished stages, exit {code}",
+                      file=sys.stderr, flush=True)
+
+
 def available_memory() -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -293,22 +334,30 @@ def run_matrix_command(args) -> int:
         address = resolve_address(args.ray or None)
         if address is not None:
             check_reachable(address)
-    for b in builds:
-        b.estimate_bytes = estimate(b)
     budget = int(args.memory_gib * 2**30) if args.memory_gib else int(0.9 * available_memory())
-    jobs = args.jobs or max(1, min(len(builds), (os.cpu_count() or 1)))
     if args.dry_run:
+        from qmerge.io.paths import memoized_hashes
+
+        with memoized_hashes():
+            for b in builds:
+                b.estimate_bytes = estimate(b)
+        jobs = args.jobs or max(1, min(len(builds), (os.cpu_count() or 1)))
         print(f"qmerge matrix plan: {len(builds)} builds in {work}, up to {jobs} at once within "
               f"{budget / 2**30:.1f} GiB", file=sys.stdout)
         for b in order_for_sharing(builds):
             print(f"  {b.name:<28} peak ~{b.estimate_bytes / 2**30:.2f} GiB  {b.config}")
         return EXIT_OK
     started = time.perf_counter()
+    answer_unchanged(builds, args.quiet)
+    to_run = order_for_sharing([b for b in builds if not b.reused])
+    jobs = args.jobs or max(1, min(len(to_run), (os.cpu_count() or 1)))
     if ray:
-        scheduler = f"ray {run_builds_ray(order_for_sharing(builds), address, args.jobs, budget, args.quiet)}"
+        scheduler = f"ray {address or 'local'}"
+        if to_run:
+            run_builds_ray(to_run, address, args.jobs, budget, args.quiet)
     else:
         scheduler = "local"
-        run_builds(order_for_sharing(builds), jobs, budget, args.quiet)
+        run_builds(to_run, jobs, budget, args.quiet)
     rows = [_row(b) for b in builds]
     code = aggregate_exit([b.exit_code for b in builds])
     print_table(rows)
@@ -316,7 +365,8 @@ def run_matrix_command(args) -> int:
               "jobs": args.jobs if ray else jobs,
               "scheduler": scheduler, "memory_budget_bytes": budget,
               "seconds": round(time.perf_counter() - started, 1), "builds": rows,
-              "estimates": {b.name: b.estimate_bytes for b in builds}}
+              "estimates": {b.name: b.estimate_bytes for b in builds},
+              "reused": [b.name for b in builds if b.reused]}
     write_json_atomic(work / "matrix" / "matrix_report.json", report)
     print(f"  exit code {code}; report {work / 'matrix' / 'matrix_report.json'}")
     return code

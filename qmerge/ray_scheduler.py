@@ -198,10 +198,9 @@ def gather(ray, refs: dict, quiet: bool) -> None:
                   flush=True)
 
 
-def run_builds_ray(builds: list, address: str | None, jobs: int | None, budget: int, quiet: bool) -> str:
-    """Runs every build as a Ray task (see the module docstring); returns the address used ("local" for an
-    instance started here)."""
+def run_builds_ray(builds: list, address: str | None, jobs: int | None, budget: int, quiet: bool) -> None:
+    """Runs every build as a Ray task (see the module docstring) on the cluster at `address` (None: an instance
+    started here)."""
     with ray_session(address, num_cpus=os.cpu_count() or 1, memory=budget, quiet=quiet) as ray:
         resources = task_resources(builds, ray, jobs)
         gather(ray, submit(ray, builds, resources, quiet), quiet)
-    return address or "local"

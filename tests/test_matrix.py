@@ -97,6 +97,77 @@ def test_matrix_shares_merges_and_a_rerun_rebuilds_nothing(gated, tmp_path):
     rerun = json.loads((tmp_path / "work" / "matrix" / "matrix_report.json").read_text())
     assert all(set(b["ran"]) <= {"resolve", "promote"} for b in rerun["builds"]), rerun["builds"]
     assert all(b["release_status"] in (None, "unchanged") for b in rerun["builds"])
+    assert sorted(rerun["reused"]) == sorted(builds)  # answered in the matrix process: no pipeline process
+
+
+def work_files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the work dir and the releases with its mtime and size; the matrix's own folder (configs,
+    logs, summaries, report) and lock files left out."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for root in ("work", "releases") for p in (folder / root).rglob("*")
+            if p.is_file() and "matrix" not in p.relative_to(folder).parts[:2] and p.suffix != ".lock"}
+
+
+def test_a_rerun_answers_every_build_as_its_pipeline_would_and_a_change_reruns_only_its_build(gated, tmp_path,
+                                                                                              monkeypatch):
+    """With nothing changed, a rerun starts no pipeline process: each build is answered from its finished stages,
+    its release and its registry record; nothing in the work dir, the releases or the registry changes, and each
+    row is the row that build's own `qmerge pipeline` process gives (its timing aside). A new gate threshold for one
+    target makes exactly that build run again."""
+    from qmerge.matrix import Build, _row, run_builds
+
+    path = tmp_path / "releases.toml"
+    path.write_text(matrix_head(gated, output='registry = "mlflow"') + """
+[[targets]]
+name = "dense"
+
+[[targets]]
+name = "strict"
+gate = { min_delta_retention = 1.5 }
+""")
+    report_file = tmp_path / "work" / "matrix" / "matrix_report.json"
+    first = run_matrix(path)
+    built = json.loads(report_file.read_text())
+    assert built["reused"] == []
+    assert {b["build"]: b["exit_code"] for b in built["builds"]} == \
+        {"strong-dense": EXIT_OK, "strong-strict": EXIT_GATE_REJECTED}, first.stdout + first.stderr
+    files = work_files(tmp_path)
+    assert any(f.startswith("work/gate/") for f in files) and "releases/mlflow.db" in files
+
+    again = run_matrix(path)
+    rerun = json.loads(report_file.read_text())
+    assert rerun["reused"] == ["strong-dense", "strong-strict"], again.stderr
+    assert again.returncode == first.returncode == rerun["exit_code"] == EXIT_GATE_REJECTED
+    assert work_files(tmp_path) == files  # nothing rebuilt, re-promoted or re-registered
+    for a, b in zip(built["builds"], rerun["builds"]):  # the outcome of the first run, now unchanged
+        assert a["merge"].split()[0] == b["merge"].split()[0] and b["merge"].endswith("cached")
+        for k in ("build", "exit_code", "verdict", "retention", "kl_mean", "ppl", "release", "reasons"):
+            assert a[k] == b[k], k
+    dense, strict = rerun["builds"]
+    assert dense["ran"] == ["resolve", "promote", "register"] and dense["release_status"] == "unchanged"
+    assert "version 1 @champion (unchanged)" in dense["registry"]
+    assert strict["ran"] == ["resolve", "register"] and "reject recorded as run" in strict["registry"]
+    for b in rerun["builds"]:  # what the log and summary say is what the pipeline process would have written
+        assert "exit code" in Path(b["log"]).read_text()
+        assert json.loads(Path(b["config"]).with_suffix(".summary.json").read_text())["exit_code"] == b["exit_code"]
+
+    monkeypatch.chdir(ROOT)  # the build processes, as the matrix starts them
+    builds = [Build(b["build"], Path(b["config"])) for b in rerun["builds"]]
+    run_builds(builds, jobs=1, budget=2**40, quiet=True)
+
+    def untimed(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != "seconds"}
+
+    assert [untimed(_row(b)) for b in builds] == [untimed(r) for r in rerun["builds"]]
+
+    path.write_text(path.read_text().replace("min_delta_retention = 1.5", "min_delta_retention = 1.4"))
+    third = run_matrix(path)
+    changed = json.loads(report_file.read_text())
+    assert changed["reused"] == ["strong-dense"], third.stderr
+    dense, strict = changed["builds"]
+    assert strict["ran"] == ["resolve", "gate", "register"] and strict["verdict"] == "reject"
+    assert strict["merge"] == dense["merge"] == rerun["builds"][0]["merge"]
+    assert third.returncode == EXIT_GATE_REJECTED
 
 
 def test_bad_target_is_exit_2_before_anything_runs(gated, tmp_path):

@@ -95,6 +95,16 @@ def test_ray_builds_match_the_local_scheduler(gated, tmp_path, ray_address):
     assert "reject recorded as run" in ray_rows["strong-strict"]["registry"]
     for line in ("strong-dense", "registry:", "exit code 2"):
         assert line in done_ray.stdout
+    # A rerun answers the builds with nothing to do before scheduling; only the failing one goes to Ray again.
+    again = run_matrix(on_ray, "--ray", ray_address)
+    rerun = json.loads((on_ray.parent / "work" / "matrix" / "matrix_report.json").read_text())
+    assert rerun["reused"] == ["strong-dense", "strong-strict"] and rerun["scheduler"] == f"ray {ray_address}"
+    assert again.returncode == done_ray.returncode
+    rows = {b["build"]: b for b in rerun["builds"]}
+    for name, row in ray_rows.items():
+        assert (row["exit_code"], row["verdict"], row["release"]) == \
+               (rows[name]["exit_code"], rows[name]["verdict"], rows[name]["release"]), (name, again.stderr)
+    assert "placeholder" in rows["strong-badver"]["error"]
 
 
 def test_a_raising_or_crashing_task_fails_its_build_only(ray_address, tmp_path):
