@@ -1,4 +1,4 @@
-"""The stage runner: order, artifact keys, cache/resume, --force/--from/--only, --dry-run.
+"""The stage runner: order, artifact keys, cache/resume, --force/--from/--only, --dry-run, reuse-only checks.
 
 Each stage's artifact lives in `<work_dir>/<stage>/<key>/`, where `key` hashes the stage's config
 slice, its inputs' keys and the versions of the packages that shape the numbers. A stage is built in a
@@ -57,12 +57,20 @@ class Stage:
     # True: runs even after an earlier stage stopped the pipeline with a non-zero exit code (a rejected gate), to
     # record that outcome; its own non-zero exit code, if any, becomes the run's.
     after_stop: bool = False
+    # A stage that is not cached: "module:function" giving, without changing anything, the result a run would
+    # return when it has nothing new to do (promote: `latest` already holds this release), else None. A reuse-only
+    # run calls it instead of `run`; an uncached stage without one always counts as work.
+    unchanged: str | Callable[[StageContext], dict | None] | None = None
 
     def entry(self) -> Callable[[StageContext], dict]:
-        if callable(self.run):
-            return self.run
-        module, _, function = self.run.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _function(self.run)
+
+
+def _function(ref: str | Callable) -> Callable:
+    if callable(ref):
+        return ref
+    module, _, function = ref.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # Result fields of a keyed-by-result stage that describe the run rather than determine what later stages compute
@@ -79,6 +87,10 @@ class Options:
     only: str | None = None
     quiet: bool = False
     release_version: str | None = None
+    # Build nothing and write nothing: answer from finished artifacts and the stages' `unchanged` checks, or stop
+    # (exit code None) at the first stage that has work to do. `qmerge matrix` asks this before it starts a
+    # pipeline process for a build.
+    reuse_only: bool = False
 
 
 @dataclass
@@ -131,6 +143,7 @@ class Runner:
                 raise BadInputError(f"{flag} {value}: no such stage; stages are {', '.join(names)}")
         self.work = cfg.output_path(cfg.work_dir)
         self.versions = package_versions()
+        self.records: list[StageRecord] = []  # the last run's, so far
 
     def _forced(self, index: int, stage: Stage) -> bool:
         if self.opts.force or self.opts.only == stage.name:
@@ -139,11 +152,13 @@ class Runner:
             return index >= [s.name for s in self.stages].index(self.opts.from_stage)
         return False
 
-    def run(self) -> tuple[list[StageRecord], int]:
+    def run(self) -> tuple[list[StageRecord], int | None]:
+        """The stage records and the exit code; with `reuse_only`, exit code None when a stage has work to do.
+        `self.records` holds the stages done so far, also when a stage raises."""
         keys: dict[str, str] = {}
         dirs: dict[str, Path] = {}
         results: dict[str, dict] = {}
-        records: list[StageRecord] = []
+        records = self.records = []
         final = EXIT_OK  # the exit code of the stage that stopped the pipeline (then only after_stop stages run)
         for index, stage in enumerate(self.stages):
             if not stage.enabled(self.cfg) or (final != EXIT_OK and not stage.after_stop):
@@ -153,6 +168,8 @@ class Runner:
                 keys[stage.name], results[stage.name] = record.key, record.result
                 dirs[stage.name] = self.work / stage.name / record.key
                 records.append(record)
+                if self.opts.reuse_only and _load_done(dirs[stage.name]) is None:
+                    return records, None
                 continue
             key = stage_key(stage, self.cfg, keys, self.versions)
             keys[stage.name] = key
@@ -175,6 +192,10 @@ class Runner:
                 continue
             if done is not None and stage.cached and not self._forced(index, stage):
                 record = StageRecord(stage.name, key, "cached", 0.0, done["result"])
+            elif self.opts.reuse_only:
+                record = None if stage.cached else self._unchanged(stage, dirs, results, keys)
+                if record is None:
+                    return records, None
             else:
                 record = self._run_or_reuse(stage, index, path, dirs, results, keys)
             records.append(record)
@@ -203,16 +224,30 @@ class Runner:
                 return StageRecord(stage.name, path.name, "cached", 0.0, done["result"])
             return self._run_stage(stage, path, dirs, results, keys, replace=path.exists())
 
+    def _unchanged(self, stage: Stage, dirs, results, keys) -> StageRecord | None:
+        """A reuse-only run's record of an uncached stage: its `unchanged` result, or None (it has work to do)."""
+        if stage.unchanged is None:
+            return None
+        start = time.perf_counter()
+        inputs = {n: dirs[n] for n in stage.needs if n in dirs}
+        ctx = StageContext(self.cfg, Path("/nonexistent"), inputs, dict(results), dict(keys), self.opts.quiet,
+                           self.opts.release_version)
+        result = _function(stage.unchanged)(ctx)
+        return None if result is None else StageRecord(stage.name, keys[stage.name], "ran",
+                                                       time.perf_counter() - start, result)
+
     def _run_keyed_by_result(self, stage: Stage) -> StageRecord:
         start = time.perf_counter()
-        ctx = StageContext(self.cfg, Path("/nonexistent"), {}, {}, {}, self.opts.quiet, dry_run=self.opts.dry_run)
+        # A dry or reuse-only run takes what is there (a GGUF base not converted yet: its header) and writes nothing.
+        reading = self.opts.dry_run or self.opts.reuse_only
+        ctx = StageContext(self.cfg, Path("/nonexistent"), {}, {}, {}, self.opts.quiet, dry_run=reading)
         result = stage.entry()(ctx)
         keyed = {k: v for k, v in result.items() if k not in DESCRIPTIVE}
         key = digest({"stage": stage.name, "config": stage.config_slice(self.cfg), "result": keyed,
                       "versions": self.versions})[:16]
         path = self.work / stage.name / key
         seconds = time.perf_counter() - start
-        if self.opts.dry_run:
+        if reading:
             return StageRecord(stage.name, key, "ran", seconds, result)
         if _load_done(path) is None:
             with file_lock(self.lock_path(stage.name, key), timeout=None):

@@ -110,8 +110,10 @@ STAGES = [
           "qmerge.stages.evaluate:run_evaluate", enabled=_gating),
     Stage("gate", ("evaluate",), _gate_slice, "qmerge.stages.gate:run_gate", enabled=_gating),
     Stage("promote", ("resolve", "merge", "calibrate", "quantize", "export", "gate"), _promote_slice,
-          "qmerge.stages.promote:run_promote", enabled=_gating, cached=False),
+          "qmerge.stages.promote:run_promote", enabled=_gating, cached=False,
+          unchanged="qmerge.stages.promote:unchanged_release"),
     # Runs after a rejected gate too (a reject is recorded, never aliased); a failure keeps the release (exit 1).
     Stage("register", ("resolve", "calibrate", "gate", "promote"), _register_slice,
-          "qmerge.stages.register:run_register", enabled=_registering, cached=False, after_stop=True),
+          "qmerge.stages.register:run_register", enabled=_registering, cached=False, after_stop=True,
+          unchanged="qmerge.stages.register:registered"),
 ]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +92,23 @@ def _experiment(client, model: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _run(client, experiment: str, outcome: Outcome, report_file: Path) -> tuple[str, bool]:
-    """The build's run, found by its gate key or created (metrics, tags, report.json); (run id, created)."""
+def _find_run(client, experiment: str, outcome: Outcome) -> str | None:
     found = client.search_runs([experiment], filter_string=f"tags.`qmerge.gate_key` = {_quote(outcome.gate_key)}",
                                max_results=1)
-    if found:
-        return found[0].info.run_id, False
+    return found[0].info.run_id if found else None
+
+
+def _find_version(client, model: str, outcome: Outcome) -> str | None:
+    found = client.search_model_versions(
+        f"name = {_quote(model)} and tag.`qmerge.release_key` = {_quote(outcome.release_key)}")
+    return next((str(v.version) for v in found if v.source == outcome.release), None)
+
+
+def _run(client, experiment: str, outcome: Outcome, report_file: Path) -> tuple[str, bool]:
+    """The build's run, found by its gate key or created (metrics, tags, report.json); (run id, created)."""
+    found = _find_run(client, experiment, outcome)
+    if found is not None:
+        return found, False
     run = client.create_run(experiment, run_name=outcome.name, tags={**outcome.tags, "qmerge.gate_key": outcome.gate_key})
     run_id = run.info.run_id
     for k, v in sorted(outcome.metrics.items()):
@@ -115,11 +128,9 @@ def _version(client, model: str, outcome: Outcome, run_id: str) -> tuple[str, bo
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         client.create_registered_model(model, description="Releases built and gated by qmerge")
-    found = client.search_model_versions(
-        f"name = {_quote(model)} and tag.`qmerge.release_key` = {_quote(outcome.release_key)}")
-    for v in found:
-        if v.source == outcome.release:
-            return str(v.version), False
+    found = _find_version(client, model, outcome)
+    if found is not None:
+        return found, False
     tags = {**outcome.tags, **{k: repr(v) for k, v in outcome.metrics.items()}, "qmerge.gate_key": outcome.gate_key,
             "qmerge.release_key": outcome.release_key}
     version = client.create_model_version(model, source=outcome.release, run_id=run_id, tags=tags,
@@ -135,9 +146,9 @@ def lock_file(uri: str, work: Path) -> Path:
     return work / ".locks" / f"registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
 
 
-def record(uri: str, model: str, alias: str, outcome: Outcome, report_file: Path, work: Path) -> dict:
-    """Records `outcome` in the registry at `uri` (see the module docstring). Returns what it did; raises
-    whatever MLflow raises (the caller keeps the release and reports it)."""
+@contextmanager
+def _client(uri: str, work: Path) -> Iterator:
+    """An MLflow client for `uri`, under the registry's lock."""
     from mlflow import MlflowClient
 
     from qmerge.io.atomic import file_lock
@@ -147,11 +158,45 @@ def record(uri: str, model: str, alias: str, outcome: Outcome, report_file: Path
     for name in ("mlflow", "alembic", "sqlalchemy"):  # table creation and migrations log at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     with file_lock(lock, timeout=600):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _result(uri: str, model: str, outcome: Outcome, run_id: str) -> dict:
+    return {"registry": uri, "registered_model": model, "verdict": outcome.verdict, "run_id": run_id,
+            "version": None, "alias": None}
+
+
+def recorded(uri: str, model: str, alias: str, outcome: Outcome, work: Path) -> dict | None:
+    """What `record` would return when the registry holds `outcome` already (its run, and for a pass its version
+    with the alias on it), so recording it would change nothing; else None. Reads only: a SQLite registry that
+    does not exist yet is not created."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    from mlflow.exceptions import MlflowException
+
+    with _client(uri, work) as client:
+        experiment = client.get_experiment_by_name(f"qmerge/{model}")
+        run_id = _find_run(client, experiment.experiment_id, outcome) if experiment is not None else None
+        if run_id is None:
+            return None
+        out = _result(uri, model, outcome, run_id)
+        if outcome.verdict != "pass" or outcome.release is None:
+            return out | {"status": "unchanged"}
+        version = _find_version(client, model, outcome)
+        try:
+            aliased = str(client.get_model_version_by_alias(model, alias).version)
+        except MlflowException:  # no such alias yet
+            return None
+    return out | {"version": version, "alias": alias, "status": "unchanged"} if version == aliased else None
+
+
+def record(uri: str, model: str, alias: str, outcome: Outcome, report_file: Path, work: Path) -> dict:
+    """Records `outcome` in the registry at `uri` (see the module docstring). Returns what it did; raises
+    whatever MLflow raises (the caller keeps the release and reports it)."""
+    with _client(uri, work) as client:
         experiment = _experiment(client, model, uri)
         run_id, run_created = _run(client, experiment, outcome, report_file)
-        out = {"registry": uri, "registered_model": model, "verdict": outcome.verdict, "run_id": run_id,
-               "version": None, "alias": None}
+        out = _result(uri, model, outcome, run_id)
         if outcome.verdict != "pass" or outcome.release is None:
             return out | {"status": "recorded" if run_created else "unchanged"}
         version, created = _version(client, model, outcome, run_id)

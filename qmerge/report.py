@@ -102,14 +102,19 @@ def run_pipeline_command(args) -> int:
     else:
         print_summary(records, runner.work, exit_code)
     if getattr(args, "summary_json", None):
-        import json
-
         from qmerge.io.atomic import atomic_write_text
 
-        atomic_write_text(args.summary_json, json.dumps({
-            "config": str(cfg.source), "exit_code": exit_code, "dry_run": opts.dry_run,
-            "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3)}
-                       for r in records],
-            "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote", "register")}},
-            indent=2, sort_keys=True, default=str) + "\n")
+        atomic_write_text(args.summary_json, summary_json(cfg.source, records, exit_code, opts.dry_run))
     return exit_code
+
+
+def summary_json(config: Path, records: list[StageRecord], exit_code: int, dry_run: bool = False) -> str:
+    """What `--summary-json` writes (`qmerge matrix` reads it back for its table)."""
+    import json
+
+    return json.dumps({
+        "config": str(config), "exit_code": exit_code, "dry_run": dry_run,
+        "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3)}
+                   for r in records],
+        "results": {r.name: r.result for r in records if r.name in ("evaluate", "gate", "promote", "register")}},
+        indent=2, sort_keys=True, default=str) + "\n"

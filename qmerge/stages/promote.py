@@ -229,17 +229,29 @@ def model_card(manifest: dict) -> str:
     return "\n".join(lines + ["Provenance (hashes of every input, package versions) is in `manifest.json`.", ""])
 
 
+def unchanged_release(ctx: StageContext) -> dict | None:
+    """Promote's result when `latest` already holds this release (nothing new to promote), else None. Reads only:
+    a reuse-only run (the matrix's check) asks it without the lock."""
+    key = release_key(ctx)
+    latest = ctx.cfg.output_path(ctx.cfg.output.dir) / ctx.cfg.name / "latest"
+    if not (latest / "manifest.json").is_file():
+        return None
+    current = json.loads((latest / "manifest.json").read_text())
+    if current.get("key") != key:
+        return None
+    return {"release": str(latest.resolve()), "status": "unchanged", "key": key, **_left_out(ctx)}
+
+
 def run_promote(ctx: StageContext) -> dict:
     key = release_key(ctx)
     root = ctx.cfg.output_path(ctx.cfg.output.dir) / ctx.cfg.name
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / ".lock"):
         latest = root / "latest"
-        if (latest / "manifest.json").is_file():
-            current = json.loads((latest / "manifest.json").read_text())
-            if current.get("key") == key:
-                log.info("release %s already holds key %s: nothing new to promote", current["version"], key)
-                return {"release": str(latest.resolve()), "status": "unchanged", "key": key, **_left_out(ctx)}
+        unchanged = unchanged_release(ctx)
+        if unchanged is not None:
+            log.info("release %s already holds key %s: nothing new to promote", unchanged["release"], key)
+            return unchanged
         version = release_version(ctx, key)
         target = root / version
         if target.exists():

@@ -19,28 +19,49 @@ from qmerge.errors import EXIT_INTERNAL
 log = logging.getLogger("qmerge")
 
 
-def run_register(ctx: StageContext) -> dict:
+def _outcome(ctx: StageContext):
+    """The registry's record of this build (qmerge.registry.Outcome): verdict, reasons, figures, keys, release."""
     import json
 
-    from qmerge.registry import Outcome, gate_metrics, outcome_tags, record
+    from qmerge.registry import Outcome, gate_metrics, outcome_tags
 
-    cfg = ctx.cfg
     gate, promote = ctx.results["gate"], ctx.results.get("promote", {})
-    report_file = ctx.inputs["gate"] / "report.json"
-    report = json.loads(report_file.read_text())
+    report = json.loads((ctx.inputs["gate"] / "report.json").read_text())
     reasons = tuple(gate.get("reasons", ()))
     keys = {k: v for k, v in ctx.keys.items() if k != "register"}
-    tags = outcome_tags(cfg.name, gate["verdict"], reasons, keys, ctx.results["resolve"], report,
+    tags = outcome_tags(ctx.cfg.name, gate["verdict"], reasons, keys, ctx.results["resolve"], report,
                         ctx.results.get("calibrate", {}).get("sha256"))
-    outcome = Outcome(cfg.name, gate["verdict"], reasons, gate_metrics(report), tags, ctx.keys["gate"],
-                      promote.get("release"), promote.get("key"))
+    return Outcome(ctx.cfg.name, gate["verdict"], reasons, gate_metrics(report), tags, ctx.keys["gate"],
+                   promote.get("release"), promote.get("key"))
+
+
+def run_register(ctx: StageContext) -> dict:
+    from qmerge.registry import record
+
+    cfg = ctx.cfg
+    outcome = _outcome(ctx)
     uri, model = cfg.registry_uri, cfg.registered_model
     work = cfg.output_path(cfg.work_dir)
     try:
-        return record(uri, model, cfg.output.alias, outcome, report_file, work)
+        return record(uri, model, cfg.output.alias, outcome, ctx.inputs["gate"] / "report.json", work)
     except Exception as e:  # the registry's failure, not the release's: it stays published
         kept = f"release {outcome.release} is published and kept" if outcome.release else "nothing was promoted"
         error = f"registering {model} ({outcome.verdict}) in {uri} failed: {type(e).__name__}: {e}"
         log.error("%s; %s; fix: make the registry reachable and rerun (nothing is rebuilt)", error, kept)
         return {"registry": uri, "registered_model": model, "verdict": outcome.verdict, "status": "failed",
                 "error": f"{error}; {kept}", "release": outcome.release, "exit_code": EXIT_INTERNAL}
+
+
+def registered(ctx: StageContext) -> dict | None:
+    """Register's result when the registry holds this outcome already (nothing to record), else None. Reads
+    only. A registry that cannot be read counts as work: the build's own run records it or reports the failure."""
+    from qmerge.registry import recorded
+
+    cfg = ctx.cfg
+    try:
+        return recorded(cfg.registry_uri, cfg.registered_model, cfg.output.alias, _outcome(ctx),
+                        cfg.output_path(cfg.work_dir))
+    except Exception as e:
+        log.info("registry %s could not be read (%s: %s): the build's run will record it", cfg.registry_uri,
+                 type(e).__name__, e)
+        return None

@@ -80,6 +80,30 @@ def test_rerun_uses_cache_and_force_redoes(tmp_path, tiny_llama, capsys):
     assert "merge" in out and "cached" not in out
 
 
+def test_reuse_only_answers_a_finished_run_and_stops_at_work(tmp_path, tiny_llama):
+    """A reuse-only run (qmerge matrix's check) gives a finished pipeline's records and exit code and writes
+    nothing; before the first run, or after a config change, it stops (exit code None) where work starts."""
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.pipeline import STAGES
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    records, code = Runner(load_config(cfg), STAGES, Options(reuse_only=True)).run()
+    assert code is None and [r.name for r in records] == ["resolve"]
+    assert not (tmp_path / "work").exists()
+    assert run_cli(cfg) == 0
+    real, _ = Runner(load_config(cfg), STAGES, Options()).run()
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*")}
+    records, code = Runner(load_config(cfg), STAGES, Options(reuse_only=True)).run()
+    assert code == 0 and [(r.name, r.key, r.status, r.result) for r in records] == \
+        [(r.name, r.key, r.status, r.result) for r in real]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*")} == files
+    changed = write_config(tmp_path, tiny_llama, [(adapter, 1.0)], merge={"dtype": "bfloat16"})
+    records, code = Runner(load_config(changed), STAGES, Options(reuse_only=True)).run()
+    assert code is None and [r.name for r in records] == ["resolve"]
+
+
 def test_bf16_storage_reports_lost_tiny_delta(tmp_path):
     base = make_base(tmp_path / "b", dtype="bfloat16")
     # A delta of ~0.05 bf16 ulp: bf16 storage of W_nf4 (on the bf16 grid) + ΔW rounds most of it away.
