@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -100,12 +102,36 @@ MODEL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.jso
                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
+# (path, size, mtime, inode, device) -> sha256 while `memoized_hashes` is active, else None
+_memo: dict[tuple, str] | None = None
+
+
+@contextmanager
+def memoized_hashes() -> Iterator[None]:
+    """Within the block, a file that was hashed is not read again while its path, size, mtime and inode stay the
+    same: `qmerge matrix` resolves all of its builds in one process, and they name the same base, adapters and
+    texts (a 7B base is 13 GB to read per build). Scoped to one command's checks, not a cache kept on disk: a
+    pipeline run still reads every input it hashes."""
+    global _memo
+    outer = _memo
+    _memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
 def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None = None) -> str:
     """Hex sha256 of a file, read in 8 MiB chunks (hashlib releases the GIL on each: other threads run on);
     raises `Cancelled` between chunks once `stop` is set."""
     path = Path(path)
+    st = path.stat()
+    memo = _memo
+    ident = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if memo is not None and ident in memo:
+        return memo[ident]
     h = hashlib.sha256()
-    size = path.stat().st_size
+    size = st.st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
                                      disable=not progress or size < 64 * 2**20) as bar:
         while chunk := f.read(CHUNK):
@@ -113,6 +139,8 @@ def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None
                 raise Cancelled(str(path))
             h.update(chunk)
             bar.update(len(chunk))
+    if memo is not None:
+        memo[ident] = h.hexdigest()
     return h.hexdigest()
 
 
