@@ -118,11 +118,14 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
     groups = linear_groups(layer, batches[0])
     hessians: list[tuple[torch.Tensor, int] | None] = [None] * len(groups)  # each made when its group is reached
 
+    inputs: list[list[torch.Tensor]] = [[] for _ in groups]  # each group's X, held by the paused batches anyway
+
     def accumulate(stop: int, _batch: int, x: torch.Tensor) -> None:
         if hessians[stop] is None:
             first = linears[groups[stop][0]]
             hessians[stop] = (gptq.make_empty_hessian(first.in_features, device=first.weight.device), 0)
         hessians[stop] = gptq.accumulate_hessian(x, *hessians[stop])
+        inputs[stop].append(x)
 
     passes = LockstepForward(layer, batches, [linears[g[0]] for g in groups], accumulate) if lockstep else None
     packed, report = {}, {}
@@ -134,8 +137,9 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
                 hessians[index] = None
             else:
                 hessian, _ = group_hessian(layer, linears[group[0]], batches)
-            _quantize_group(layer, linears, group, hessian, q, name, packed, report)
+            _quantize_group(layer, linears, group, hessian, q, name, packed, report, inputs[index])
             del hessian
+            inputs[index] = []
         if passes is None:
             return packed, report, [run_layer(layer, b) for b in batches]
         passes.advance()  # to the end, through the quantized weights
@@ -146,9 +150,10 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
 
 
 def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tensor, q, name: str, packed: dict,
-                    report: dict) -> None:
+                    report: dict, inputs: list[torch.Tensor] | None = None) -> None:
     """GPTQ of the linears of one group (one shared input, hence one H), packed into `packed`, the layer's
-    weights replaced by their quantized values so later groups see them."""
+    weights replaced by their quantized values so later groups see them. `inputs`: the group's input X batch by
+    batch where the caller has it (the errors are then computed from X when that is cheaper)."""
     try:  # once per group: the linears of a group read the same input, so they share H and its inverse
         inverse = gptq.inverse_hessian(hessian, q.damp, q.desc_act)
     except gptq.HessianNotPositiveDefinite as e:
@@ -160,7 +165,7 @@ def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tenso
     for module_name, w, result in zip(group, weights, results):
         linear = linears[module_name]
         rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
-        report[module_name] = _errors(w, result.weight, rtn.weight, hessian)
+        report[module_name] = _errors(w, result.weight, rtn.weight, hessian, inputs)
         codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
         packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
                                           result.g_idx.cpu(), q.bits)
@@ -168,10 +173,10 @@ def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tenso
             linear.weight.copy_(result.weight)
 
 
-def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor) -> dict:
+def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor,
+            inputs: list[torch.Tensor] | None = None) -> dict:
     """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest."""
-    ref = gptq.output_error(w, hessian)
-    err, err_rtn = gptq.output_error(w - q, hessian), gptq.output_error(w - rtn, hessian)
+    ref, err, err_rtn = gptq.output_errors([w, w - q, w - rtn], hessian, inputs)
     return {"error": err**0.5, "relative": (err / ref) ** 0.5 if ref else None,
             "rtn_error": err_rtn**0.5, "rtn_relative": (err_rtn / ref) ** 0.5 if ref else None}
 

