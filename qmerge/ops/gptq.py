@@ -341,12 +341,11 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int,
                 scales[col // size], zeros[col // size] = find_params(source, bits, sym)
             s, z = scales[col // size], zeros[col // size]
             q = fake_quantize(w1[:, i], s, z, bits)
-            d = hinv1[i, i]
-            losses += (w1[:, i] - q) ** 2 / d**2 / 2
-            err = (w1[:, i] - q) / d
+            err = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             w1[:, i] = q
             err1[:, i] = err
+        losses += err1.square().sum(dim=1) / 2  # (w − q)² / d² / 2 per column, summed once per block
         w[:, i1:i2] = w1
         with _threads(threads if w1.shape[0] * (cols - i2) >= THREADED_UPDATE_FROM else 1, w.device):
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
