@@ -3,6 +3,7 @@
     python benchmarks/gptq.py                                   # 4-bit g64 sym act-order, 128 × 512 calibration
     python benchmarks/gptq.py --samples 8 --seq-len 128 --eval-windows 4   # a smoke run
     python benchmarks/gptq.py --gptqmodel-python /path/to/venv/bin/python  # where the gptq extra is installed
+    python benchmarks/gptq.py --workload 7b-slice --samples 8 --seq-len 128 --group-size 128   # 7B-shaped layers
 
 Steps: the pipeline's resolve/merge/calibrate (SmolLM2 GGUF base + a demo adapter, float32 merge into W_nf4),
 then each backend's quantize stage in its own child process (benchmarks/measure.py: wall time, ru_maxrss, which
@@ -14,7 +15,10 @@ Timing: `--repeat N` rounds (default 3), the backends taking turns (A B, B A, ..
 must be idle (1-minute load ≤ 0.5 and no other torch process, waited for up to 2 min, else the run is refused
 unless `--allow-busy`, which marks the figures). The table shows medians with min–max over the runs and whether
 each backend wrote identical bytes every run; the scores are of the last run's output.
-Prints a markdown table and writes JSON (default benchmarks/results/gptq.json).
+`--workload 7b-slice`: the same comparison on 4 decoder layers of Llama-2-7B shapes (random weights, SmolLM2's
+tokenizer; benchmarks/workloads.py) and a random r=16 adapter: time and memory only, since perplexity and KL of
+random weights mean nothing (and holding the reference and three candidates whole would not fit in memory).
+Prints a markdown table and writes JSON (default benchmarks/results/gptq.json, or gptq-7b-slice.json).
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ NF4 = {"blocksize": 64, "double_quant": True, "compute_dtype": "float32", "load_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--adapter", type=Path, default=REPO / "adapters" / "demo-r8")
-    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qmerge" / "bench" / "gptq")
+    p.add_argument("--workload", choices=("smollm", "7b-slice"), default="smollm")
+    p.add_argument("--adapter", type=Path, default=None, help="default: adapters/demo-r8 (smollm), random r=16 (7b-slice)")
+    p.add_argument("--work", type=Path, default=None, help="default: ~/.cache/qmerge/bench/gptq[-7b-slice]")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--no-desc-act", dest="desc_act", action="store_false")
@@ -55,27 +60,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", default=str(REPO / "calibration" / "news-heldout.toml"))
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--backends", default="qmerge,gptqmodel")
+    p.add_argument("--backends", default="qmerge,gptqmodel",
+                   help="comma-separated: qmerge, qmerge-bf16 (forward_dtype = bfloat16), gptqmodel")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each backend, taking turns (A B, B A, A B, ...); the table shows medians and min-max")
     p.add_argument("--allow-busy", action="store_true",
                    help="time even when the machine is not idle (the table then says so); default: wait, then refuse")
     p.add_argument("--gptqmodel-python", default=sys.executable,
                    help="python of an environment with the gptq extra (gptqmodel 7.6.0 + optimum)")
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gptq.json")
+    p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/gptq[-7b-slice].json")
     p.add_argument("--child", nargs=3, metavar=("CONFIG", "BACKEND", "OUT"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    suffix = "" if args.workload == "smollm" else f"-{args.workload}"
+    args.work = args.work or Path.home() / ".cache" / "qmerge" / "bench" / f"gptq{suffix}"
+    args.json = args.json or REPO / "benchmarks" / "results" / f"gptq{suffix}.json"
+    return args
+
+
+def workload_inputs(args: argparse.Namespace) -> tuple[str, Path]:
+    """The base (a path for [base]) and the adapter of the chosen workload."""
+    if args.workload == "smollm":
+        return str(GGUF), args.adapter or REPO / "adapters" / "demo-r8"
+    from workloads import slice7b_tokenized
+
+    w = slice7b_tokenized()
+    return str(w.base), args.adapter or w.adapter
 
 
 def write_config(args: argparse.Namespace, backend: str) -> Path:
     """A pipeline config whose resolve/merge/calibrate keys do not depend on the backend (shared artifacts)."""
     args.work.mkdir(parents=True, exist_ok=True)
-    lines = ['name = "bench-gptq"', f'work_dir = "{args.work / "work"}"', "[base]", f'path = "{GGUF}"', "[base.nf4]"]
+    base, adapter = workload_inputs(args)
+    lines = ['name = "bench-gptq"', f'work_dir = "{args.work / "work"}"', "[base]", f'path = "{base}"', "[base.nf4]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in NF4.items()]
-    lines += ["[[adapters]]", f'path = "{args.adapter.resolve()}"', "[merge]", 'dtype = "float32"', 'device = "cpu"']
-    lines += ["[quantize]", f'backend = "{backend}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
+    lines += ["[[adapters]]", f'path = "{Path(adapter).resolve()}"', "[merge]", 'dtype = "float32"', 'device = "cpu"']
+    engine, _, dtype = backend.partition("-")  # "qmerge-bf16": qmerge's backend with bf16 forwards
+    lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
               f"sym = {str(args.sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
               f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
+    if dtype == "bf16":
+        lines.append('forward_dtype = "bfloat16"')
+    elif dtype:
+        raise SystemExit(f"unknown backend {backend}; use qmerge, qmerge-bf16 or gptqmodel")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -204,7 +230,20 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     return asdict(summarize(scores, candidates))
 
 
-def table(rows: list[dict], ev: dict) -> str:
+def table(rows: list[dict], ev: dict | None) -> str:
+    if ev is None:  # time and memory only (random weights)
+        lines = ["| backend | runs | quantize s, median (min–max) | peak anon RSS MB, median (min–max) | "
+                 "identical bytes every run |", "|---|---:|---|---|---|"]
+        for row in rows:
+            if "error" in row:
+                lines.append(f"| {row['backend']} | failed: {row['error']} | | | |")
+                continue
+            lo, hi = row["quantize_seconds_range"]
+            alo, ahi = row["peak_anon_rss_mb_range"]
+            lines.append(f"| {row['backend']} | {row['runs']} | {row['quantize_seconds']:.1f} ({lo:.1f}–{hi:.1f}) | "
+                         f"{row['peak_anon_rss_mb']:.0f} ({alo:.0f}–{ahi:.0f}) | "
+                         f"{'yes' if row['identical_weights_every_run'] else 'no'} |")
+        return "\n".join(lines)
     ppl = ev["ppl"]
     lines = ["| model | runs | quantize s, median (min–max) | peak anon RSS MB, median (min–max) | ppl (± se) "
              "| KL vs reference (± se) | retention (± se) |", "|---|---:|---|---|---|---|---|",
@@ -228,16 +267,19 @@ def table(rows: list[dict], ev: dict) -> str:
 
 
 def ratio_line(runs: dict[str, list[dict]]) -> str | None:
-    """qmerge / GPTQModel wall: the ratio of medians, and the range over the rounds (each round's pair)."""
+    """Each qmerge variant / GPTQModel wall: the ratio of medians, and the range over the rounds (each round's pair)."""
     from statistics import median
 
-    a = [r.get("quantize_seconds") for r in runs.get("qmerge", [])]
     b = [r.get("quantize_seconds") for r in runs.get("gptqmodel", [])]
-    pairs = [x / y for x, y in zip(a, b) if x and y]
-    if not pairs:
-        return None
-    return (f"qmerge / GPTQModel quantize wall: {median(x for x in a if x) / median(y for y in b if y):.2f}× "
-            f"(ratio of medians; per round {min(pairs):.2f}–{max(pairs):.2f}×, {len(pairs)} rounds)")
+    lines = []
+    for name in (n for n in runs if n.startswith("qmerge")):
+        a = [r.get("quantize_seconds") for r in runs[name]]
+        pairs = [x / y for x, y in zip(a, b) if x and y]
+        if pairs:
+            lines.append(f"{name} / GPTQModel quantize wall: "
+                         f"{median(x for x in a if x) / median(y for y in b if y):.2f}× "
+                         f"(ratio of medians; per round {min(pairs):.2f}–{max(pairs):.2f}×, {len(pairs)} rounds)")
+    return "\n".join(lines) or None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,12 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(Path(args.child[0]), args.child[1], Path(args.child[2]))
         return
-    if not (args.adapter / "adapter_config.json").is_file():
-        raise SystemExit(f"{args.adapter}: no adapter here; train it (scripts/train_demo_adapter.py) or pass --adapter")
+    adapter = Path(workload_inputs(args)[1])
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"{adapter}: no adapter here; train it (scripts/train_demo_adapter.py) or pass --adapter")
     dirs = prepare(write_config(args, "qmerge"))
     runs = alternate(args, [b for b in args.backends.split(",") if b])
     rows = [summarize_runs(b, r) for b, r in runs.items()]
-    ev = evaluate(args, dirs, rows)
+    ev = evaluate(args, dirs, rows) if args.workload == "smollm" else None
     print(table(rows, ev))
     ratio = ratio_line(runs)
     if ratio:

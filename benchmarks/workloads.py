@@ -86,6 +86,18 @@ def slice7b(layers: int = 4) -> Workload:
                     "~1 GB shards + random r=16 LoRA on all 7 projections")
 
 
+def slice7b_tokenized(layers: int = 4) -> Workload:
+    """The 7B slice with a real tokenizer (SmolLM2's, vocabulary 49152), for stages that tokenize text: GPTQ
+    calibration. Random weights, so only time and memory are meaningful on it, not perplexity."""
+    tokenizer = smollm().base
+    base = CACHE / f"llama2-7b-slice{layers}-tok"
+    if not (base / "model.safetensors.index.json").is_file():
+        _write_llama_slice(base, layers, vocab=49152, tokenizer=tokenizer)
+    adapter = random_adapter(base, CACHE / f"llama2-7b-slice{layers}-tok-r16", r=16, alpha=32, seed=16)
+    return Workload("7b-slice-tok", base, adapter, f"Llama-2-7B shapes, {layers} decoder layers, random bf16, "
+                    "SmolLM2's tokenizer (vocabulary 49152), ~1 GB shards + random r=16 LoRA on all 7 projections")
+
+
 def _slice_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     out = [("model.embed_tokens.weight", (v, h))]

@@ -88,6 +88,10 @@ class QuantizeSettings(Strict):
     calibration: str
     samples: int = Field(default=128, gt=0)
     seq_len: int = Field(default=512, gt=1)
+    # qmerge backend: the precision of the calibration forwards that produce each layer's inputs (the Hessians, the
+    # solve and the weights stay float32). bfloat16 is GPTQModel's choice, and much faster where the hardware has
+    # bf16 matmul units; it changes the Hessian's low bits, so the bytes (and, within noise, the figures).
+    forward_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @field_validator("group_size")
     @classmethod

@@ -266,8 +266,12 @@ class LayerwiseModel:
         return self.overlay.enabled(on) if self.overlay is not None else contextlib.nullcontext()
 
 
-def run_layer(layer: torch.nn.Module, batch: LayerBatch) -> torch.Tensor:
-    with torch.no_grad():
+def run_layer(layer: torch.nn.Module, batch: LayerBatch, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The layer's output for one batch. `dtype`: its matmuls run in that precision under autocast (parameters and
+    the residual stream stay as they are); None: in the parameters' own (float32)."""
+    autocast = (torch.autocast(batch.hidden.device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
         out = layer(batch.hidden, **batch.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -291,10 +295,10 @@ class LockstepForward:
     memory: each paused batch keeps the activations its frame holds (callers bound it, see `lockstep_bytes`)."""
 
     def __init__(self, layer: torch.nn.Module, batches: list[LayerBatch], stops: list[torch.nn.Module],
-                 on_input):
+                 on_input, dtype: torch.dtype | None = None):
         import threading
 
-        self.layer, self.batches, self.on_input = layer, batches, on_input
+        self.layer, self.batches, self.on_input, self.dtype = layer, batches, on_input, dtype
         self.outputs: list[torch.Tensor | None] = [None] * len(batches)
         self.stop = -1  # the stop every batch has reached (len(stops): the end)
         self._stops = len(stops)
@@ -313,7 +317,7 @@ class LockstepForward:
         self._local.batch = b
         self._wait(b)
         try:
-            self.outputs[b] = run_layer(self.layer, self.batches[b])
+            self.outputs[b] = run_layer(self.layer, self.batches[b], self.dtype)  # autocast is per thread: set here
             self._at[b] = self._stops
         except _Aborted:
             return

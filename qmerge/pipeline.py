@@ -62,7 +62,8 @@ def _resolve_slice(cfg: Config) -> dict:
 
 
 def _quantize_slice(cfg: Config) -> dict:
-    return cfg.quantize.model_dump()
+    # forward_dtype's default is left out, so configs without it keep the keys they had before it existed
+    return cfg.quantize.model_dump(exclude={"forward_dtype"} if cfg.quantize.forward_dtype == "float32" else set())
 
 
 REGISTRY_KEYS = {"registry", "registry_uri", "registered_model", "alias"}

@@ -147,14 +147,16 @@ def accumulate_hessian(x: torch.Tensor, hessian: torch.Tensor, count: int) -> tu
 
     A running mean (scale the old sum, add the new scaled by 2/n) keeps H's magnitude independent of how
     many tokens were seen, so float32 accumulation does not drift as n grows (as llm-compressor does)."""
-    x = x.reshape(-1, x.shape[-1]).to(device=hessian.device, dtype=hessian.dtype)
-    added = x.shape[0]
+    flat = x.reshape(-1, x.shape[-1])
+    added = flat.shape[0]
     if added == 0:
         return hessian, count
     hessian *= count / (count + added)
     count += added
-    x = x * (2.0 / count) ** 0.5
-    add_gram(hessian, x)
+    scale = (2.0 / count) ** 0.5
+    converted = flat.to(device=hessian.device, dtype=hessian.dtype)
+    # scaled in place when the conversion made a copy (bf16 forwards), else into a new tensor (the caller's x)
+    add_gram(hessian, converted.mul_(scale) if converted.data_ptr() != flat.data_ptr() else converted * scale)
     return hessian, count
 
 

@@ -83,8 +83,8 @@ def _first(kwargs: dict) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
-def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear,
-                  batches: list[LayerBatch]) -> tuple[torch.Tensor, int]:
+def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear, batches: list[LayerBatch],
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
     """H = 2XXᵀ/n of the group's shared input X, the forward stopped right where X appears."""
     hessian = gptq.make_empty_hessian(first.in_features, device=first.weight.device)
     count = 0
@@ -98,7 +98,7 @@ def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear,
     try:
         for batch in batches:
             try:
-                run_layer(layer, batch)
+                run_layer(layer, batch, dtype)
             except _StopForward:
                 pass
     finally:
@@ -106,14 +106,15 @@ def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear,
     return hessian, count
 
 
-def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str,
-                   lockstep: bool = False) -> tuple[dict, dict, list[torch.Tensor]]:
+def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str, lockstep: bool = False,
+                   dtype: torch.dtype | None = None) -> tuple[dict, dict, list[torch.Tensor]]:
     """GPTQ on every linear of `layer`, true-sequentially; returns (packed tensors by module, error report, the
     layer's outputs for every batch, computed with the quantized weights).
 
     `lockstep`: the batches advance through one forward, pausing at each group's input (`LockstepForward`),
     instead of re-running the layer from its start for each group and once more for the outputs. Same inputs,
-    same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold."""
+    same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold.
+    `dtype`: the precision of the forwards' matmuls (`run_layer`); H, the solve and the weights stay float32."""
     linears = layer_linears(layer)
     groups = linear_groups(layer, batches[0])
     hessians: list[tuple[torch.Tensor, int] | None] = [None] * len(groups)  # each made when its group is reached
@@ -127,7 +128,8 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
         hessians[stop] = gptq.accumulate_hessian(x, *hessians[stop])
         inputs[stop].append(x)
 
-    passes = LockstepForward(layer, batches, [linears[g[0]] for g in groups], accumulate) if lockstep else None
+    passes = (LockstepForward(layer, batches, [linears[g[0]] for g in groups], accumulate, dtype) if lockstep
+              else None)
     packed, report = {}, {}
     try:
         for index, group in enumerate(groups):
@@ -136,12 +138,12 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
                 hessian = hessians[index][0]
                 hessians[index] = None
             else:
-                hessian, _ = group_hessian(layer, linears[group[0]], batches)
+                hessian, _ = group_hessian(layer, linears[group[0]], batches, dtype)
             _quantize_group(layer, linears, group, hessian, q, name, packed, report, inputs[index])
             del hessian
             inputs[index] = []
         if passes is None:
-            return packed, report, [run_layer(layer, b) for b in batches]
+            return packed, report, [run_layer(layer, b, dtype) for b in batches]
         passes.advance()  # to the end, through the quantized weights
         return packed, report, passes.outputs
     finally:
@@ -197,6 +199,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     lockstep = lockstep_bytes(ids.numel(), hidden, max(widths)) <= LOCKSTEP_BUDGET
     if lockstep:
         release_large_frees()
+    dtype = None if q.forward_dtype == "float32" else getattr(torch, q.forward_dtype)
     layers_report = {}
     with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
         for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast
@@ -205,7 +208,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
         for index in tqdm(range(len(runner.layers)), desc="quantize (gptq)", disable=quiet, unit="layer"):
             prefix = runner.layer_prefix(index)
             layer = runner.load_layer(index)
-            packed, report, outputs = quantize_layer(layer, batches, q, prefix, lockstep)
+            packed, report, outputs = quantize_layer(layer, batches, q, prefix, lockstep, dtype)
             missing = sorted(m for m in expected if m.startswith(f"{prefix}.") and m[len(prefix) + 1:] not in packed)
             if missing:
                 raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "

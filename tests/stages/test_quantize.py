@@ -78,10 +78,11 @@ def test_linears_grouped_by_shared_input_in_call_order(setup):
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-@pytest.mark.parametrize("desc_act", [True, False])
-def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act):
+@pytest.mark.parametrize("desc_act,dtype", [(True, None), (False, None), (True, torch.bfloat16)])
+def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, dtype):
     """One forward per layer, paused at each group's input, against re-running the layer from its start for every
-    group and once more for the outputs: identical packed tensors, errors and outputs, layer after layer."""
+    group and once more for the outputs: identical packed tensors, errors and outputs, layer after layer (also with
+    bf16 forwards, whose autocast state each lockstep thread must set for itself)."""
     from types import SimpleNamespace
 
     from qmerge.stages.quantize import quantize_layer
@@ -93,7 +94,7 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act):
     for i in range(len(runner.layers)):
         results = []
         for batches, mode in ((plain, False), (lockstep, True)):
-            results.append(quantize_layer(runner.load_layer(i), batches, q, f"layer{i}", lockstep=mode))
+            results.append(quantize_layer(runner.load_layer(i), batches, q, f"layer{i}", lockstep=mode, dtype=dtype))
             runner.free_layer(i)
         (p_packed, p_report, p_out), (l_packed, l_report, l_out) = results
         assert p_report == l_report
@@ -104,6 +105,43 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act):
         plain = [type(b)(o, b.kwargs) for o, b in zip(p_out, plain)]
         lockstep = [type(b)(o, b.kwargs) for o, b in zip(l_out, lockstep)]
     assert not any(t.name.startswith("qmerge-lockstep") for t in __import__("threading").enumerate())
+
+
+def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path):
+    """forward_dtype = "bfloat16" quantizes the same linears from bf16 forwards: another key and other bytes (it
+    really ran in bf16), the same bytes when run twice, and a checkpoint as close to the merge as the float32 one;
+    spelling out the default "float32" keeps the key a config without the field has."""
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.pipeline import STAGES
+
+    def quantize_key(config: Path) -> str:
+        records, _ = Runner(load_config(config), STAGES, Options(dry_run=True, quiet=True)).run()
+        return next(r.key for r in records if r.name == "quantize")
+
+    default_key = quantized["out"].name
+    for run in ("f32", "bf16-a", "bf16-b"):
+        (tmp_path / run).mkdir()
+    assert quantize_key(quantize_config(tmp_path / "f32", setup, forward_dtype="float32")) == default_key
+    outs = []
+    for run in ("bf16-a", "bf16-b"):
+        config = quantize_config(tmp_path / run, setup, forward_dtype="bfloat16")
+        assert run_cli(config) == 0
+        outs.append(stage_dir(tmp_path / run / "work", "quantize"))
+    assert outs[0].name == outs[1].name != default_key
+    read = [(o / "model.safetensors").read_bytes() for o in (*outs, quantized["out"])]
+    assert read[0] == read[1] and read[0] != read[2]
+    merged = CheckpointReader(quantized["merged"])
+    f32, bf16 = load_dequantized(quantized["out"]), load_dequantized(outs[0])
+    checked = 0
+    for name, module in f32.named_modules():
+        if hasattr(module, "weight") and name.endswith("down_proj"):
+            checked += 1
+            w = merged.get(f"{name}.weight").float()
+            e32 = (module.weight.float() - w).norm() / w.norm()
+            e16 = (bf16.get_submodule(name).weight.float() - w).norm() / w.norm()
+            assert abs(float(e16 - e32)) < 0.25 * float(e32), name
+    assert checked > 0  # every layer's down_proj was compared
 
 
 def test_lockstep_error_in_a_paused_batch_reaches_the_caller(setup):
@@ -291,8 +329,8 @@ def test_a_quantized_linear_left_unpacked_is_an_error(setup, tmp_path, monkeypat
 
     real = stage.quantize_layer
 
-    def drops_one(layer, batches, q, name, lockstep=False):
-        packed, report, outputs = real(layer, batches, q, name, lockstep)
+    def drops_one(layer, batches, q, name, lockstep=False, dtype=None):
+        packed, report, outputs = real(layer, batches, q, name, lockstep, dtype)
         packed.pop("mlp.down_proj")
         return packed, report, outputs
 
