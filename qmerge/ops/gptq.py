@@ -241,6 +241,11 @@ def _threads(count: int, device: torch.device):
 # threads the rest of the solve avoids from this many updated entries on: a 7B layer's 12288 × 4096 q/k/v update
 # is 13 GFLOP per block. Below it (every SmolLM2 linear) one thread, as before, so small models keep their bytes.
 THREADED_UPDATE_FROM = 2**22
+# Likewise the column loop as a whole, once each of its ops touches a block of this many entries (rows × block):
+# a 7B layer's stacked q/k/v is 12288 × 128 per op, where one thread left the second core idle for most of the
+# layer (GPTQModel, multi-threaded throughout, was 1.27× faster on the 7B slice). SmolLM2's largest group, gate/up
+# with 3072 rows, stays below it on one thread.
+THREADED_COLUMNS_FROM = 2**19
 
 
 class InverseHessian(NamedTuple):
@@ -302,10 +307,9 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
     perm, used = inverse.perm, inverse.damp
     if perm is not None:
         w = w[:, perm]
-    threads = torch.get_num_threads()
-    with _one_cpu_thread(w.device):
-        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, _block_size(block_size, size, groups),
-                                          threads)
+    threads, step = torch.get_num_threads(), _block_size(block_size, size, groups)
+    with _threads(threads if w.shape[0] * step >= THREADED_COLUMNS_FROM else 1, w.device):
+        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads)
     if used != damp:
         log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
     g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size
@@ -325,7 +329,8 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
 def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int,
            threads: int = 1) -> tuple[torch.Tensor, ...]:
     """Alg. 1 over columns in their (possibly permuted) order, with `hinv` the upper Cholesky factor of H⁻¹. Runs on
-    one thread (see `_one_cpu_thread`) except the lazy batch updates of large weights, which get `threads`."""
+    the threads the caller set (one for small weights, see `_one_cpu_thread`); the lazy batch updates of large
+    weights get `threads`."""
     rows, cols = w.shape
     groups = cols // size
     dtype = w.dtype
