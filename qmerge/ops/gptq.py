@@ -54,11 +54,41 @@ def max_code(bits: int) -> int:
 
 # ---- the grid: per-row scale and zero point over a block of columns, and its quantize/dequantize pair ----
 
-def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero per row of `w` [rows, cols] from its min/max (range always includes 0, as GPTQ does)."""
+MSE_GRID = 100  # scale search: shrink the range in steps of 1/MSE_GRID ...
+MSE_MAXSHRINK = 0.8  # ... down to (1 − MSE_MAXSHRINK) of min/max (GPTQ's and llm-compressor's MSE observer's values)
+MSE_NORM = 2.4  # the error each candidate grid is scored by: Σ|w − q|^MSE_NORM per row (same sources)
+SCALE_SEARCHES = ("minmax", "mse")
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of `w` [rows, cols] from its min/max (range always includes 0, as GPTQ does).
+
+    search "mse": the range [p·min, p·max] for p = 1, 0.99, ... 0.21 whose grid rounds the row with the least
+    Σ|w − q|^2.4, per row (clipping a few outliers for a finer grid; ties keep the widest range)."""
     maxq = max_code(bits)
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
+    if search == "minmax":
+        return _grid(xmin, xmax, maxq, sym)
+    if search != "mse":
+        raise ValueError(f"scale search {search!r} is not one of {SCALE_SEARCHES}")
+    best = torch.full_like(xmin, math.inf)
+    scale = zero = None
+    for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        s, z = _grid(p * xmin, p * xmax, maxq, sym)
+        err = (fake_quantize(w, s.unsqueeze(1), z.unsqueeze(1), bits) - w).abs_().pow_(MSE_NORM).sum(dim=1)
+        better = err < best
+        if scale is None:
+            scale, zero = s, z
+        else:
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        best = torch.where(better, err, best)
+    return scale, zero
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16-exact scale and the zero point of the grid spanning [xmin ≤ 0, xmax ≥ 0] per row."""
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -104,14 +134,14 @@ def group_count(columns: int, group_size: int) -> int:
     return columns // size
 
 
-def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> GPTQResult:
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, sym: bool, search: str = "minmax") -> GPTQResult:
     """The baseline GPTQ improves on: every group's grid from the original weights, each weight rounded alone."""
     w = w.to(_math_dtype(w))
     rows, cols = w.shape
     groups = group_count(cols, group_size)
     size = cols // groups
     grouped = w.reshape(rows, groups, size)
-    scale, zero = find_params(grouped.permute(1, 0, 2).reshape(groups * rows, size), bits, sym)
+    scale, zero = find_params(grouped.permute(1, 0, 2).reshape(groups * rows, size), bits, sym, search)
     scale, zero = scale.reshape(groups, rows), zero.reshape(groups, rows)
     q = fake_quantize(grouped, scale.T.unsqueeze(-1), zero.T.unsqueeze(-1), bits).reshape(rows, cols)
     g_idx = torch.arange(cols, dtype=torch.int32) // size
@@ -281,19 +311,20 @@ def inverse_hessian(hessian: torch.Tensor, damp: float, desc_act: bool,
 
 def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                     desc_act: bool, damp: float, block_size: int = 128,
-                    inverse: InverseHessian | None = None) -> GPTQResult:
+                    inverse: InverseHessian | None = None, search: str = "minmax") -> GPTQResult:
     """GPTQ of `w` [out, in] given H [in, in]; neither input is modified. `inverse`: `inverse_hessian` of the same
     H, damp and desc_act when the caller already has it (linears that share an input share it).
 
     Columns go in order (or by decreasing diag H with `desc_act`, Sec. 4 "act-order"); each group's grid is
     found when its first column is reached (in that order; g_idx maps columns back to groups). Lazy batch
-    updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul."""
-    return quantize_weights([w], hessian, bits, group_size, sym, desc_act, damp, block_size, inverse)[0]
+    updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul. `search`:
+    how each group's grid is found (`find_params`)."""
+    return quantize_weights([w], hessian, bits, group_size, sym, desc_act, damp, block_size, inverse, search)[0]
 
 
 def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                      desc_act: bool, damp: float, block_size: int = 128,
-                     inverse: InverseHessian | None = None) -> list[GPTQResult]:
+                     inverse: InverseHessian | None = None, search: str = "minmax") -> list[GPTQResult]:
     """`quantize_weight` of several weights that read the same input (q/k/v; gate/up), solved as one: every step
     of Alg. 1 acts on each row alone given the shared H⁻¹, so stacking the rows gives each weight the result it
     gets alone, with one pass of the column loop instead of one per weight."""
@@ -309,7 +340,7 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
         w = w[:, perm]
     threads, step = torch.get_num_threads(), _block_size(block_size, size, groups)
     with _threads(threads if w.shape[0] * step >= THREADED_COLUMNS_FROM else 1, w.device):
-        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads)
+        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads, search)
     if used != damp:
         log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
     g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size
@@ -327,7 +358,7 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
 
 
 def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int,
-           threads: int = 1) -> tuple[torch.Tensor, ...]:
+           threads: int = 1, search: str = "minmax") -> tuple[torch.Tensor, ...]:
     """Alg. 1 over columns in their (possibly permuted) order, with `hinv` the upper Cholesky factor of H⁻¹. Runs on
     the threads the caller set (one for small weights, see `_one_cpu_thread`); the lazy batch updates of large
     weights get `threads`."""
@@ -345,7 +376,7 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int,
             col = i1 + i
             if col % size == 0:  # the group's grid, on its columns as updated so far
                 source = w1[:, i:i + size] if i + size <= i2 - i1 else w[:, col:col + size]
-                scales[col // size], zeros[col // size] = find_params(source, bits, sym)
+                scales[col // size], zeros[col // size] = find_params(source, bits, sym, search)
             s, z = scales[col // size], zeros[col // size]
             q = fake_quantize(w1[:, i], s, z, bits)
             err = (w1[:, i] - q) / hinv1[i, i]

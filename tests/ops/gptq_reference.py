@@ -18,26 +18,44 @@ import torch
 import numpy as np
 
 
-def reference_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_grid(w: torch.Tensor, bits: int, sym: bool, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the min/max grid of GPTQ (range widened to include 0), scale stored as fp16 (so rounded to
     it), symmetric zero at the middle code, asymmetric zero = round(−min/scale) kept ≥ 1 because the v1 format
-    stores zero − 1 unsigned (a row that would get zero 0 uses scale max/(maxq − 1) and zero 1)."""
+    stores zero − 1 unsigned (a row that would get zero 0 uses scale max/(maxq − 1) and zero 1).
+
+    search "mse" (GPTQ's `Quantizer(mse=True)`: grid 100, maxshrink 0.8, norm 2.4): the grid of [p·min, p·max],
+    p = 1 − i/100 for i < 80, with the least Σ|w − q|^2.4 over the row; the first (widest) wins a tie."""
     maxq = 2 ** bits - 1
     scales, zeros = [], []
     for row in w.double().tolist():
         lo, hi = min(min(row), 0.0), max(max(row), 0.0)
-        if sym:
-            hi = max(-lo, hi)
-            lo = -hi
-        if lo == 0.0 and hi == 0.0:
-            lo, hi = -1.0, 1.0
-        scale = float(np.float16((hi - lo) / maxq))
-        zero = float((maxq + 1) // 2) if sym else float(np.round(-lo / scale))
-        if not sym and zero < 1:
-            scale, zero = float(np.float16(hi / (maxq - 1))), 1.0
-        scales.append(scale)
-        zeros.append(min(max(zero, 1.0), maxq + 1.0))
+        shrinks = [1 - i / 100 for i in range(80)] if search == "mse" else [1.0]
+        best = None
+        for p in shrinks:
+            scale, zero = _row_grid(p * lo, p * hi, maxq, sym)
+            if len(shrinks) == 1:
+                best = (0.0, scale, zero)
+                break
+            t = torch.tensor(row, dtype=torch.float64)
+            err = float((fake_quantize(t, torch.tensor(scale), torch.tensor(zero), bits) - t).abs().pow(2.4).sum())
+            if best is None or err < best[0]:
+                best = (err, scale, zero)
+        scales.append(best[1])
+        zeros.append(best[2])
     return torch.tensor(scales, dtype=torch.float64), torch.tensor(zeros, dtype=torch.float64)
+
+
+def _row_grid(lo: float, hi: float, maxq: int, sym: bool) -> tuple[float, float]:
+    if sym:
+        hi = max(-lo, hi)
+        lo = -hi
+    if lo == 0.0 and hi == 0.0:
+        lo, hi = -1.0, 1.0
+    scale = float(np.float16((hi - lo) / maxq))
+    zero = float((maxq + 1) // 2) if sym else float(np.round(-lo / scale))
+    if not sym and zero < 1:
+        scale, zero = float(np.float16(hi / (maxq - 1))), 1.0
+    return scale, min(max(zero, 1.0), maxq + 1.0)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -46,7 +64,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool,
-                   damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   damp: float, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dequantized Q [out, in], g_idx [in]) in float64."""
     w = w.double().clone()
     h = h.double().clone()
@@ -66,7 +84,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
     for position, p in enumerate(order):
         if position % size == 0:
             group_cols = order[position:position + size]
-            scale, zero = reference_grid(w[:, group_cols], bits, sym)
+            scale, zero = reference_grid(w[:, group_cols], bits, sym, search)
         g_idx[p] = position // size
         q[:, p] = fake_quantize(w[:, p], scale, zero, bits)
         err = (w[:, p] - q[:, p]) / hinv[p, p]

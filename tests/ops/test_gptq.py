@@ -229,6 +229,7 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
 
     class Settings:
         bits, group_size, sym, desc_act, damp, calibration = 4, 64, True, True, 0.01, "test"
+        scale_search, compensate = "minmax", None
 
     checked = 0
     for index in range(len(runner.layers)):
@@ -242,9 +243,10 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
     assert checked == 7 * len(runner.layers)
 
 
+@pytest.mark.parametrize("search", ["minmax", "mse"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
-def test_grid_matches_the_reference_grid(bits, sym):
+def test_grid_matches_the_reference_grid(bits, sym, search):
     from qmerge.ops.gptq import find_params
     from tests.ops.gptq_reference import reference_grid
 
@@ -253,6 +255,25 @@ def test_grid_matches_the_reference_grid(bits, sym):
     w[0] = w[0].abs() + 0.1  # all positive: the asymmetric zero-would-be-0 rule
     w[1] = -w[1].abs()       # all negative
     w[2] = 0.0               # all zero
-    scale, zero = find_params(w, bits, sym)
-    want_scale, want_zero = reference_grid(w, bits, sym)
+    scale, zero = find_params(w, bits, sym, search)
+    want_scale, want_zero = reference_grid(w, bits, sym, search)
     assert torch.equal(scale, want_scale) and torch.equal(zero.double(), want_zero)
+    if search == "mse" and bits < 8:  # a search that found nothing would be minmax again
+        minmax, _ = find_params(w, bits, sym)
+        assert (scale < minmax).any()
+
+
+@pytest.mark.parametrize("bits,group_size,sym,desc_act", [(4, 32, True, True), (3, 48, False, False),
+                                                          (2, -1, False, True)])
+def test_mse_search_solver_matches_the_oracle_and_rounds_closer(bits, group_size, sym, desc_act):
+    """With the MSE grid, qmerge's solver still equals the paper's OBQ oracle (on the oracle's MSE grid), and each
+    group's grid rounds its weights with no larger Σ|w − q|^2.4 than min/max's."""
+    w, h = problem(seed=11 + bits)
+    got = quantize_weight(w.double(), h.double(), bits, group_size, sym, desc_act, 0.01, block_size=16, search="mse")
+    want, _ = reference_gptq(w, h, bits, group_size, sym, desc_act, 0.01, search="mse")
+    torch.testing.assert_close(got.weight, want, rtol=0, atol=1e-12)
+    minmax = quantize_weight(w.double(), h.double(), bits, group_size, sym, desc_act, 0.01, block_size=16)
+    assert not torch.equal(got.weight, minmax.weight)
+    mse_rtn = round_to_nearest(w.double(), bits, group_size, sym, "mse").weight
+    rtn = round_to_nearest(w.double(), bits, group_size, sym).weight
+    assert (mse_rtn - w.double()).abs().pow(2.4).sum() < (rtn - w.double()).abs().pow(2.4).sum()
