@@ -77,6 +77,14 @@ class MergeSettings(Strict):
         return self
 
 
+class CompensateSettings(Strict):
+    """A rank-`rank` LoRA per quantized linear fitted to what GPTQ removed (qmerge/ops/compensation.py), shipped
+    as a PEFT adapter folder inside the quantized artifact."""
+
+    rank: int = Field(default=16, gt=0)
+    dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+
+
 class QuantizeSettings(Strict):
     method: Literal["gptq"] = "gptq"
     backend: Literal["qmerge", "gptqmodel"] = "qmerge"
@@ -92,6 +100,19 @@ class QuantizeSettings(Strict):
     # solve and the weights stay float32). bfloat16 is GPTQModel's choice, and much faster where the hardware has
     # bf16 matmul units; it changes the Hessian's low bits, so the bytes (and, within noise, the figures).
     forward_dtype: Literal["float32", "bfloat16"] = "float32"
+    # qmerge backend: "mse" shrinks each group's min/max range to the clipping of least rounding error (the grid
+    # llm-compressor's MSE observer searches); "minmax" is GPTQ's own grid.
+    scale_search: Literal["minmax", "mse"] = "minmax"
+    compensate: CompensateSettings | None = None
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> QuantizeSettings:
+        if self.backend != "qmerge":
+            used = [k for k, on in (("scale_search", self.scale_search != "minmax"),
+                                    ("compensate", self.compensate is not None)) if on]
+            if used:
+                raise ValueError(f"quantize.{', '.join(used)} needs quantize.backend = \"qmerge\"")
+        return self
 
     @field_validator("group_size")
     @classmethod
@@ -213,6 +234,9 @@ class Config(Strict):
             if q.bits not in (4, 8):
                 raise ValueError(f"compressed-tensors holds 4- or 8-bit weights for vLLM's kernels (quantize.bits = "
                                  f"{q.bits})")
+            if q.compensate is not None:
+                raise ValueError("compressed-tensors ships the GPTQ weights alone, not the compensation adapter "
+                                 "the gate scores with them: drop quantize.compensate, or ship \"gptq\"")
             if q.desc_act and q.group_size != -1:
                 raise ValueError("compressed-tensors 0.20 cannot hold act-order with groups (its group dequantization "
                                  "ignores g_idx): set quantize.desc_act = false, or group_size = -1")

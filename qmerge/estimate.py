@@ -43,6 +43,7 @@ class Shape:
     largest_linear: tuple[int, int]  # (out, in) of the largest quantized linear
     max_in_features: int
     output_bytes: int  # the merged checkpoint in merge.dtype
+    linear_widths: int = 0  # Σ (out + in) over one decoder layer's quantized linears (a rank-1 LoRA's elements)
 
 
 def _numel(shape) -> int:
@@ -67,7 +68,9 @@ def model_shape(hf_config: dict, tensors: dict[str, tuple[str, tuple[int, ...]]]
                  layer_elements=sum(_numel(s) for n, (_, s) in tensors.items() if LAYER0.match(n)),
                  largest_elements=max((_numel(s) for _, s in tensors.values()), default=0),
                  largest_linear=tuple(largest_linear), max_in_features=max((s[1] for s in linears), default=hidden),
-                 output_bytes=output)
+                 output_bytes=output,
+                 linear_widths=sum(s[0] + s[1] for n, (_, s) in tensors.items()
+                                   if n.endswith(".weight") and n[:-7] in quantized and LAYER0.match(n)))
 
 
 def _batch_activations(shape: Shape, windows: int, seq_len: int) -> int:
@@ -109,13 +112,22 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
                                                                             2 * shape.vocab * shape.hidden]))
         final_bytes = int(shape.output_bytes * (1 - linear_fraction) +
                           shape.layers * shape.layer_elements * (q.bits / 8 + 4 / max(q.group_size, 32)))
-        out["quantize"] = {"peak_bytes": quantize_peak(shape, q.samples, q.seq_len, max(1, 4096 // q.seq_len)),
-                           "disk_bytes": final_bytes}
+        peak = quantize_peak(shape, q.samples, q.seq_len, max(1, 4096 // q.seq_len))
+        if q.compensate is not None:
+            # the Hessian's root, the residual and its SVD (≤ 3 weight-sized copies), every factor held to the end
+            out_f, in_f = shape.largest_linear
+            peak += shape.max_in_features ** 2 * F32 + 3 * out_f * in_f * F32
+            factors = q.compensate.rank * shape.layers * shape.linear_widths * (2 if q.compensate.dtype != "float32"
+                                                                              else 4)
+            peak += factors
+            final_bytes += factors
+        out["quantize"] = {"peak_bytes": peak, "disk_bytes": final_bytes}
     if cfg.gate is not None:
         g = cfg.gate
         models = 2 + (cfg.quantize is not None)
         texts = max((g.eval is not None) + len(g.extra_eval), 1)  # one pass per reference; a task's has one text
-        out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, models + 1, g.windows * texts,
+        views = models + 1 + (cfg.quantize is not None and cfg.quantize.compensate is not None)
+        out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, views, g.windows * texts,
                                                        g.seq_len, g.batch_size), "disk_bytes": 0}
         out["gate"] = {"peak_bytes": LIGHT_IMPORTS, "disk_bytes": 0}
         shipped = final_bytes + (shape.output_bytes if cfg.quantize is not None and cfg.output.keep_dense else 0)

@@ -119,13 +119,18 @@ class LayerwiseModel:
     @classmethod
     def from_folder(cls, folder: Path, device: str = "cpu") -> LayerwiseModel:
         """A checkpoint on disk, its weights read back by `qmerge.io.sources.tensor_source`: dense safetensors, GPTQ
-        v1 or compressed-tensors dequantized tensor by tensor, or a GGUF folder view dequantized the same way."""
+        v1 or compressed-tensors dequantized tensor by tensor, or a GGUF folder view dequantized the same way. A
+        compensation adapter in it runs as served, through PEFT's LoRA layers (`adapters(False)`: without it)."""
+        from qmerge.io.compensation import compensation_folder
         from qmerge.io.sources import tensor_source
+        from qmerge.models import PeftOverlay
 
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        source = tensor_source(folder)
-        return cls(config, source, device, where=folder)
+        source = tensor_source(folder, compensation=False)
+        extra = compensation_folder(folder)
+        overlay = PeftOverlay([(extra, 1.0)]) if extra else None
+        return cls(config, source, device, overlay=overlay, where=folder)
 
     def _find_layers(self) -> torch.nn.ModuleList:
         count = getattr(self.config.get_text_config(), "num_hidden_layers", None)

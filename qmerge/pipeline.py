@@ -62,8 +62,10 @@ def _resolve_slice(cfg: Config) -> dict:
 
 
 def _quantize_slice(cfg: Config) -> dict:
-    # forward_dtype's default is left out, so configs without it keep the keys they had before it existed
-    return cfg.quantize.model_dump(exclude={"forward_dtype"} if cfg.quantize.forward_dtype == "float32" else set())
+    # Options at their defaults are left out, so configs without them keep the keys they had before they existed.
+    q = cfg.quantize
+    defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None}
+    return q.model_dump(exclude={k for k, v in defaults.items() if getattr(q, k) == v})
 
 
 REGISTRY_KEYS = {"registry", "registry_uri", "registered_model", "alias"}

@@ -7,6 +7,9 @@ reader that is not the writer: what evaluate scores and the layer-wise models ru
 - a GGUF folder view (one `*.gguf` + config.json): the `gguf` package's reader and dequantizer with qmerge's
   inverse name map and Q/K un-permutation (`GGUFTensorSource`).
 - anything else: the safetensors as stored (`CheckpointReader`).
+
+A quantized artifact may hold a compensation adapter in `compensation/` (qmerge/io/compensation.py): shipped
+with it, counted in its bytes, and added to its weights unless `compensation=False` (the artifact "alone").
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ from pathlib import Path
 NOT_SHIPPED = {"done.json", "merge_report.json", "quantize_report.json", "quantize_layers.json"}
 
 
-def artifact_files(folder: Path) -> list[Path]:
-    """The files a release ships for the artifact in `folder`, in name order."""
-    return [f for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name not in NOT_SHIPPED]
+def artifact_files(folder: Path, compensation: bool = True) -> list[Path]:
+    """The files a release ships for the artifact in `folder`, in name order (the compensation adapter's last)."""
+    from qmerge.io.compensation import compensation_folder
+
+    folder = Path(folder)
+    files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.name not in NOT_SHIPPED]
+    extra = compensation_folder(folder) if compensation else None
+    return files + ([f for f in sorted(extra.iterdir()) if f.is_file()] if extra else [])
 
 
-def artifact_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in artifact_files(folder))
+def artifact_bytes(folder: Path, compensation: bool = True) -> int:
+    return sum(f.stat().st_size for f in artifact_files(folder, compensation))
 
 
 def quant_method(folder: Path) -> str | None:
@@ -33,8 +41,16 @@ def quant_method(folder: Path) -> str | None:
     return (config.get("quantization_config") or {}).get("quant_method")
 
 
-def tensor_source(folder: Path):
+def tensor_source(folder: Path, compensation: bool = True):
+    from qmerge.io.compensation import CompensatedSource, compensation_folder
+
     folder = Path(folder)
+    source = _stored(folder)
+    extra = compensation_folder(folder) if compensation else None
+    return CompensatedSource(source, extra) if extra else source
+
+
+def _stored(folder: Path):
     method = quant_method(folder)
     if method == "gptq":
         from qmerge.io.gptq_checkpoint import DequantizedReader

@@ -6,6 +6,10 @@ NF4 base as trained with PEFT's LoRA layers on / off, re-derived layer by layer 
 candidates are read from their written checkpoints (the GPTQ one dequantized tensor by tensor). Memory is one
 decoder layer per model plus every window's hidden states, never a whole model. All eval texts share one
 pass through the layers.
+
+A quantized artifact with a compensation adapter is scored as served (GPTQ weights + the adapter through PEFT's
+LoRA layers), and once more without it as "quantized-alone" (reported, never shipped or gated): the same loaded
+layers, the adapter switched off.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from qmerge.dag import StageContext
 from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.scores import EvalReport, TextScores
+from qmerge.io.compensation import compensation_folder
 from qmerge.io.sources import artifact_bytes, tensor_source
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.layerwise import LayerwiseModel
@@ -31,6 +36,7 @@ from qmerge.runtime import pick_device
 from qmerge.io.atomic import write_json
 
 VANISHED = 0.5  # a layer keeping less than half its delta (weight space) is named in the report
+ALONE = "quantized-alone"  # the quantized artifact without its compensation adapter
 
 
 def load_tokenizer(folder: Path):
@@ -55,7 +61,7 @@ class WeightRetention:
                  combination: Combination = LINEAR, tasks: dict[int, str] | None = None):
         self.inputs = open_inputs(plan, "nf4", nf4_device, combination)
         # each candidate's stored weights, read back from its written files (qmerge/io/sources.py)
-        self.stored = {name: tensor_source(path) for name, path in candidates.items()}
+        self.stored = {name: tensor_source(path, compensation=name != ALONE) for name, path in candidates.items()}
         self.names = output_names(self.inputs)
         self.replaced = {t for adapter, _ in self.inputs.adapters for t in adapter.replacements}
         self.tasks = tasks or {}
@@ -138,7 +144,11 @@ def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: lis
     # W_nf4 from the codes of the device the merge used (one rule for the run; CPU and CUDA codes may differ).
     reference = streamed_base(base, adapters, device, nf4_device)
     views = {"reference": View(reference), "base": View(reference, adapters=False)}
-    views |= {name: View(LayerwiseModel.from_folder(path, device)) for name, path in candidates.items()}
+    for name, path in candidates.items():
+        if name == ALONE:  # the quantized model's own layers, its compensation adapter off
+            views[name] = View(views["quantized"].model, adapters=False)
+        else:
+            views[name] = View(LayerwiseModel.from_folder(path, device))
     batches = [b for *_, text_batches in texts for b in text_batches]
     hook = (lambda model, i, layer: on_layer(model, i, layer) if model is reference else None) if on_layer else None
     logits = StreamedLogits(views, batches, ctx.quiet, desc=desc, on_layer=hook)
@@ -183,6 +193,8 @@ def run_evaluate(ctx: StageContext) -> dict:
     candidates = {"merged": ctx.inputs["merge"]}
     if "quantize" in ctx.inputs:
         candidates["quantized"] = ctx.inputs["quantize"]
+        if compensation_folder(ctx.inputs["quantize"]) is not None:
+            candidates[ALONE] = ctx.inputs["quantize"]
     candidates |= {artifact: ctx.inputs["export"] / artifact for artifact in ctx.cfg.exports}
     shipped = ctx.cfg.artifacts
     final = shipped[0]
@@ -198,6 +210,9 @@ def run_evaluate(ctx: StageContext) -> dict:
                   "stderr": "over windows; ratios and retention from paired per-window differences",
                   "device": device, "models": "streamed one decoder layer at a time",
                   "quantized_weights": "fp16 s*(q-z), as the serving kernels compute them",
+                  **({"compensation": "the quantized artifact's compensation adapter through PEFT's LoRA layers "
+                                      f"on its dequantized weights; '{ALONE}' without it"}
+                     if ALONE in candidates else {}),
                   "artifacts": "read back from the written files by a reader that is not the writer: GGUF by gguf's "
                                "dequantizer, compressed-tensors by its own decompressor"},
         into=merge_result["into"], final=final, selection=merge_result.get("selection"),
@@ -206,7 +221,8 @@ def run_evaluate(ctx: StageContext) -> dict:
         weight_retention=retention.finish(), tasks=tasks, shipped=tuple(shipped),
         combination=merge_result.get("combination"))
     write_json(ctx.out / "report.json", report.to_json())
-    out = {"final": final, "bytes": {name: artifact_bytes(path) for name, path in candidates.items()}}
+    out = {"final": final, "bytes": {name: artifact_bytes(path, compensation=name != ALONE)
+                                     for name, path in candidates.items()}}
     if report.eval is not None:
         scores = report.final_scores
         out |= {"ppl": {k: v.value for k, v in report.eval.ppl.items()}, "retention": scores.retention.value,

@@ -23,6 +23,7 @@ from qmerge.dag import StageContext, package_versions
 from qmerge.errors import BadInputError
 from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink, write_json
 from qmerge.io.safetensors_io import TEST_THROTTLE
+from qmerge.io.compensation import FOLDER, compensation_folder
 from qmerge.io.sources import artifact_bytes, artifact_files
 
 log = logging.getLogger("qmerge")
@@ -91,10 +92,12 @@ def _place(src: Path, dst: Path) -> bool:
 def _copy_model(src: Path, dst: Path, placed: dict[str, int]) -> dict[str, str]:
     hashes = {}
     for f in artifact_files(src):
-        linked = _place(f, dst / f.name)
-        os.chmod(dst / f.name, (dst / f.name).stat().st_mode & ~0o222)  # a release is immutable; so is its source
+        name = f.relative_to(src).as_posix()  # the compensation adapter keeps its folder
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        linked = _place(f, dst / name)
+        os.chmod(dst / name, (dst / name).stat().st_mode & ~0o222)  # a release is immutable; so is its source
         placed["linked" if linked else "copied"] += f.stat().st_size
-        hashes[f.name] = _sha256(dst / f.name)
+        hashes[name] = _sha256(dst / name)
         if TEST_THROTTLE:
             time.sleep(TEST_THROTTLE)
     return hashes
@@ -127,7 +130,9 @@ def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, s
     ships = shipped(ctx)
     artifacts = {a: {"verdict": v["verdict"], "shipped": a in ships, "folder": _subfolder(ctx, a) or ".",
                      "bytes": artifact_bytes(artifact_folder(ctx, a)),
-                     **({"write_seconds": exported[a]["seconds"]} if a in exported else {})}
+                     **({"write_seconds": exported[a]["seconds"]} if a in exported else {}),
+                     **({"compensation": "/".join(filter(None, (_subfolder(ctx, a), FOLDER)))}
+                        if compensation_folder(artifact_folder(ctx, a)) else {})}
                  for a, v in verdicts.items()}
     plan = ctx.plan
     return {
@@ -222,6 +227,12 @@ def model_card(manifest: dict) -> str:
         lines += ["| artifact | folder | verdict | bytes |", "|---|---|---|---|",
                   *(f"| {a} | {v['folder'] if v['shipped'] else '(not shipped)'} | {v['verdict']} | {v['bytes']:,} |"
                     for a, v in artifacts.items()), ""]
+    for a, v in artifacts.items():
+        if v.get("compensation") and v["shipped"]:
+            lines += [f"The {a} weights ship with a compensation adapter in `{v['compensation']}/`: a LoRA fitted to "
+                      "what quantization removed. The gate scored the two together; serve them together "
+                      f"(`PeftModel.from_pretrained(model, \"{v['compensation']}\")`, or the adapter as a LoRA in "
+                      "vLLM).", ""]
     if manifest.get("metrics"):
         lines += _card_section("Perplexity on", manifest["metrics"], final)
     for task, section in manifest.get("tasks", {}).items():

@@ -6,6 +6,11 @@ are recorded, and inside the layer the linears are quantized true-sequentially: 
 input form a group (q/k/v, then o, then gate/up, then down); each group's Hessian is collected from a forward
 through the layer as quantized so far, stopped as soon as that input exists. The quantized layer then
 produces the next layer's inputs. Backend "gptqmodel": qmerge/gptqmodel_backend.py.
+
+With `compensate`, each linear also gets a rank-r correction of its GPTQ residual (W − Q as served, fitted in
+its group's H; qmerge/ops/compensation.py), stored rounded to its dtype; the layer then runs with Q + B·A, as
+served, so later groups and layers calibrate on what the release computes. The factors are written as a PEFT
+LoRA adapter in `compensation/` (qmerge/io/compensation.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from qmerge.layerwise import (LOCKSTEP_BUDGET, LayerBatch, LayerwiseModel, Locks
                               run_layer)
 from qmerge.numerics import no_tf32
 from qmerge.runtime import release_large_frees
-from qmerge.ops import gptq
+from qmerge.ops import compensation, gptq
+from qmerge.io import compensation as compensation_io
 from qmerge.ops.gptq import check_group_size
 from qmerge.io.atomic import write_json
 
@@ -107,14 +113,16 @@ def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear, batches: list[
 
 
 def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str, lockstep: bool = False,
-                   dtype: torch.dtype | None = None) -> tuple[dict, dict, list[torch.Tensor]]:
+                   dtype: torch.dtype | None = None,
+                   factors: dict | None = None) -> tuple[dict, dict, list[torch.Tensor]]:
     """GPTQ on every linear of `layer`, true-sequentially; returns (packed tensors by module, error report, the
     layer's outputs for every batch, computed with the quantized weights).
 
     `lockstep`: the batches advance through one forward, pausing at each group's input (`LockstepForward`),
     instead of re-running the layer from its start for each group and once more for the outputs. Same inputs,
     same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold.
-    `dtype`: the precision of the forwards' matmuls (`run_layer`); H, the solve and the weights stay float32."""
+    `dtype`: the precision of the forwards' matmuls (`run_layer`); H, the solve and the weights stay float32.
+    `factors`: with `q.compensate`, receives each linear's compensation (A, B) by module name."""
     linears = layer_linears(layer)
     groups = linear_groups(layer, batches[0])
     hessians: list[tuple[torch.Tensor, int] | None] = [None] * len(groups)  # each made when its group is reached
@@ -139,7 +147,7 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
                 hessians[index] = None
             else:
                 hessian, _ = group_hessian(layer, linears[group[0]], batches, dtype)
-            _quantize_group(layer, linears, group, hessian, q, name, packed, report, inputs[index])
+            _quantize_group(layer, linears, group, hessian, q, name, packed, report, inputs[index], factors)
             del hessian
             inputs[index] = []
         if passes is None:
@@ -152,7 +160,7 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
 
 
 def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tensor, q, name: str, packed: dict,
-                    report: dict, inputs: list[torch.Tensor] | None = None) -> None:
+                    report: dict, inputs: list[torch.Tensor] | None = None, factors: dict | None = None) -> None:
     """GPTQ of the linears of one group (one shared input, hence one H), packed into `packed`, the layer's
     weights replaced by their quantized values so later groups see them. `inputs`: the group's input X batch by
     batch where the caller has it (the errors are then computed from X when that is cheaper)."""
@@ -163,16 +171,42 @@ def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tenso
                             fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
-                                    inverse=inverse)
+                                    inverse=inverse, search=q.scale_search)
+    lower = _hessian_root(hessian, q, name, group) if q.compensate is not None else None
     for module_name, w, result in zip(group, weights, results):
         linear = linears[module_name]
-        rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym)
+        rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym, q.scale_search)
         report[module_name] = _errors(w, result.weight, rtn.weight, hessian, inputs)
         codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
         packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
                                           result.g_idx.cpu(), q.bits)
+        weight = result.weight
+        if lower is not None:
+            weight, a, b = _compensate(w, weight, lower, q.compensate)
+            factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
+            ref, err = gptq.output_errors([w, w.to(weight.dtype) - weight], hessian, inputs)
+            report[module_name] |= {"compensated_error": err**0.5,
+                                    "compensated_relative": (err / ref) ** 0.5 if ref else None}
         with torch.no_grad():
-            linear.weight.copy_(result.weight)
+            linear.weight.copy_(weight)
+
+
+def _hessian_root(hessian: torch.Tensor, q, name: str, group: list[str]) -> torch.Tensor:
+    try:
+        return compensation.hessian_root(hessian, q.damp)
+    except ValueError as e:
+        raise BadInputError(f"compensation of {name}.{'/'.join(group)}: {e}", path=q.calibration,
+                            fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
+
+
+def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
+                settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q as served + B·A, A, B): the correction of W − Q_served, its factors rounded to their stored dtype."""
+    served = quantized.to(torch.float16).to(quantized.dtype)  # the fp16 product the kernels compute
+    a, b = compensation.fit(w.to(served.dtype) - served, lower, settings.rank)
+    dtype = getattr(torch, settings.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    return served + b.to(served.dtype) @ a.to(served.dtype), a, b
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor,
@@ -200,7 +234,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     if lockstep:
         release_large_frees()
     dtype = None if q.forward_dtype == "float32" else getattr(torch, q.forward_dtype)
-    layers_report = {}
+    layers_report, factors = {}, ({} if q.compensate is not None else None)
     with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
         for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast
             if not name.startswith(f"{runner.layers_prefix}."):
@@ -208,7 +242,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
         for index in tqdm(range(len(runner.layers)), desc="quantize (gptq)", disable=quiet, unit="layer"):
             prefix = runner.layer_prefix(index)
             layer = runner.load_layer(index)
-            packed, report, outputs = quantize_layer(layer, batches, q, prefix, lockstep, dtype)
+            packed, report, outputs = quantize_layer(layer, batches, q, prefix, lockstep, dtype, factors)
             missing = sorted(m for m in expected if m.startswith(f"{prefix}.") and m[len(prefix) + 1:] not in packed)
             if missing:
                 raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "
@@ -218,6 +252,9 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
             del outputs
             runner.free_layer(index)
             layers_report[prefix] = report
+    if factors is not None:
+        compensation_io.write_adapter(out / compensation_io.FOLDER, factors, q.compensate.rank,
+                                      getattr(torch, q.compensate.dtype))
     return layers_report
 
 
@@ -262,5 +299,8 @@ def run_quantize(ctx: StageContext) -> dict:
 def _summary(layers: dict) -> dict:
     rel = [m["relative"] for r in layers.values() for m in r.values() if m["relative"] is not None]
     rtn = [m["rtn_relative"] for r in layers.values() for m in r.values() if m["rtn_relative"] is not None]
+    comp = [m["compensated_relative"] for r in layers.values() for m in r.values()
+            if m.get("compensated_relative") is not None]
     return {"linears": len(rel), "mean_relative_error": sum(rel) / len(rel) if rel else None,
-            "mean_rtn_relative_error": sum(rtn) / len(rtn) if rtn else None}
+            "mean_rtn_relative_error": sum(rtn) / len(rtn) if rtn else None,
+            **({"mean_compensated_relative_error": sum(comp) / len(comp)} if comp else {})}

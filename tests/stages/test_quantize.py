@@ -87,7 +87,8 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, 
 
     from qmerge.stages.quantize import quantize_layer
 
-    q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=desc_act, damp=0.01, calibration="x")
+    q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=desc_act, damp=0.01, calibration="x",
+                        scale_search="minmax", compensate=None)
     runner = LayerwiseModel.from_folder(setup["base"], "cpu")
     ids = torch.randint(1, 96, (6, 32), generator=torch.Generator().manual_seed(1))
     plain = lockstep = runner.layer_inputs(ids, 2)

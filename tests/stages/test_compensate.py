@@ -1,0 +1,146 @@
+"""The compensation adapter end to end: `[quantize] compensate` writes a PEFT LoRA folder inside the GPTQ
+artifact that PEFT itself loads onto the dequantized GPTQ model, reducing each linear's output error; evaluate
+scores "quantized" (with it, as served) next to "quantized-alone"; the release ships it and says how to load it.
+A tiny llama with a char tokenizer and a random adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmerge.io.compensation import CompensatedSource, compensation_folder, read_factors
+from qmerge.io.gptq_checkpoint import DequantizedReader
+from qmerge.io.sources import artifact_bytes
+from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
+from qmerge.models import load_dequantized
+from tests.conftest import logits, run_cli, write_text_spec
+from tests.stages.test_quantize import quantize_config, setup, stage_dir  # noqa: F401  (setup: a fixture)
+
+RANK = 4
+LENIENT = "max_kl = 10.0\nmax_ppl_increase = 10.0\nmin_delta_retention = -100.0\n"
+
+
+def compensated_config(folder: Path, s: dict, gate: bool = False, **quantize) -> Path:
+    cfg = quantize_config(folder, s, **quantize)
+    text = cfg.read_text() + f"compensate = {{ rank = {RANK} }}\n"
+    if gate:
+        heldout = write_text_spec(folder, "heldout", "200:230")
+        text += f'[gate]\neval = "{heldout}"\nwindows = 8\nseq_len = 64\nbatch_size = 8\n{LENIENT}'
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def compensated(setup, tmp_path_factory) -> dict:  # noqa: F811
+    folder = tmp_path_factory.mktemp("compensated")
+    assert run_cli(compensated_config(folder, setup, gate=True)) == 0
+    work = folder / "work"
+    return {"folder": folder, "out": stage_dir(work, "quantize"), "evaluate": stage_dir(work, "evaluate"),
+            "release": (folder / "releases" / "tiny" / "latest").resolve()}
+
+
+def test_peft_loads_the_adapter_onto_the_gptq_model_and_matches_the_streamed_model(compensated, tokens):
+    from peft import PeftModel
+
+    folder = compensation_folder(compensated["out"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == RANK and config["peft_type"] == "LORA"
+    served = load_dequantized(compensated["out"])
+    alone = logits(served, tokens)
+    assert len(config["target_modules"]) == 7 * served.config.num_hidden_layers
+    model = PeftModel.from_pretrained(served, str(folder)).eval()
+    with_adapter = logits(model, tokens)
+    assert (with_adapter - alone).abs().max() > 1e-4  # the adapter really changes the outputs
+
+    runner = LayerwiseModel.from_folder(compensated["out"])
+    for on, want in ((True, with_adapter), (False, alone)):
+        with runner.adapters(on):
+            batches = runner.layer_inputs(tokens, 8)
+            for i in range(len(runner.layers)):
+                layer = runner.load_layer(i)
+                batches = [LayerBatch(run_layer(layer, b), b.kwargs) for b in batches]
+                runner.free_layer(i)
+            runner.load_head()
+            got = torch.cat([runner.logits(b.hidden) for b in batches])
+            runner.free_head()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_adapter_reduces_every_linears_output_error(compensated):
+    report = json.loads((compensated["out"] / "quantize_report.json").read_text())
+    rows = [m for layer in report["layers"].values() for m in layer.values()]
+    assert len(rows) > 0 and all(m["compensated_relative"] < m["relative"] for m in rows)
+    assert report["mean_compensated_relative_error"] < report["mean_relative_error"]
+
+
+def test_evaluate_scores_quantized_with_and_without_the_adapter(compensated):
+    report = json.loads((compensated["evaluate"] / "report.json").read_text())
+    cands = report["eval"]["candidates"]
+    assert {"quantized", "quantized-alone"} <= set(cands)
+    kl = {c: cands[c]["kl"]["mean"]["value"] for c in ("quantized", "quantized-alone")}
+    assert kl["quantized"] < kl["quantized-alone"]
+    assert "compensation" in report["protocol"]
+    assert report["shipped"] == ["quantized"]  # "alone" is reported, never shipped
+    w = report["weight_retention"]  # the weight-space view of "quantized" includes B·A (test below)
+    assert w["quantized"]["layers"] != w["quantized-alone"]["layers"]
+    done = json.loads((compensated["evaluate"] / "done.json").read_text())
+    sizes = done["result"]["bytes"]
+    extra = sum(f.stat().st_size for f in compensation_folder(compensated["out"]).iterdir())
+    assert sizes["quantized"] - sizes["quantized-alone"] == extra > 0
+
+
+def test_the_release_ships_the_adapter_and_says_how_to_serve_it(compensated):
+    release = compensated["release"]
+    out = compensated["out"]
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (release / "compensation" / name).read_bytes() == (out / "compensation" / name).read_bytes()
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert manifest["artifacts"]["quantized"]["compensation"] == "compensation"
+    assert "compensation/adapter_model.safetensors" in manifest["files"]
+    assert manifest["artifacts"]["quantized"]["bytes"] == artifact_bytes(out)
+    assert 'PeftModel.from_pretrained(model, "compensation")' in (release / "README.md").read_text()
+
+
+def test_same_inputs_same_bytes_and_an_own_key(setup, compensated, tmp_path):  # noqa: F811
+    cfg = tmp_path / "qmerge.toml"  # the same config, another work dir
+    first = compensated["folder"]
+    cfg.write_text((first / "qmerge.toml").read_text().replace(str(first / "work"), str(tmp_path / "work"))
+                   .replace(str(first / "releases"), str(tmp_path / "releases")))
+    assert run_cli(cfg) == 0
+    again = stage_dir(tmp_path / "work", "quantize")
+    assert again.name == compensated["out"].name
+    for name in ("model.safetensors", "compensation/adapter_model.safetensors", "compensation/adapter_config.json"):
+        assert (again / name).read_bytes() == (compensated["out"] / name).read_bytes()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert run_cli(quantize_config(plain, setup)) == 0
+    assert stage_dir(plain / "work", "quantize").name != again.name
+
+
+def test_the_weight_space_view_adds_b_times_a(compensated):
+    out = compensated["out"]
+    plain, comp = DequantizedReader(out), CompensatedSource(DequantizedReader(out), compensation_folder(out))
+    factors = read_factors(compensation_folder(out))
+    module, (a, b) = next(iter(factors.items()))
+    assert a.dtype == torch.bfloat16 and a.shape[0] == RANK
+    name = f"{module}.weight"
+    torch.testing.assert_close(comp.get(name), plain.get(name) + b.float() @ a.float(), rtol=0, atol=1e-6)
+    other = next(n for n in plain.names if n.endswith("norm.weight"))
+    assert torch.equal(comp.get(other), plain.get(other))
+
+
+@pytest.mark.parametrize("extra,match", [
+    ('backend = "gptqmodel"\n', "needs quantize.backend"),
+    ("", "compressed-tensors ships the GPTQ weights alone"),
+])
+def test_impossible_combinations_are_exit_2(setup, tmp_path, capsys, extra, match):  # noqa: F811
+    cfg = compensated_config(tmp_path, setup, gate=True)
+    text = cfg.read_text().replace("[quantize]\n", f"[quantize]\n{extra}")
+    if not extra:
+        text = text.replace("[output]\n", '[output]\nformats = ["compressed-tensors"]\n')
+    cfg.write_text(text)
+    assert run_cli(cfg) == 2
+    assert match in capsys.readouterr().err
