@@ -10,7 +10,8 @@ then each backend's quantize stage in its own child process (benchmarks/measure.
 also counts touched mmap'd shard pages, and the sampled peak anonymous RSS; "quantize s" is the stage alone,
 without the child's imports and cached-artifact checks), then held-out perplexity and KL against the reference
 (NF4 base + adapter unmerged, float32) for the merged model and each quantized one, the latter loaded with
-qmerge's own dequantization (`load_dequantized`) so both backends are scored by the same code.
+qmerge's own dequantization (`load_dequantized`) so both backends are scored by the same code; a compensation
+adapter (backend `qmerge-c<rank>`) runs on it through PEFT, as served, and its bytes are a column of its own.
 Timing: `--repeat N` rounds (default 3), the backends taking turns (A B, B A, ...); before every run the machine
 must be idle (1-minute load ≤ 0.5 and no other torch process, waited for up to 2 min, else the run is refused
 unless `--allow-busy`, which marks the figures). The table shows medians with min–max over the runs and whether
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--backends", default="qmerge,gptqmodel",
-                   help="comma-separated: qmerge, qmerge-bf16 (forward_dtype = bfloat16), gptqmodel")
+                   help="comma-separated: gptqmodel, or qmerge with options joined by '-': bf16 (forward_dtype = "
+                        "bfloat16), mse (scale_search = mse), c<rank> (compensate = { rank = <rank> }); e.g. "
+                        "qmerge-c16")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each backend, taking turns (A B, B A, A B, ...); the table shows medians and min-max")
     p.add_argument("--allow-busy", action="store_true",
@@ -94,14 +97,21 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
     lines = ['name = "bench-gptq"', f'work_dir = "{args.work / "work"}"', "[base]", f'path = "{base}"', "[base.nf4]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in NF4.items()]
     lines += ["[[adapters]]", f'path = "{Path(adapter).resolve()}"', "[merge]", 'dtype = "float32"', 'device = "cpu"']
-    engine, _, dtype = backend.partition("-")  # "qmerge-bf16": qmerge's backend with bf16 forwards
+    engine, *options = backend.split("-")  # "qmerge-bf16-mse-c16": qmerge's backend with these options
     lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
               f"sym = {str(args.sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
               f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
-    if dtype == "bf16":
-        lines.append('forward_dtype = "bfloat16"')
-    elif dtype:
-        raise SystemExit(f"unknown backend {backend}; use qmerge, qmerge-bf16 or gptqmodel")
+    for option in options:
+        if engine != "qmerge":
+            raise SystemExit(f"unknown backend {backend}: options are for qmerge")
+        if option == "bf16":
+            lines.append('forward_dtype = "bfloat16"')
+        elif option == "mse":
+            lines.append('scale_search = "mse"')
+        elif option.startswith("c") and option[1:].isdigit():
+            lines.append(f"compensate = {{ rank = {int(option[1:])} }}")
+        else:
+            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16][-mse][-c<rank>]")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -166,7 +176,7 @@ def _weights_digest(folder: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.rglob("*.safetensors")):  # the compensation adapter's too
         h.update(f.read_bytes())
     return h.hexdigest()
 
@@ -209,7 +219,7 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     from qmerge.evaluation import _forward, peft_forwards, score, summarize, whole_model_logits
     from qmerge.io.textset import build_windows, load_text_spec
     from qmerge.merging import open_inputs
-    from qmerge.models import checkpoint_model, load_dequantized, reference_model
+    from qmerge.models import checkpoint_model, reference_model
     from qmerge.plan import Plan
     from qmerge.stages.evaluate import load_tokenizer
 
@@ -220,7 +230,7 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     forwards = {"reference": ref_fwd, "base": base_fwd, "merged": _forward(checkpoint_model(dirs["merge"]))}
     for row in rows:
         if "folder" in row:
-            forwards[row["backend"]] = _forward(load_dequantized(Path(row["folder"])))
+            forwards[row["backend"]] = _forward(served_model(Path(row["folder"])))
     windows = build_windows(load_tokenizer(dirs["merge"]), load_text_spec(Path(args.eval)), args.eval_seq_len,
                             args.eval_windows)
     candidates = tuple(n for n in forwards if n not in ("reference", "base"))
@@ -228,6 +238,29 @@ def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
     scores = score(batches, whole_model_logits(forwards, batches), ("base", *candidates), candidates, quiet=False,
                    desc="evaluate")
     return asdict(summarize(scores, candidates))
+
+
+def served_model(folder: Path):
+    """The GPTQ checkpoint as qmerge dequantizes it, with its compensation adapter (if any) through PEFT."""
+    from qmerge.io.compensation import compensation_folder
+    from qmerge.models import load_dequantized
+
+    model = load_dequantized(folder)
+    extra = compensation_folder(folder)
+    if extra is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(extra)).eval()
+
+
+def shipped_bytes(folder: str) -> tuple[int, int]:
+    """(the GPTQ checkpoint's shipped bytes without its compensation adapter, the adapter's)."""
+    from qmerge.io.sources import artifact_bytes
+
+    total = artifact_bytes(Path(folder))
+    alone = artifact_bytes(Path(folder), compensation=False)
+    return alone, total - alone
 
 
 def table(rows: list[dict], ev: dict | None) -> str:
@@ -246,9 +279,10 @@ def table(rows: list[dict], ev: dict | None) -> str:
         return "\n".join(lines)
     ppl = ev["ppl"]
     lines = ["| model | runs | quantize s, median (min–max) | peak anon RSS MB, median (min–max) | ppl (± se) "
-             "| KL vs reference (± se) | retention (± se) |", "|---|---:|---|---|---|---|---|",
-             f"| reference | | | | {ppl['reference']['value']:.2f} ± {ppl['reference']['stderr']:.2f} | 0 | 100 % |",
-             f"| base (NF4) | | | | {ppl['base']['value']:.2f} ± {ppl['base']['stderr']:.2f} | | 0 % |"]
+             "| KL vs reference (± se) | retention (± se) | compensation bytes (% of the GPTQ files) |",
+             "|---|---:|---|---|---|---|---|---|",
+             f"| reference | | | | {ppl['reference']['value']:.2f} ± {ppl['reference']['stderr']:.2f} | 0 | 100 % | |",
+             f"| base (NF4) | | | | {ppl['base']['value']:.2f} ± {ppl['base']['stderr']:.2f} | | 0 % | |"]
     for name in ev["candidates"]:
         row = next((r for r in rows if r["backend"] == name), {})
         c = ev["candidates"][name]
@@ -261,8 +295,12 @@ def table(rows: list[dict], ev: dict | None) -> str:
         else:
             timing = " | | "
         retention = (f"{100 * ret['value']:.0f} ± {100 * ret['stderr']:.0f} %" if ret["defined"] else "undefined")
+        extra = ""
+        if row.get("folder"):
+            alone, comp = shipped_bytes(row["folder"])
+            extra = f"{comp / 1e6:.2f} MB ({100 * comp / alone:.1f} %)" if comp else "0"
         lines.append(f"| {name} | {timing} | {ppl[name]['value']:.2f} ± {ppl[name]['stderr']:.2f} | "
-                     f"{kl['value']:.4f} ± {kl['stderr']:.4f} | {retention} |")
+                     f"{kl['value']:.4f} ± {kl['stderr']:.4f} | {retention} | {extra} |")
     return "\n".join(lines)
 
 
