@@ -27,17 +27,16 @@ def compensation_folder(artifact: Path) -> Path | None:
     return folder if (folder / "adapter_config.json").is_file() else None
 
 
-def write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
-                  dtype: torch.dtype) -> None:
+def write_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
     """`factors`: module name (as in the checkpoint, e.g. model.layers.0.self_attn.q_proj) -> (A [rank, in],
-    B [out, rank]), already rounded to `dtype`."""
+    B [out, rank]), stored in their own dtype."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module in sorted(factors):
         a, b = factors[module]
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_json(folder / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
@@ -68,7 +67,6 @@ class CompensatedSource:
         self.source = source
         self.factors = {f"{m}.weight": ab for m, ab in read_factors(folder).items()}
         self.names = source.names
-        self.tensors = getattr(source, "tensors", None)
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         w = self.source.get(name, device)

@@ -172,11 +172,11 @@ def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tenso
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
                                     inverse=inverse, search=q.scale_search)
-    lower = _hessian_root(hessian, q, name, group) if q.compensate is not None else None
+    # the damping GPTQ's Cholesky needed (it retries larger ones), so a Hessian GPTQ took is one the fit takes
+    lower = _hessian_root(hessian, inverse.damp, q, name, group) if q.compensate is not None else None
     for module_name, w, result in zip(group, weights, results):
         linear = linears[module_name]
         rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym, q.scale_search)
-        report[module_name] = _errors(w, result.weight, rtn.weight, hessian, inputs)
         codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
         packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
                                           result.g_idx.cpu(), q.bits)
@@ -184,16 +184,15 @@ def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tenso
         if lower is not None:
             weight, a, b = _compensate(w, weight, lower, q.compensate)
             factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
-            ref, err = gptq.output_errors([w, w.to(weight.dtype) - weight], hessian, inputs)
-            report[module_name] |= {"compensated_error": err**0.5,
-                                    "compensated_relative": (err / ref) ** 0.5 if ref else None}
+        report[module_name] = _errors(w, result.weight, rtn.weight, hessian, inputs,
+                                      weight if lower is not None else None)
         with torch.no_grad():
             linear.weight.copy_(weight)
 
 
-def _hessian_root(hessian: torch.Tensor, q, name: str, group: list[str]) -> torch.Tensor:
+def _hessian_root(hessian: torch.Tensor, damp: float, q, name: str, group: list[str]) -> torch.Tensor:
     try:
-        return compensation.hessian_root(hessian, q.damp)
+        return compensation.hessian_root(hessian, damp)
     except ValueError as e:
         raise BadInputError(f"compensation of {name}.{'/'.join(group)}: {e}", path=q.calibration,
                             fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
@@ -210,11 +209,15 @@ def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor,
-            inputs: list[torch.Tensor] | None = None) -> dict:
-    """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest."""
-    ref, err, err_rtn = gptq.output_errors([w, w - q, w - rtn], hessian, inputs)
-    return {"error": err**0.5, "relative": (err / ref) ** 0.5 if ref else None,
-            "rtn_error": err_rtn**0.5, "rtn_relative": (err_rtn / ref) ** 0.5 if ref else None}
+            inputs: list[torch.Tensor] | None = None, compensated: torch.Tensor | None = None) -> dict:
+    """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest,
+    and for Q + B·A when `compensated` is given, all in one pass."""
+    deltas = [w, w - q, w - rtn] + ([w.to(compensated.dtype) - compensated] if compensated is not None else [])
+    ref, *errs = gptq.output_errors(deltas, hessian, inputs)
+    out = {}
+    for key, err in zip(("", "rtn_", "compensated_"), errs):
+        out |= {f"{key}error": err**0.5, f"{key}relative": (err / ref) ** 0.5 if ref else None}
+    return out
 
 
 def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: str, quiet: bool,
@@ -253,8 +256,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
             runner.free_layer(index)
             layers_report[prefix] = report
     if factors is not None:
-        compensation_io.write_adapter(out / compensation_io.FOLDER, factors, q.compensate.rank,
-                                      getattr(torch, q.compensate.dtype))
+        compensation_io.write_adapter(out / compensation_io.FOLDER, factors, q.compensate.rank)
     return layers_report
 
 
