@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--backends", default="qmerge,gptqmodel",
                    help="comma-separated: gptqmodel, or qmerge with options joined by '-': bf16 (forward_dtype = "
-                        "bfloat16), mse (scale_search = mse), c<rank> (compensate = { rank = <rank> }); e.g. "
-                        "qmerge-c16")
+                        "bfloat16), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
+                        "{ alpha = <α> }, e.g. gptaq1), c<rank> (compensate = { rank = <rank> }); e.g. "
+                        "qmerge-gptaq-c16")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each backend, taking turns (A B, B A, A B, ...); the table shows medians and min-max")
     p.add_argument("--allow-busy", action="store_true",
@@ -108,10 +109,14 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
             lines.append('forward_dtype = "bfloat16"')
         elif option == "mse":
             lines.append('scale_search = "mse"')
+        elif option == "gptaq":
+            lines.append("gptaq = {}")
+        elif option.startswith("gptaq"):
+            lines.append(f"gptaq = {{ alpha = {float(option[5:])} }}")
         elif option.startswith("c") and option[1:].isdigit():
             lines.append(f"compensate = {{ rank = {int(option[1:])} }}")
         else:
-            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16][-mse][-c<rank>]")
+            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16][-mse][-gptaq[<α>]][-c<rank>]")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -77,6 +77,14 @@ class MergeSettings(Strict):
         return self
 
 
+class GptaqSettings(Strict):
+    """GPTAQ's asymmetric calibration (qmerge backend): each layer's target is its output in the unquantized model, on
+    the unquantized model's own inputs, not its output on the inputs the quantized layers before it give, so each
+    layer also corrects the drift of the layers before it. One more forward per layer, two n×n terms per group."""
+
+    alpha: float = Field(default=0.25, gt=0, le=1)  # the share of the least-squares correction applied (authors': 0.25)
+
+
 class CompensateSettings(Strict):
     """A rank-`rank` LoRA per quantized linear fitted to what GPTQ removed (qmerge/ops/compensation.py), shipped
     as a PEFT adapter folder inside the quantized artifact."""
@@ -103,12 +111,14 @@ class QuantizeSettings(Strict):
     # qmerge backend: "mse" shrinks each group's min/max range to the clipping of least rounding error (the grid
     # llm-compressor's MSE observer searches); "minmax" is GPTQ's own grid.
     scale_search: Literal["minmax", "mse"] = "minmax"
+    gptaq: GptaqSettings | None = None
     compensate: CompensateSettings | None = None
 
     @model_validator(mode="after")
     def _check_backend(self) -> QuantizeSettings:
         if self.backend != "qmerge":
             used = [k for k, on in (("scale_search", self.scale_search != "minmax"),
+                                    ("gptaq", self.gptaq is not None),
                                     ("compensate", self.compensate is not None)) if on]
             if used:
                 raise ValueError(f"quantize.{', '.join(used)} needs quantize.backend = \"qmerge\"")

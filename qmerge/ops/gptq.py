@@ -9,6 +9,11 @@ is the one GPTQ checkpoints store: min/max asymmetric or symmetric, scales round
 points in [1, 2^bits] (the v1 format stores zero − 1 as an unsigned `bits`-bit field).
 Where and why this departs from IST-DASLab's and GPTQModel's GPTQ: docs/design.md, "GPTQ: where qmerge differs".
 
+With an asymmetric target (GPTAQ, Li et al. 2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
+Calibration", arXiv:2504.02692) the objective is ‖QX − WX̃‖², X̃ the layer's inputs in the unquantized model:
+`accumulate_cross` collects ΔXXᵀ = 2(X̃ − X)Xᵀ/n beside H and `asymmetric_update` turns it into the extra
+per-column update the solver applies.
+
 Pure tensor math, no I/O. Computes in GPTQ_PRECISION, or float64 when handed float64 (test oracles).
 """
 
@@ -190,6 +195,20 @@ def accumulate_hessian(x: torch.Tensor, hessian: torch.Tensor, count: int) -> tu
     return hessian, count
 
 
+def accumulate_cross(x: torch.Tensor, target: torch.Tensor, cross: torch.Tensor, count: int) -> torch.Tensor:
+    """Adds the tokens of `x` [..., in] (the inputs the quantized model gives the layer) and `target` (the same
+    tokens' inputs in the unquantized model) to the running mean 2/n Σ (x̃ − x) xᵀ, in place. `count`: the tokens
+    already in it (H's count before the same batch is added, so the two stay the same mean)."""
+    flat = x.reshape(-1, x.shape[-1]).to(device=cross.device, dtype=cross.dtype)
+    added = flat.shape[0]
+    if added == 0:
+        return cross
+    cross *= count / (count + added)
+    delta = target.reshape(-1, target.shape[-1]).to(device=cross.device, dtype=cross.dtype) - flat
+    cross.addmm_(delta.T, flat, alpha=2.0 / (count + added))
+    return cross
+
+
 # Rows of H per product in `add_gram`: the blocks on and above the diagonal of an n×n Hessian cost
 # (n + GRAM_BLOCK)/2n of the full product (down_proj's 1536²: 58 %; 11008²: 51 %), each product still wide enough to
 # run at full matmul speed.
@@ -309,22 +328,43 @@ def inverse_hessian(hessian: torch.Tensor, damp: float, desc_act: bool,
     return InverseHessian(hinv, perm, used)
 
 
+def asymmetric_update(cross: torch.Tensor, inverse: InverseHessian, alpha: float) -> torch.Tensor:
+    """P = α·((ΔXXᵀ Uᵀ) ⊙ strict upper triangle) U, U the upper Cholesky factor of H⁻¹, in the solve's column order
+    (GPTAQ's "Cholesky reformulation", arXiv:2504.02692 Sec. 4). Row p of P is α·ΔXXᵀ[p, F]·H_F⁻¹ over the columns F
+    after p: once column p is fixed, the part of its target w_p·X̃_p that its own input X_p no longer carries,
+    w_p·(X̃_p − X_p), is moved onto the columns still free, by least squares in their H. α: the authors' shrinkage
+    of that move (their default 0.25), as ΔXXᵀ and H are estimated from the same finite calibration set."""
+    d = cross.to(inverse.hinv)
+    if inverse.perm is not None:
+        d = d.index_select(0, inverse.perm).index_select(1, inverse.perm)
+    threads = contextlib.nullcontext() if d.shape[0] >= THREADED_CHOLESKY_FROM else _one_cpu_thread(d.device)
+    with threads:
+        p = (d @ inverse.hinv.T).triu_(1)
+        del d
+        p = p @ inverse.hinv
+    return p.mul_(alpha)
+
+
 def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                     desc_act: bool, damp: float, block_size: int = 128,
-                    inverse: InverseHessian | None = None, search: str = "minmax") -> GPTQResult:
+                    inverse: InverseHessian | None = None, search: str = "minmax",
+                    asymmetry: torch.Tensor | None = None) -> GPTQResult:
     """GPTQ of `w` [out, in] given H [in, in]; neither input is modified. `inverse`: `inverse_hessian` of the same
     H, damp and desc_act when the caller already has it (linears that share an input share it).
 
     Columns go in order (or by decreasing diag H with `desc_act`, Sec. 4 "act-order"); each group's grid is
     found when its first column is reached (in that order; g_idx maps columns back to groups). Lazy batch
     updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul. `search`:
-    how each group's grid is found (`find_params`)."""
-    return quantize_weights([w], hessian, bits, group_size, sym, desc_act, damp, block_size, inverse, search)[0]
+    how each group's grid is found (`find_params`). `asymmetry`: `asymmetric_update` of the same inverse (GPTAQ):
+    after each column is quantized, its value just before (w_p) moves the later columns by w_p·P[p, later]."""
+    return quantize_weights([w], hessian, bits, group_size, sym, desc_act, damp, block_size, inverse, search,
+                            asymmetry)[0]
 
 
 def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                      desc_act: bool, damp: float, block_size: int = 128,
-                     inverse: InverseHessian | None = None, search: str = "minmax") -> list[GPTQResult]:
+                     inverse: InverseHessian | None = None, search: str = "minmax",
+                     asymmetry: torch.Tensor | None = None) -> list[GPTQResult]:
     """`quantize_weight` of several weights that read the same input (q/k/v; gate/up), solved as one: every step
     of Alg. 1 acts on each row alone given the shared H⁻¹, so stacking the rows gives each weight the result it
     gets alone, with one pass of the column loop instead of one per weight."""
@@ -340,7 +380,7 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
         w = w[:, perm]
     threads, step = torch.get_num_threads(), _block_size(block_size, size, groups)
     with _threads(threads if w.shape[0] * step >= THREADED_COLUMNS_FROM else 1, w.device):
-        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads, search)
+        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads, search, asymmetry)
     if used != damp:
         log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
     g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size
@@ -358,10 +398,13 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
 
 
 def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int,
-           threads: int = 1, search: str = "minmax") -> tuple[torch.Tensor, ...]:
+           threads: int = 1, search: str = "minmax",
+           asymmetry: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Alg. 1 over columns in their (possibly permuted) order, with `hinv` the upper Cholesky factor of H⁻¹. Runs on
     the threads the caller set (one for small weights, see `_one_cpu_thread`); the lazy batch updates of large
-    weights get `threads`."""
+    weights get `threads`. `asymmetry`: GPTAQ's P; column p's pre-quantization value w_p adds w_p·P[p, later] to
+    the later columns, inside the block at once and across blocks in the lazy update, so the result does not
+    depend on the block size (the authors' code feeds the later blocks the quantized values instead)."""
     rows, cols = w.shape
     groups = cols // size
     dtype = w.dtype
@@ -372,6 +415,8 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int,
         i2 = min(i1 + step, cols)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
+        if asymmetry is not None:
+            before1, p1 = torch.empty_like(w1), asymmetry[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % size == 0:  # the group's grid, on its columns as updated so far
@@ -380,6 +425,9 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int,
             s, z = scales[col // size], zeros[col // size]
             q = fake_quantize(w1[:, i], s, z, bits)
             err = (w1[:, i] - q) / hinv1[i, i]
+            if asymmetry is not None:
+                before1[:, i] = w1[:, i]
+                w1[:, i + 1:] += before1[:, i].unsqueeze(1) * p1[i, i + 1:].unsqueeze(0)
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             w1[:, i] = q
             err1[:, i] = err
@@ -387,6 +435,8 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int,
         w[:, i1:i2] = w1
         with _threads(threads if w1.shape[0] * (cols - i2) >= THREADED_UPDATE_FROM else 1, w.device):
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            if asymmetry is not None:
+                w[:, i2:] += before1 @ asymmetry[i1:i2, i2:]
     return w, scales, zeros, losses
 
 

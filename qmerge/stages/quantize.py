@@ -7,6 +7,11 @@ input form a group (q/k/v, then o, then gate/up, then down); each group's Hessia
 through the layer as quantized so far, stopped as soon as that input exists. The quantized layer then
 produces the next layer's inputs. Backend "gptqmodel": qmerge/gptqmodel_backend.py.
 
+With `gptaq` (asymmetric calibration), the target is the unquantized model's output: every layer also runs,
+unquantized, on the unquantized model's own inputs (a second stream of activations beside the quantized one),
+and each group's solve gets ΔXXᵀ = 2(X̃ − X)Xᵀ/n beside H, so a layer also corrects the drift the quantized
+layers before it left in its input.
+
 With `compensate`, each linear also gets a rank-r correction of its GPTQ residual (W − Q as served, fitted in
 its group's H; qmerge/ops/compensation.py), stored rounded to its dtype; the layer then runs with Q + B·A, as
 served, so later groups and layers calibrate on what the release computes. The factors are written as a PEFT
@@ -15,7 +20,9 @@ LoRA adapter in `compensation/` (qmerge/io/compensation.py).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -89,51 +96,128 @@ def _first(kwargs: dict) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+TARGETS_BUDGET = LOCKSTEP_BUDGET  # GPTAQ: every group's X̃ of a layer is kept when it fits in this (float32 bytes)
+
+
+class UnquantizedInputs:
+    """GPTAQ's targets: each group's input X̃ in the unquantized model, by batch, and the layer's unquantized outputs
+    (the next layer's unquantized inputs). Made before the layer is quantized: one forward through it as it is,
+    which keeps every group's X̃ when they fit in TARGETS_BUDGET bytes; else an unquantized copy of the layer is kept
+    and each X̃ is recomputed when asked for (a forward stopped at that group's input), so memory stays bounded
+    by the layer, as with GPTQ's own re-runs."""
+
+    def __init__(self, layer: torch.nn.Module, batches: list[LayerBatch], groups: list[list[str]],
+                 dtype: torch.dtype | None = None):
+        self.batches, self.dtype = batches, dtype
+        linears = layer_linears(layer)
+        tokens = sum(b.hidden.numel() // b.hidden.shape[-1] for b in batches)
+        width = sum(linears[g[0]].in_features for g in groups)
+        self.cache: list[list[torch.Tensor | None]] | None = None
+        self.reference: torch.nn.Module | None = None
+        if tokens * width * 4 <= TARGETS_BUDGET:
+            self.cache = [[] for _ in groups]
+            handles = [linears[g[0]].register_forward_pre_hook(lambda _m, args, i=i: self.cache[i].append(args[0]))
+                       for i, g in enumerate(groups)]
+        else:
+            self.reference, handles = copy.deepcopy(layer), []
+            ref = layer_linears(self.reference)
+            self.firsts = [ref[g[0]] for g in groups]
+        try:
+            self.outputs = [run_layer(layer, b, dtype) for b in batches]
+        finally:
+            for h in handles:
+                h.remove()
+
+    def get(self, group: int, batch: int) -> torch.Tensor:
+        """X̃ of `group` for `batch`; each is asked for once (a cached one is then dropped)."""
+        if self.cache is not None:
+            x, self.cache[group][batch] = self.cache[group][batch], None
+            return x
+        found = []
+
+        def hook(_module, args):
+            found.append(args[0])
+            raise _StopForward
+
+        handle = self.firsts[group].register_forward_pre_hook(hook)
+        try:
+            run_layer(self.reference, self.batches[batch], self.dtype)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return found[0]
+
+
+class GroupStatistics:
+    """What a group's solve needs of its input X, batch by batch: H = 2XXᵀ/n, and with `targets` (GPTAQ) the cross
+    term 2(X̃ − X)Xᵀ/n."""
+
+    def __init__(self, first: torch.nn.Linear, group: int, targets: UnquantizedInputs | None = None):
+        self.hessian = gptq.make_empty_hessian(first.in_features, device=first.weight.device)
+        self.count = 0
+        self.group, self.targets = group, targets
+        self.cross = torch.zeros_like(self.hessian) if targets is not None else None
+
+    def add(self, batch: int, x: torch.Tensor) -> None:
+        if self.targets is not None:
+            self.cross = gptq.accumulate_cross(x, self.targets.get(self.group, batch), self.cross, self.count)
+        self.hessian, self.count = gptq.accumulate_hessian(x, self.hessian, self.count)
+
+
 def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear, batches: list[LayerBatch],
-                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
-    """H = 2XXᵀ/n of the group's shared input X, the forward stopped right where X appears."""
-    hessian = gptq.make_empty_hessian(first.in_features, device=first.weight.device)
-    count = 0
+                  dtype: torch.dtype | None = None, group: int = 0,
+                  targets: UnquantizedInputs | None = None) -> GroupStatistics:
+    """The group's `GroupStatistics`, each batch's forward stopped right where its shared input X appears."""
+    stats = GroupStatistics(first, group, targets)
+    index = 0
 
     def hook(_module, args):
-        nonlocal hessian, count
-        hessian, count = gptq.accumulate_hessian(args[0], hessian, count)
+        stats.add(index, args[0])
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook)
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             try:
                 run_layer(layer, batch, dtype)
             except _StopForward:
                 pass
     finally:
         handle.remove()
-    return hessian, count
+    return stats
+
+
+class QuantizedLayer(NamedTuple):
+    packed: dict  # packed tensors by module
+    report: dict  # error report by module
+    outputs: list[torch.Tensor]  # the layer's outputs for every batch, computed with the quantized weights
+    unquantized_outputs: list[torch.Tensor] | None  # with `unquantized`: its outputs, computed unquantized
 
 
 def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str, lockstep: bool = False,
-                   dtype: torch.dtype | None = None,
-                   factors: dict | None = None) -> tuple[dict, dict, list[torch.Tensor]]:
-    """GPTQ on every linear of `layer`, true-sequentially; returns (packed tensors by module, error report, the
-    layer's outputs for every batch, computed with the quantized weights).
+                   dtype: torch.dtype | None = None, factors: dict | None = None,
+                   unquantized: list[LayerBatch] | None = None) -> QuantizedLayer:
+    """GPTQ on every linear of `layer`, true-sequentially.
 
     `lockstep`: the batches advance through one forward, pausing at each group's input (`LockstepForward`),
     instead of re-running the layer from its start for each group and once more for the outputs. Same inputs,
     same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold.
     `dtype`: the precision of the forwards' matmuls (`run_layer`); H, the solve and the weights stay float32.
-    `factors`: with `q.compensate`, receives each linear's compensation (A, B) by module name."""
+    `factors`: with `q.compensate`, receives each linear's compensation (A, B) by module name.
+    `unquantized`: with `q.gptaq`, the unquantized model's inputs to this layer, batch by batch (its outputs
+    for them are the next layer's)."""
     linears = layer_linears(layer)
     groups = linear_groups(layer, batches[0])
-    hessians: list[tuple[torch.Tensor, int] | None] = [None] * len(groups)  # each made when its group is reached
+    targets = UnquantizedInputs(layer, unquantized, groups, dtype) if unquantized is not None else None
+    stats: list[GroupStatistics | None] = [None] * len(groups)  # each made when its group is reached
 
     inputs: list[list[torch.Tensor]] = [[] for _ in groups]  # each group's X, held by the paused batches anyway
 
-    def accumulate(stop: int, _batch: int, x: torch.Tensor) -> None:
-        if hessians[stop] is None:
-            first = linears[groups[stop][0]]
-            hessians[stop] = (gptq.make_empty_hessian(first.in_features, device=first.weight.device), 0)
-        hessians[stop] = gptq.accumulate_hessian(x, *hessians[stop])
+    def accumulate(stop: int, batch: int, x: torch.Tensor) -> None:
+        if stats[stop] is None:
+            stats[stop] = GroupStatistics(linears[groups[stop][0]], stop, targets)
+        stats[stop].add(batch, x)
         inputs[stop].append(x)
 
     passes = (LockstepForward(layer, batches, [linears[g[0]] for g in groups], accumulate, dtype) if lockstep
@@ -143,35 +227,42 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
         for index, group in enumerate(groups):
             if passes is not None:
                 passes.advance()  # every batch paused at this group's input; its H is complete
-                hessian = hessians[index][0]
-                hessians[index] = None
+                group_stats, stats[index] = stats[index], None
             else:
-                hessian, _ = group_hessian(layer, linears[group[0]], batches, dtype)
-            _quantize_group(layer, linears, group, hessian, q, name, packed, report, inputs[index], factors)
-            del hessian
+                group_stats = group_hessian(layer, linears[group[0]], batches, dtype, index, targets)
+            _quantize_group(layer, linears, group, group_stats, q, name, packed, report, inputs[index], factors)
+            del group_stats
             inputs[index] = []
         if passes is None:
-            return packed, report, [run_layer(layer, b, dtype) for b in batches]
-        passes.advance()  # to the end, through the quantized weights
-        return packed, report, passes.outputs
+            outputs = [run_layer(layer, b, dtype) for b in batches]
+        else:
+            passes.advance()  # to the end, through the quantized weights
+            outputs = passes.outputs
+        return QuantizedLayer(packed, report, outputs, targets.outputs if targets is not None else None)
     finally:
         if passes is not None:
             passes.close()
 
 
-def _quantize_group(layer, linears: dict, group: list[str], hessian: torch.Tensor, q, name: str, packed: dict,
+def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatistics, q, name: str, packed: dict,
                     report: dict, inputs: list[torch.Tensor] | None = None, factors: dict | None = None) -> None:
     """GPTQ of the linears of one group (one shared input, hence one H), packed into `packed`, the layer's
     weights replaced by their quantized values so later groups see them. `inputs`: the group's input X batch by
     batch where the caller has it (the errors are then computed from X when that is cheaper)."""
+    hessian = stats.hessian
     try:  # once per group: the linears of a group read the same input, so they share H and its inverse
         inverse = gptq.inverse_hessian(hessian, q.damp, q.desc_act)
     except gptq.HessianNotPositiveDefinite as e:
         raise BadInputError(f"GPTQ of {name}.{'/'.join(group)}: {e}", path=q.calibration,
                             fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
+    asymmetry = None
+    if stats.cross is not None:
+        asymmetry = gptq.asymmetric_update(stats.cross, inverse, q.gptaq.alpha)
+        stats.cross = None
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
-                                    inverse=inverse, search=q.scale_search)
+                                    inverse=inverse, search=q.scale_search, asymmetry=asymmetry)
+    del asymmetry
     # the damping GPTQ's Cholesky needed (it retries larger ones), so a Hessian GPTQ took is one the fit takes
     lower = _hessian_root(hessian, inverse.damp, q, name, group) if q.compensate is not None else None
     for module_name, w, result in zip(group, weights, results):
@@ -231,6 +322,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     check_group_size({n: reader.tensors[n].shape for n in names}, names, q.group_size, q.bits, merged)
     batch_size = max(1, TOKENS_PER_BATCH // ids.shape[1])
     batches = runner.layer_inputs(ids, batch_size)
+    unquantized = list(batches) if q.gptaq is not None else None  # the unquantized model's stream, same embeddings
     widths = [d for n in names for d in reader.tensors[n].shape]
     hidden = batches[0].hidden.shape[-1]
     lockstep = lockstep_bytes(ids.numel(), hidden, max(widths)) <= LOCKSTEP_BUDGET
@@ -245,14 +337,17 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
         for index in tqdm(range(len(runner.layers)), desc="quantize (gptq)", disable=quiet, unit="layer"):
             prefix = runner.layer_prefix(index)
             layer = runner.load_layer(index)
-            packed, report, outputs = quantize_layer(layer, batches, q, prefix, lockstep, dtype, factors)
+            packed, report, outputs, unquantized_outputs = quantize_layer(layer, batches, q, prefix, lockstep, dtype,
+                                                                          factors, unquantized)
             missing = sorted(m for m in expected if m.startswith(f"{prefix}.") and m[len(prefix) + 1:] not in packed)
             if missing:
                 raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "
                                   "write a GPTQ checkpoint that holds them dense")
             _write_layer(writer, reader, prefix, packed)
             batches = [LayerBatch(out, b.kwargs) for out, b in zip(outputs, batches)]
-            del outputs
+            if unquantized is not None:
+                unquantized = [LayerBatch(out, b.kwargs) for out, b in zip(unquantized_outputs, unquantized)]
+            del outputs, unquantized_outputs
             runner.free_layer(index)
             layers_report[prefix] = report
     if factors is not None:

@@ -44,7 +44,7 @@ def gptq(made: dict, bits: int, group_size: int, sym: bool, desc_act: bool) -> P
         out = made["root"] / "gptq-{}-{}-{}-{}".format(*key)
         ids = torch.randint(1, 96, (16, 32), generator=torch.Generator().manual_seed(0))
         q = SimpleNamespace(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=0.01, calibration="x",
-                            forward_dtype="float32", scale_search="minmax", compensate=None)
+                            forward_dtype="float32", scale_search="minmax", compensate=None, gptaq=None)
         run_qmerge_backend(made["base"], out, ids, q, "cpu", True, 2**30, set())
         write_model_files(made["base"], out, quantization_config(bits, group_size, sym, desc_act, 0.01))
         made["gptq"][key] = out

@@ -6,6 +6,12 @@ It follows the OBQ update the paper starts from (Sec. 3, eqs. 2–3, with the fi
 remove p from H⁻¹ by Gaussian elimination, H⁻¹ ← H⁻¹ − H⁻¹_:,p H⁻¹_p,: / [H⁻¹]_pp. The per-group grid
 (`reference_grid`, written here row by row in plain Python) is found when a group's first column is reached.
 
+With `cross` = 2(X̃ − X)Xᵀ/n (GPTAQ, Li et al. 2025, arXiv:2504.02692: the target is WX̃, X̃ the inputs in the
+unquantized model) each step also moves the remaining columns R by α·w_p·cross[p, R]·(H_R)⁻¹, w_p the column's
+value just before it was quantized: the least-squares fit, in the remaining columns, of the part w_p(X̃_p − X_p)
+of column p's target that X_p no longer carries. (H_R)⁻¹ is what the elimination leaves in H⁻¹, so this is the
+paper's closed form before its Cholesky reformulation, which qmerge's solver uses.
+
 It makes qmerge's choices where qmerge departs from the published GPTQ code (fp16 grid, zero ≥ 1, symmetric range
 for one-signed groups, grids on fully updated columns, dead columns kept; docs/design.md, "GPTQ: where qmerge
 differs"), so it cannot catch those: test_gptq_gptqmodel.py checks them against GPTQModel itself.
@@ -64,7 +70,8 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool,
-                   damp: float, search: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+                   damp: float, search: str = "minmax", cross: torch.Tensor | None = None,
+                   alpha: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dequantized Q [out, in], g_idx [in]) in float64."""
     w = w.double().clone()
     h = h.double().clone()
@@ -86,10 +93,14 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
             group_cols = order[position:position + size]
             scale, zero = reference_grid(w[:, group_cols], bits, sym, search)
         g_idx[p] = position // size
+        before = w[:, p].clone()
         q[:, p] = fake_quantize(w[:, p], scale, zero, bits)
         err = (w[:, p] - q[:, p]) / hinv[p, p]
         remaining.remove(p)
         w[:, remaining] -= err.unsqueeze(1) * hinv[p, remaining].unsqueeze(0)
         w[:, p] = q[:, p]
         hinv = hinv - torch.outer(hinv[:, p], hinv[p, :]) / hinv[p, p]
+        if cross is not None and remaining:
+            move = cross.double()[p, remaining] @ hinv[remaining][:, remaining]
+            w[:, remaining] += alpha * before.unsqueeze(1) * move.unsqueeze(0)
     return q, g_idx

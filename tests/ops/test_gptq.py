@@ -234,7 +234,7 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
     checked = 0
     for index in range(len(runner.layers)):
         layer = runner.load_layer(index)
-        _, report, outputs = quantize_layer(layer, batches, Settings, runner.layer_prefix(index))
+        _, report, outputs, _ = quantize_layer(layer, batches, Settings, runner.layer_prefix(index))
         for name, e in report.items():
             assert 0 < e["error"] < e["rtn_error"], (index, name, e)
             checked += 1
@@ -277,3 +277,73 @@ def test_mse_search_solver_matches_the_oracle_and_rounds_closer(bits, group_size
     mse_rtn = round_to_nearest(w.double(), bits, group_size, sym, "mse").weight
     rtn = round_to_nearest(w.double(), bits, group_size, sym).weight
     assert (mse_rtn - w.double()).abs().pow(2.4).sum() < (rtn - w.double()).abs().pow(2.4).sum()
+
+
+def asymmetric_problem(seed: int = 0, rows: int = 24, cols: int = 96, tokens: int = 400, shift: float = 0.3):
+    """`problem` plus the unquantized model's inputs X̃ = X + a correlated shift: (w, x, x̃, H, cross)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.3
+    x *= torch.rand(cols, generator=g) * 2
+    target = x + shift * (x @ torch.randn(cols, cols, generator=g) * 0.1 + torch.randn(tokens, cols, generator=g))
+    w = torch.randn(rows, cols, generator=g)
+    h = 2 * x.T @ x / tokens
+    return w, x, target, h, 2 * (target - x).T @ x / tokens
+
+
+def _gptaq(w, h, cross, bits, group_size, sym, desc_act, alpha=0.25, block_size=128, dtype=torch.float64):
+    inverse = gptq.inverse_hessian(h.to(dtype), 0.01, desc_act, dtype)
+    p = gptq.asymmetric_update(cross.to(dtype), inverse, alpha)
+    return quantize_weight(w.to(dtype), h.to(dtype), bits, group_size, sym, desc_act, 0.01, block_size=block_size,
+                           inverse=inverse, asymmetry=p)
+
+
+@pytest.mark.parametrize("bits,group_size,sym,desc_act", [s for s in SETTINGS if s[0] != 3])
+def test_asymmetric_solver_matches_the_closed_form_oracle_float64(bits, group_size, sym, desc_act):
+    """GPTAQ's Cholesky-reformulated update (the solver) equals the closed form run column by column with Gaussian
+    elimination (the oracle), to float64 rounding; and it really moved the weights away from plain GPTQ."""
+    w, _, _, h, cross = asymmetric_problem(seed=bits + group_size)
+    got = _gptaq(w, h, cross, bits, group_size, sym, desc_act, block_size=16)
+    want, g_idx = reference_gptq(w, h, bits, group_size, sym, desc_act, 0.01, cross=cross)
+    assert torch.equal(got.g_idx, g_idx)
+    torch.testing.assert_close(got.weight, want, rtol=0, atol=1e-10)
+    plain, _ = reference_gptq(w, h, bits, group_size, sym, desc_act, 0.01)
+    assert not torch.equal(got.weight, plain)
+
+
+def test_asymmetric_block_size_does_not_change_the_result():
+    w, _, _, h, cross = asymmetric_problem(seed=5, cols=192)
+    a = _gptaq(w, h, cross, 4, 64, False, True, block_size=128, dtype=torch.float32)
+    for block in (1, 16, 48, 200):
+        b = _gptaq(w, h, cross, 4, 64, False, True, block_size=block, dtype=torch.float32)
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-5)
+
+
+def test_asymmetric_with_no_shift_is_plain_gptq():
+    w, h = problem(seed=9)
+    got = _gptaq(w, h, torch.zeros_like(h), 4, 32, True, True, dtype=torch.float32)
+    want = quantize_weight(w, h, 4, 32, True, True, 0.01)
+    assert torch.equal(got.weight, want.weight) and torch.equal(got.scales, want.scales)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_asymmetric_target_is_closer_to_the_unquantized_output(seed):
+    """The objective GPTAQ is for: ‖QX − WX̃‖ falls against plain GPTQ's Q when X̃ differs from X (α = 1 moves the
+    whole least-squares share; the default 0.25 a quarter of it, which still helps here)."""
+    w, x, target, h, cross = asymmetric_problem(seed=seed, cols=128, tokens=600)
+    want = w @ target.T
+    plain = quantize_weight(w, h, 4, 32, True, True, 0.01).weight
+    base = float((plain @ x.T - want).norm())
+    for alpha in (0.25, 1.0):
+        got = _gptaq(w, h, cross, 4, 32, True, True, alpha=alpha, dtype=torch.float32).weight
+        assert float((got @ x.T - want).norm()) < base, alpha
+
+
+def test_accumulate_cross_is_the_running_mean_of_the_batches():
+    _, x, target, h, cross = asymmetric_problem(seed=2, cols=40, tokens=90)
+    acc, hessian, count = torch.zeros(40, 40), make_empty_hessian(40), 0
+    for lo, hi in ((0, 7), (7, 7), (7, 50), (50, 90)):  # an empty batch too
+        acc = gptq.accumulate_cross(x[lo:hi], target[lo:hi], acc, count)
+        hessian, count = accumulate_hessian(x[lo:hi], hessian, count)
+    assert count == 90
+    torch.testing.assert_close(acc, cross, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hessian, h, rtol=1e-5, atol=1e-5)

@@ -37,10 +37,25 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "base": base, "adapter": adapter, "cal": write_text_spec(root, "cal", "100:140")}
 
 
+def _toml(v) -> str:
+    if isinstance(v, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
 def quantize_config(folder: Path, s: dict, **quantize) -> Path:
     settings = {"calibration": str(s["cal"]), "samples": 16, "seq_len": 64, "group_size": 32, **quantize}
-    extra = "[quantize]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    extra = "[quantize]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
     return write_config(folder, s["base"], [(s["adapter"], 1.0)], extra=extra)
+
+
+def quantize_key(config: Path) -> str:
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.pipeline import STAGES
+
+    records, _ = Runner(load_config(config), STAGES, Options(dry_run=True, quiet=True)).run()
+    return next(r.key for r in records if r.name == "quantize")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +112,7 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, 
         for batches, mode in ((plain, False), (lockstep, True)):
             results.append(quantize_layer(runner.load_layer(i), batches, q, f"layer{i}", lockstep=mode, dtype=dtype))
             runner.free_layer(i)
-        (p_packed, p_report, p_out), (l_packed, l_report, l_out) = results
+        (p_packed, p_report, p_out, _), (l_packed, l_report, l_out, _) = results
         assert p_report == l_report
         for module, tensors in p_packed.items():
             for suffix, t in tensors.items():
@@ -112,14 +127,6 @@ def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path
     """forward_dtype = "bfloat16" quantizes the same linears from bf16 forwards: another key and other bytes (it
     really ran in bf16), the same bytes when run twice, and a checkpoint as close to the merge as the float32 one;
     spelling out the default "float32" keeps the key a config without the field has."""
-    from qmerge.config import load_config
-    from qmerge.dag import Options, Runner
-    from qmerge.pipeline import STAGES
-
-    def quantize_key(config: Path) -> str:
-        records, _ = Runner(load_config(config), STAGES, Options(dry_run=True, quiet=True)).run()
-        return next(r.key for r in records if r.name == "quantize")
-
     default_key = quantized["out"].name
     for run in ("f32", "bf16-a", "bf16-b"):
         (tmp_path / run).mkdir()
@@ -143,6 +150,73 @@ def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path
             e16 = (bf16.get_submodule(name).weight.float() - w).norm() / w.norm()
             assert abs(float(e16 - e32)) < 0.25 * float(e32), name
     assert checked > 0  # every layer's down_proj was compared
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_asymmetric_targets_kept_or_recomputed_give_the_same_bits(setup, lockstep, monkeypatch):
+    """GPTAQ's X̃, kept from one unquantized forward or recomputed per group from a copy of the layer (when they do
+    not fit the budget), give identical packed tensors and outputs, layer after layer. In the first layer the
+    unquantized and quantized streams start equal, so its first group (q/k/v) is exactly plain GPTQ's while the
+    groups after it differ; the unquantized stream is the unquantized layers' own outputs."""
+    from types import SimpleNamespace
+
+    from qmerge.stages import quantize as stage
+
+    q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=True, damp=0.01, calibration="x",
+                        scale_search="minmax", compensate=None, gptaq=SimpleNamespace(alpha=0.25))
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
+    ids = torch.randint(1, 96, (6, 32), generator=torch.Generator().manual_seed(1))
+    start = runner.layer_inputs(ids, 2)
+    streams = {"kept": (start, start), "recomputed": (start, start), "plain": (start, None)}
+    for i in range(len(runner.layers)):
+        results = {}
+        for mode, (batches, unquantized) in streams.items():
+            monkeypatch.setattr(stage, "TARGETS_BUDGET", 0 if mode == "recomputed" else stage.LOCKSTEP_BUDGET)
+            layer = runner.load_layer(i)
+            if unquantized is not None:
+                want = [run_layer(layer, b) for b in unquantized]
+            results[mode] = stage.quantize_layer(layer, batches, q, f"layer{i}", lockstep=lockstep,
+                                                 unquantized=unquantized)
+            runner.free_layer(i)
+            if unquantized is not None:
+                assert all(torch.equal(a, b) for a, b in zip(results[mode].unquantized_outputs, want))
+        kept, recomputed, plain = results["kept"], results["recomputed"], results["plain"]
+        for module, tensors in kept.packed.items():
+            for suffix, t in tensors.items():
+                assert torch.equal(t, recomputed.packed[module][suffix]), (i, module, suffix)
+        assert all(torch.equal(a, b) for a, b in zip(kept.outputs, recomputed.outputs))
+        if i == 0:
+            same = {m for m, tensors in kept.packed.items()
+                    if all(torch.equal(t, plain.packed[m][k]) for k, t in tensors.items())}
+            assert same == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, same
+        streams = {mode: ([type(b)(o, b.kwargs) for o, b in zip(r.outputs, streams[mode][0])],
+                          None if r.unquantized_outputs is None else
+                          [type(b)(o, b.kwargs) for o, b in zip(r.unquantized_outputs, streams[mode][1])])
+                   for mode, r in results.items()}
+
+
+def test_gptaq_is_an_option_with_its_own_key(setup, quantized, tmp_path, capsys):
+    """gptaq = {}: another key and other bytes, the same bytes when run twice; other alphas other keys; with the
+    gptqmodel backend or an alpha out of (0, 1], exit 2 before anything runs."""
+    outs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        assert run_cli(quantize_config(tmp_path / run, setup, gptaq={})) == 0
+        outs.append(stage_dir(tmp_path / run / "work", "quantize"))
+    assert outs[0].name == outs[1].name != quantized["out"].name
+    read = [(o / "model.safetensors").read_bytes() for o in (*outs, quantized["out"])]
+    assert read[0] == read[1] and read[0] != read[2]
+    report = json.loads((outs[0] / "quantize_report.json").read_text())
+    assert report["linears"] > 0 and report["mean_relative_error"] > 0
+    (tmp_path / "d").mkdir()
+    assert quantize_key(quantize_config(tmp_path / "d", setup, gptaq={"alpha": 0.25})) == outs[0].name
+    assert quantize_key(quantize_config(tmp_path / "d", setup, gptaq={"alpha": 0.5})) not in (outs[0].name,
+                                                                                           quantized["out"].name)
+    (tmp_path / "e").mkdir()
+    assert run_cli(quantize_config(tmp_path / "e", setup, gptaq={}, backend="gptqmodel")) == 2
+    assert "gptaq" in capsys.readouterr().err
+    (tmp_path / "f").mkdir()
+    assert run_cli(quantize_config(tmp_path / "f", setup, gptaq={"alpha": 1.5})) == 2
 
 
 def test_lockstep_error_in_a_paused_batch_reaches_the_caller(setup):
