@@ -111,6 +111,10 @@ class QuantizeSettings(Strict):
     # qmerge backend: "mse" shrinks each group's min/max range to the clipping of least rounding error (the grid
     # llm-compressor's MSE observer searches); "minmax" is GPTQ's own grid.
     scale_search: Literal["minmax", "mse"] = "minmax"
+    # qmerge and gptqmodel backends: each group's grid found up front from the merged weights (GPTQ's static_groups).
+    # With desc_act the columns are still solved in act order, but g_idx stays column // group_size: kernels skip
+    # the reordering, and compressed-tensors (no g_idx) can ship act-order checkpoints.
+    static_groups: bool = False
     gptaq: GptaqSettings | None = None
     compensate: CompensateSettings | None = None
 
@@ -247,9 +251,10 @@ class Config(Strict):
             if q.compensate is not None:
                 raise ValueError("compressed-tensors ships the GPTQ weights alone, not the compensation adapter "
                                  "the gate scores with them: drop quantize.compensate, or ship \"gptq\"")
-            if q.desc_act and q.group_size != -1:
+            if q.desc_act and q.group_size != -1 and not q.static_groups:
                 raise ValueError("compressed-tensors 0.20 cannot hold act-order with groups (its group dequantization "
-                                 "ignores g_idx): set quantize.desc_act = false, or group_size = -1")
+                                 "ignores g_idx): set quantize.static_groups = true (act order, contiguous groups), "
+                                 "or desc_act = false, or group_size = -1")
         if self.output.formats is not None and self.gate is None:
             raise ValueError("output.formats ships gated artifacts: add a [gate] section")
         return self

@@ -48,14 +48,15 @@ def _import_gptqmodel():
 def run_gptqmodel(merged: Path, out: Path, ids: torch.Tensor, q) -> dict:
     GPTQModel, QuantizeConfig = _import_gptqmodel()
     config = QuantizeConfig(bits=q.bits, group_size=q.group_size, sym=q.sym, desc_act=q.desc_act,
-                            act_group_aware=False, damp_percent=q.damp, static_groups=False, true_sequential=True,
-                            format="gptq")
+                            act_group_aware=False, damp_percent=q.damp, static_groups=q.static_groups,
+                            true_sequential=True, format="gptq")
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
     with _scratch_cwd():
         model = GPTQModel.load(str(merged), config, device="cuda" if torch.cuda.is_available() else "cpu")
         model.quantize(calibration, batch_size=min(CALIBRATION_BATCH, len(calibration)), calibration_sort=None)
         model.save(str(out))
-    _restamp(merged, out, quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp))
+    _restamp(merged, out, quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp,
+                                                          q.static_groups))
     return {"gptqmodel_version": _version()}
 
 

@@ -64,7 +64,8 @@ def _resolve_slice(cfg: Config) -> dict:
 def _quantize_slice(cfg: Config) -> dict:
     # Options at their defaults are left out, so configs without them keep the keys they had before they existed.
     q = cfg.quantize
-    defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None, "gptaq": None}
+    defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None, "gptaq": None,
+                "static_groups": False}
     return q.model_dump(exclude={k for k, v in defaults.items() if getattr(q, k) == v})
 
 

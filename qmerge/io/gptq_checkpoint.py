@@ -116,10 +116,11 @@ def dequantize_linear(tensors: dict[str, torch.Tensor], bits: int, served: bool 
     return w.to(torch.float16).to(torch.float32) if served else w
 
 
-def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, damp: float) -> dict:
+def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, damp: float,
+                        static_groups: bool = False) -> dict:
     """`quantization_config` for config.json and the body of quantize_config.json."""
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-            "damp_percent": damp, "static_groups": False, "true_sequential": True, "checkpoint_format": FORMAT}
+            "damp_percent": damp, "static_groups": static_groups, "true_sequential": True, "checkpoint_format": FORMAT}
 
 
 def write_model_files(merged: Path, out_dir: Path, qconfig: dict) -> None:

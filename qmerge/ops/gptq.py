@@ -348,7 +348,7 @@ def asymmetric_update(cross: torch.Tensor, inverse: InverseHessian, alpha: float
 def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                     desc_act: bool, damp: float, block_size: int = 128,
                     inverse: InverseHessian | None = None, search: str = "minmax",
-                    asymmetry: torch.Tensor | None = None) -> GPTQResult:
+                    asymmetry: torch.Tensor | None = None, static_groups: bool = False) -> GPTQResult:
     """GPTQ of `w` [out, in] given H [in, in]; neither input is modified. `inverse`: `inverse_hessian` of the same
     H, damp and desc_act when the caller already has it (linears that share an input share it).
 
@@ -356,15 +356,19 @@ def quantize_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     found when its first column is reached (in that order; g_idx maps columns back to groups). Lazy batch
     updates (Sec. 3, Step 2): the error of a block of columns reaches later columns in one matmul. `search`:
     how each group's grid is found (`find_params`). `asymmetry`: `asymmetric_update` of the same inverse (GPTAQ):
-    after each column is quantized, its value just before (w_p) moves the later columns by w_p·P[p, later]."""
+    after each column is quantized, its value just before (w_p) moves the later columns by w_p·P[p, later].
+    `static_groups`: every group's grid is found up front on the weights as given, over contiguous columns, before
+    any column is quantized (GPTQ's `static_groups`); with act-order the columns are still solved in act order,
+    but g_idx is the plain column // group_size, so kernels need no reordering (and compressed-tensors, which
+    keeps no g_idx, can hold it)."""
     return quantize_weights([w], hessian, bits, group_size, sym, desc_act, damp, block_size, inverse, search,
-                            asymmetry)[0]
+                            asymmetry, static_groups)[0]
 
 
 def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                      desc_act: bool, damp: float, block_size: int = 128,
                      inverse: InverseHessian | None = None, search: str = "minmax",
-                     asymmetry: torch.Tensor | None = None) -> list[GPTQResult]:
+                     asymmetry: torch.Tensor | None = None, static_groups: bool = False) -> list[GPTQResult]:
     """`quantize_weight` of several weights that read the same input (q/k/v; gate/up), solved as one: every step
     of Alg. 1 acts on each row alone given the shared H⁻¹, so stacking the rows gives each weight the result it
     gets alone, with one pass of the column loop instead of one per weight."""
@@ -376,14 +380,21 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
     size = cols // groups
     inverse = inverse or inverse_hessian(hessian.to(w.device), damp, desc_act, dtype)
     perm, used = inverse.perm, inverse.damp
+    g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size  # of each column in solve order
+    fixed = None
+    if static_groups and groups > 1:
+        grids = [find_params(w[:, g * size:(g + 1) * size], bits, sym, search) for g in range(groups)]
+        fixed = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
+        if perm is not None:
+            g_idx = (perm // size).to(torch.int32)
     if perm is not None:
         w = w[:, perm]
     threads, step = torch.get_num_threads(), _block_size(block_size, size, groups)
     with _threads(threads if w.shape[0] * step >= THREADED_COLUMNS_FROM else 1, w.device):
-        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads, search, asymmetry)
+        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads, search, asymmetry,
+                                          (*fixed, g_idx.tolist()) if fixed is not None else None)
     if used != damp:
         log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
-    g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // size
     if perm is not None:
         inverse = torch.argsort(perm)
         w, g_idx = w[:, inverse], g_idx[inverse]
@@ -399,17 +410,21 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
 
 def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int,
            threads: int = 1, search: str = "minmax",
-           asymmetry: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+           asymmetry: torch.Tensor | None = None, fixed: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Alg. 1 over columns in their (possibly permuted) order, with `hinv` the upper Cholesky factor of H⁻¹. Runs on
     the threads the caller set (one for small weights, see `_one_cpu_thread`); the lazy batch updates of large
     weights get `threads`. `asymmetry`: GPTAQ's P; column p's pre-quantization value w_p adds w_p·P[p, later] to
     the later columns, inside the block at once and across blocks in the lazy update, so the result does not
-    depend on the block size (the authors' code feeds the later blocks the quantized values instead)."""
+    depend on the block size (the authors' code feeds the later blocks the quantized values instead).
+    `fixed`: (scales, zeros, group of each column in solve order), static groups' grids found up front."""
     rows, cols = w.shape
     groups = cols // size
     dtype = w.dtype
-    scales = torch.empty(groups, rows, dtype=dtype, device=w.device)
-    zeros = torch.empty(groups, rows, dtype=dtype, device=w.device)
+    if fixed is not None:
+        scales, zeros, group_of = fixed
+    else:
+        scales = torch.empty(groups, rows, dtype=dtype, device=w.device)
+        zeros = torch.empty(groups, rows, dtype=dtype, device=w.device)
     losses = torch.zeros(rows, dtype=dtype, device=w.device)
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
@@ -419,10 +434,13 @@ def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int,
             before1, p1 = torch.empty_like(w1), asymmetry[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % size == 0:  # the group's grid, on its columns as updated so far
-                source = w1[:, i:i + size] if i + size <= i2 - i1 else w[:, col:col + size]
-                scales[col // size], zeros[col // size] = find_params(source, bits, sym, search)
-            s, z = scales[col // size], zeros[col // size]
+            if fixed is not None:
+                s, z = scales[group_of[col]], zeros[group_of[col]]
+            else:
+                if col % size == 0:  # the group's grid, on its columns as updated so far
+                    source = w1[:, i:i + size] if i + size <= i2 - i1 else w[:, col:col + size]
+                    scales[col // size], zeros[col // size] = find_params(source, bits, sym, search)
+                s, z = scales[col // size], zeros[col // size]
             q = fake_quantize(w1[:, i], s, z, bits)
             err = (w1[:, i] - q) / hinv1[i, i]
             if asymmetry is not None:

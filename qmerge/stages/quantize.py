@@ -261,7 +261,8 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
         stats.cross = None
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
-                                    inverse=inverse, search=q.scale_search, asymmetry=asymmetry)
+                                    inverse=inverse, search=q.scale_search, asymmetry=asymmetry,
+                                    static_groups=q.static_groups)
     del asymmetry
     # the damping GPTQ's Cholesky needed (it retries larger ones), so a Hessian GPTQ took is one the fit takes
     lower = _hessian_root(hessian, inverse.damp, q, name, group) if q.compensate is not None else None
@@ -375,7 +376,7 @@ def run_quantize(ctx: StageContext) -> dict:
     q = ctx.cfg.quantize
     merged = ctx.inputs["merge"]
     ids = calibration_ids(ctx)
-    qconfig = quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp)
+    qconfig = quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp, q.static_groups)
     if q.backend == "gptqmodel":
         from qmerge.gptqmodel_backend import run_gptqmodel
 

@@ -22,9 +22,10 @@ from tests.conftest import logits, make_base, save_char_tokenizer
 pytest.importorskip("compressed_tensors")
 
 LINEARS = 14  # 2 layers × q/k/v/o/gate/up/down; lm_head is tied and stays dense
-# (bits, group_size, sym, desc_act): act-order with group_size -1 has one group, so its g_idx is all zeros
+# (bits, group_size, sym, desc_act[, static_groups]): act-order with group_size -1 has one group, so its g_idx is
+# all zeros; act-order with static groups keeps g_idx contiguous
 CONVERTIBLE = [(4, 32, True, False), (4, 32, False, False), (4, -1, True, True), (4, -1, False, True),
-               (8, 32, False, False), (8, -1, True, False)]
+               (8, 32, False, False), (8, -1, True, False), (4, 32, False, True, True)]
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +36,27 @@ def made(tmp_path_factory) -> dict:
     return {"root": root, "base": base, "gptq": {}, "ct": {}}
 
 
-def gptq(made: dict, bits: int, group_size: int, sym: bool, desc_act: bool) -> Path:
+def gptq(made: dict, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool = False) -> Path:
     """A GPTQ v1 folder written by the quantize stage's own backend (16 windows of 32 random tokens)."""
     from qmerge.stages.quantize import run_qmerge_backend
 
-    key = (bits, group_size, sym, desc_act)
+    key = (bits, group_size, sym, desc_act, static_groups)
     if key not in made["gptq"]:
-        out = made["root"] / "gptq-{}-{}-{}-{}".format(*key)
+        out = made["root"] / "gptq-{}-{}-{}-{}-{}".format(*key)
         ids = torch.randint(1, 96, (16, 32), generator=torch.Generator().manual_seed(0))
         q = SimpleNamespace(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=0.01, calibration="x",
-                            forward_dtype="float32", scale_search="minmax", compensate=None, gptaq=None)
+                            forward_dtype="float32", scale_search="minmax", compensate=None, gptaq=None,
+                            static_groups=static_groups)
         run_qmerge_backend(made["base"], out, ids, q, "cpu", True, 2**30, set())
-        write_model_files(made["base"], out, quantization_config(bits, group_size, sym, desc_act, 0.01))
+        write_model_files(made["base"], out, quantization_config(bits, group_size, sym, desc_act, 0.01,
+                                                                 static_groups))
         made["gptq"][key] = out
     return made["gptq"][key]
 
 
 def ct(made: dict, *key) -> Path:
     if key not in made["ct"]:
-        out = made["root"] / "ct-{}-{}-{}-{}".format(*key)
+        out = made["root"] / "ct-{}".format("-".join(map(str, key)))
         write_compressed_tensors(gptq(made, *key), out)
         made["ct"][key] = out
     return made["ct"][key]
@@ -72,8 +75,8 @@ def model_from(folder: Path, reader) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("key", CONVERTIBLE, ids=lambda k: "b{}-g{}-{}-{}".format(k[0], k[1], "sym" if k[2] else
-                                                                                 "asym", "act" if k[3] else "noact"))
+@pytest.mark.parametrize("key", CONVERTIBLE, ids=lambda k: "b{}-g{}-{}-{}{}".format(
+    k[0], k[1], "sym" if k[2] else "asym", "act" if k[3] else "noact", "-static" if k[4:] and k[4] else ""))
 def test_readback_is_bit_exact_with_gptq_dequantization(made, key):
     """Every tensor, both products: CT's fp16 scale·(q − zp) equals qmerge's served GPTQ weight bit for bit, and
     with the scale widened to float32 the exact float32 dequantization, bit for bit. Non-quantized tensors keep
@@ -139,8 +142,9 @@ def test_config_is_what_compressed_tensors_writes(made, tmp_path):
         assert hf["quant_method"] == "compressed-tensors"
 
 
-@pytest.mark.parametrize("key", [(4, 32, False, False), (4, -1, True, True), (8, 32, False, False)],
-                         ids=["b4-g32-asym", "b4-channel-sym-act", "b8-g32-asym"])
+@pytest.mark.parametrize("key", [(4, 32, False, False), (4, -1, True, True), (8, 32, False, False),
+                                 (4, 32, True, True, True)],
+                         ids=["b4-g32-asym", "b4-channel-sym-act", "b8-g32-asym", "b4-g32-sym-act-static"])
 def test_transformers_loads_it_and_matches_the_readback(made, key, tokens):
     """An independent loader: transformers' CompressedTensorsHfQuantizer with dequantize=True (the successor of
     run_compressed=False) decompresses at load in the checkpoint's fp16 scale, so every linear holds exactly
@@ -231,6 +235,20 @@ def test_dense_folder_is_refused(made, tmp_path):
     with pytest.raises(BadInputError, match=r"config.json.*not a GPTQ checkpoint") as e:
         write_compressed_tensors(made["base"], tmp_path / "out")
     assert e.value.exit_code == 2 and not (tmp_path / "out").exists() and _no_temp_left(tmp_path)
+
+
+def test_act_order_with_static_groups_keeps_contiguous_groups(made):
+    """The GPTQ checkpoint of act-order with static groups: g_idx is column // group_size in every linear, the config
+    says so (desc_act and static_groups), and its codes differ from act-order's dynamic groups (really solved)."""
+    static, dynamic = CheckpointReader(gptq(made, 4, 32, True, True, True)), CheckpointReader(gptq(made, 4, 32, True,
+                                                                                                   True))
+    names = [n for n in static.names if n.endswith(".g_idx")]
+    assert len(names) == LINEARS
+    for name in names:
+        assert torch.equal(static.get(name).long(), torch.arange(static.tensors[name].shape[0]) // 32), name
+    assert any(not torch.equal(static.get(n), dynamic.get(n)) for n in static.names if n.endswith(".qweight"))
+    qconfig = json.loads((gptq(made, 4, 32, True, True, True) / "config.json").read_text())["quantization_config"]
+    assert qconfig["desc_act"] and qconfig["static_groups"]
 
 
 def test_act_order_groups_are_refused(made, tmp_path):

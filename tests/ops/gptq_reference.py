@@ -71,8 +71,9 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool,
                    damp: float, search: str = "minmax", cross: torch.Tensor | None = None,
-                   alpha: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (dequantized Q [out, in], g_idx [in]) in float64."""
+                   alpha: float = 0.25, static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dequantized Q [out, in], g_idx [in]) in float64. `static_groups`: each group of contiguous columns
+    gets its grid from the weights as given, before anything is quantized, and keeps it whatever the order."""
     w = w.double().clone()
     h = h.double().clone()
     rows, cols = w.shape
@@ -88,11 +89,17 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
     g_idx = torch.zeros(cols, dtype=torch.int32)
     remaining = list(order)
     scale = zero = None
+    static = [reference_grid(w[:, g:g + size], bits, sym, search) for g in range(0, cols, size)] \
+        if static_groups else None
     for position, p in enumerate(order):
-        if position % size == 0:
-            group_cols = order[position:position + size]
-            scale, zero = reference_grid(w[:, group_cols], bits, sym, search)
-        g_idx[p] = position // size
+        if static_groups and size < cols:
+            scale, zero = static[p // size]
+            g_idx[p] = p // size
+        else:
+            if position % size == 0:
+                group_cols = order[position:position + size]
+                scale, zero = reference_grid(w[:, group_cols], bits, sym, search)
+            g_idx[p] = position // size
         before = w[:, p].clone()
         q[:, p] = fake_quantize(w[:, p], scale, zero, bits)
         err = (w[:, p] - q[:, p]) / hinv[p, p]

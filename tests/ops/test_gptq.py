@@ -229,7 +229,7 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
 
     class Settings:
         bits, group_size, sym, desc_act, damp, calibration = 4, 64, True, True, 0.01, "test"
-        scale_search, compensate = "minmax", None
+        scale_search, compensate, static_groups = "minmax", None, False
 
     checked = 0
     for index in range(len(runner.layers)):
@@ -347,3 +347,25 @@ def test_accumulate_cross_is_the_running_mean_of_the_batches():
     assert count == 90
     torch.testing.assert_close(acc, cross, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hessian, h, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size,sym,desc_act", [(4, 32, True, True), (4, 48, False, True),
+                                                          (3, 32, False, False), (2, 48, True, True)])
+def test_static_groups_match_the_oracle_and_keep_contiguous_groups(bits, group_size, sym, desc_act):
+    """Static groups: each group's grid from the weights as given, found before any column moves; with act-order
+    the columns are solved in act order yet g_idx stays column // group_size. Equal to the oracle, and other codes
+    than the dynamic grids (which see the updated columns)."""
+    w, h = problem(seed=21 + bits)
+    got = quantize_weight(w.double(), h.double(), bits, group_size, sym, desc_act, 0.01, block_size=16,
+                          static_groups=True)
+    want, g_idx = reference_gptq(w, h, bits, group_size, sym, desc_act, 0.01, static_groups=True)
+    assert torch.equal(got.g_idx, torch.arange(w.shape[1], dtype=torch.int32) // group_size)
+    assert torch.equal(got.g_idx, g_idx)
+    torch.testing.assert_close(got.weight, want, rtol=0, atol=1e-12)
+    from qmerge.ops.gptq import find_params
+    first = find_params(w.double()[:, :group_size], bits, sym)
+    assert torch.equal(got.scales[0], first[0]) and torch.equal(got.zeros[0], first[1].to(torch.int32))
+    dynamic = quantize_weight(w.double(), h.double(), bits, group_size, sym, desc_act, 0.01, block_size=16)
+    assert not torch.equal(got.weight, dynamic.weight)
+    codes = codes_from_weight(got.weight, got.scales, got.zeros, got.g_idx, bits)
+    assert torch.equal(gptq.dequantize_grouped(codes, got.scales, got.zeros, got.g_idx, torch.float64), got.weight)

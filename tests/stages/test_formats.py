@@ -85,10 +85,18 @@ def test_every_format_is_gated_on_its_written_bytes_and_ships_only_if_it_passed(
     (["gptq"], "", "needs a [quantize] section"),
     (["gguf-q4_k"], "", "unknown format"),
     (["compressed-tensors"], "[quantize]\ncalibration = \"x.toml\"\ndesc_act = true\ngroup_size = 32",
-     "act-order with groups"),
+     "set quantize.static_groups = true"),
 ])
 def test_impossible_combinations_are_exit_2_before_anything_runs(tmp_path, smol, capsys, formats, quantize, message):
     cfg = _config(tmp_path, smol, formats, quantize=quantize)
     assert run_cli(cfg) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "work" / "merge").exists()
+
+
+def test_act_order_with_static_groups_can_ship_compressed_tensors(tmp_path, smol):
+    from qmerge.config import load_config
+
+    quantize = "[quantize]\ncalibration = \"x.toml\"\ndesc_act = true\ngroup_size = 32\nstatic_groups = true"
+    cfg = load_config(_config(tmp_path, smol, ["compressed-tensors"], quantize=quantize))
+    assert cfg.quantize.desc_act and cfg.quantize.static_groups

@@ -103,7 +103,7 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, 
     from qmerge.stages.quantize import quantize_layer
 
     q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=desc_act, damp=0.01, calibration="x",
-                        scale_search="minmax", compensate=None)
+                        scale_search="minmax", compensate=None, static_groups=False)
     runner = LayerwiseModel.from_folder(setup["base"], "cpu")
     ids = torch.randint(1, 96, (6, 32), generator=torch.Generator().manual_seed(1))
     plain = lockstep = runner.layer_inputs(ids, 2)
@@ -163,7 +163,8 @@ def test_asymmetric_targets_kept_or_recomputed_give_the_same_bits(setup, lockste
     from qmerge.stages import quantize as stage
 
     q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=True, damp=0.01, calibration="x",
-                        scale_search="minmax", compensate=None, gptaq=SimpleNamespace(alpha=0.25))
+                        scale_search="minmax", compensate=None, gptaq=SimpleNamespace(alpha=0.25),
+                        static_groups=False)
     runner = LayerwiseModel.from_folder(setup["base"], "cpu")
     ids = torch.randint(1, 96, (6, 32), generator=torch.Generator().manual_seed(1))
     start = runner.layer_inputs(ids, 2)
