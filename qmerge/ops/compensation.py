@@ -42,6 +42,17 @@ def hessian_root(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return lower
 
 
+def asymmetric_target(w: torch.Tensor, cross: torch.Tensor, lower: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W + α·W·ΔXXᵀ·(H + λI)⁻¹, L·Lᵀ = H + λI (`hessian_root`): the weight whose output on the quantized model's
+    inputs X best matches W's output on the unquantized model's inputs X̃ (GPTAQ's target; ΔXXᵀ = 2(X̃ − X)Xᵀ/n).
+    With α = 1 it solves T·(H + λI) = W·(H + ΔXXᵀ + λI): least squares in ‖TX − WX̃‖ with the same ridge λ that
+    GPTQ damps H with, pulling T towards W; α < 1 moves that share of the way, as the solve does."""
+    dtype = _dtype(w)
+    w, lower = w.to(dtype), lower.to(dtype)
+    move = torch.cholesky_solve((w @ cross.to(dtype)).T, lower).T  # (W·ΔXXᵀ)·(H + λI)⁻¹, H + λI symmetric
+    return w + alpha * move
+
+
 def top_singular(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U [rows, k], S [k], Vᵀ [k, cols]) of the k = min(rank, rows, cols) largest singular values of `m`: exact
     up to FULL_SVD_UP_TO (or when the sketch would not be smaller), else a seeded randomized range finder with

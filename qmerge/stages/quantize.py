@@ -255,10 +255,10 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
     except gptq.HessianNotPositiveDefinite as e:
         raise BadInputError(f"GPTQ of {name}.{'/'.join(group)}: {e}", path=q.calibration,
                             fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
-    asymmetry = None
-    if stats.cross is not None:
-        asymmetry = gptq.asymmetric_update(stats.cross, inverse, q.gptaq.alpha)
-        stats.cross = None
+    asymmetry, cross = None, stats.cross
+    stats.cross = None
+    if cross is not None:
+        asymmetry = gptq.asymmetric_update(cross, inverse, q.gptaq.alpha)
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
                                     inverse=inverse, search=q.scale_search, asymmetry=asymmetry,
@@ -274,7 +274,10 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
                                           result.g_idx.cpu(), q.bits)
         weight = result.weight
         if lower is not None:
-            weight, a, b = _compensate(w, weight, lower, q.compensate)
+            # with GPTAQ the compensation fits the same target as the solve (W's output on the unquantized inputs),
+            # not W itself, which would undo the correction GPTAQ made
+            target = w if cross is None else compensation.asymmetric_target(w, cross, lower, q.gptaq.alpha)
+            weight, a, b = _compensate(target, weight, lower, q.compensate)
             factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
         report[module_name] = _errors(w, result.weight, rtn.weight, hessian, inputs,
                                       weight if lower is not None else None)
@@ -292,7 +295,8 @@ def _hessian_root(hessian: torch.Tensor, damp: float, q, name: str, group: list[
 
 def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
                 settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q as served + B·A, A, B): the correction of W − Q_served, its factors rounded to their stored dtype."""
+    """(Q as served + B·A, A, B): the correction of W − Q_served (W: the weight the fit aims at), its factors
+    rounded to their stored dtype."""
     served = quantized.to(torch.float16).to(quantized.dtype)  # the fp16 product the kernels compute
     a, b = compensation.fit(w.to(served.dtype) - served, lower, settings.rank)
     dtype = getattr(torch, settings.dtype)

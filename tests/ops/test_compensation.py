@@ -80,3 +80,30 @@ def test_dead_columns_and_non_finite_hessians():
     h[0, 0] = float("nan")
     with pytest.raises(ValueError, match="positive definite"):
         hessian_root(h, 0.01)
+
+
+def test_asymmetric_target_is_the_ridge_solution_and_the_fit_aims_at_it():
+    """GPTAQ's target T = W + α·W·ΔXXᵀ·(H + λI)⁻¹: with α = 1 it solves T(H + λI) = W(H + ΔXXᵀ + λI), the normal
+    equations of ‖TX − WX̃‖ with GPTQ's ridge; α = 0.25 goes a quarter of the way. A compensation fitted to T − Q
+    leaves less output error against WX̃ than one fitted to W − Q (which would undo GPTAQ's correction)."""
+    from qmerge.ops.compensation import asymmetric_target
+
+    _, h, x = problem(seed=3)
+    g = torch.Generator().manual_seed(4)
+    target_x = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std(dim=0)
+    cross = 2 * (target_x - x).T @ x / x.shape[0]
+    w = torch.randn(40, 64, generator=g, dtype=torch.float64)
+    lower = hessian_root(h, 0.01)
+    damped = lower @ lower.T
+    t = asymmetric_target(w, cross, lower, 1.0)
+    torch.testing.assert_close(t @ damped, w @ (damped + cross), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(asymmetric_target(w, cross, lower, 0.25) - w, 0.25 * (t - w), rtol=1e-9, atol=1e-12)
+    q = w + 0.05 * torch.randn(w.shape, generator=g, dtype=torch.float64)  # a stand-in for the quantized weight
+    want = w @ target_x.T
+
+    def error(weight):
+        return float((weight @ x.T - want).norm())
+
+    a_t, b_t = fit(t - q, lower, 8)
+    a_w, b_w = fit(w - q, lower, 8)
+    assert error(q + b_t @ a_t) < error(q + b_w @ a_w) and error(q + b_t @ a_t) < error(q)

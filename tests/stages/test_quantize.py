@@ -218,6 +218,10 @@ def test_gptaq_is_an_option_with_its_own_key(setup, quantized, tmp_path, capsys)
     assert "gptaq" in capsys.readouterr().err
     (tmp_path / "f").mkdir()
     assert run_cli(quantize_config(tmp_path / "f", setup, gptaq={"alpha": 1.5})) == 2
+    (tmp_path / "g").mkdir()  # with a compensation adapter, fitted to GPTAQ's target (tests/ops/test_compensation.py)
+    assert run_cli(quantize_config(tmp_path / "g", setup, gptaq={}, compensate={"rank": 4})) == 0
+    both = stage_dir(tmp_path / "g" / "work", "quantize")
+    assert (both / "compensation" / "adapter_model.safetensors").is_file()
 
 
 def test_lockstep_error_in_a_paused_batch_reaches_the_caller(setup):
