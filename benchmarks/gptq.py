@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backends", default="qmerge,gptqmodel",
                    help="comma-separated: gptqmodel, or qmerge with options joined by '-': bf16 (forward_dtype = "
                         "bfloat16), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
-                        "{ alpha = <α> }, e.g. gptaq1), c<rank> (compensate = { rank = <rank> }); e.g. "
+                        "{ alpha = <α> }, e.g. gptaq1), static (static_groups = true), c<rank> (compensate = { rank = <rank> }); e.g. "
                         "qmerge-gptaq-c16")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each backend, taking turns (A B, B A, A B, ...); the table shows medians and min-max")
@@ -109,6 +109,8 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
             lines.append('forward_dtype = "bfloat16"')
         elif option == "mse":
             lines.append('scale_search = "mse"')
+        elif option == "static":
+            lines.append("static_groups = true")
         elif option == "gptaq":
             lines.append("gptaq = {}")
         elif option.startswith("gptaq"):
@@ -116,7 +118,7 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
         elif option.startswith("c") and option[1:].isdigit():
             lines.append(f"compensate = {{ rank = {int(option[1:])} }}")
         else:
-            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16][-mse][-gptaq[<α>]][-c<rank>]")
+            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16][-mse][-static][-gptaq[<α>]][-c<rank>]")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
