@@ -340,6 +340,23 @@ def test_gptqmodel_backend_writes_the_same_format(setup, tmp_path):
     assert 0 < theirs < 0.8 * rtn
 
 
+@pytest.mark.parametrize("backend", ["qmerge", pytest.param("gptqmodel", marks=needs_gptqmodel)])
+def test_static_groups_keep_act_order_groups_contiguous(setup, tmp_path, backend):
+    """static_groups with act-order, in either backend: every g_idx is column // group_size, the config says
+    static_groups, and the model is still closer to the merge than round-to-nearest."""
+    assert run_cli(quantize_config(tmp_path, setup, backend=backend, static_groups=True)) == 0
+    out = stage_dir(tmp_path / "work", "quantize")
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["desc_act"] and qconfig["static_groups"]
+    reader = CheckpointReader(out)
+    names = [n for n in reader.names if n.endswith(".g_idx")]
+    assert len(names) == 14
+    for name in names:
+        assert torch.equal(reader.get(name).long(), torch.arange(reader.tensors[name].shape[0]) // 32), name
+    ours, rtn = heldout_mse(setup, stage_dir(tmp_path / "work", "merge"), out)
+    assert 0 < ours < rtn
+
+
 def test_group_size_that_does_not_divide_is_exit_2(setup, tmp_path, capsys):
     assert run_cli(quantize_config(tmp_path, setup, group_size=48)) == 2
     err = capsys.readouterr().err
