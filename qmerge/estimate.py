@@ -114,10 +114,10 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
                           shape.layers * shape.layer_elements * (q.bits / 8 + 4 / max(q.group_size, 32)))
         peak = quantize_peak(shape, q.samples, q.seq_len, max(1, 4096 // q.seq_len))
         if q.gptaq is not None:
-            # the unquantized stream (inputs and outputs), ΔXXᵀ and P beside H, and either every group's X̃ (when
-            # they fit the budget) or an unquantized copy of the layer
+            # the unquantized stream (inputs and outputs); ΔXXᵀ beside H and, while P is made, its permuted copy,
+            # their product and P; and either every group's X̃ (when they fit the budget) or a copy of the layer
             tokens = q.samples * q.seq_len
-            peak += 2 * tokens * shape.hidden * F32 + 2 * shape.max_in_features ** 2 * F32
+            peak += 2 * tokens * shape.hidden * F32 + 4 * shape.max_in_features ** 2 * F32
             peak += max(LOCKSTEP_BUDGET, shape.layer_elements * F32)
         if q.compensate is not None:
             # the Hessian's root, the residual and its SVD (≤ 3 weight-sized copies), every factor held to the end

@@ -259,6 +259,8 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
     stats.cross = None
     if cross is not None:
         asymmetry = gptq.asymmetric_update(cross, inverse, q.gptaq.alpha)
+        if q.compensate is None:  # else the compensation's target needs it
+            cross = None
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
                                     inverse=inverse, search=q.scale_search, asymmetry=asymmetry,
