@@ -55,8 +55,7 @@ def run_gptqmodel(merged: Path, out: Path, ids: torch.Tensor, q) -> dict:
         model = GPTQModel.load(str(merged), config, device="cuda" if torch.cuda.is_available() else "cpu")
         model.quantize(calibration, batch_size=min(CALIBRATION_BATCH, len(calibration)), calibration_sort=None)
         model.save(str(out))
-    _restamp(merged, out, quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp,
-                                                          q.static_groups))
+    _restamp(merged, out, quantization_config(q.bits, q.group_size, q.sym, q.desc_act, q.damp, q.static_groups))
     return {"gptqmodel_version": _version()}
 
 

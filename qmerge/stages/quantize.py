@@ -96,6 +96,25 @@ def _first(kwargs: dict) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def input_of(layer: torch.nn.Module, module: torch.nn.Module, batch: LayerBatch,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`module`'s input in the layer's forward on `batch`, the forward stopped right where it appears."""
+    found = []
+
+    def hook(_module, args):
+        found.append(args[0])
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run_layer(layer, batch, dtype)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return found[0]
+
+
 TARGETS_BUDGET = LOCKSTEP_BUDGET  # GPTAQ: every group's X̃ of a layer is kept when it fits in this (float32 bytes)
 
 
@@ -133,20 +152,7 @@ class UnquantizedInputs:
         if self.cache is not None:
             x, self.cache[group][batch] = self.cache[group][batch], None
             return x
-        found = []
-
-        def hook(_module, args):
-            found.append(args[0])
-            raise _StopForward
-
-        handle = self.firsts[group].register_forward_pre_hook(hook)
-        try:
-            run_layer(self.reference, self.batches[batch], self.dtype)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return found[0]
+        return input_of(self.reference, self.firsts[group], self.batches[batch], self.dtype)
 
 
 class GroupStatistics:
@@ -170,21 +176,8 @@ def group_hessian(layer: torch.nn.Module, first: torch.nn.Linear, batches: list[
                   targets: UnquantizedInputs | None = None) -> GroupStatistics:
     """The group's `GroupStatistics`, each batch's forward stopped right where its shared input X appears."""
     stats = GroupStatistics(first, group, targets)
-    index = 0
-
-    def hook(_module, args):
-        stats.add(index, args[0])
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        for index, batch in enumerate(batches):
-            try:
-                run_layer(layer, batch, dtype)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    for index, batch in enumerate(batches):
+        stats.add(index, input_of(layer, first, batch, dtype))
     return stats
 
 
