@@ -295,6 +295,9 @@ THREADED_UPDATE_FROM = 2**22
 # layer (GPTQModel, multi-threaded throughout, was 1.27× faster on the 7B slice). SmolLM2's largest group, gate/up
 # with 3072 rows, stays below it on one thread.
 THREADED_COLUMNS_FROM = 2**19
+# Such a large solve also splits its blocks into sub-blocks of this many columns (`_solve`'s `sub`): each column's
+# rank-1 update then touches rows × 32 entries instead of rows × the rest of the block (7B q/k/v: 7.2 → 5.1 s).
+SUB_BLOCK = 32
 
 
 class InverseHessian(NamedTuple):
@@ -373,7 +376,7 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
     of Alg. 1 acts on each row alone given the shared H⁻¹, so stacking the rows gives each weight the result it
     gets alone, with one pass of the column loop instead of one per weight."""
     dtype = _math_dtype(ws[0])
-    w = torch.cat([x.to(dtype) for x in ws]) if len(ws) > 1 else ws[0].to(dtype).clone()
+    w = torch.cat([x.to(dtype) for x in ws]) if len(ws) > 1 else ws[0].to(dtype)  # copied below
     cols = w.shape[1]
     max_code(bits)  # validates bits before any work
     groups = group_count(cols, group_size)
@@ -387,17 +390,24 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
         fixed = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
         if perm is not None:
             g_idx = (perm // size).to(torch.int32)
-    if perm is not None:
-        w = w[:, perm]
+    # the solve works on Wᵀ (columns as rows, in solve order): each column it reads and writes is contiguous, where a
+    # column of W is `rows` cache lines apart (same arithmetic, same bits; 2× faster on a 7B layer)
+    wt = w.T.index_select(0, perm) if perm is not None else w.T.clone(memory_format=torch.contiguous_format)
+    del w
     threads, step = torch.get_num_threads(), _block_size(block_size, size, groups)
-    with _threads(threads if w.shape[0] * step >= THREADED_COLUMNS_FROM else 1, w.device):
-        w, scales, zeros, losses = _solve(w, inverse.hinv, bits, sym, size, step, threads, search, asymmetry,
-                                          (*fixed, g_idx.tolist()) if fixed is not None else None)
+    large = wt.shape[1] * step >= THREADED_COLUMNS_FROM
+    with _threads(threads if large else 1, wt.device):
+        wt, scales, zeros, losses = _solve(wt, inverse.hinv, bits, sym, size, step, threads, search, asymmetry,
+                                           (*fixed, g_idx.tolist()) if fixed is not None else None,
+                                           _sub_block(step, size) if large else step)
     if used != damp:
         log.warning("GPTQ: Hessian needed damp = %g (asked %g)", used, damp)
     if perm is not None:
         inverse = torch.argsort(perm)
-        w, g_idx = w[:, inverse], g_idx[inverse]
+        w, g_idx = wt.T.index_select(1, inverse), g_idx[inverse]
+    else:
+        w = wt.T.contiguous()
+    del wt
     zeros = zeros.to(torch.int32)
     results, start = [], 0
     for x in ws:
@@ -408,54 +418,74 @@ def quantize_weights(ws: list[torch.Tensor], hessian: torch.Tensor, bits: int, g
     return results
 
 
-def _solve(w: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int,
+def _sub_block(step: int, size: int) -> int:
+    """Columns per sub-block of a large solve's blocks: divides the block, and every group starts a sub-block (a
+    group's grid needs its columns updated by all earlier ones when its first column is reached)."""
+    sub = math.gcd(step, size, SUB_BLOCK)
+    return sub if sub >= 8 else step
+
+
+def _solve(wt: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int, step: int,
            threads: int = 1, search: str = "minmax",
-           asymmetry: torch.Tensor | None = None, fixed: tuple | None = None) -> tuple[torch.Tensor, ...]:
-    """Alg. 1 over columns in their (possibly permuted) order, with `hinv` the upper Cholesky factor of H⁻¹. Runs on
-    the threads the caller set (one for small weights, see `_one_cpu_thread`); the lazy batch updates of large
-    weights get `threads`. `asymmetry`: GPTAQ's P; column p's pre-quantization value w_p adds w_p·P[p, later] to
-    the later columns, inside the block at once and across blocks in the lazy update, so the result does not
-    depend on the block size (the authors' code feeds the later blocks the quantized values instead).
-    `fixed`: (scales, zeros, group of each column in solve order), static groups' grids found up front."""
-    rows, cols = w.shape
+           asymmetry: torch.Tensor | None = None, fixed: tuple | None = None,
+           sub: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Alg. 1 over the rows of `wt` = Wᵀ [cols, rows] (W's columns, possibly permuted, in solve order), with `hinv`
+    the upper Cholesky factor of H⁻¹; returns the quantized Wᵀ (in place), scales, zeros and losses. Runs on the
+    threads the caller set (one for small weights, see `_one_cpu_thread`); the lazy batch updates of large weights
+    get `threads`. `sub`: within a block, a column's error reaches the rest of its sub-block of `sub` columns at
+    once and the rest of the block in one matmul per sub-block (the lazy batch update again, one level down);
+    `sub` = `step` is the plain algorithm. Same result up to float rounding in the order updates are summed.
+    `asymmetry`: GPTAQ's P; column p's pre-quantization value w_p adds w_p·P[p, later] to the later columns, in the
+    same lazy way, so the result does not depend on the block size (the authors' code feeds the later blocks the
+    quantized values instead). `fixed`: (scales, zeros, group of each column in solve order), static groups' grids
+    found up front."""
+    cols, rows = wt.shape
     groups = cols // size
-    dtype = w.dtype
+    sub = sub or step
+    dtype = wt.dtype
     if fixed is not None:
         scales, zeros, group_of = fixed
     else:
-        scales = torch.empty(groups, rows, dtype=dtype, device=w.device)
-        zeros = torch.empty(groups, rows, dtype=dtype, device=w.device)
-    losses = torch.zeros(rows, dtype=dtype, device=w.device)
+        scales = torch.empty(groups, rows, dtype=dtype, device=wt.device)
+        zeros = torch.empty(groups, rows, dtype=dtype, device=wt.device)
+    losses = torch.zeros(rows, dtype=dtype, device=wt.device)
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        w1, hinv1 = wt[i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         if asymmetry is not None:
             before1, p1 = torch.empty_like(w1), asymmetry[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if fixed is not None:
-                s, z = scales[group_of[col]], zeros[group_of[col]]
-            else:
-                if col % size == 0:  # the group's grid, on its columns as updated so far
-                    source = w1[:, i:i + size] if i + size <= i2 - i1 else w[:, col:col + size]
-                    scales[col // size], zeros[col // size] = find_params(source, bits, sym, search)
-                s, z = scales[col // size], zeros[col // size]
-            q = fake_quantize(w1[:, i], s, z, bits)
-            err = (w1[:, i] - q) / hinv1[i, i]
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if fixed is not None:
+                    s, z = scales[group_of[col]], zeros[group_of[col]]
+                else:
+                    if col % size == 0:  # the group's grid, on its columns as updated so far
+                        source = w1[i:i + size] if i + size <= i2 - i1 else wt[col:col + size]
+                        scales[col // size], zeros[col // size] = find_params(source.T.contiguous(), bits, sym,
+                                                                              search)
+                    s, z = scales[col // size], zeros[col // size]
+                q = fake_quantize(w1[i], s, z, bits)
+                err = (w1[i] - q) / hinv1[i, i]
+                if asymmetry is not None:
+                    before1[i] = w1[i]
+                    w1[i + 1:j2] += before1[i].unsqueeze(0) * p1[i, i + 1:j2].unsqueeze(1)
+                w1[i:j2] -= err.unsqueeze(0) * hinv1[i, i:j2].unsqueeze(1)
+                w1[i] = q
+                err1[i] = err
+            if j2 < i2 - i1:
+                w1[j2:] -= hinv1[j1:j2, j2:].T @ err1[j1:j2]
+                if asymmetry is not None:
+                    w1[j2:] += p1[j1:j2, j2:].T @ before1[j1:j2]
+        losses += err1.square().sum(dim=0) / 2  # (w − q)² / d² / 2 per column, summed once per block
+        wt[i1:i2] = w1
+        with _threads(threads if w1.shape[1] * (cols - i2) >= THREADED_UPDATE_FROM else 1, wt.device):
+            wt[i2:] -= hinv[i1:i2, i2:].T @ err1
             if asymmetry is not None:
-                before1[:, i] = w1[:, i]
-                w1[:, i + 1:] += before1[:, i].unsqueeze(1) * p1[i, i + 1:].unsqueeze(0)
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        losses += err1.square().sum(dim=1) / 2  # (w − q)² / d² / 2 per column, summed once per block
-        w[:, i1:i2] = w1
-        with _threads(threads if w1.shape[0] * (cols - i2) >= THREADED_UPDATE_FROM else 1, w.device):
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-            if asymmetry is not None:
-                w[:, i2:] += before1 @ asymmetry[i1:i2, i2:]
-    return w, scales, zeros, losses
+                wt[i2:] += asymmetry[i1:i2, i2:].T @ before1
+    return wt, scales, zeros, losses
 
 
 def output_errors(deltas: list[torch.Tensor], hessian: torch.Tensor,
