@@ -36,14 +36,27 @@ def _run(bits: int) -> tuple[int, int]:
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packs unsigned `bits`-bit integers [n, m] along n into int32 [n·bits/32, m]."""
+    """Packs unsigned `bits`-bit integers [n, m] along n into int32 [n·bits/32, m], a band of columns at a time (the
+    shifts work in int64: whole, a 7B gate_proj's would take 0.7 GB of temporaries)."""
     codes, words = _run(bits)
     n, m = values.shape
     if n % codes:
         raise ValueError(f"{n} rows cannot be packed at {bits} bits: need a multiple of {codes}")
-    v = values.to(torch.int64).reshape(n // codes, codes, m)
-    if v.min() < 0 or v.max() >= 2**bits:
+    if values.numel() and (values.min() < 0 or values.max() >= 2**bits):
         raise ValueError(f"values outside [0, {2**bits - 1}] cannot be packed at {bits} bits")
+    out = torch.empty(n // codes * words, m, dtype=torch.int32)
+    band = max(1, PACK_BAND // max(1, n))
+    for j in range(0, m, band):
+        out[:, j:j + band] = _pack_band(values[:, j:j + band], bits, codes, words)
+    return out
+
+
+PACK_BAND = 1 << 22  # values per band in `pack_rows`
+
+
+def _pack_band(values: torch.Tensor, bits: int, codes: int, words: int) -> torch.Tensor:
+    n, m = values.shape
+    v = values.to(torch.int64).reshape(n // codes, codes, m)
     if words == 1:  # 2/4/8 bits: disjoint fields of one word, so shifting and summing is OR-ing
         shifts = (torch.arange(codes, dtype=torch.int64) * bits).view(1, codes, 1)
         out = (v << shifts).sum(dim=1, keepdim=True)

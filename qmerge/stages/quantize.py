@@ -263,10 +263,10 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
     lower = _hessian_root(hessian, inverse.damp, q, name, group) if q.compensate is not None else None
     for module_name, w, result in zip(group, weights, results):
         linear = linears[module_name]
-        rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym, q.scale_search)
         codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
         packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
                                           result.g_idx.cpu(), q.bits)
+        del codes
         weight = result.weight
         if lower is not None:
             # with GPTAQ the compensation fits the same target as the solve (W's output on the unquantized inputs),
@@ -274,8 +274,9 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
             target = w if cross is None else compensation.asymmetric_target(w, cross, lower, q.gptaq.alpha)
             weight, a, b = _compensate(target, weight, lower, q.compensate)
             factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
-        report[module_name] = _errors(w, result.weight, rtn.weight, hessian, inputs,
-                                      weight if lower is not None else None)
+        rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym, q.scale_search).weight
+        report[module_name] = _errors(w, result.weight, rtn, hessian, inputs, weight if lower is not None else None)
+        del rtn
         with torch.no_grad():
             linear.weight.copy_(weight)
 
@@ -303,12 +304,20 @@ def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.
             inputs: list[torch.Tensor] | None = None, compensated: torch.Tensor | None = None) -> dict:
     """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest,
     and for Q + B·A when `compensated` is given, all in one pass."""
-    deltas = [w, w - q, w - rtn] + ([w.to(compensated.dtype) - compensated] if compensated is not None else [])
-    ref, *errs = gptq.output_errors(deltas, hessian, inputs)
+    ref, *errs = gptq.output_errors(_deltas(w, q, rtn, compensated), hessian, inputs)
     out = {}
     for key, err in zip(("", "rtn_", "compensated_"), errs):
         out |= {f"{key}error": err**0.5, f"{key}relative": (err / ref) ** 0.5 if ref else None}
     return out
+
+
+def _deltas(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, compensated: torch.Tensor | None):
+    """W, then W − Q for each Q, made one at a time (each a weight-sized temporary)."""
+    yield w
+    yield w - q
+    yield w - rtn
+    if compensated is not None:
+        yield w.to(compensated.dtype) - compensated
 
 
 def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: str, quiet: bool,

@@ -189,6 +189,27 @@ def test_pack_unpack_round_trip_is_bit_exact(bits):
     assert fp16.dtype == torch.float16 and torch.equal(dequantize_linear(stored, bits, served=True), fp16.float())
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packing_and_codes_by_bands_are_those_of_the_whole(monkeypatch, bits):
+    """pack_rows and codes_from_weight work a band at a time (memory); bands of one and of a few columns/rows
+    (an uneven last one included) give the whole tensor's bits."""
+    from qmerge.io import gptq_checkpoint
+
+    w, h = problem(seed=bits, rows=64, cols=96)
+    res = quantize_weight(w, h, bits, 32, False, True, 0.01)
+    codes = codes_from_weight(res.weight, res.scales, res.zeros, res.g_idx, bits)
+    whole = pack_linear(codes, res.scales, res.zeros, res.g_idx, bits)
+    for band in (1, 96 * 5):  # 5 rows / columns per band: 64 = 12 × 5 + 4
+        monkeypatch.setattr(gptq, "BAND", band)
+        monkeypatch.setattr(gptq_checkpoint, "PACK_BAND", band)
+        banded = codes_from_weight(res.weight, res.scales, res.zeros, res.g_idx, bits)
+        assert torch.equal(banded, codes)
+        stored = pack_linear(banded, res.scales, res.zeros, res.g_idx, bits)
+        assert all(torch.equal(stored[k], whole[k]) for k in whole)
+    with pytest.raises(ValueError, match="not on its quantization grid"):
+        codes_from_weight(res.weight + 0.4 * res.scales.max(), res.scales, res.zeros, res.g_idx, bits)
+
+
 def test_v1_zero_convention():
     zeros = torch.full((2, 16), 8, dtype=torch.int32)  # symmetric 4-bit: zero 8, stored 7 in every nibble
     stored = pack_linear(torch.zeros(16, 32, dtype=torch.int32), torch.ones(2, 16), zeros,
@@ -372,17 +393,21 @@ def test_static_groups_match_the_oracle_and_keep_contiguous_groups(bits, group_s
 
 
 @pytest.fixture
-def sub_blocked(monkeypatch):
+def large_path(monkeypatch):
     """Every solve takes the large-weight path: blocks split into sub-blocks of 16 columns (so 32-column groups span
-    two sub-blocks, 48-column groups three)."""
+    two sub-blocks, 48-column groups three), H inverted in reversed order with the recursive triangular inverse
+    split down to 16 × 16 blocks."""
     monkeypatch.setattr(gptq, "THREADED_COLUMNS_FROM", 0)
     monkeypatch.setattr(gptq, "SUB_BLOCK", 16)
+    monkeypatch.setattr(gptq, "THREADED_CHOLESKY_FROM", 0)
+    monkeypatch.setattr(gptq, "TRIANGULAR_BLOCK", 16)
+    monkeypatch.setattr(gptq, "BAND", 150)  # bands of 1–2 rows: every band loop runs many times
 
 
 @pytest.mark.parametrize("bits,group_size,sym,desc_act", [s for s in SETTINGS if s[0] in (2, 4)])
-def test_sub_blocked_solver_matches_the_oracles_float64(sub_blocked, bits, group_size, sym, desc_act):
-    """The large-weight path's sub-blocks only change the order in which updates are summed: plain and GPTAQ
-    solves still equal their oracles to float64 rounding."""
+def test_large_path_solver_matches_the_oracles_float64(large_path, bits, group_size, sym, desc_act):
+    """The large-weight path (sub-blocks, reversed-order inverse) only changes the order in which sums are taken:
+    plain and GPTAQ solves still equal their oracles to float64 rounding."""
     w, h = problem(seed=bits + group_size)
     assert gptq._sub_block(gptq._block_size(128, 32, 3), 32) == 16  # the default block really is split
     got = quantize_weight(w.double(), h.double(), bits, group_size, sym, desc_act, 0.01)
@@ -406,3 +431,41 @@ def test_sub_blocked_solver_float32_agrees_with_the_plain_one(monkeypatch):
     assert gptq._sub_block(128, 64) == gptq.SUB_BLOCK
     torch.testing.assert_close(sub.weight, plain.weight, rtol=0, atol=1e-5)
     assert sub.weight.is_contiguous() and torch.equal(sub.g_idx, plain.g_idx)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_reversed_inverse_is_the_small_paths_factor(monkeypatch, desc_act):
+    """A large H's inverse (reversed order, recursive triangular inverse) is the same upper Cholesky factor of
+    (H + λI)⁻¹ as the small path's, with the same damping retries; a dead column included."""
+    w, h = problem(seed=6, cols=200)
+    h = h.double()
+    h[7, :] = h[:, 7] = 0
+    # λ_min below −0.01·mean diag: damp 0.01 fails, 0.1 succeeds on both paths
+    h -= (torch.linalg.eigvalsh(h)[0] + 0.05 * torch.diagonal(h).mean()) * torch.eye(200, dtype=h.dtype)
+    h[7, :] = h[:, 7] = 0
+    small = gptq.inverse_hessian(h, 0.01, desc_act, torch.float64)
+    monkeypatch.setattr(gptq, "THREADED_CHOLESKY_FROM", 0)
+    monkeypatch.setattr(gptq, "TRIANGULAR_BLOCK", 16)
+    monkeypatch.setattr(gptq, "BAND", 150)  # bands of 1–2 rows: every band loop runs many times
+    large = gptq.inverse_hessian(h, 0.01, desc_act, torch.float64)
+    assert small.damp == large.damp == pytest.approx(0.1)
+    assert torch.equal(large.perm, small.perm) if desc_act else large.perm is None
+    assert torch.equal(large.hinv, large.hinv.triu())
+    torch.testing.assert_close(large.hinv, small.hinv, rtol=0, atol=1e-12 * float(small.hinv.abs().max()))
+
+
+def test_large_path_keeps_inputs_dead_columns_and_retries(large_path):
+    test_inputs_are_not_modified_and_dead_columns_are_rounded_alone()
+    test_non_positive_definite_hessian_raises_after_retries()
+
+
+@pytest.mark.parametrize("n", [1, 6, 7, 200])
+def test_in_place_reversal_and_triangular_inverse(monkeypatch, n):
+    monkeypatch.setattr(gptq, "BAND", 2 * n)  # two rows per band, so odd and even n end mid-band differently
+    monkeypatch.setattr(gptq, "TRIANGULAR_BLOCK", 3)
+    m = torch.randn(n, n, dtype=torch.float64)
+    assert torch.equal(gptq._reverse_(m.clone()), m.flip((0, 1)))
+    lower = torch.linalg.cholesky(m @ m.T + n * torch.eye(n, dtype=m.dtype))
+    got = gptq._lower_inverse_(lower.clone())
+    torch.testing.assert_close(got, torch.linalg.inv(lower), rtol=0, atol=1e-12)
+    assert torch.equal(got, got.tril())
