@@ -341,16 +341,16 @@ def _inverse_reversed(hessian: torch.Tensor, damp: float, desc_act: bool, dtype:
     """`inverse_hessian` of a large H, factored in reversed column order (H' = JHJ, J the reversal): with
     H' + λI = L'L'ᵀ, the upper Cholesky factor of (H + λI)⁻¹ is J L'⁻¹ J. One Cholesky and one triangular inverse
     (~n³ flops) where the small path's Cholesky, inverse and second Cholesky take ~2n³, all in one n² buffer
-    beside H (reordered, inverted and reversed in place; torch's Cholesky copies it once more): an 11008² down_proj
-    took 2.5× less time and 1.9 n² of memory beside H instead of 3.6 n². The same factor up to float rounding; dead
-    columns and damping retries as `_inverse_cholesky`."""
+    beside H (reordered, factored, inverted and reversed in place): an 11008² down_proj
+    took 2.5× less time and 1.5 n² of memory beside H instead of 3.6 n². The same factor up to float rounding; dead
+    columns and damping retries as `_inverse_cholesky`. The factor returned is column-major (a transposed view)."""
     diag = torch.diagonal(hessian).to(dtype)
     dead = diag == 0
     diag = torch.where(dead, 1.0, diag)
     perm = torch.argsort(diag, descending=True, stable=True) if desc_act else None
     order = (perm if perm is not None else torch.arange(diag.shape[0], device=diag.device)).flip(0)
     mean_diag = diag.mean()
-    tried = damp
+    tried, h_device = damp, hessian.device
     while True:
         lower = hessian.index_select(0, order).to(dtype)
         for rows in _chunks(lower):  # the columns reordered a band of rows at a time: no second n² copy
@@ -358,14 +358,17 @@ def _inverse_reversed(hessian: torch.Tensor, damp: float, desc_act: bool, dtype:
         dead_reversed = dead[order]
         lower[dead_reversed, dead_reversed] = 1
         lower.diagonal().add_(tried * mean_diag)
-        info = torch.linalg.cholesky_ex(lower, out=(lower, torch.empty((), dtype=torch.int32, device=lower.device)))[1]
+        # factored through its column-major view (the same matrix, H being symmetric), which LAPACK takes as it is:
+        # a row-major one torch copies first. The factor is then column-major too, and so is the result.
+        factor = lower.mT
+        info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32, device=h_device)))[1]
         if info == 0 and _finite(lower):
-            _lower_inverse_(lower)
+            _lower_inverse_(factor)
             if not _finite(lower):
                 raise HessianNotPositiveDefinite(f"the inverse of H's Cholesky factor overflowed (damp = {tried:g});"
                                                  " its inputs may contain inf/NaN or be degenerate")
-            return InverseHessian(_reverse_(lower), perm, tried)
-        del lower
+            return InverseHessian(_reverse_(factor), perm, tried)
+        del lower, factor
         if tried * 10 > MAX_DAMP * (1 + 1e-9):
             raise HessianNotPositiveDefinite(
                 f"Hessian is not positive definite even with damp = {tried:g} (tried from {damp:g}); "
@@ -579,15 +582,23 @@ def _solve(wt: torch.Tensor, hinv: torch.Tensor, bits: int, sym: bool, size: int
     return wt, scales, zeros, losses
 
 
-def output_errors(deltas: Iterable[torch.Tensor], hessian: torch.Tensor,
+def errors_need_hessian(inputs: list[torch.Tensor] | None, columns: int) -> bool:
+    """Whether `output_errors` reads H (else X): without inputs, or with as many tokens as input features."""
+    tokens = sum(x.numel() // x.shape[-1] for x in inputs) if inputs else 0
+    return not tokens or tokens >= columns
+
+
+def output_errors(deltas: Iterable[torch.Tensor], hessian: torch.Tensor | None,
                   inputs: list[torch.Tensor] | None = None) -> list[float]:
     """`output_error` of each delta of one linear, taken one at a time (a generator of deltas keeps one alive). With
     the layer inputs X at hand and fewer tokens than input features, from X itself: ‖Δ Xᵀ‖² / n = tr(Δ H Δᵀ) / 2
     costs rows·in·tokens instead of rows·in² (a 7B layer calibrated on 1024 tokens: 11× less for down_proj's 11008
-    inputs)."""
+    inputs); `hessian` may then be None (`errors_need_hessian`)."""
     tokens = sum(x.numel() // x.shape[-1] for x in inputs) if inputs else 0
-    if not tokens or tokens >= hessian.shape[0]:
+    if hessian is not None and errors_need_hessian(inputs, hessian.shape[0]):
         return [output_error(d, hessian) for d in deltas]
+    if not tokens:
+        raise ValueError("output_errors needs H or the inputs")
     sums = []
     for delta in deltas:
         delta = delta.to(GPTQ_PRECISION)

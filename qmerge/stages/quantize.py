@@ -254,13 +254,16 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
         asymmetry = gptq.asymmetric_update(cross, inverse, q.gptaq.alpha)
         if q.compensate is None:  # else the compensation's target needs it
             cross = None
+    if q.compensate is None and not gptq.errors_need_hessian(inputs, hessian.shape[0]):
+        stats.hessian = hessian = None  # nothing after the inverse reads H: free it (485 MB for a 7B down_proj)
     weights = [linears[m].weight.detach() for m in group]
     results = gptq.quantize_weights(weights, hessian, q.bits, q.group_size, q.sym, q.desc_act, q.damp,
                                     inverse=inverse, search=q.scale_search, asymmetry=asymmetry,
                                     static_groups=q.static_groups)
-    del asymmetry
-    # the damping GPTQ's Cholesky needed (it retries larger ones), so a Hessian GPTQ took is one the fit takes
-    lower = _hessian_root(hessian, inverse.damp, q, name, group) if q.compensate is not None else None
+    damp = inverse.damp  # the damping GPTQ's Cholesky needed (it retries larger ones)
+    del asymmetry, inverse  # as large as H
+    # a Hessian GPTQ took is one the fit takes
+    lower = _hessian_root(hessian, damp, q, name, group) if q.compensate is not None else None
     for module_name, w, result in zip(group, weights, results):
         linear = linears[module_name]
         codes = gptq.codes_from_weight(result.weight, result.scales, result.zeros, result.g_idx, q.bits)
@@ -300,7 +303,7 @@ def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
     return served + b.to(served.dtype) @ a.to(served.dtype), a, b
 
 
-def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor,
+def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor | None,
             inputs: list[torch.Tensor] | None = None, compensated: torch.Tensor | None = None) -> dict:
     """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest,
     and for Q + B·A when `compensated` is given, all in one pass."""

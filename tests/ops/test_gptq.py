@@ -133,6 +133,9 @@ def test_output_errors_from_the_inputs_equal_those_from_the_hessian():
     from_h = [output_error(d, h) for d in deltas]
     assert output_errors(deltas, h) == from_h  # without inputs: H, as before
     from_x = output_errors(deltas, h, xs)
+    assert output_errors(iter(deltas), None, xs) == from_x  # H not needed (nor kept) then; deltas one at a time
+    with pytest.raises(ValueError, match="needs H or the inputs"):
+        output_errors(deltas, None)
     assert from_x != from_h  # another computation ...
     assert from_x == pytest.approx(from_h, rel=1e-5)  # ... of the same figures
     flat = torch.cat([x.reshape(-1, 96) for x in xs]).double()

@@ -123,6 +123,33 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, 
     assert not any(t.name.startswith("qmerge-lockstep") for t in __import__("threading").enumerate())
 
 
+def test_few_tokens_free_h_and_report_from_the_inputs(setup, monkeypatch):
+    """Fewer calibration tokens (16) than input features (64, 128): the lockstep pass reports the errors from X
+    and frees each group's H right after its inverse. Same packed bits as the re-run path (which keeps H and reports
+    from it), the same figures to float32 rounding; and H really was dropped."""
+    from types import SimpleNamespace
+
+    from qmerge.ops import gptq
+    from qmerge.stages.quantize import quantize_layer
+
+    q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=True, damp=0.01, calibration="x",
+                        scale_search="minmax", compensate=None, static_groups=False, gptaq=None)
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
+    batches = runner.layer_inputs(torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(2)), 1)
+    seen = []
+    solve = gptq.quantize_weights
+    monkeypatch.setattr(gptq, "quantize_weights", lambda ws, h, *a, **k: seen.append(h) or solve(ws, h, *a, **k))
+    plain = quantize_layer(runner.load_layer(0), batches, q, "layer0", lockstep=False)
+    runner.free_layer(0)
+    kept, seen[:] = list(seen), []
+    lockstep = quantize_layer(runner.load_layer(0), batches, q, "layer0", lockstep=True)
+    assert all(h is not None for h in kept) and seen and all(h is None for h in seen)
+    for module, tensors in plain.packed.items():
+        assert all(torch.equal(t, lockstep.packed[module][k]) for k, t in tensors.items()), module
+    for module, figures in plain.report.items():
+        assert lockstep.report[module] == pytest.approx(figures, rel=1e-4), module
+
+
 def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path):
     """forward_dtype = "bfloat16" quantizes the same linears from bf16 forwards: another key and other bytes (it
     really ran in bf16), the same bytes when run twice, and a checkpoint as close to the merge as the float32 one;
