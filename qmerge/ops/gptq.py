@@ -253,11 +253,16 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
             del inv
             if info == 0 and torch.isfinite(upper).all():
                 return upper, tried
-        if tried * 10 > MAX_DAMP * (1 + 1e-9):
-            raise HessianNotPositiveDefinite(
-                f"Hessian is not positive definite even with damp = {tried:g} (tried from {damp:g}); "
-                "its inputs may contain inf/NaN or be degenerate")
-        tried *= 10
+        tried = _next_damp(tried, damp)
+
+
+def _next_damp(tried: float, asked: float) -> float:
+    """The damping to retry with after `tried` failed: ×10, up to MAX_DAMP."""
+    if tried * 10 > MAX_DAMP * (1 + 1e-9):
+        raise HessianNotPositiveDefinite(
+            f"Hessian is not positive definite even with damp = {tried:g} (tried from {asked:g}); "
+            "its inputs may contain inf/NaN or be degenerate")
+    return tried * 10
 
 
 def _block_size(block_size: int, group_size: int, groups: int) -> int:
@@ -369,11 +374,7 @@ def _inverse_reversed(hessian: torch.Tensor, damp: float, desc_act: bool, dtype:
                                                  " its inputs may contain inf/NaN or be degenerate")
             return InverseHessian(_reverse_(factor), perm, tried)
         del lower, factor
-        if tried * 10 > MAX_DAMP * (1 + 1e-9):
-            raise HessianNotPositiveDefinite(
-                f"Hessian is not positive definite even with damp = {tried:g} (tried from {damp:g}); "
-                "its inputs may contain inf/NaN or be degenerate")
-        tried *= 10
+        tried = _next_damp(tried, damp)
 
 
 # Entries per band of rows where the large path works on an n² matrix a band at a time (16 MB in float32).
