@@ -306,7 +306,7 @@ def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
 def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor | None,
             inputs: list[torch.Tensor] | None = None, compensated: torch.Tensor | None = None) -> dict:
     """‖(W − Q)X‖ per token (RMS over calibration tokens) and relative to ‖WX‖, for GPTQ and round-to-nearest,
-    and for Q + B·A when `compensated` is given, all in one pass."""
+    and for Q + B·A when `compensated` is given; the deltas are made one at a time (`_deltas`)."""
     ref, *errs = gptq.output_errors(_deltas(w, q, rtn, compensated), hessian, inputs)
     out = {}
     for key, err in zip(("", "rtn_", "compensated_"), errs):
