@@ -176,7 +176,7 @@ def run_backend(args: argparse.Namespace, backend: str, index: int) -> dict:
     stats = json.loads((out / "bench_child.json").read_text())
     return {"backend": backend, "folder": str(out), "quantize_seconds": stats["seconds"],
             "child_wall_seconds": m.wall_s, "busy": busy, "weights_sha256": _weights_digest(out),
-            "peak_rss_mb": m.maxrss_mb, "peak_anon_rss_mb": m.anon_peak_mb}
+            "peak_rss_mb": m.maxrss_mb, "peak_anon_rss_mb": m.anon_peak_mb, "steal_share": m.steal_share}
 
 
 def _weights_digest(folder: Path) -> str:
@@ -197,7 +197,8 @@ def alternate(args: argparse.Namespace, backends: list[str]) -> dict[str, list[d
             row = run_backend(args, backend, i)
             print(f"round {i + 1}/{args.repeat} {backend}: "
                   + (row["error"] if "error" in row else f"{row['quantize_seconds']:.1f} s, "
-                     f"peak anon {row['peak_anon_rss_mb']:.0f} MB"), flush=True)
+                     f"peak anon {row['peak_anon_rss_mb']:.0f} MB, host steal {100 * row['steal_share']:.0f} %"),
+                  flush=True)
             runs[backend].append(row)
     return runs
 
@@ -216,7 +217,8 @@ def summarize_runs(backend: str, runs: list[dict]) -> dict:
             "peak_anon_rss_mb": median(anon), "peak_anon_rss_mb_range": [min(anon), max(anon)],
             "peak_rss_mb": median(r["peak_rss_mb"] for r in ok),
             "identical_weights_every_run": len({r["weights_sha256"] for r in ok}) == 1,
-            "busy": [r["busy"] for r in ok if r["busy"]], "all_runs": runs}
+            "busy": [r["busy"] for r in ok if r["busy"]], "all_runs": runs,
+            "steal_share_range": [min(r.get("steal_share", 0) for r in ok), max(r.get("steal_share", 0) for r in ok)]}
 
 
 def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:
@@ -343,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     ratio = ratio_line(runs)
     if ratio:
         print(ratio)
+    steal = max((r["steal_share_range"][1] for r in rows if "steal_share_range" in r), default=0)
+    if steal > 0.05:
+        print(f"WARNING: the host took up to {100 * steal:.0f} % of this VM's CPU time (steal) during a run: walls "
+              "are slowed by someone else's load; compare ratios from the same rounds, not walls across days")
     busy = [b for r in rows for b in r.get("busy", [])]
     if busy:
         print(f"WARNING: {len(busy)} runs were timed on a busy machine ({busy[0]}): these figures do not count")

@@ -24,6 +24,8 @@ class Measurement:
     write_mb: float  # wchar: bytes through write()
     disk_read_mb: float  # read_bytes: fetched from storage (0 when everything sat in the page cache)
     disk_write_mb: float  # write_bytes: sent to storage
+    steal_share: float  # the host's share of this VM's CPU time while the child ran (/proc/stat steal): a busy
+    # host that the load average cannot see; timings taken with a large share are slowed by someone else
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +50,16 @@ def _io(pid: int) -> dict[str, int]:
         return {}
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return fields[7] if len(fields) > 7 else 0, total
+
+
 def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measurement:
+    steal0, total0 = _cpu_ticks()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.STDOUT)
     pid, peak, done = proc.pid, [0], threading.Event()
@@ -67,10 +78,11 @@ def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measureme
     sampler.join()
     _, status, usage = os.wait4(pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    steal1, total1 = _cpu_ticks()
     mb = 1 / 2**20
     return Measurement(cmd, proc.returncode, wall, usage.ru_maxrss / 1024, peak[0] / 1024,
                        io.get("rchar", 0) * mb, io.get("wchar", 0) * mb, io.get("read_bytes", 0) * mb,
-                       io.get("write_bytes", 0) * mb)
+                       io.get("write_bytes", 0) * mb, (steal1 - steal0) / max(total1 - total0, 1))
 
 
 def _torch_processes() -> list[str]:
