@@ -19,7 +19,8 @@ does not depend on the order tensors are merged in, on the device, or on any oth
 the same bytes. The sums run in adapter order.
 
 Memory. The combination streams over those flat blocks: besides the adapters' ΔWᵢ of the tensor and the result, it
-holds one |ΔWᵢ| copy while finding a top-k threshold and a few blocks, not whole-tensor masks and sums.
+holds a few blocks and the magnitudes near each top-k threshold (a bracket found from a sample), not whole-tensor
+masks, sums or |ΔWᵢ| copies.
 """
 
 from __future__ import annotations
@@ -41,18 +42,58 @@ ELECTS_SIGN = {"ties", "dare_ties"}
 BLOCK = 1 << 20  # flat elements per block: the unit of DARE's masks and of the streamed combination
 
 
+SAMPLE = 1 << 16  # entries of the strided sample that brackets a top-k threshold
+
+
 def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int] | None:
     """(the k-th largest |value|, how many entries equal to it are kept) for k = ⌊density·numel⌋; None keeps all.
-    O(numel): a k-th value selection, not a sort."""
-    flat = delta.reshape(-1).abs()
+
+    Exact, and O(numel) without a whole-tensor |ΔW| copy: a strided sample of SAMPLE magnitudes brackets the
+    threshold between two of its order statistics (a margin of 4 binomial standard deviations around rank k),
+    one streamed pass counts the entries above the bracket and gathers those inside it, and the k-th value is
+    selected among those few. Where the sample misjudged (the bracket does not hold rank k) the whole tensor's
+    magnitudes are selected directly: the same value, only slower."""
+    flat = delta.reshape(-1)
     n = flat.numel()
     k = int(density * n)
     if k >= n:
         return None
     if k <= 0:
         return float("inf"), 0
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    return float(threshold), k - int((flat > threshold).sum())
+    bracket = _bracket(flat, k)
+    if bracket is None:
+        magnitude = flat.abs()
+        threshold = float(torch.kthvalue(magnitude, n - k + 1).values)
+        return threshold, k - int((magnitude > threshold).sum())
+    above, inside = bracket
+    rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
+    threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
+    return threshold, rank - int((inside > threshold).sum())
+
+
+def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
+    """(how many magnitudes lie above the bracket, the magnitudes inside it) for a bracket [lo, hi] that holds
+    the k-th largest magnitude of `flat`; None when the tensor is small or the sample's bracket misses rank k."""
+    n = flat.numel()
+    if n <= 4 * SAMPLE:
+        return None
+    step = (n // SAMPLE) | 1  # odd: a power-of-two row length does not alias the sample onto a few columns
+    sample = flat[::step].abs().sort(descending=True).values
+    m = sample.numel()
+    share = k / n
+    margin = 4 * math.sqrt(m * share * (1 - share)) + 16
+    top, bottom = int(share * m - margin), int(share * m + margin)
+    hi = float(sample[top]) if top >= 0 else math.inf
+    lo = float(sample[bottom]) if bottom < m else 0.0
+    above, inside = 0, []
+    for start in range(0, n, BLOCK):
+        magnitude = flat[start:start + BLOCK].abs()
+        above += int((magnitude > hi).sum())
+        inside.append(magnitude[(magnitude >= lo) & (magnitude <= hi)])
+    inside = torch.cat(inside)
+    if not above < k <= above + inside.numel():
+        return None
+    return above, inside
 
 
 def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: list[int]) -> torch.Tensor:
@@ -66,8 +107,9 @@ def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: li
     left = equal_kept - admitted[0]
     if left > 0:
         equal = magnitude == value
-        take = equal & (torch.cumsum(equal, 0) <= left)
-        admitted[0] += int(take.sum())
+        found = int(equal.sum())
+        take = equal if found <= left else equal & (torch.cumsum(equal, 0) <= left)  # the prefix sum only
+        admitted[0] += min(found, left)                                               # where some must wait
         mask |= take
     return mask
 
@@ -102,7 +144,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
             majority_sign_method: str = "total", seed: int = 0, tensor: str = "") -> torch.Tensor:
     """The combined delta of one tensor (float32). `deltas[i]` is adapter i's exact ΔWᵢ (float32, unweighted);
     `tensor` names it for DARE's keep masks. Streamed over flat blocks of BLOCK elements: besides the deltas and
-    the result, the working set is one |ΔWᵢ| copy (the top-k thresholds) and a few blocks."""
+    the result, the working set is a few blocks and the magnitudes near each top-k threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")
     flats = [d.to(MATH_DTYPE).reshape(-1) for d in deltas]
@@ -138,7 +180,7 @@ def _combined(parts: list[torch.Tensor], weights: Sequence[float], method: str, 
     total = torch.zeros_like(parts[0])
     count = torch.zeros_like(parts[0])
     for part, weight in zip(parts, weights):
-        agrees = part.sign() == sign  # a zero entry (trimmed or dropped) never agrees
-        total += torch.where(agrees, part * weight, 0.0)
+        agrees = (part.sign() == sign).to(part.dtype)  # a zero entry (trimmed or dropped) never agrees
+        total += (part * weight if weight != 1.0 else part) * agrees  # as where(agrees, w·part, 0), one pass less
         count += agrees
     return total / count.clamp_min(1.0)

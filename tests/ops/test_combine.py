@@ -104,6 +104,37 @@ def test_top_k_keeps_exactly_k_and_breaks_ties_by_index():
     assert not top_k_mask(t, 0.1).any() and top_k_mask(t, 1.0).all()
 
 
+def _direct_threshold(t: torch.Tensor, density: float) -> tuple[float, int]:
+    """The k-th largest magnitude and how many entries equal to it are kept, by a full sort."""
+    flat = t.reshape(-1).abs()
+    k = int(density * flat.numel())
+    value = float(flat.sort(descending=True).values[k - 1])
+    return value, k - int((flat > value).sum())
+
+
+@pytest.mark.parametrize("density", [0.003, 0.1, 0.5, 0.77, 0.999])
+def test_sampled_bracket_finds_the_exact_threshold(monkeypatch, density):
+    """The bracket from a strided sample (forced onto tensors of 7 000 entries) gives the full sort's threshold
+    and tie count: on smooth values, on few distinct magnitudes (long ties), on a rank-1 product whose rows
+    repeat, and on values whose sampled positions are all smaller than the rest (the bracket misses rank k:
+    the fallback selects over the whole tensor)."""
+    monkeypatch.setattr(combine_module, "SAMPLE", 256)
+    monkeypatch.setattr(combine_module, "BLOCK", 999)
+    g = torch.Generator().manual_seed(5)
+    aliased = torch.rand(7000, generator=g) + 2
+    aliased[::(7000 // 256) | 1] = 1.0  # every sampled position (the sample's stride) holds the smallest value
+    cases = {
+        "smooth": torch.randn(70, 100, generator=g),
+        "ties": torch.randint(-3, 4, (70, 100), generator=g).float(),
+        "rank-1": torch.randn(70, 1, generator=g) @ torch.randn(1, 100, generator=g),
+        "aliased": aliased,
+    }
+    for name, t in cases.items():
+        assert combine_module._threshold(t, density) == _direct_threshold(t, density), name
+    assert combine_module._bracket(cases["smooth"].reshape(-1), 3500) is not None  # the sampled path runs …
+    assert combine_module._bracket(aliased, 3500) is None  # … and the fallback where the sample misjudges
+
+
 def test_dare_keeps_about_density_and_is_seeded_per_tensor():
     shape = torch.Size((300, 400))
     mask = dare_mask(shape, 0.3, 0, 0, "x")
