@@ -62,18 +62,20 @@ def main(argv=None) -> int:
             m = run_measured([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--quiet"])
             if m.rc != 0:
                 raise SystemExit(f"{name}: exit {m.rc} (see {run})")
-            results[name].append({"wall_s": m.wall_s, "anon_peak_mb": m.anon_peak_mb})
+            results[name].append({"wall_s": m.wall_s, "anon_peak_mb": m.anon_peak_mb, "steal_share": m.steal_share})
             print(f"[{time.strftime('%H:%M:%S')}] {name} run {rep + 1}: {m.wall_s:.1f} s, "
-                  f"peak anon {m.anon_peak_mb:.0f} MB", file=sys.stderr, flush=True)
+                  f"peak anon {m.anon_peak_mb:.0f} MB, host steal {100 * m.steal_share:.0f} %",
+                  file=sys.stderr, flush=True)
             save(w.note, args.repeat, results)  # after every run: a cut-short benchmark keeps what it measured
             shutil.rmtree(run, ignore_errors=True)
     print(f"\n7B-shaped slice ({w.note}); {args.repeat} alternating runs each, medians (min–max)\n")
-    print("| merge | wall s | peak anon RSS MB |")
-    print("|---|---:|---:|")
+    print("| merge | wall s | peak anon RSS MB | host steal % (max) |")
+    print("|---|---:|---:|---:|")
     for name, runs in results.items():
         walls, peaks = [r["wall_s"] for r in runs], [r["anon_peak_mb"] for r in runs]
         print(f"| {name} | {statistics.median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f}) | "
-              f"{statistics.median(peaks):.0f} ({min(peaks):.0f}–{max(peaks):.0f}) |")
+              f"{statistics.median(peaks):.0f} ({min(peaks):.0f}–{max(peaks):.0f}) | "
+              f"{100 * max(r.get('steal_share', 0) for r in runs):.0f} |")
     return 0
 
 
