@@ -218,7 +218,7 @@ def summarize_runs(backend: str, runs: list[dict]) -> dict:
             "peak_rss_mb": median(r["peak_rss_mb"] for r in ok),
             "identical_weights_every_run": len({r["weights_sha256"] for r in ok}) == 1,
             "busy": [r["busy"] for r in ok if r["busy"]], "all_runs": runs,
-            "steal_share_range": [min(r.get("steal_share", 0) for r in ok), max(r.get("steal_share", 0) for r in ok)]}
+            "steal_share_range": [min(r["steal_share"] for r in ok), max(r["steal_share"] for r in ok)]}
 
 
 def evaluate(args: argparse.Namespace, dirs: dict, rows: list[dict]) -> dict:

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         walls, peaks = [r["wall_s"] for r in runs], [r["anon_peak_mb"] for r in runs]
         print(f"| {name} | {statistics.median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f}) | "
               f"{statistics.median(peaks):.0f} ({min(peaks):.0f}–{max(peaks):.0f}) | "
-              f"{100 * max(r.get('steal_share', 0) for r in runs):.0f} |")
+              f"{100 * max(r['steal_share'] for r in runs):.0f} |")
     return 0
 
 

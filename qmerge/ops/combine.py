@@ -60,12 +60,7 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int] | None:
         return None
     if k <= 0:
         return float("inf"), 0
-    bracket = _bracket(flat, k)
-    if bracket is None:
-        magnitude = flat.abs()
-        threshold = float(torch.kthvalue(magnitude, n - k + 1).values)
-        return threshold, k - int((magnitude > threshold).sum())
-    above, inside = bracket
+    above, inside = _bracket(flat, k) or (0, flat.abs())  # no bracket: the whole tensor is "inside"
     rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
     threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
     return threshold, rank - int((inside > threshold).sum())
