@@ -318,3 +318,58 @@ def test_writer_holds_one_tensor_at_a_time(tiny, tmp_path, monkeypatch) -> None:
     assert plan[0] == "model.embed_tokens.weight" and plan[-1] == "model.norm.weight"
     assert alive_at_fetch == [0] * len(plan)
     assert infos == [0] * len(plan)  # the writer never buffers tensor data
+
+
+def test_fast_metadata_arrays_are_the_stock_writers_bytes(tiny, tmp_path, monkeypatch) -> None:
+    """qmerge packs the vocabulary arrays in one pass; the file must be byte for byte what gguf's own item-by-item
+    packing writes, and every array the fast path declines (floats, mixed types, out of range) must give the stock
+    bytes or the stock error."""
+    import gguf
+    from gguf import GGUFValueType as T
+
+    import qmerge.io.gguf_writer as gw
+
+    fast, stock = gw._writer_class()(path=None, arch="llama"), gguf.GGUFWriter(path=None, arch="llama")
+    cases = [(["a", "é🚀", "", "Ġthe", b"raw"], None), ([1, 2, 3], None), ([1, 2], T.UINT64), ([-1, 5], T.UINT32),
+             ([gguf.TokenType.NORMAL, gguf.TokenType.CONTROL, 3], None), ([1.5, 2.0], None), ([True, False], None),
+             ([2**40], None), ([2**64], T.UINT64), ([1, "a"], None), ([[1, 2], [3]], None)]
+    for value, sub_type in cases:
+        outcomes = []
+        for writer in (fast, stock):
+            try:
+                outcomes.append(writer._pack_val(value, T.ARRAY, True, sub_type))
+            except (ValueError, OverflowError, struct_error()) as e:
+                outcomes.append(f"{type(e).__name__}: {e}")
+        assert outcomes[0] == outcomes[1], value
+    fast_file = write_gguf(tiny, tmp_path / "fast" / "model.gguf", "Q8_0")
+    monkeypatch.setattr(gw, "_writer_class", lambda: gguf.GGUFWriter)
+    stock_file = write_gguf(tiny, tmp_path / "stock" / "model.gguf", "Q8_0")
+    assert fast_file["sha256"] == stock_file["sha256"]
+
+
+def struct_error() -> type:
+    import struct
+
+    return struct.error
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16"])
+def test_torch_float_casts_give_gguf_quantize_bytes(qtype) -> None:
+    """The float types are cast by torch, not by gguf's numpy code: the same bytes for every finite and infinite
+    float32 (halfway cases, subnormals of both targets, overflow, ±0, ±inf), and a tensor with a NaN takes gguf's
+    path whole."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from qmerge.io.gguf_writer import _encode
+
+    bits = torch.randint(-2**31, 2**31 - 1, (1 << 16,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    values = bits.to(torch.int32).view(torch.float32)
+    values = values[torch.isfinite(values)]
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 65504.0, 65520.0, 65519.99, 6e-8, 3e-8, 2.98e-8,
+                            1e-45, -1e-40, 3.3895314e38, 3.4028235e38, 1.0 + 2**-11, 1.0 + 3 * 2**-11,
+                            1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    for tensor in (torch.cat([special, values]), torch.randn(64, 96) * 1e-3):
+        assert _encode(tensor, qtype).tobytes() == quantize(tensor.numpy(), GGMLQuantizationType[qtype]).tobytes()
+    with_nan = torch.tensor([1.0, float("nan"), -2.5])
+    assert _encode(with_nan, qtype).tobytes() == quantize(with_nan.numpy(), GGMLQuantizationType[qtype]).tobytes()
