@@ -21,6 +21,11 @@ the same bytes. The sums run in adapter order.
 Memory. The combination streams over those flat blocks: besides the adapters' ΔWᵢ of the tensor and the result, it
 holds a few blocks and the magnitudes near each top-k threshold (a bracket found from a sample), not whole-tensor
 masks, sums or |ΔWᵢ| copies.
+
+Speed. A block's trim (or DARE's rescale), election and disjoint mean (or weighted sum) run as one loop compiled
+by inductor (`MAGNITUDE`, `MASKED`; as the merge kernel, ops/merge_kernel.py) instead of ~25 passes op by op: TIES
+on an 11008×4096 tensor of 3 adapters 3.2 -> 1.6 s. Where compiling cannot work, and in the one block where the
+top-k's threshold ties must be split by a prefix sum, the op-by-op twin runs: the same bits (tested).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from qmerge.numerics import MATH_DTYPE
+from qmerge.ops.nf4 import CompiledKernel
 
 METHODS = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
 SPARSIFY = {"linear": None, "magnitude_prune": "magnitude", "ties": "magnitude", "dare_linear": "random",
@@ -91,14 +97,18 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
     return above, inside
 
 
-def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: list[int]) -> torch.Tensor:
+def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: list[int],
+          settled: bool | None = None) -> torch.Tensor:
     """The top-k mask of one flat block, given the tensor's threshold; `admitted[0]` counts the threshold-equal
-    entries kept so far (lower flat index first), across blocks in order."""
+    entries kept so far (lower flat index first), across blocks in order. `settled`: `_take_equal`'s answer for
+    this block, when it was asked (it has counted those entries already)."""
     if threshold is None:
         return torch.ones_like(block, dtype=torch.bool)
     value, equal_kept = threshold
     magnitude = block.abs()
     mask = magnitude > value
+    if settled is not None:
+        return mask | (magnitude == value) if settled else mask
     left = equal_kept - admitted[0]
     if left > 0:
         equal = magnitude == value
@@ -147,35 +157,100 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     thresholds = [_threshold(f, density) for f in flats] if kind == "magnitude" else None
     admitted = [[0] for _ in flats]
     out = torch.empty_like(flats[0])
+    weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
+    frequency = majority_sign_method != "total"
     for start in range(0, out.numel(), BLOCK):
         stop = min(start + BLOCK, out.numel())
-        parts = []
-        for i, f in enumerate(flats):
-            part = f[start:stop]
-            if kind == "magnitude":
-                part = part * _kept(part, thresholds[i], admitted[i])
-            elif kind == "random":
-                part = part * dare_block(stop - start, density, seed, i, tensor, start // BLOCK) / density
-            parts.append(part)
-        out[start:stop] = _combined(parts, weights, method, majority_sign_method)
+        raws = tuple(f[start:stop] for f in flats)
+        if method == "linear" and kind is None:
+            out[start:stop] = _combined(list(raws), weights, method, majority_sign_method)
+            continue
+        fused = None
+        if kind == "magnitude":
+            take_equal = [_take_equal(raw, thresholds[i], admitted[i]) for i, raw in enumerate(raws)]
+            if None not in take_equal:  # None: some threshold-equal entries wait for later blocks (a prefix sum)
+                fused = MAGNITUDE(raws, torch.tensor([t[0] for t in thresholds], dtype=MATH_DTYPE),
+                                  torch.tensor(take_equal), weight_t, method in ELECTS_SIGN, frequency)
+            if fused is None:
+                parts = [raw * _kept(raw, thresholds[i], admitted[i], settled=take_equal[i])
+                         for i, raw in enumerate(raws)]
+        elif kind == "random":
+            keeps = tuple(dare_block(stop - start, density, seed, i, tensor, start // BLOCK) for i in range(len(raws)))
+            fused = MASKED(raws, keeps, density, weight_t, method in ELECTS_SIGN, frequency)
+            if fused is None:
+                parts = [raw * keep / density for raw, keep in zip(raws, keeps)]
+        else:
+            fused = MASKED(raws, None, 1.0, weight_t, True, frequency)
+            if fused is None:
+                parts = list(raws)
+        out[start:stop] = fused if fused is not None else _combined(parts, weights, method, majority_sign_method)
     return out.reshape(deltas[0].shape)
 
 
-def _combined(parts: list[torch.Tensor], weights: Sequence[float], method: str, sign_method: str) -> torch.Tensor:
-    """One block: the weighted sum in adapter order, or TIES' election and disjoint mean."""
-    if method not in ELECTS_SIGN:
-        total = parts[0] * weights[0] if weights[0] != 1.0 else parts[0].clone()
-        for part, weight in zip(parts[1:], weights[1:]):
-            total += part * weight if weight != 1.0 else part
-        return total
-    votes = torch.zeros_like(parts[0])
-    for part in parts:
-        votes += part if sign_method == "total" else part.sign()
+def _take_equal(raw: torch.Tensor, threshold: tuple[float, int], admitted: list[int]) -> bool | None:
+    """Whether this block keeps the entries equal to the threshold magnitude: all of them (True; counted into
+    `admitted`), none (False: the quota is spent), or only a prefix (None: `_kept`'s prefix sum decides)."""
+    value, equal_kept = threshold
+    left = equal_kept - admitted[0]
+    if left <= 0:
+        return False
+    found = int((raw.abs() == value).sum())
+    if found > left:
+        return None
+    admitted[0] += found
+    return True
+
+
+def _elect(parts: list[torch.Tensor], weights: torch.Tensor, frequency: bool) -> torch.Tensor:
+    """TIES' election and disjoint mean, written once for the fused kernels and the op-by-op path alike. The sums
+    start from their first term, not from zeros: inductor folds `0 + x` to `x`, which differs in the sign of a zero
+    result, and the compiled and op-by-op paths must write the same bits."""
+    votes = parts[0].sign() if frequency else parts[0]
+    for part in parts[1:]:
+        votes = votes + (part.sign() if frequency else part)
     sign = torch.where(votes >= 0, 1.0, -1.0).to(parts[0].dtype)  # a zero total elects +1
-    total = torch.zeros_like(parts[0])
-    count = torch.zeros_like(parts[0])
-    for part, weight in zip(parts, weights):
+    total = count = None
+    for i, part in enumerate(parts):
         agrees = (part.sign() == sign).to(part.dtype)  # a zero entry (trimmed or dropped) never agrees
-        total += (part * weight if weight != 1.0 else part) * agrees  # as where(agrees, w·part, 0), one pass less
-        count += agrees
+        term = part * weights[i] * agrees
+        total, count = (term, agrees) if total is None else (total + term, count + agrees)
     return total / count.clamp_min(1.0)
+
+
+def _weighted_sum(parts: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    total = parts[0] * weights[0]
+    for i, part in enumerate(parts[1:], 1):
+        total = total + part * weights[i]
+    return total
+
+
+def _magnitude_kernel(raws: tuple[torch.Tensor, ...], thresholds: torch.Tensor, take_equal: torch.Tensor,
+                      weights: torch.Tensor, elect: bool, frequency: bool) -> torch.Tensor:
+    """One block of magnitude_prune / TIES: each adapter trimmed to |x| > tᵢ (and |x| = tᵢ where its ties are
+    kept), then the weighted sum or the election."""
+    parts = []
+    for i, raw in enumerate(raws):
+        magnitude = raw.abs()
+        parts.append(raw * ((magnitude > thresholds[i]) | ((magnitude == thresholds[i]) & take_equal[i])))
+    return _elect(parts, weights, frequency) if elect else _weighted_sum(parts, weights)
+
+
+def _masked_kernel(raws: tuple[torch.Tensor, ...], keeps: tuple[torch.Tensor, ...] | None, density: float,
+                   weights: torch.Tensor, elect: bool, frequency: bool) -> torch.Tensor:
+    """One block of DARE (each adapter's kept entries rescaled by 1/density) or of TIES at density 1 (`keeps`
+    None), then the weighted sum or the election."""
+    parts = list(raws) if keeps is None else [raw * keep / density for raw, keep in zip(raws, keeps)]
+    return _elect(parts, weights, frequency) if elect else _weighted_sum(parts, weights)
+
+
+MAGNITUDE = CompiledKernel(_magnitude_kernel)
+MASKED = CompiledKernel(_masked_kernel)
+
+
+def _combined(parts: list[torch.Tensor], weights: Sequence[float], method: str, sign_method: str) -> torch.Tensor:
+    """One block op by op (the fused kernels' eager twin): the weighted sum in adapter order, or TIES' election and
+    disjoint mean."""
+    weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
+    if method in ELECTS_SIGN:
+        return _elect(parts, weight_t, sign_method != "total")
+    return _weighted_sum(parts, weight_t)

@@ -236,3 +236,28 @@ def test_the_oracle_can_fail():
     got = combine(deltas, [1.0] * 3, "ties", 0.5, "total")
     wrong = oracle(deltas, [1.0] * 3, "ties", 0.5, "frequency")
     assert float((got.double() - wrong).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("method,density,sign", [
+    ("ties", 0.4, "total"), ("ties", 0.3, "frequency"), ("magnitude_prune", 0.3, "total"), ("ties", 1.0, "total"),
+    ("dare_ties", 0.5, "total"), ("dare_linear", 0.4, "total")])
+def test_fused_blocks_give_the_op_by_op_bits(monkeypatch, method, density, sign):
+    """The compiled block kernels (trim or drop, election, disjoint mean or weighted sum in one pass) write the
+    same float32 bits as the op-by-op twin, over blocks that threshold ties straddle (where the prefix-sum block
+    takes the twin inside the same run), exact zeros and weights of both signs; and compiled code really ran."""
+    monkeypatch.setattr(combine_module, "BLOCK", 64)
+    g = torch.Generator().manual_seed(21)
+    deltas = [torch.randn(40, 50, generator=g) * scale for scale in (1.0, 1e-2, 0.3)]
+    deltas[0] = torch.randint(-2, 3, (40, 50), generator=g).float()  # magnitudes 0, 1, 2: ties and zeros
+    deltas[2][::3] = 0.0
+    weights = [0.7, -1.3, 1.0]
+    kernel = combine_module.MAGNITUDE if method in ("ties", "magnitude_prune") and density < 1 else combine_module.MASKED
+    before = kernel.ran
+    fused = combine(deltas, weights, method, density, sign, seed=5, tensor="f")
+    assert kernel.ran > before
+    monkeypatch.setenv("QMERGE_NO_COMPILE", "1")
+    eager = combine(deltas, weights, method, density, sign, seed=5, tensor="f")
+    assert torch.equal(fused.view(torch.int32), eager.view(torch.int32))
+    keep = _keep_masks(3, density, 5, "f") if method.startswith("dare") else None
+    if not method.startswith("dare"):
+        _close(fused.reshape(40, 50), oracle(deltas, weights, method, density, sign, keep))
