@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--backends", default="qmerge,gptqmodel",
-                   help="comma-separated: gptqmodel, or qmerge with options joined by '-': bf16 (forward_dtype = "
-                        "bfloat16), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
+                   help="comma-separated: gptqmodel, or qmerge (its default forward_dtype \"auto\") with options "
+                        "joined by '-': bf16 / f32 (forward_dtype = bfloat16 / float32), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
                         "{ alpha = <α> }, e.g. gptaq1), static (static_groups = true), c<rank> (compensate = { rank = <rank> }); e.g. "
                         "qmerge-gptaq-c16")
     p.add_argument("--repeat", type=int, default=3,
@@ -107,6 +107,8 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
             raise SystemExit(f"unknown backend {backend}: options are for qmerge")
         if option == "bf16":
             lines.append('forward_dtype = "bfloat16"')
+        elif option == "f32":
+            lines.append('forward_dtype = "float32"')
         elif option == "mse":
             lines.append('scale_search = "mse"')
         elif option == "static":
@@ -118,7 +120,7 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
         elif option.startswith("c") and option[1:].isdigit():
             lines.append(f"compensate = {{ rank = {int(option[1:])} }}")
         else:
-            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16][-mse][-static][-gptaq[<α>]][-c<rank>]")
+            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16|-f32][-mse][-static][-gptaq[<α>]][-c<rank>]")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -176,7 +178,8 @@ def run_backend(args: argparse.Namespace, backend: str, index: int) -> dict:
     stats = json.loads((out / "bench_child.json").read_text())
     return {"backend": backend, "folder": str(out), "quantize_seconds": stats["seconds"],
             "child_wall_seconds": m.wall_s, "busy": busy, "weights_sha256": _weights_digest(out),
-            "peak_rss_mb": m.maxrss_mb, "peak_anon_rss_mb": m.anon_peak_mb, "steal_share": m.steal_share}
+            "peak_rss_mb": m.maxrss_mb, "peak_anon_rss_mb": m.anon_peak_mb, "steal_share": m.steal_share,
+            "forward_dtype": stats["result"].get("forward_dtype")}
 
 
 def _weights_digest(folder: Path) -> str:
@@ -197,7 +200,7 @@ def alternate(args: argparse.Namespace, backends: list[str]) -> dict[str, list[d
             row = run_backend(args, backend, i)
             print(f"round {i + 1}/{args.repeat} {backend}: "
                   + (row["error"] if "error" in row else f"{row['quantize_seconds']:.1f} s, "
-                     f"peak anon {row['peak_anon_rss_mb']:.0f} MB, host steal {100 * row['steal_share']:.0f} %"),
+                     + (f"{row['forward_dtype']} forwards, " if row.get("forward_dtype") else "") + f"peak anon {row['peak_anon_rss_mb']:.0f} MB, host steal {100 * row['steal_share']:.0f} %"),
                   flush=True)
             runs[backend].append(row)
     return runs

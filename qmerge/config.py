@@ -106,8 +106,10 @@ class QuantizeSettings(Strict):
     seq_len: int = Field(default=512, gt=1)
     # qmerge backend: the precision of the calibration forwards that produce each layer's inputs (the Hessians, the
     # solve and the weights stay float32). bfloat16 is GPTQModel's choice, and much faster where the hardware has
-    # bf16 matmul units; it changes the Hessian's low bits, so the bytes (and, within noise, the figures).
-    forward_dtype: Literal["float32", "bfloat16"] = "float32"
+    # bf16 matmul units; it changes the Hessian's low bits, so the bytes (and, within noise, the figures). "auto":
+    # bfloat16 where the quantize device multiplies bf16 natively (CUDA with bf16, a CPU with AVX512-BF16/AMX),
+    # else float32; the resolved value is in the stage key and the quantize report.
+    forward_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # qmerge backend: "mse" shrinks each group's min/max range to the clipping of least rounding error (the grid
     # llm-compressor's MSE observer searches); "minmax" is GPTQ's own grid.
     scale_search: Literal["minmax", "mse"] = "minmax"

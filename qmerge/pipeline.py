@@ -63,7 +63,13 @@ def _resolve_slice(cfg: Config) -> dict:
 
 def _quantize_slice(cfg: Config) -> dict:
     # Options at their defaults are left out, so configs without them keep the keys they had before they existed.
+    # forward_dtype enters resolved ("auto" is bfloat16 or float32 by the hardware): float32 is left out like a
+    # default, so an "auto" that resolves to it keeps the key (and the bytes) float32 configs always had.
+    from qmerge.runtime import forward_dtype, pick_device
+
     q = cfg.quantize
+    resolved = forward_dtype(q.forward_dtype, pick_device()) if q.backend == "qmerge" else "float32"
+    q = q.model_copy(update={"forward_dtype": resolved})
     defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None, "gptaq": None,
                 "static_groups": False}
     return q.model_dump(exclude={k for k, v in defaults.items() if getattr(q, k) == v})

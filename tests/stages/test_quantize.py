@@ -61,7 +61,8 @@ def quantize_key(config: Path) -> str:
 @pytest.fixture(scope="module")
 def quantized(setup, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("run")
-    assert run_cli(quantize_config(folder, setup)) == 0
+    # float32 spelled out: "auto" would be bfloat16 on a CPU with AVX512-BF16, and these tests hold the float32 bits
+    assert run_cli(quantize_config(folder, setup, forward_dtype="float32")) == 0
     work = folder / "work"
     return {"out": stage_dir(work, "quantize"), "merged": stage_dir(work, "merge")}
 
@@ -150,20 +151,27 @@ def test_few_tokens_free_h_and_report_from_the_inputs(setup, monkeypatch):
         assert lockstep.report[module] == pytest.approx(figures, rel=1e-4), module
 
 
-def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path):
+def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path, monkeypatch):
     """forward_dtype = "bfloat16" quantizes the same linears from bf16 forwards: another key and other bytes (it
-    really ran in bf16), the same bytes when run twice, and a checkpoint as close to the merge as the float32 one;
-    spelling out the default "float32" keeps the key a config without the field has."""
-    default_key = quantized["out"].name
-    for run in ("f32", "bf16-a", "bf16-b"):
+    really ran in bf16), the same bytes when run twice, and a checkpoint as close to the merge as the float32 one.
+    The default "auto" takes the bfloat16 key on hardware with native bf16 matmuls and the float32 key (the key
+    configs had before the field existed) elsewhere, whatever this machine is; the report says what ran."""
+    import qmerge.runtime
+
+    f32_key = quantized["out"].name
+    for run in ("auto", "bf16-a", "bf16-b"):
         (tmp_path / run).mkdir()
-    assert quantize_key(quantize_config(tmp_path / "f32", setup, forward_dtype="float32")) == default_key
     outs = []
     for run in ("bf16-a", "bf16-b"):
         config = quantize_config(tmp_path / run, setup, forward_dtype="bfloat16")
         assert run_cli(config) == 0
         outs.append(stage_dir(tmp_path / run / "work", "quantize"))
-    assert outs[0].name == outs[1].name != default_key
+    assert outs[0].name == outs[1].name != f32_key
+    reports = [json.loads((o / "quantize_report.json").read_text()) for o in (outs[0], quantized["out"])]
+    assert [r["forward_dtype"] for r in reports] == ["bfloat16", "float32"]
+    for native, key in ((True, outs[0].name), (False, f32_key)):
+        monkeypatch.setattr(qmerge.runtime, "native_bf16", lambda device, native=native: native)
+        assert quantize_key(quantize_config(tmp_path / "auto", setup)) == key
     read = [(o / "model.safetensors").read_bytes() for o in (*outs, quantized["out"])]
     assert read[0] == read[1] and read[0] != read[2]
     merged = CheckpointReader(quantized["merged"])
