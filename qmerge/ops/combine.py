@@ -180,7 +180,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
             if fused is None:
                 parts = [raw * keep / density for raw, keep in zip(raws, keeps)]
         else:
-            fused = MASKED(raws, None, 1.0, weight_t, True, frequency)
+            fused = MASKED(raws, None, 1.0, weight_t, method in ELECTS_SIGN, frequency)
             if fused is None:
                 parts = list(raws)
         out[start:stop] = fused if fused is not None else _combined(parts, weights, method, majority_sign_method)
