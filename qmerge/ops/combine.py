@@ -163,7 +163,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
         stop = min(start + BLOCK, out.numel())
         raws = tuple(f[start:stop] for f in flats)
         if method == "linear" and kind is None:
-            out[start:stop] = _combined(list(raws), weights, method, majority_sign_method)
+            out[start:stop] = _weighted_sum(list(raws), weight_t)
             continue
         fused = None
         if kind == "magnitude":
@@ -183,7 +183,9 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
             fused = MASKED(raws, None, 1.0, weight_t, method in ELECTS_SIGN, frequency)
             if fused is None:
                 parts = list(raws)
-        out[start:stop] = fused if fused is not None else _combined(parts, weights, method, majority_sign_method)
+        if fused is None:  # the op-by-op twin
+            fused = _elect(parts, weight_t, frequency) if method in ELECTS_SIGN else _weighted_sum(parts, weight_t)
+        out[start:stop] = fused
     return out.reshape(deltas[0].shape)
 
 
@@ -245,12 +247,3 @@ def _masked_kernel(raws: tuple[torch.Tensor, ...], keeps: tuple[torch.Tensor, ..
 
 MAGNITUDE = CompiledKernel(_magnitude_kernel)
 MASKED = CompiledKernel(_masked_kernel)
-
-
-def _combined(parts: list[torch.Tensor], weights: Sequence[float], method: str, sign_method: str) -> torch.Tensor:
-    """One block op by op (the fused kernels' eager twin): the weighted sum in adapter order, or TIES' election and
-    disjoint mean."""
-    weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
-    if method in ELECTS_SIGN:
-        return _elect(parts, weight_t, sign_method != "total")
-    return _weighted_sum(parts, weight_t)

@@ -35,7 +35,7 @@ from qmerge.io.safetensors_io import CheckpointReader, ShardWriter
 from qmerge.layerwise import (LOCKSTEP_BUDGET, LayerBatch, LayerwiseModel, LockstepForward, lockstep_bytes,
                               run_layer)
 from qmerge.numerics import no_tf32
-from qmerge.runtime import forward_dtype, release_large_frees
+from qmerge.runtime import forward_dtype, pick_device, release_large_frees
 from qmerge.ops import compensation, gptq
 from qmerge.io import compensation as compensation_io
 from qmerge.ops.gptq import check_group_size
@@ -340,8 +340,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     lockstep = lockstep_bytes(ids.numel(), hidden, max(widths)) <= LOCKSTEP_BUDGET
     if lockstep:
         release_large_frees()
-    resolved = forward_dtype(q.forward_dtype, device)
-    dtype = None if resolved == "float32" else getattr(torch, resolved)
+    dtype = None if q.forward_dtype == "float32" else getattr(torch, q.forward_dtype)
     layers_report, factors = {}, ({} if q.compensate is not None else None)
     with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
         for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast
@@ -381,7 +380,7 @@ def _write_layer(writer: ShardWriter, reader: CheckpointReader, prefix: str, pac
 
 
 def quantize_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device()  # the rule the stage key's forward_dtype is resolved by (pipeline._quantize_slice)
 
 
 def run_quantize(ctx: StageContext) -> dict:
@@ -395,12 +394,13 @@ def run_quantize(ctx: StageContext) -> dict:
         report = {"backend": "gptqmodel", **run_gptqmodel(merged, ctx.out, ids, q)}
     else:
         device = quantize_device()
+        q = q.model_copy(update={"forward_dtype": forward_dtype(q.forward_dtype, device)})  # as in the stage key
         with no_tf32():
             layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size,
                                         set(ctx.plan.quantized_modules))
         write_model_files(merged, ctx.out, qconfig)
-        report = {"backend": "qmerge", "device": device, "forward_dtype": forward_dtype(q.forward_dtype, device),
-                  "layers": layers, **_summary(layers)}
+        report = {"backend": "qmerge", "device": device, "forward_dtype": q.forward_dtype, "layers": layers,
+                  **_summary(layers)}
     report |= {"quantization_config": qconfig,
                "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}}
     write_json(ctx.out / "quantize_report.json", report)
