@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 from qmerge.io.gguf_writer import QTYPES, _encode, permute_qk, plan_tensors, write_gguf  # noqa: E402
 from qmerge.io.safetensors_io import CheckpointReader  # noqa: E402
 
-from measure import _cpu_ticks, wait_for_idle  # noqa: E402
+from measure import _cpu_ticks, steal_since, wait_for_idle  # noqa: E402
 
 TEXT = ("The Reserve Bank of Australia left interest rates unchanged on Tuesday, saying the economy was growing "
         "close to trend and inflation remained within its target band. ") * 8
@@ -123,8 +123,7 @@ def main() -> int:
                 writes.append(report["seconds"])
                 quants.append(quantize_only(folder, qtype))
                 copies.append(_copy(path, out))
-                after = _cpu_ticks()
-                steal.append((after[0] - ticks[0]) / max(1, after[1] - ticks[1]))
+                steal.append(steal_since(ticks))
             write, quant, copy = (statistics.median(v) for v in (writes, quants, copies))
             ratio = (write - quant) / copy if copy > 0 else float("nan")
             rows.append((qtype, report["bytes"], writes, quants, copies, ratio, max(steal),

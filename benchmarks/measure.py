@@ -58,8 +58,14 @@ def _cpu_ticks() -> tuple[int, int]:
     return fields[7] if len(fields) > 7 else 0, total
 
 
+def steal_since(start: tuple[int, int]) -> float:
+    """The host's steal share of all CPU time since `start` (a `_cpu_ticks()` reading)."""
+    steal, total = _cpu_ticks()
+    return (steal - start[0]) / max(total - start[1], 1)
+
+
 def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measurement:
-    steal0, total0 = _cpu_ticks()
+    ticks = _cpu_ticks()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.STDOUT)
     pid, peak, done = proc.pid, [0], threading.Event()
@@ -78,11 +84,11 @@ def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measureme
     sampler.join()
     _, status, usage = os.wait4(pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    steal1, total1 = _cpu_ticks()
+    steal = steal_since(ticks)
     mb = 1 / 2**20
     return Measurement(cmd, proc.returncode, wall, usage.ru_maxrss / 1024, peak[0] / 1024,
                        io.get("rchar", 0) * mb, io.get("wchar", 0) * mb, io.get("read_bytes", 0) * mb,
-                       io.get("write_bytes", 0) * mb, (steal1 - steal0) / max(total1 - total0, 1))
+                       io.get("write_bytes", 0) * mb, steal)
 
 
 def _torch_processes() -> list[str]:
