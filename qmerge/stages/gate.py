@@ -173,7 +173,8 @@ def format_verdict(v: GateVerdict) -> str:
     for c in v.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
         lines.append(f"  {c.name:<{width}} {value:>10} {c.limit:>8.4f}  {c.outcome}")
-    lines += [f"  {'inconclusive' if r.startswith('inconclusive') else 'reject'}: {r}" for r in v.reasons] + [f"  note: {n}" for n in v.notes]
+    lines += [f"  {r}" if r.startswith("inconclusive") else f"  reject: {r}" for r in v.reasons]  # says it already
+    lines += [f"  note: {n}" for n in v.notes]
     return "\n".join(lines)
 
 

@@ -103,7 +103,7 @@ def test_windows_to_decide_shrinks_the_interval_past_the_limit():
 
 def test_gate_verdicts_from_a_report():
     from qmerge.config import GateSettings
-    from qmerge.stages.gate import decide
+    from qmerge.stages.gate import decide, format_verdict
 
     def report(ret, ret_se, kl):
         from qmerge.scores import EvalReport
@@ -122,5 +122,8 @@ def test_gate_verdicts_from_a_report():
     unsure = decide(report(0.88, 0.05, 0.001), gate)
     assert unsure.verdict == "inconclusive" and not unsure.passed
     assert any("more windows needed (24 now" in r for r in unsure.reasons)
+    printed = format_verdict(decide(report(0.88, 0.05, 0.2), gate))
+    assert "  inconclusive: delta retention" in printed and "inconclusive: inconclusive" not in printed
+    assert "  reject: mean KL" in printed
     # A failure anywhere outranks an inconclusive check elsewhere.
     assert decide(report(0.88, 0.05, 0.2), gate).verdict == "reject"
