@@ -260,36 +260,79 @@ def _file_type(qtype: str) -> int:
     return int(LlamaFileType.ALL_F32 if qtype == "F32" else LlamaFileType[f"MOSTLY_{qtype}"])
 
 
-def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
-    """`_set_vocab_gpt2`: tokens (+ [PAD<i>] up to vocab_size), token types, pre-tokenizer, merges, special ids,
-    add_bos/add_eos, chat template. Returns the pre-tokenizer name."""
-    import gguf
+class _RawTokenizer:
+    """The few things `_set_vocab_gpt2` asks of a tokenizer, from `tokenizers` directly (about 0.1 s for a 49k
+    vocabulary, where transformers' AutoTokenizer takes 0.3 s warm and over 1 s the first time in a process).
+    Used only where the two agree (`applies`): transformers would load the folder with its generic backend (it
+    replaces tokenizer.json's pipeline by a model-specific one for some model types: qwen2's split regex), and
+    tokenizer_config.json asks for no BOS/EOS on top of tokenizer.json's post-processor and no clean-up of spaces."""
+
+    def __init__(self, text: str, config: dict):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_str(text)
+        self.vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.added_tokens_decoder = self._tok.get_added_tokens_decoder()
+
+        def token_id(key: str) -> int | None:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            return self.vocab.get(value) if isinstance(value, str) else None
+
+        self.bos_token_id, self.eos_token_id = token_id("bos_token"), token_id("eos_token")
+
+    # model types whose folders transformers (as pinned) loads with TokenizersBackend when tokenizer_config.json names
+    # it; a test holds transformers to this
+    GENERIC_MODEL_TYPES = frozenset({"llama", "mistral"})
+
+    @classmethod
+    def applies(cls, config: dict, model_type: str | None) -> bool:
+        return (model_type in cls.GENERIC_MODEL_TYPES and config.get("tokenizer_class") == "TokenizersBackend"
+                and not ({"add_bos_token", "add_eos_token"} & set(config))
+                and not config.get("clean_up_tokenization_spaces"))
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {t.content: i for i, t in sorted(self.added_tokens_decoder.items())}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def source_tokenizer(folder: Path, text: str, model_type: str | None, prefer_raw: bool = True):
+    """`_RawTokenizer` where it is exact (`_RawTokenizer.applies`), else transformers' AutoTokenizer."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if prefer_raw and isinstance(config, dict) and _RawTokenizer.applies(config, model_type):
+        return _RawTokenizer(text, config)
     from transformers import AutoTokenizer
 
-    tokenizer_json = folder / "tokenizer.json"
-    try:
-        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-        model = spec["model"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInputError(f"no readable tokenizer.json ({type(e).__name__}: {e})", path=tokenizer_json,
-                            fix="ship the tokenizer files with the merged checkpoint") from None
-    byte_level = '"ByteLevel"' in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
-        raise BadInputError(f"tokenizer is {model.get('type')} (byte_fallback={model.get('byte_fallback')}); GGUF "
-                            "output writes byte-level BPE tokenizers only (tokenizer.ggml.model = gpt2); "
-                            "sentencepiece/llama vocabularies are not written", path=tokenizer_json,
-                            fix="convert with llama.cpp's convert_hf_to_gguf.py")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    vocab_size = int(hf_config.get("vocab_size") or len(tokenizer.vocab))
-    if max(tokenizer.vocab.values()) >= vocab_size:
-        raise BadInputError(f"the tokenizer has ids up to {max(tokenizer.vocab.values())}, the model's vocab_size is "
-                            f"{vocab_size}", path=folder, fix="the tokenizer does not belong to this model")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _merges(spec: dict) -> list[str] | None:
+    """tokenizer.json's merges as `gguf.SpecialVocab` stores them ("a b"; a space inside a part becomes U+0120,
+    as gguf encodes it), without its per-character pass when no part holds a space (the usual case)."""
+    merges = spec.get("model", {}).get("merges")
+    if not isinstance(merges, list) or not merges:
+        return None
+    if isinstance(merges[0], str):
+        return merges
+    if all(isinstance(pair, list) and len(pair) == 2 for pair in merges) and not any(
+            " " in a or " " in b for a, b in merges):
+        return [f"{a} {b}" for a, b in merges]
+    return None  # spaces inside parts or another layout: gguf's own conversion
+
+
+def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """`_set_vocab_gpt2`'s token list (+ [PAD<i>] up to vocab_size), token types and the pre-tokenizer check hash."""
+    import gguf
+
     chkhsh = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
-    pre = PRE_TOKENIZERS.get(chkhsh)
-    if pre is None:
-        raise BadInputError(f"unknown BPE pre-tokenizer (llama.cpp check hash {chkhsh})", path=tokenizer_json,
-                            fix="convert with llama.cpp's convert_hf_to_gguf.py, which knows more pre-tokenizers "
-                                f"(qmerge knows: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})")
     # get_vocab_base: added tokens that are special (or look special) are CONTROL, other added ones USER_DEFINED.
     reverse = {i: t for t, i in tokenizer.vocab.items()}
     added = tokenizer.get_added_vocab()
@@ -309,18 +352,55 @@ def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
+    return tokens, types, chkhsh
+
+
+def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
+    """`_set_vocab_gpt2`: tokens (+ [PAD<i>] up to vocab_size), token types, pre-tokenizer, merges, special ids,
+    add_bos/add_eos, chat template. Returns the pre-tokenizer name. tokenizer.json is read once here (gguf's
+    SpecialVocab reads it again for the special ids; its merges come from this parse)."""
+    import gguf
+
+    tokenizer_json = folder / "tokenizer.json"
+    try:
+        text = tokenizer_json.read_text(encoding="utf-8")
+        spec = json.loads(text)
+        model = spec["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"no readable tokenizer.json ({type(e).__name__}: {e})", path=tokenizer_json,
+                            fix="ship the tokenizer files with the merged checkpoint") from None
+    byte_level = '"ByteLevel"' in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
+        raise BadInputError(f"tokenizer is {model.get('type')} (byte_fallback={model.get('byte_fallback')}); GGUF "
+                            "output writes byte-level BPE tokenizers only (tokenizer.ggml.model = gpt2); "
+                            "sentencepiece/llama vocabularies are not written", path=tokenizer_json,
+                            fix="convert with llama.cpp's convert_hf_to_gguf.py")
+    tokenizer = source_tokenizer(folder, text, hf_config.get("model_type"))
+    vocab_size = int(hf_config.get("vocab_size") or len(tokenizer.vocab))
+    if max(tokenizer.vocab.values()) >= vocab_size:
+        raise BadInputError(f"the tokenizer has ids up to {max(tokenizer.vocab.values())}, the model's vocab_size is "
+                            f"{vocab_size}", path=folder, fix="the tokenizer does not belong to this model")
+    tokens, types, chkhsh = vocab_fields(tokenizer, vocab_size)
+    pre = PRE_TOKENIZERS.get(chkhsh)
+    if pre is None:
+        raise BadInputError(f"unknown BPE pre-tokenizer (llama.cpp check hash {chkhsh})", path=tokenizer_json,
+                            fix="convert with llama.cpp's convert_hf_to_gguf.py, which knows more pre-tokenizers "
+                                f"(qmerge knows: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    merges = _merges(spec)
+    special = gguf.SpecialVocab(folder, load_merges=merges is None, n_vocab=vocab_size)
+    if merges is not None:
+        special.merges = merges
     if not special.merges:
         raise BadInputError("tokenizer.json has no merges", path=tokenizer_json, fix="a BPE tokenizer needs its merges")
     special.add_to_gguf(writer, quiet=True)
     # Always state add_bos/add_eos (llama.cpp's own default for a gpt2 vocab differs by version): what the source
     # tokenizer does to plain text.
-    probe = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    probe = tokenizer.encode("a")
+    plain = tokenizer.encode("a", add_special_tokens=False)
     if "bos" not in special.add_special_token:
         writer.add_add_bos_token(len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id)
     if "eos" not in special.add_special_token:

@@ -348,6 +348,50 @@ def test_fast_metadata_arrays_are_the_stock_writers_bytes(tiny, tmp_path, monkey
     assert fast_file["sha256"] == stock_file["sha256"]
 
 
+def test_raw_tokenizer_and_own_merges_write_the_transformers_and_gguf_bytes(tiny, tmp_path, monkeypatch) -> None:
+    """The vocabulary is read with `tokenizers` directly and the merges from qmerge's one parse of tokenizer.json;
+    the file must be byte for byte what transformers' AutoTokenizer and gguf's SpecialVocab merges give."""
+    import qmerge.io.gguf_writer as gw
+
+    text = (tiny / "tokenizer.json").read_text(encoding="utf-8")
+    assert isinstance(gw.source_tokenizer(tiny, text, "llama"), gw._RawTokenizer)  # else this compares nothing
+    assert gw._merges(json.loads(text)) is not None
+    fast = write_gguf(tiny, tmp_path / "fast" / "model.gguf", "Q8_0")
+    raw = gw.source_tokenizer
+    assert not isinstance(raw(tiny, text, "llama", prefer_raw=False), gw._RawTokenizer)
+    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt: raw(folder, text, mt, prefer_raw=False))
+    monkeypatch.setattr(gw, "_merges", lambda spec: None)
+    slow = write_gguf(tiny, tmp_path / "slow" / "model.gguf", "Q8_0")
+    assert fast["sha256"] == slow["sha256"]
+
+
+def test_raw_tokenizer_only_where_transformers_adds_nothing(tiny, tmp_path) -> None:
+    """The raw path's model types are those transformers loads with its generic backend (it rebuilds qwen2's
+    pipeline); a tokenizer_config naming another class or asking transformers to add BOS/EOS or clean up spaces
+    goes through AutoTokenizer; merges with a space inside a part take gguf's own encoding."""
+    from transformers import AutoTokenizer
+
+    import qmerge.io.gguf_writer as gw
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny, folder)
+    hf_config = json.loads((folder / "config.json").read_text())
+    for model_type in gw._RawTokenizer.GENERIC_MODEL_TYPES | {"qwen2"}:
+        (folder / "config.json").write_text(json.dumps(hf_config | {"model_type": model_type}))
+        generic = type(AutoTokenizer.from_pretrained(folder)).__name__ == "TokenizersBackend"
+        assert generic == (model_type in gw._RawTokenizer.GENERIC_MODEL_TYPES), model_type
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    assert isinstance(gw.source_tokenizer(folder, text, "llama"), gw._RawTokenizer)
+    assert not isinstance(gw.source_tokenizer(folder, text, "qwen2"), gw._RawTokenizer)
+    for extra in ({"add_bos_token": True}, {"add_eos_token": False}, {"clean_up_tokenization_spaces": True},
+                  {"tokenizer_class": "PreTrainedTokenizerFast"}):
+        (folder / "tokenizer_config.json").write_text(json.dumps(config | extra))
+        assert not isinstance(gw.source_tokenizer(folder, text, "llama"), gw._RawTokenizer), extra
+    assert gw._merges({"model": {"merges": [["a b", "c"]]}}) is None
+    assert gw._merges({"model": {"merges": [["Ġ", "t"], ["h", "e"]]}}) == ["Ġ t", "h e"]
+
+
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16"])
 def test_torch_float_casts_give_gguf_quantize_bytes(qtype) -> None:
     """The float types are cast by torch, not by gguf's numpy code: the same bytes for every finite and infinite
