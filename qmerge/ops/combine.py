@@ -51,8 +51,9 @@ BLOCK = 1 << 20  # flat elements per block: the unit of DARE's masks and of the 
 SAMPLE = 1 << 16  # entries of the strided sample that brackets a top-k threshold
 
 
-def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int] | None:
-    """(the k-th largest |value|, how many entries equal to it are kept) for k = ⌊density·numel⌋; None keeps all.
+def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int, int] | None:
+    """(the k-th largest |value|, how many entries equal to it are kept, how many there are) for
+    k = ⌊density·numel⌋; None keeps all.
 
     Exact, and O(numel) without a whole-tensor |ΔW| copy: a strided sample of SAMPLE magnitudes brackets the
     threshold between two of its order statistics (a margin of 4 binomial standard deviations around rank k),
@@ -65,11 +66,12 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int] | None:
     if k >= n:
         return None
     if k <= 0:
-        return float("inf"), 0
+        return float("inf"), 0, 0
     above, inside = _bracket(flat, k) or (0, flat.abs())  # no bracket: the whole tensor is "inside"
     rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
     threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
-    return threshold, rank - int((inside > threshold).sum())
+    # every entry equal to the threshold lies inside the bracket: their count is the whole tensor's
+    return threshold, rank - int((inside > threshold).sum()), int((inside == threshold).sum())
 
 
 def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
@@ -104,7 +106,7 @@ def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: li
     this block, when it was asked (it has counted those entries already)."""
     if threshold is None:
         return torch.ones_like(block, dtype=torch.bool)
-    value, equal_kept = threshold
+    value, equal_kept, _ = threshold
     magnitude = block.abs()
     mask = magnitude > value
     if settled is not None:
@@ -189,10 +191,14 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     return out.reshape(deltas[0].shape)
 
 
-def _take_equal(raw: torch.Tensor, threshold: tuple[float, int], admitted: list[int]) -> bool | None:
+def _take_equal(raw: torch.Tensor, threshold: tuple[float, int, int], admitted: list[int]) -> bool | None:
     """Whether this block keeps the entries equal to the threshold magnitude: all of them (True; counted into
-    `admitted`), none (False: the quota is spent), or only a prefix (None: `_kept`'s prefix sum decides)."""
-    value, equal_kept = threshold
+    `admitted`), none (False: the quota is spent), or only a prefix (None: `_kept`'s prefix sum decides). Where
+    the tensor keeps all of its threshold-equal entries (the usual case: one entry holds the k-th magnitude) or
+    none, every block's answer is known without counting."""
+    value, equal_kept, equal_total = threshold
+    if equal_kept in (0, equal_total):
+        return equal_kept > 0
     left = equal_kept - admitted[0]
     if left <= 0:
         return False

@@ -104,12 +104,12 @@ def test_top_k_keeps_exactly_k_and_breaks_ties_by_index():
     assert not top_k_mask(t, 0.1).any() and top_k_mask(t, 1.0).all()
 
 
-def _direct_threshold(t: torch.Tensor, density: float) -> tuple[float, int]:
-    """The k-th largest magnitude and how many entries equal to it are kept, by a full sort."""
+def _direct_threshold(t: torch.Tensor, density: float) -> tuple[float, int, int]:
+    """The k-th largest magnitude, how many entries equal to it are kept and how many there are, by a full sort."""
     flat = t.reshape(-1).abs()
     k = int(density * flat.numel())
     value = float(flat.sort(descending=True).values[k - 1])
-    return value, k - int((flat > value).sum())
+    return value, k - int((flat > value).sum()), int((flat == value).sum())
 
 
 @pytest.mark.parametrize("density", [0.003, 0.1, 0.5, 0.77, 0.999])
