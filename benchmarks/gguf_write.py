@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -67,16 +68,11 @@ def quantize_only(folder: Path, qtype: str) -> float:
 def llama_cpp_perplexity(path: Path) -> str:
     if importlib.util.find_spec("llama_cpp") is None:
         return "skipped: llama_cpp not installed"
-    import numpy as np
     from llama_cpp import Llama
+    from llama_cpp_gguf import window_nll
 
     llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
-    ids = llm.tokenize(TEXT.encode(), add_bos=True)[:512]
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    nll = -np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)])
-    return f"{float(np.exp(nll)):.3f}"
+    return f"{math.exp(window_nll(llm, llm.tokenize(TEXT.encode(), add_bos=True)[:512])):.3f}"
 
 
 def _copy(path: Path, out: Path) -> float:

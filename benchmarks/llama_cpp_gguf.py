@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def window_nll(llm, ids: list[int]):
-    """Mean next-token NLL of one window under llama.cpp's logits (float64 log-softmax)."""
+    """Mean next-token NLL of one window under llama.cpp's logits (float64 log-softmax); also gguf_write.py's."""
     import numpy as np
 
     llm.reset()
@@ -79,9 +79,11 @@ def main(argv=None) -> int:
     for name, art in manifest["artifacts"].items():
         if not name.startswith("gguf-"):
             continue
-        path = (args.release if art["shipped"] else args.export_dir or Path("/nonexistent")) / art["folder"] / "model.gguf"
-        if not path.is_file():
-            print(f"{name}: {path} not found (rejected artifacts live in the export stage: --export-dir)", file=sys.stderr)
+        where = args.release if art["shipped"] else args.export_dir
+        path = where / art["folder"] / "model.gguf" if where else None
+        if path is None or not path.is_file():
+            print(f"{name}: {path or 'not in the release'}: no model.gguf (rejected artifacts live in the export stage: "
+                  "--export-dir)", file=sys.stderr)
             continue
         start = time.perf_counter()
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=tokens["seq_len"], n_batch=tokens["seq_len"],
