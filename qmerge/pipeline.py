@@ -31,6 +31,8 @@ def _merge_slice(cfg: Config) -> dict:
     # linear's pruning parameters are inert: left out, so linear configs keep the keys they had before them
     inert = {"density", "majority_sign_method", "seed"} if cfg.merge.method == "linear" else set()
     out = cfg.merge.model_dump(exclude={"device", *inert})
+    if cfg.merge.method.startswith("dare"):  # the keep masks' definition (ops/combine.py): a new one is new bytes
+        out["dare_mask"] = "keep_hash-v2"
     if cfg.merge.into == "auto":  # the choice is scored on `select` windows of gate.seq_len, disjoint from gate.eval
         out["select_text"] = text_digest(cfg, cfg.merge.select, "merge.select")
         out["gate"] = {"seq_len": cfg.gate.seq_len if cfg.gate else None, "texts": _eval_texts(cfg)}

@@ -200,10 +200,16 @@ def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
     from gguf.quants import quantize
 
     cast = _TORCH_CASTS.get(qtype)
-    if cast is not None and not bool(torch.isnan(tensor).any()):
+    if cast is not None and not _has_nan(tensor):
         out = tensor.to(cast).contiguous()
         return (out.view(torch.int16) if cast is torch.bfloat16 else out).numpy()
     return quantize(tensor.numpy(), GGMLQuantizationType[qtype])
+
+
+def _has_nan(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds a NaN. A NaN makes any sum NaN, so a finite sum (one vectorized pass, no mask)
+    answers for the usual tensor; a non-finite one (an infinity, an overflowing sum) is checked entry by entry."""
+    return not bool(torch.isfinite(tensor.sum())) and bool(torch.isnan(tensor).any())
 
 
 def _write_one(writer, reader: CheckpointReader, p: PlannedTensor) -> None:

@@ -13,10 +13,13 @@ Methods, named and defined as PEFT's `peft.utils.merge_utils` defines them (the 
 - `dare_ties`: DARE's drop-and-rescale in place of TIES' trim, then TIES' election and disjoint mean.
 
 Determinism. Top-k ties at the threshold magnitude are broken by the lower flat index (torch.topk leaves that
-order unspecified). DARE's keep mask for adapter i of tensor `name` is drawn on CPU block by block (flat blocks of
-BLOCK elements), each block from its own generator seeded by (merge seed, i, name, block) through SHA-256, so it
-does not depend on the order tensors are merged in, on the device, or on any other tensor: the same seed gives
-the same bytes. The sums run in adapter order.
+order unspecified). DARE's keep mask is counter-based: entry j of adapter i's delta of tensor `name` is kept when
+h(j) < ⌈density·2³²⌉, h a 32-bit hash of j keyed by SHA-256 of (merge seed, i, name) (`keep_hash`: two rounds of a
+32-bit integer mixer, computed in int64 lanes that never overflow). An entry's fate depends on nothing else: not
+on the order tensors are merged in, the block it falls in, the device or any other tensor, so the same seed gives
+the same bytes; and the mask is computed inside the compiled block loop, with no generator state to draw from
+(a seeded CPU generator, as before, cost ~6 ms per 2^20 entries per adapter, most of DARE's extra time). The sums
+run in adapter order.
 
 Memory. The combination streams over those flat blocks: besides the adapters' ΔWᵢ of the tensor and the result, it
 holds a few blocks and the magnitudes near each top-k threshold (a bracket found from a sample), not whole-tensor
@@ -127,24 +130,51 @@ def top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return _kept(delta.reshape(-1), _threshold(delta, density), [0]).reshape(delta.shape)
 
 
-def keep_generator(seed: int, adapter: int, tensor: str, block: int = 0) -> torch.Generator:
-    """The CPU generator of DARE's keep mask for one flat block of one adapter's delta of one tensor."""
-    digest = hashlib.sha256(f"{seed}\0{adapter}\0{tensor}\0{block}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x·c) mod 2³² for int64 x in [0, 2³²) and a 32-bit constant c, as two 16-bit halves of c so that no int64
+    product overflows (each stays under 2⁴⁸)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply, constants from C. Wellons' hash-prospector, "lowbias32"):
+    a bijection of [0, 2³²) whose output bits each depend on every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def dare_key(seed: int, adapter: int, tensor: str) -> tuple[int, int]:
+    """The two 32-bit words that key DARE's keep mask for one adapter's delta of one tensor."""
+    digest = hashlib.sha256(f"dare\0{seed}\0{adapter}\0{tensor}".encode()).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+
+
+def keep_hash(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """h(j) in [0, 2³²) for flat indices `index` (int64, ≥ 0) under `key` (int64 [2] or two 0-d tensors)."""
+    return _mix32(_mix32((index & _M32) ^ key[0]) ^ (index >> 32) ^ key[1])
+
+
+def keep_threshold(density: float) -> int:
+    """Entry j is kept when h(j) < this: u = h/2³² < density exactly, so each entry is kept with probability
+    density (to within 2⁻³²)."""
+    return min(math.ceil(density * 2**32), 2**32)
 
 
 def dare_block(numel: int, density: float, seed: int, adapter: int, tensor: str, block: int) -> torch.Tensor:
-    """Keep each entry of flat block `block` independently with probability `density` (u < density, u uniform in
-    [0, 1) from that block's own generator)."""
-    u = torch.rand(numel, generator=keep_generator(seed, adapter, tensor, block), dtype=torch.float64)
-    return u < density
+    """DARE's keep mask of flat block `block` (entries block·BLOCK onwards, `numel` of them)."""
+    index = torch.arange(block * BLOCK, block * BLOCK + numel, dtype=torch.int64)
+    return keep_hash(index, torch.tensor(dare_key(seed, adapter, tensor))) < keep_threshold(density)
 
 
 def dare_mask(shape: torch.Size, density: float, seed: int, adapter: int, tensor: str) -> torch.Tensor:
-    """DARE's whole keep mask of one adapter's delta of `tensor`: its flat blocks of BLOCK elements, in order."""
-    n = math.prod(shape)
-    blocks = [dare_block(min(BLOCK, n - i), density, seed, adapter, tensor, i // BLOCK) for i in range(0, n, BLOCK)]
-    return (torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.bool)).reshape(shape)
+    """DARE's whole keep mask of one adapter's delta of `tensor`."""
+    return dare_block(math.prod(shape), density, seed, adapter, tensor, 0).reshape(shape)
 
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float = 1.0,
@@ -158,6 +188,10 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     kind = SPARSIFY[method] if density < 1 else None
     thresholds = [_threshold(f, density) for f in flats] if kind == "magnitude" else None
     admitted = [[0] for _ in flats]
+    if kind == "random":
+        device = flats[0].device
+        keys = torch.tensor([dare_key(seed, i, tensor) for i in range(len(flats))], dtype=torch.int64, device=device)
+        threshold = torch.tensor(keep_threshold(density), dtype=torch.int64, device=device)
     out = torch.empty_like(flats[0])
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
     frequency = majority_sign_method != "total"
@@ -177,10 +211,10 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
                 parts = [raw * _kept(raw, thresholds[i], admitted[i], settled=take_equal[i])
                          for i, raw in enumerate(raws)]
         elif kind == "random":
-            keeps = tuple(dare_block(stop - start, density, seed, i, tensor, start // BLOCK) for i in range(len(raws)))
-            fused = MASKED(raws, keeps, density, weight_t, method in ELECTS_SIGN, frequency)
+            args = (raws, torch.tensor(start, device=device), keys, threshold, density, weight_t, method in ELECTS_SIGN, frequency)
+            fused = DARE(*args)
             if fused is None:
-                parts = [raw * keep / density for raw, keep in zip(raws, keeps)]
+                fused = _dare_kernel(*args)  # the same code, op by op
         else:
             fused = MASKED(raws, None, 1.0, weight_t, method in ELECTS_SIGN, frequency)
             if fused is None:
@@ -245,11 +279,21 @@ def _magnitude_kernel(raws: tuple[torch.Tensor, ...], thresholds: torch.Tensor, 
 
 def _masked_kernel(raws: tuple[torch.Tensor, ...], keeps: tuple[torch.Tensor, ...] | None, density: float,
                    weights: torch.Tensor, elect: bool, frequency: bool) -> torch.Tensor:
-    """One block of DARE (each adapter's kept entries rescaled by 1/density) or of TIES at density 1 (`keeps`
-    None), then the weighted sum or the election."""
+    """One block of DARE given its keep masks (each adapter's kept entries rescaled by 1/density) or of TIES at
+    density 1 (`keeps` None), then the weighted sum or the election."""
     parts = list(raws) if keeps is None else [raw * keep / density for raw, keep in zip(raws, keeps)]
     return _elect(parts, weights, frequency) if elect else _weighted_sum(parts, weights)
 
 
+def _dare_kernel(raws: tuple[torch.Tensor, ...], start: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor,
+                 density: float, weights: torch.Tensor, elect: bool, frequency: bool) -> torch.Tensor:
+    """One block of DARE starting at flat index `start`: each adapter's keep mask hashed from the entries' flat
+    indices (`keep_hash`, `keys[i]`), then `_masked_kernel`."""
+    index = torch.arange(raws[0].numel(), dtype=torch.int64, device=raws[0].device) + start
+    keeps = tuple(keep_hash(index, keys[i]) < threshold for i in range(len(raws)))
+    return _masked_kernel(raws, keeps, density, weights, elect, frequency)
+
+
 MAGNITUDE = CompiledKernel(_magnitude_kernel)
 MASKED = CompiledKernel(_masked_kernel)
+DARE = CompiledKernel(_dare_kernel)

@@ -412,3 +412,17 @@ def test_torch_float_casts_give_gguf_quantize_bytes(qtype) -> None:
         assert _encode(tensor, qtype).tobytes() == quantize(tensor.numpy(), GGMLQuantizationType[qtype]).tobytes()
     with_nan = torch.tensor([1.0, float("nan"), -2.5])
     assert _encode(with_nan, qtype).tobytes() == quantize(with_nan.numpy(), GGMLQuantizationType[qtype]).tobytes()
+
+
+def test_nan_check_finds_a_nan_behind_a_finite_or_overflowing_sum() -> None:
+    """`_has_nan` answers from the sum where it is finite and checks entry by entry where it is not: an
+    overflowing sum, +inf against -inf (a NaN sum without a NaN entry) and a real NaN are told apart."""
+    from qmerge.io.gguf_writer import _has_nan
+
+    assert not _has_nan(torch.randn(1000))
+    assert not _has_nan(torch.full((100,), 3e38))  # the sum overflows to inf; no entry is NaN
+    assert not _has_nan(torch.tensor([float("inf"), 1.0, float("-inf")]))  # the sum is NaN; no entry is
+    for position in (0, 517, 999):
+        t = torch.randn(1000)
+        t[position] = float("nan")
+        assert _has_nan(t)

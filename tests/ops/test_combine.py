@@ -145,6 +145,51 @@ def test_dare_keeps_about_density_and_is_seeded_per_tensor():
         assert not torch.equal(mask, dare_mask(shape, 0.3, *other))
 
 
+def _mix32_int(x: int) -> int:
+    """The keep hash's mixer on Python integers (unbounded, so the products need no splitting)."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_dare_mask_is_the_documented_hash_of_each_flat_index():
+    """Entry j is kept iff h(j) < ⌈density·2³²⌉, h = mix(mix(j_lo ^ k0) ^ j_hi ^ k1) with (k0, k1) the first two
+    little-endian words of SHA-256("dare\\0seed\\0adapter\\0tensor"); checked on Python integers, for flat
+    indices past 2³² too (a 70B embedding has ~2³⁰ entries; the high word must still count)."""
+    import hashlib
+    import math
+
+    digest = hashlib.sha256(b"dare\x003\x001\x00model.layers.0.mlp.down_proj.weight").digest()
+    k0, k1 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+    assert combine_module.dare_key(3, 1, "model.layers.0.mlp.down_proj.weight") == (k0, k1)
+    for density in (0.1, 0.5, 0.9):
+        mask = dare_mask(torch.Size((50, 40)), density, 3, 1, "model.layers.0.mlp.down_proj.weight").reshape(-1)
+        limit = math.ceil(density * 2**32)
+        want = [_mix32_int(_mix32_int(j ^ k0) ^ k1) < limit for j in range(mask.numel())]
+        assert mask.tolist() == want
+    far = [2**32 - 1, 2**32, 2**32 + 5, 3 * 2**32 + 7, 2**40 + 123]
+    got = combine_module.keep_hash(torch.tensor(far), torch.tensor([k0, k1])).tolist()
+    assert got == [_mix32_int(_mix32_int((j & 0xFFFFFFFF) ^ k0) ^ (j >> 32) ^ k1) for j in far]
+    assert len(set(got)) == len(far)
+
+
+def test_dare_masks_of_adapters_and_neighbours_are_uncorrelated():
+    """Keep masks look independent: across adapters of one tensor, and between neighbouring entries (a row's
+    next column, the next row) of one mask; each within 5 standard errors of no correlation."""
+    shape = torch.Size((512, 1024))
+    masks = [dare_mask(shape, 0.4, 0, i, "t").double() for i in range(3)]
+    n = masks[0].numel()
+
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1])
+
+    assert abs(corr(masks[0], masks[1])) < 5 / n**0.5 and abs(corr(masks[1], masks[2])) < 5 / n**0.5
+    assert abs(corr(masks[0][:, 1:], masks[0][:, :-1])) < 5 / n**0.5
+    assert abs(corr(masks[0][1:], masks[0][:-1])) < 5 / n**0.5
+
+
 @pytest.mark.parametrize("method,density", [("ties", 0.3), ("magnitude_prune", 0.5), ("dare_ties", 0.5),
                                             ("dare_linear", 0.4)])
 def test_streaming_over_blocks_changes_nothing(monkeypatch, method, density):
@@ -252,7 +297,8 @@ def test_fused_blocks_give_the_op_by_op_bits(monkeypatch, method, density, sign)
     deltas[0] = torch.randint(-2, 3, (40, 50), generator=g).float()  # magnitudes 0, 1, 2: ties and zeros
     deltas[2][::3] = 0.0
     weights = [0.7, -1.3, 1.0]
-    kernel = combine_module.MAGNITUDE if method in ("ties", "magnitude_prune") and density < 1 else combine_module.MASKED
+    kernel = (combine_module.MAGNITUDE if method in ("ties", "magnitude_prune") and density < 1
+              else combine_module.DARE if method.startswith("dare") and density < 1 else combine_module.MASKED)
     before = kernel.ran
     fused = combine(deltas, weights, method, density, sign, seed=5, tensor="f")
     assert kernel.ran > before
