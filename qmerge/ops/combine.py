@@ -74,7 +74,7 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int, int] | 
     rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
     threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
     # every entry equal to the threshold lies inside the bracket: their count is the whole tensor's
-    return threshold, rank - int((inside > threshold).sum()), int((inside == threshold).sum())
+    return threshold, rank - int(torch.count_nonzero(inside > threshold)), int(torch.count_nonzero(inside == threshold))
 
 
 def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
@@ -94,7 +94,7 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
     above, inside = 0, []
     for start in range(0, n, BLOCK):
         magnitude = flat[start:start + BLOCK].abs()
-        above += int((magnitude > hi).sum())
+        above += int(torch.count_nonzero(magnitude > hi))  # 3x a bool .sum() on CPU
         inside.append(magnitude[(magnitude >= lo) & (magnitude <= hi)])
     inside = torch.cat(inside)
     if not above < k <= above + inside.numel():
@@ -117,7 +117,7 @@ def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: li
     left = equal_kept - admitted[0]
     if left > 0:
         equal = magnitude == value
-        found = int(equal.sum())
+        found = int(torch.count_nonzero(equal))
         take = equal if found <= left else equal & (torch.cumsum(equal, 0) <= left)  # the prefix sum only
         admitted[0] += min(found, left)                                               # where some must wait
         mask |= take
@@ -236,7 +236,7 @@ def _take_equal(raw: torch.Tensor, threshold: tuple[float, int, int], admitted: 
     left = equal_kept - admitted[0]
     if left <= 0:
         return False
-    found = int((raw.abs() == value).sum())
+    found = int(torch.count_nonzero(raw.abs() == value))
     if found > left:
         return None
     admitted[0] += found
