@@ -1,4 +1,6 @@
-"""The nightly release matrix three ways: its builds as separate `qmerge pipeline` runs one after another, `qmerge
+"""The nightly release matrix four ways: its builds as separate `qmerge pipeline` runs one after another, each with
+its own work dir (`independent`: what a shell loop over four configs does) or all in the matrix's work dir
+(`sequential`: sharing every stage and evaluate's hidden states, without running two builds at once), `qmerge
 matrix` with the local scheduler, and `qmerge matrix --ray` (a local Ray instance started by qmerge).
 
     python benchmarks/matrix.py                                  # configs/nightly.toml, 3 rounds (~10+ min per run)
@@ -32,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-MODES = ("sequential", "local", "ray")
+MODES = ("independent", "sequential", "local", "ray")
 SAMPLE_S = 0.05
 CHEAP = {"resolve", "promote", "register"}  # what a rerun with nothing changed runs again (they check, not build)
 
@@ -135,12 +137,16 @@ def run_mode(mode: str, matrix: Path, args: argparse.Namespace, env: dict) -> di
     """One run of `mode` on `matrix` (fresh dirs or not: the caller decides); per-build exit codes included."""
     folder = matrix.parent
     log = folder / f"{mode}.log"
-    if mode == "sequential":
+    if mode in ("independent", "sequential"):
+        from qmerge.io.paths import dump_toml, read_toml
         from qmerge.matrix import write_builds
 
         _, builds = write_builds(matrix)
         runs, codes, ran = [], {}, {}
         for b in builds:
+            if mode == "independent":  # the build's own work dir: nothing shared with the other builds
+                config = read_toml(b.config, "build config")
+                b.config.write_text(dump_toml({**config, "work_dir": str(folder / f"work-{b.name}")}))
             summary = b.config.with_suffix(".summary.json")
             summary.unlink(missing_ok=True)
             runs.append(run_tree([sys.executable, "-m", "qmerge", "pipeline", str(b.config), "--quiet",

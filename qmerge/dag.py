@@ -35,6 +35,7 @@ class StageContext:
     quiet: bool = False
     release_version: str | None = None
     dry_run: bool = False
+    forced: bool = False  # rebuilt by --force / --from / --only: reuse nothing, not even the evaluate state cache
 
     @property
     def plan(self):
@@ -222,7 +223,7 @@ class Runner:
             done = _load_done(path)
             if done is not None and stage.cached and not forced:
                 return StageRecord(stage.name, path.name, "cached", 0.0, done["result"])
-            return self._run_stage(stage, path, dirs, results, keys, replace=path.exists())
+            return self._run_stage(stage, path, dirs, results, keys, replace=path.exists(), forced=forced)
 
     def _unchanged(self, stage: Stage, dirs, results, keys) -> StageRecord | None:
         """A reuse-only run's record of an uncached stage: its `unchanged` result, or None (it has work to do)."""
@@ -261,7 +262,8 @@ class Runner:
         # done.json last: its presence is what marks the artifact complete.
         write_json(out / "done.json", done)
 
-    def _run_stage(self, stage: Stage, path: Path, dirs, results, keys, replace: bool = False) -> StageRecord:
+    def _run_stage(self, stage: Stage, path: Path, dirs, results, keys, replace: bool = False,
+                   forced: bool = False) -> StageRecord:
         start = time.perf_counter()
         inputs = {n: dirs[n] for n in stage.needs if n in dirs}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +271,7 @@ class Runner:
         log.info("stage %s -> %s", stage.name, path)
         with atomic_dir(path, replace=replace) as tmp:
             ctx = StageContext(self.cfg, tmp, inputs, dict(results), dict(keys), self.opts.quiet,
-                               self.opts.release_version)
+                               self.opts.release_version, forced=forced)
             result = stage.entry()(ctx)
             seconds = time.perf_counter() - start
             self._write_done(tmp, stage.name, keys[stage.name], seconds, result)

@@ -76,22 +76,29 @@ class StreamedLogits:
     logits of one batch at a time. Views of the same model (reference and base) share its loaded layer."""
 
     def __init__(self, views: dict[str, View], batches: list[torch.Tensor], quiet: bool = False,
-                 desc: str = "evaluate", on_layer=None):
-        """`on_layer(model, index, layer)`: called while a model's layer is real, after every view ran it."""
+                 desc: str = "evaluate", on_layer=None, ready: dict[str, list[torch.Tensor]] | None = None):
+        """`on_layer(model, index, layer)`: called while a model's layer is real, after every view ran it.
+        `ready`: views whose last-layer states are already known (qmerge/io/state_cache.py), one tensor per batch;
+        a model all of whose views are ready never loads a layer."""
         self.views = views
         models = list({id(v.model): v.model for v in views.values()}.values())
         depth = {len(m.layers) for m in models}
         if len(depth) != 1:
             raise BadInputError(f"the models to compare have different numbers of decoder layers: {sorted(depth)}",
                                 fix="every candidate must be the base's architecture")
-        self.states = {}
-        for name, view in views.items():
+        ready = ready or {}
+        self.states = {name: [LayerBatch(h, {}) for h in states] for name, states in ready.items()}
+        self.computed = tuple(name for name in views if name not in ready)
+        for name in self.computed:
+            view = views[name]
             with view.model.adapters(view.adapters):
                 self.states[name] = view.model.layer_inputs_of(batches)
-        for index in tqdm(range(depth.pop()), desc=desc, disable=quiet, unit="layer"):
-            for model in models:
+        streamed = [m for m in models if any(views[n].model is m for n in self.computed)]
+        for index in tqdm(range(depth.pop()), desc=desc, disable=quiet or not streamed, unit="layer"):
+            for model in streamed:
                 layer = model.load_layer(index)
-                for name, view in views.items():
+                for name in self.computed:
+                    view = views[name]
                     if view.model is model:
                         with model.adapters(view.adapters):
                             self.states[name] = [LayerBatch(run_layer(layer, b), b.kwargs) for b in self.states[name]]

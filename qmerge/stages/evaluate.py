@@ -14,6 +14,7 @@ layers, the adapter switched off.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.scores import EvalReport, TextScores
 from qmerge.io.compensation import compensation_folder
+from qmerge.io.state_cache import StateCache, batches_digest, file_digest
 from qmerge.io.sources import artifact_bytes, tensor_source
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.layerwise import LayerwiseModel
@@ -35,6 +37,7 @@ from qmerge.ops.metrics import delta_metrics, projection_sums
 from qmerge.runtime import pick_device
 from qmerge.io.atomic import write_json
 
+log = logging.getLogger("qmerge")
 VANISHED = 0.5  # a layer keeping less than half its delta (weight space) is named in the report
 ALONE = "quantized-alone"  # the quantized artifact without its compensation adapter
 
@@ -136,10 +139,36 @@ def _texts(ctx: StageContext, tokenizer, specs: list[tuple[str, str]]) -> list:
     return texts
 
 
+def model_identities(ctx: StageContext, adapters: list[tuple[Path, float]], candidates: dict[str, Path],
+                     nf4_device: str) -> dict[str, tuple[dict, bool]]:
+    """Each view's (identity, adapters on) as the hidden-state cache keys it (qmerge/io/state_cache.py). The
+    reference is the base files + the NF4 recipe + `adapters` (their files' sha256 and weights); the base is the
+    same with its adapters off, and leaves the adapters out unless one replaces whole tensors (then "adapters
+    off" still holds that adapter's embedding or head shapes). A candidate is its stage key plus the sha256 of
+    its stage's done.json (a rebuilt artifact is a new identity)."""
+    plan = ctx.plan
+    sha = {Path(a.path): a.sha256 for a in plan.adapters}
+    replaces = any(a.replaced_tensors for a in plan.adapters)
+    nf4 = {"base": plan.base.sha256, "nf4": plan.nf4, "quantized": list(plan.quantized_modules),
+           "skipped": list(plan.skipped_modules), "tied": plan.tied, "nf4_device": nf4_device}
+    used = [[sha[Path(path)], float(weight)] for path, weight in adapters]
+    out = {"reference": ({**nf4, "adapters": used}, True),
+           "base": ({**nf4, "adapters": used if replaces else []}, False)}
+    stages = {"merged": "merge", "quantized": "quantize", ALONE: "quantize"}
+    for name, path in candidates.items():
+        stage = stages.get(name, "export")
+        folder = ctx.inputs[stage]
+        out[name] = ({"stage": stage, "key": ctx.keys[stage], "done": file_digest(folder / "done.json"),
+                      "artifact": name if stage == "export" else None}, name != ALONE)
+    return out
+
+
 def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: list, candidates: dict[str, Path],
-               device: str, base: BaseCheckpoint, on_layer=None, desc: str = "evaluate") -> list[TextScores]:
+               device: str, base: BaseCheckpoint, on_layer=None, desc: str = "evaluate",
+               cache: StateCache | None = None, reused: dict | None = None) -> list[TextScores]:
     """One streamed pass: the reference (the NF4 base + `adapters`, unmerged), the base, and every candidate on
-    `texts`; one TextScores per text."""
+    `texts`; one TextScores per text. With `cache`, views whose last-layer states it holds are not streamed, and
+    the states computed here are added to it; `reused` collects {view: "reused" | "computed"}."""
     nf4_device = pick_device(ctx.cfg.merge.device)
     # W_nf4 from the codes of the device the merge used (one rule for the run; CPU and CUDA codes may differ).
     reference = streamed_base(base, adapters, device, nf4_device)
@@ -150,8 +179,23 @@ def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: lis
         else:
             views[name] = View(LayerwiseModel.from_folder(path, device))
     batches = [b for *_, text_batches in texts for b in text_batches]
+    keys, ready = {}, {}
+    if cache is not None:
+        ids = batches_digest(batches)
+        for name, (identity, on) in model_identities(ctx, adapters, candidates, nf4_device).items():
+            keys[name] = cache.key(identity, on, ids, device)
+            states = cache.load(keys[name][0], batches, device)
+            if states is not None:
+                ready[name] = states
     hook = (lambda model, i, layer: on_layer(model, i, layer) if model is reference else None) if on_layer else None
-    logits = StreamedLogits(views, batches, ctx.quiet, desc=desc, on_layer=hook)
+    logits = StreamedLogits(views, batches, ctx.quiet, desc=desc, on_layer=hook, ready=ready)
+    for name in logits.computed:
+        if name in keys:
+            cache.save(keys[name][0], [b.hidden for b in logits.states[name]], keys[name][1])
+    if reused is not None:
+        reused.update({name: "reused" if name in ready else "computed" for name in views})
+    if ready:
+        log.info("%s: last-layer states of %s reused from %s", desc, ", ".join(ready), cache.root)
     sections, first = [], 0
     others = tuple(n for n in views if n != "reference")
     for spec_path, windows, text_batches in texts:
@@ -164,26 +208,37 @@ def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: lis
     return sections
 
 
-def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str,
-                        retention: WeightRetention) -> tuple[list[TextScores], dict[str, TextScores]]:
+def state_cache(ctx: StageContext) -> StateCache:
+    """The work dir's hidden-state cache (qmerge/io/state_cache.py); a forced evaluate reads none of it."""
+    from qmerge.dag import package_versions
+
+    return StateCache(ctx.cfg.output_path(ctx.cfg.work_dir) / "states", package_versions(), refresh=ctx.forced)
+
+
+def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str, retention: WeightRetention,
+                        cache: StateCache | None = None,
+                        reused: dict | None = None) -> tuple[list[TextScores], dict[str, TextScores]]:
     """(sections on gate.eval and gate.extra_eval against the reference of all adapters, {task: its section against
-    the NF4 base + that adapter alone}). All texts of one reference share one pass through the layers."""
+    the NF4 base + that adapter alone}). All texts of one reference share one pass through the layers. `reused`
+    collects, per pass, which views came from `cache`."""
     cfg, plan = ctx.cfg, ctx.plan
     tokenizer = load_tokenizer(next(iter(candidates.values())))
     base = retention.inputs.base
     hook = retention.add_layer
     sections = []
+    reused = {} if reused is None else reused
     shared = [(v, w) for v, w in cfg.eval_texts() if w.startswith("gate.")]
     if shared:
         sections = score_pass(ctx, plan.adapter_weights, _texts(ctx, tokenizer, shared), candidates, device, base,
-                              hook)
+                              hook, cache=cache, reused=reused.setdefault("gate", {}))
         hook = None
     tasks = {}
     for adapter in cfg.tasks:
         i = cfg.adapters.index(adapter)
         texts = _texts(ctx, tokenizer, [(adapter.eval, f"adapters[{i}].eval")])
         tasks[adapter.task] = score_pass(ctx, [(plan.adapter_weights[i][0], 1.0)], texts, candidates, device, base,
-                                         hook, desc=f"evaluate {adapter.task}")[0]
+                                         hook, desc=f"evaluate {adapter.task}", cache=cache,
+                                         reused=reused.setdefault(adapter.task, {}))[0]
         hook = None
     return sections, tasks
 
@@ -202,8 +257,9 @@ def run_evaluate(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     retention = WeightRetention(ctx.plan, candidates, pick_device(cfg.merge.device), Combination.of(cfg.merge),
                                 {cfg.adapters.index(a): a.task for a in cfg.tasks})
+    reused: dict[str, dict] = {}
     with no_tf32():
-        sections, tasks = evaluate_candidates(ctx, candidates, device, retention)
+        sections, tasks = evaluate_candidates(ctx, candidates, device, retention, state_cache(ctx), reused)
     report = EvalReport(
         protocol={"windows": "consecutive non-overlapping, BOS-prefixed when the tokenizer adds one",
                   "seq_len": ctx.cfg.gate.seq_len, "logits": "float32", "kl": "KL(reference || candidate)",
@@ -222,7 +278,7 @@ def run_evaluate(ctx: StageContext) -> dict:
         combination=merge_result.get("combination"))
     write_json(ctx.out / "report.json", report.to_json())
     out = {"final": final, "bytes": {name: artifact_bytes(path, compensation=name != ALONE)
-                                     for name, path in candidates.items()}}
+                                     for name, path in candidates.items()}, "states": reused}
     if report.eval is not None:
         scores = report.final_scores
         out |= {"ppl": {k: v.value for k, v in report.eval.ppl.items()}, "retention": scores.retention.value,

@@ -1,0 +1,98 @@
+"""The final hidden states of a scored model on an eval text, kept in the work dir so that builds sharing a model
+and a text (the dense and the GPTQ target of one adapter; every adapter's NF4 base with its adapters off) stream
+that model through its layers once.
+
+An entry is `<work_dir>/states/<key>/`: `states.safetensors` (one tensor per batch, the last decoder layer's
+output before the final norm, in the dtype it was computed in) and `meta.json` (what the key hashes, readable).
+The key hashes everything that decides those numbers: the model's identity (the sha256 of the base and adapter
+files and the NF4 recipe for the reference and the base; a candidate's stage key and the sha256 of its stage's
+done.json, which changes whenever the artifact is rebuilt), whether its adapters are on, the token ids of every
+batch, the device, and the versions of the packages that compute them. Scoring from a loaded entry is the same
+arithmetic on the same tensors as scoring right after the layers, so reports are byte-identical either way
+(tests/stages/test_state_cache.py).
+
+Entries are published whole (a temp dir renamed into place) and never half-written; two runs that compute the
+same entry at once both finish and one publishes. A forced evaluate (`--force`, `--from`, `--only`) reads no
+entry and replaces the ones it computes; a damaged entry is recomputed and replaced. Deleting `states/` only
+costs recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from qmerge.io.atomic import TargetExistsError, atomic_dir, write_json
+
+log = logging.getLogger("qmerge")
+FORMAT = "final-hidden-v1"  # what an entry holds; a new meaning is a new key
+
+
+def batches_digest(batches: list[torch.Tensor]) -> str:
+    """The token ids of every batch, in order and split as scored."""
+    h = hashlib.sha256()
+    for batch in batches:
+        ids = batch.detach().to("cpu", torch.int64).contiguous()
+        h.update(json.dumps(list(ids.shape)).encode())
+        h.update(ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class StateCache:
+    """`<root>/<key>/` entries (module doc). `refresh`: read nothing, replace what is written."""
+
+    def __init__(self, root: Path, versions: dict[str, str], refresh: bool = False):
+        self.root, self.versions, self.refresh = Path(root), dict(versions), refresh
+        self._bad: set[str] = set()  # entries found damaged: replaced when recomputed
+
+    def key(self, identity: dict, adapters_on: bool, batches_sha256: str, device: str) -> tuple[str, dict]:
+        payload = {"format": FORMAT, "model": identity, "adapters_on": adapters_on, "batches": batches_sha256,
+                   "device": device, "versions": self.versions}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24], payload
+
+    def load(self, key: str, batches: list[torch.Tensor], device: str) -> list[torch.Tensor] | None:
+        """The entry's states moved to `device`, or None (absent, refreshing, or not shaped like `batches`)."""
+        from safetensors.torch import load_file
+
+        path = self.root / key / "states.safetensors"
+        if self.refresh or not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # a damaged entry is recomputed, never trusted
+            log.warning("ignoring unreadable hidden-state entry %s (%s: %s)", path, type(e).__name__, e)
+            self._bad.add(key)
+            return None
+        states = [tensors.get(str(i)) for i in range(len(batches))]
+        if len(tensors) != len(batches) or any(s is None or tuple(s.shape[:2]) != tuple(b.shape) for s, b in
+                                               zip(states, batches)):
+            log.warning("ignoring hidden-state entry %s: not shaped like this text's batches", path)
+            self._bad.add(key)
+            return None
+        return [s.to(device) for s in states]
+
+    def save(self, key: str, states: list[torch.Tensor], payload: dict) -> None:
+        from safetensors.torch import save_file
+
+        target = self.root / key
+        replace = self.refresh or key in self._bad
+        if target.exists() and not replace:
+            return
+        try:
+            with atomic_dir(target, replace=replace) as tmp:
+                save_file({str(i): s.detach().to("cpu").contiguous() for i, s in enumerate(states)},
+                          str(tmp / "states.safetensors"))
+                write_json(tmp / "meta.json", payload)
+        except TargetExistsError:
+            pass  # another run published the same key meanwhile: equal keys, equal states
