@@ -123,28 +123,38 @@ class StreamedLogits:
 def score(batches: list[torch.Tensor], logits: Logits, others: tuple[str, ...], candidates: tuple[str, ...],
           quiet: bool = True, desc: str = "score", first: int = 0) -> WindowScores:
     """Scores every model on the batches against "reference"; `candidates` (a subset of `others`) also get KL,
-    top-1 agreement and p(correct). `first`: the index `logits` knows the first batch by."""
+    top-1 agreement and p(correct). `first`: the index `logits` knows the first batch by.
+
+    Each model's log-softmax of a batch is taken once and serves its NLL, KL, agreement and p(correct) (the same
+    op on the same logits as `metrics.token_nll`, so the same bits); the reference's probabilities and argmax are
+    taken once per batch, and KL's elementwise terms are formed in one buffer reused across candidates. On CPU a
+    batch's logits are ~200 MB per model, and every fresh buffer of that size costs its page faults."""
     out = WindowScores()
     for i, batch in enumerate(tqdm(batches, desc=desc, disable=quiet, unit="batch")):
-        targets = batch[:, 1:]
         ref_logits = logits("reference", first + i)
-        targets = targets.to(ref_logits.device)
-        out.nll.setdefault("reference", []).append(metrics.token_nll(ref_logits, batch.to(ref_logits.device))
-                                                   .mean(dim=1).cpu())
-        ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-        out.p_ref.append(ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp().cpu())
+        targets = batch[:, 1:].to(ref_logits.device).unsqueeze(-1)
+        ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)  # = metrics.token_nll's
+        del ref_logits
+        ref_target = ref_logp.gather(-1, targets).squeeze(-1)
+        out.nll.setdefault("reference", []).append((-ref_target).mean(dim=1).cpu())
+        out.p_ref.append(ref_target.exp().cpu())
+        ref_p = ref_argmax = terms = None
         for name in others:
             cand_logits = logits(name, first + i)
-            out.nll.setdefault(name, []).append(metrics.token_nll(cand_logits, batch.to(cand_logits.device))
-                                                .mean(dim=1).cpu())
-            if name in candidates:
-                logp = torch.log_softmax(cand_logits[:, :-1].float(), dim=-1)
-                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-                out.kl.setdefault(name, []).append(kl.clamp_min(0).cpu())
-                out.agree.setdefault(name, []).append((logp.argmax(-1) == ref_logp.argmax(-1)).float().cpu())
-                out.p_cand.setdefault(name, []).append(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp().cpu())
+            logp = torch.log_softmax(cand_logits[:, :-1].float(), dim=-1)
             del cand_logits
-        del ref_logits, ref_logp
+            target = logp.gather(-1, targets).squeeze(-1)
+            out.nll.setdefault(name, []).append((-target).mean(dim=1).cpu())
+            if name in candidates:
+                if ref_p is None:
+                    ref_p, ref_argmax, terms = ref_logp.exp(), ref_logp.argmax(-1), torch.empty_like(ref_logp)
+                torch.sub(ref_logp, logp, out=terms)
+                kl = terms.mul_(ref_p).sum(-1)  # Σ p_ref · (log p_ref − log p_cand)
+                out.kl.setdefault(name, []).append(kl.clamp_min(0).cpu())
+                out.agree.setdefault(name, []).append((logp.argmax(-1) == ref_argmax).float().cpu())
+                out.p_cand.setdefault(name, []).append(target.exp().cpu())
+            del logp
+        del ref_logp, ref_p, terms
     return out
 
 

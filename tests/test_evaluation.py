@@ -205,3 +205,30 @@ def test_weight_retention_fed_by_the_streamed_pass_equals_its_whole_twin(tmp_pat
     got, want = fed.finish(), WeightRetention(plan, {"merged": merged}).finish()
     assert got == want
     assert want["merged"]["layers"] and abs(want["merged"]["aggregate"] - 1) > 1e-6  # bf16 rounding is seen
+
+
+def test_score_takes_each_log_softmax_once_and_gives_the_textbook_bits():
+    """`score` shares one log-softmax per model and batch among NLL, KL, agreement and p(correct): every figure
+    equals, bit for bit, its direct formula (metrics.token_nll; Σ p_ref·(log p_ref − log p_cand))."""
+    from qmerge.evaluation import score
+    from qmerge.ops.metrics import token_nll
+
+    torch.manual_seed(0)
+    vocab = 512
+    batches = [torch.randint(0, vocab, (3, 17)) for _ in range(2)]
+    table = {name: [torch.randn(3, 17, vocab) * s for _ in batches]
+             for name, s in (("reference", 2.0), ("base", 2.1), ("quantized", 2.4))}
+    table["merged"] = [r + 1e-4 * torch.randn_like(r) for r in table["reference"]]
+    got = score(batches, lambda name, i: table[name][i], ("base", "merged", "quantized"), ("merged", "quantized"))
+    for i, batch in enumerate(batches):
+        targets = batch[:, 1:].unsqueeze(-1)
+        ref_logp = torch.log_softmax(table["reference"][i][:, :-1].float(), dim=-1)
+        assert torch.equal(got.p_ref[i], ref_logp.gather(-1, targets).squeeze(-1).exp())
+        for name in ("reference", "base", "merged", "quantized"):
+            assert torch.equal(got.nll[name][i], token_nll(table[name][i], batch).mean(dim=1))
+        for name in ("merged", "quantized"):
+            logp = torch.log_softmax(table[name][i][:, :-1].float(), dim=-1)
+            assert torch.equal(got.kl[name][i], (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0))
+            assert torch.equal(got.agree[name][i], (logp.argmax(-1) == ref_logp.argmax(-1)).float())
+            assert torch.equal(got.p_cand[name][i], logp.gather(-1, targets).squeeze(-1).exp())
+    assert "base" not in got.kl
