@@ -7,14 +7,17 @@ output before the final norm, in the dtype it was computed in) and `meta.json` (
 The key hashes everything that decides those numbers: the model's identity (the sha256 of the base and adapter
 files and the NF4 recipe for the reference and the base; a candidate's stage key and the sha256 of its stage's
 done.json, which changes whenever the artifact is rebuilt), whether its adapters are on, the token ids of every
-batch, the device, and the versions of the packages that compute them. Scoring from a loaded entry is the same
-arithmetic on the same tensors as scoring right after the layers, so reports are byte-identical either way
-(tests/stages/test_state_cache.py).
+batch, the hardware that computes them (the GPU's name, capability and CUDA version, or the CPU's vector
+capability and torch's thread count: results may differ in the last bits across them), and the versions of the
+packages that compute or read them. Scoring from a loaded entry is the same arithmetic on the same tensors as
+scoring right after the layers, so report.json is byte-identical either way (tests/stages/test_state_cache.py);
+evaluate's done.json says which views were reused.
 
 Entries are published whole (a temp dir renamed into place) and never half-written; two runs that compute the
-same entry at once both finish and one publishes. A forced evaluate (`--force`, `--from`, `--only`) reads no
-entry and replaces the ones it computes; a damaged entry is recomputed and replaced. Deleting `states/` only
-costs recomputation.
+same entry at once both finish and one publishes. `meta.json` holds the sha256 of the states file, checked on
+every load: a damaged entry is recomputed and replaced, never trusted. A forced evaluate (`--force`, `--from`,
+`--only`) reads no entry and replaces the ones it computes. A failed write (a full disk) costs the reuse, not the
+evaluation: it is a warning. Temp dirs of killed runs are removed. Deleting `states/` only costs recomputation.
 """
 
 from __future__ import annotations
@@ -26,10 +29,35 @@ from pathlib import Path
 
 import torch
 
-from qmerge.io.atomic import TargetExistsError, atomic_dir, write_json
+from qmerge.io.atomic import TargetExistsError, atomic_dir, clean_stale_temps, write_json
+from qmerge.io.paths import sha256_file
 
 log = logging.getLogger("qmerge")
 FORMAT = "final-hidden-v1"  # what an entry holds; a new meaning is a new key
+# Besides the stage keys' packages: the readers and writers of the artifacts a candidate is read back from.
+READERS = ("gguf", "compressed-tensors", "safetensors", "numpy")
+
+
+def hardware(device: str) -> dict:
+    """What, beyond the device's name, decides the last bits of a forward on it."""
+    if str(device).startswith("cuda"):
+        index = torch.device(device).index or 0
+        return {"device": "cuda", "name": torch.cuda.get_device_name(index),
+                "capability": list(torch.cuda.get_device_capability(index)), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version()}
+    return {"device": str(device), "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
 
 
 def batches_digest(batches: list[torch.Tensor]) -> str:
@@ -43,6 +71,7 @@ def batches_digest(batches: list[torch.Tensor]) -> str:
 
 
 def file_digest(path: Path) -> str | None:
+    """The file's sha256, None when it cannot be read (the caller then does not cache: no identity)."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
@@ -53,12 +82,14 @@ class StateCache:
     """`<root>/<key>/` entries (module doc). `refresh`: read nothing, replace what is written."""
 
     def __init__(self, root: Path, versions: dict[str, str], refresh: bool = False):
-        self.root, self.versions, self.refresh = Path(root), dict(versions), refresh
+        self.root, self.refresh = Path(root), refresh
+        self.versions = {**versions, **package_versions(READERS)}
         self._bad: set[str] = set()  # entries found damaged: replaced when recomputed
+        clean_stale_temps(self.root)  # what killed runs left
 
     def key(self, identity: dict, adapters_on: bool, batches_sha256: str, device: str) -> tuple[str, dict]:
         payload = {"format": FORMAT, "model": identity, "adapters_on": adapters_on, "batches": batches_sha256,
-                   "device": device, "versions": self.versions}
+                   "hardware": hardware(device), "versions": self.versions}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24], payload
 
     def load(self, key: str, batches: list[torch.Tensor], device: str) -> list[torch.Tensor] | None:
@@ -69,6 +100,9 @@ class StateCache:
         if self.refresh or not path.is_file():
             return None
         try:
+            recorded = json.loads((path.parent / "meta.json").read_text())["sha256"]
+            if sha256_file(path, progress=False) != recorded:
+                raise ValueError(f"sha256 differs from meta.json's {recorded[:12]}…")
             tensors = load_file(str(path))
         except Exception as e:  # a damaged entry is recomputed, never trusted
             log.warning("ignoring unreadable hidden-state entry %s (%s: %s)", path, type(e).__name__, e)
@@ -93,6 +127,10 @@ class StateCache:
             with atomic_dir(target, replace=replace) as tmp:
                 save_file({str(i): s.detach().to("cpu").contiguous() for i, s in enumerate(states)},
                           str(tmp / "states.safetensors"))
-                write_json(tmp / "meta.json", payload)
+                write_json(tmp / "meta.json", {**payload, "sha256": sha256_file(tmp / "states.safetensors",
+                                                                                progress=False)})
         except TargetExistsError:
             pass  # another run published the same key meanwhile: equal keys, equal states
+        except OSError as e:  # a full disk or a read-only work dir: the evaluation stands, the reuse is lost
+            log.warning("could not keep hidden states under %s (%s: %s); later evaluations recompute them",
+                        target, type(e).__name__, e)

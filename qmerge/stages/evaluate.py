@@ -183,6 +183,8 @@ def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: lis
     if cache is not None:
         ids = batches_digest(batches)
         for name, (identity, on) in model_identities(ctx, adapters, candidates, nf4_device).items():
+            if identity.get("done", "") is None:  # a candidate whose build cannot be told apart: not cached
+                continue
             keys[name] = cache.key(identity, on, ids, device)
             states = cache.load(keys[name][0], batches, device)
             if states is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import gate_config, run_cli
+from tests.conftest import gate_config, run_cli, write_text_spec
 
 
 def _evaluations(work: Path) -> dict[str, tuple[bytes, dict]]:
@@ -32,9 +32,13 @@ def _run(cfg: Path, work: Path, *args: str) -> tuple[bytes, dict]:
     return only
 
 
-def _config(folder: Path, gated, adapter: str, work: Path) -> Path:
+def _config(folder: Path, gated, adapter: str, work: Path, quantize: bool = False) -> Path:
     folder.mkdir()
-    cfg = gate_config(folder, gated, adapter=gated[adapter])
+    extra = ""
+    if quantize:  # after [gate]'s lines: a [quantize] table of its own
+        cal = write_text_spec(folder, "cal", "100:140")
+        extra = f'[quantize]\ncalibration = "{cal}"\nsamples = 16\nseq_len = 64\ngroup_size = 32\n'
+    cfg = gate_config(folder, gated, adapter=gated[adapter], gate=extra)
     cfg.write_text(cfg.read_text().replace(f'work_dir = "{folder / "work"}"', f'work_dir = "{work}"'))
     return cfg
 
@@ -75,25 +79,54 @@ def test_reused_states_give_the_same_report_bytes(shared):
     assert report == shared["first"][0]
 
 
+def test_a_gptq_target_streams_only_its_quantized_model(shared, gated, tmp_path):
+    """After the dense build, the GPTQ build of the same adapter in the same work dir reuses the reference, the
+    base and the merge, and its report equals the one the same build makes in a fresh work dir."""
+    report, states = _run(_config(tmp_path / "gptq", gated, "adapter", shared["work"], quantize=True),
+                          shared["work"])
+    assert states == {"reference": "reused", "base": "reused", "merged": "reused", "quantized": "computed"}
+    alone, states = _run(_config(tmp_path / "alone", gated, "adapter", tmp_path / "work", quantize=True),
+                         tmp_path / "work")
+    assert set(states.values()) == {"computed"}
+    assert alone == report
+
+
+def test_the_key_holds_the_thread_count_and_the_reader_packages(tmp_path):
+    import torch
+
+    from qmerge.io.state_cache import StateCache
+
+    cache = StateCache(tmp_path, {"torch": torch.__version__})
+    assert {"gguf", "compressed-tensors", "safetensors", "numpy"} <= set(cache.versions)
+    threads = torch.get_num_threads()
+    first = cache.key({"model": 1}, True, "ids", "cpu")
+    try:
+        torch.set_num_threads(threads + 1)
+        assert cache.key({"model": 1}, True, "ids", "cpu")[0] != first[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert cache.key({"model": 1}, True, "ids", "cpu") == first
+    assert cache.key({"model": 1}, False, "ids", "cpu")[0] != first[0]
+
+
 def test_forced_evaluate_and_damaged_entries_recompute(shared):
     cfg, work = shared["strong"], shared["work"]
     report, states = _run(cfg, work, "--from", "evaluate")
     assert set(states.values()) == {"computed"}
     assert report == shared["first"][0]
-    for entry in (work / "states").iterdir():
-        (entry / "states.safetensors").write_bytes(b"not a safetensors file")
+    for entry in (work / "states").iterdir():  # one flipped bit in the data: still a valid safetensors file
+        data = bytearray((entry / "states.safetensors").read_bytes())
+        data[-1] ^= 1
+        (entry / "states.safetensors").write_bytes(bytes(data))
     for name in ("evaluate", "gate"):
         shutil.rmtree(work / name)
     again, states = _run(cfg, work)
     assert set(states.values()) == {"computed"}
     assert again == report
-    from safetensors import safe_open
+    from qmerge.io.paths import sha256_file
 
-    readable = 0
-    for entry in (work / "states").iterdir():  # the strong build's three were replaced by readable ones
-        try:
-            with safe_open(str(entry / "states.safetensors"), framework="pt") as f:
-                readable += bool(list(f.keys()))
-        except Exception:
-            assert (entry / "states.safetensors").read_bytes() == b"not a safetensors file"
-    assert readable == 3  # the rslora build's reference and merge stay damaged until that build reads them
+    intact = 0
+    for entry in (work / "states").iterdir():  # the strong build's three were replaced by intact ones
+        recorded = json.loads((entry / "meta.json").read_text())["sha256"]
+        intact += sha256_file(entry / "states.safetensors") == recorded
+    assert intact == 3  # the other builds' entries stay damaged until those builds read them
