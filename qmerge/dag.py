@@ -103,11 +103,11 @@ class StageRecord:
     result: dict = field(default_factory=dict)
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(packages: tuple[str, ...] = KEYED_PACKAGES) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in KEYED_PACKAGES:
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

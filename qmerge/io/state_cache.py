@@ -48,18 +48,6 @@ def hardware(device: str) -> dict:
     return {"device": str(device), "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
-def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in packages:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
 def batches_digest(batches: list[torch.Tensor]) -> str:
     """The token ids of every batch, in order and split as scored."""
     h = hashlib.sha256()
@@ -83,6 +71,8 @@ class StateCache:
 
     def __init__(self, root: Path, versions: dict[str, str], refresh: bool = False):
         self.root, self.refresh = Path(root), refresh
+        from qmerge.dag import package_versions
+
         self.versions = {**versions, **package_versions(READERS)}
         self._bad: set[str] = set()  # entries found damaged: replaced when recomputed
         clean_stale_temps(self.root)  # what killed runs left
