@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from qmerge.io.atomic import TargetExistsError, atomic_dir, clean_stale_temps, write_json
-from qmerge.io.paths import sha256_file
 
 log = logging.getLogger("qmerge")
 FORMAT = "final-hidden-v1"  # what an entry holds; a new meaning is a new key
 # Besides the stage keys' packages: the readers and writers of the artifacts a candidate is read back from.
 READERS = ("gguf", "compressed-tensors", "safetensors", "numpy")
+STATES, META = "states.safetensors", "meta.json"
 
 
 def hardware(device: str) -> dict:
@@ -58,22 +58,14 @@ def batches_digest(batches: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: Path) -> str | None:
-    """The file's sha256, None when it cannot be read (the caller then does not cache: no identity)."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 class StateCache:
     """`<root>/<key>/` entries (module doc). `refresh`: read nothing, replace what is written."""
 
-    def __init__(self, root: Path, versions: dict[str, str], refresh: bool = False):
-        self.root, self.refresh = Path(root), refresh
-        from qmerge.dag import package_versions
+    def __init__(self, root: Path, refresh: bool = False):
+        from qmerge.dag import KEYED_PACKAGES, package_versions
 
-        self.versions = {**versions, **package_versions(READERS)}
+        self.root, self.refresh = Path(root), refresh
+        self.versions = package_versions(KEYED_PACKAGES + READERS)
         self._bad: set[str] = set()  # entries found damaged: replaced when recomputed
         clean_stale_temps(self.root)  # what killed runs left
 
@@ -84,16 +76,17 @@ class StateCache:
 
     def load(self, key: str, batches: list[torch.Tensor], device: str) -> list[torch.Tensor] | None:
         """The entry's states moved to `device`, or None (absent, refreshing, or not shaped like `batches`)."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        path = self.root / key / "states.safetensors"
+        path = self.root / key / STATES
         if self.refresh or not path.is_file():
             return None
-        try:
-            recorded = json.loads((path.parent / "meta.json").read_text())["sha256"]
-            if sha256_file(path, progress=False) != recorded:
+        try:  # the bytes are read once: hashed, then parsed
+            recorded = json.loads((path.parent / META).read_text())["sha256"]
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != recorded:
                 raise ValueError(f"sha256 differs from meta.json's {recorded[:12]}…")
-            tensors = load_file(str(path))
+            tensors = load(data)
         except Exception as e:  # a damaged entry is recomputed, never trusted
             log.warning("ignoring unreadable hidden-state entry %s (%s: %s)", path, type(e).__name__, e)
             self._bad.add(key)
@@ -107,18 +100,17 @@ class StateCache:
         return [s.to(device) for s in states]
 
     def save(self, key: str, states: list[torch.Tensor], payload: dict) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         target = self.root / key
         replace = self.refresh or key in self._bad
         if target.exists() and not replace:
             return
+        data = save({str(i): s.detach().to("cpu").contiguous() for i, s in enumerate(states)})
         try:
-            with atomic_dir(target, replace=replace) as tmp:
-                save_file({str(i): s.detach().to("cpu").contiguous() for i, s in enumerate(states)},
-                          str(tmp / "states.safetensors"))
-                write_json(tmp / "meta.json", {**payload, "sha256": sha256_file(tmp / "states.safetensors",
-                                                                                progress=False)})
+            with atomic_dir(target, replace=replace) as tmp:  # serialized once: written and hashed from memory
+                (tmp / STATES).write_bytes(data)
+                write_json(tmp / META, {**payload, "sha256": hashlib.sha256(data).hexdigest()})
         except TargetExistsError:
             pass  # another run published the same key meanwhile: equal keys, equal states
         except OSError as e:  # a full disk or a read-only work dir: the evaluation stands, the reuse is lost

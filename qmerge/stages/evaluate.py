@@ -24,7 +24,8 @@ from qmerge.errors import BadInputError
 from qmerge.evaluation import StreamedLogits, View, score, summarize
 from qmerge.scores import EvalReport, TextScores
 from qmerge.io.compensation import compensation_folder
-from qmerge.io.state_cache import StateCache, batches_digest, file_digest
+from qmerge.io.paths import sha256_file
+from qmerge.io.state_cache import StateCache, batches_digest
 from qmerge.io.sources import artifact_bytes, tensor_source
 from qmerge.io.textset import build_windows, load_text_spec
 from qmerge.layerwise import LayerwiseModel
@@ -145,7 +146,8 @@ def model_identities(ctx: StageContext, adapters: list[tuple[Path, float]], cand
     reference is the base files + the NF4 recipe + `adapters` (their files' sha256 and weights); the base is the
     same with its adapters off, and leaves the adapters out unless one replaces whole tensors (then "adapters
     off" still holds that adapter's embedding or head shapes). A candidate is its stage key plus the sha256 of
-    its stage's done.json (a rebuilt artifact is a new identity)."""
+    its stage's done.json (a rebuilt artifact is a new identity); one whose done.json cannot be read has no
+    identity and is left out (not cached)."""
     plan = ctx.plan
     sha = {Path(a.path): a.sha256 for a in plan.adapters}
     replaces = any(a.replaced_tensors for a in plan.adapters)
@@ -157,8 +159,11 @@ def model_identities(ctx: StageContext, adapters: list[tuple[Path, float]], cand
     stages = {"merged": "merge", "quantized": "quantize", ALONE: "quantize"}
     for name, path in candidates.items():
         stage = stages.get(name, "export")
-        folder = ctx.inputs[stage]
-        out[name] = ({"stage": stage, "key": ctx.keys[stage], "done": file_digest(folder / "done.json"),
+        try:
+            done = sha256_file(ctx.inputs[stage] / "done.json")
+        except OSError:
+            continue
+        out[name] = ({"stage": stage, "key": ctx.keys[stage], "done": done,
                       "artifact": name if stage == "export" else None}, name != ALONE)
     return out
 
@@ -183,8 +188,6 @@ def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: lis
     if cache is not None:
         ids = batches_digest(batches)
         for name, (identity, on) in model_identities(ctx, adapters, candidates, nf4_device).items():
-            if identity.get("done", "") is None:  # a candidate whose build cannot be told apart: not cached
-                continue
             keys[name] = cache.key(identity, on, ids, device)
             states = cache.load(keys[name][0], batches, device)
             if states is not None:
@@ -212,14 +215,11 @@ def score_pass(ctx: StageContext, adapters: list[tuple[Path, float]], texts: lis
 
 def state_cache(ctx: StageContext) -> StateCache:
     """The work dir's hidden-state cache (qmerge/io/state_cache.py); a forced evaluate reads none of it."""
-    from qmerge.dag import package_versions
-
-    return StateCache(ctx.cfg.output_path(ctx.cfg.work_dir) / "states", package_versions(), refresh=ctx.forced)
+    return StateCache(ctx.cfg.output_path(ctx.cfg.work_dir) / "states", refresh=ctx.forced)
 
 
 def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: str, retention: WeightRetention,
-                        cache: StateCache | None = None,
-                        reused: dict | None = None) -> tuple[list[TextScores], dict[str, TextScores]]:
+                        cache: StateCache, reused: dict) -> tuple[list[TextScores], dict[str, TextScores]]:
     """(sections on gate.eval and gate.extra_eval against the reference of all adapters, {task: its section against
     the NF4 base + that adapter alone}). All texts of one reference share one pass through the layers. `reused`
     collects, per pass, which views came from `cache`."""
@@ -228,7 +228,6 @@ def evaluate_candidates(ctx: StageContext, candidates: dict[str, Path], device: 
     base = retention.inputs.base
     hook = retention.add_layer
     sections = []
-    reused = {} if reused is None else reused
     shared = [(v, w) for v, w in cfg.eval_texts() if w.startswith("gate.")]
     if shared:
         sections = score_pass(ctx, plan.adapter_weights, _texts(ctx, tokenizer, shared), candidates, device, base,

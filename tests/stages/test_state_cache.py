@@ -96,8 +96,8 @@ def test_the_key_holds_the_thread_count_and_the_reader_packages(tmp_path):
 
     from qmerge.io.state_cache import StateCache
 
-    cache = StateCache(tmp_path, {"torch": torch.__version__})
-    assert {"gguf", "compressed-tensors", "safetensors", "numpy"} <= set(cache.versions)
+    cache = StateCache(tmp_path)
+    assert {"torch", "peft", "gguf", "compressed-tensors", "safetensors", "numpy"} <= set(cache.versions)
     threads = torch.get_num_threads()
     first = cache.key({"model": 1}, True, "ids", "cpu")
     try:
