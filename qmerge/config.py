@@ -107,8 +107,9 @@ class QuantizeSettings(Strict):
     # qmerge backend: the precision of the calibration forwards that produce each layer's inputs (the Hessians, the
     # solve and the weights stay float32). bfloat16 is GPTQModel's choice, and much faster where the hardware has
     # bf16 matmul units; it changes the Hessian's low bits, so the bytes (and, within noise, the figures). "auto":
-    # bfloat16 where the quantize device multiplies bf16 natively (CUDA with bf16, a CPU with AVX512-BF16/AMX),
-    # else float32; the resolved value is in the stage key and the quantize report.
+    # bfloat16 where the quantize device's bf16 matmuls are the faster ones (CUDA with bf16, a CPU with AMX), else
+    # float32 (AVX512-BF16 without AMX is slower in bf16); the resolved value is in the stage key and the quantize
+    # report.
     forward_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # qmerge backend: "mse" shrinks each group's min/max range to the clipping of least rounding error (the grid
     # llm-compressor's MSE observer searches); "minmax" is GPTQ's own grid.

@@ -55,19 +55,21 @@ def pick_device(setting: str = "auto") -> str:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware: a CUDA device with bf16 support, or a CPU with
-    AVX512-BF16 (every CPU with AMX has it too). Elsewhere bf16 matmuls are emulated and slower than float32."""
+    """Whether bf16 matmuls on `device` are faster than float32: a CUDA device with bf16 support, or a CPU with AMX
+    tiles. AVX512-BF16 alone does not make them so: on 2 cores of such a CPU without AMX (2026-12-05), a
+    4096 × 576 × 1536 bf16 linear ran at 84 GFLOP/s against float32's 150, and the demo's GPTQ forwards took
+    191 s in bf16 against 153 s in float32 (benchmarks/README.md). Elsewhere bf16 is emulated and slower still."""
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
     return bool(check()) if check is not None else False
 
 
 def forward_dtype(setting: str, device: str) -> str:
-    """`quantize.forward_dtype` resolved: "auto" is bfloat16 where `device` has native bf16 matmuls (GPTQModel's
-    precision, at about 0.6x float32's time on a CPU with AMX), float32 elsewhere."""
+    """`quantize.forward_dtype` resolved: "auto" is bfloat16 where `device`'s bf16 matmuls are the faster ones
+    (GPTQModel's precision, at about 0.6x float32's time on a CPU with AMX), float32 elsewhere."""
     if setting != "auto":
         return setting
     return "bfloat16" if native_bf16(device) else "float32"

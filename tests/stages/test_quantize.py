@@ -151,6 +151,19 @@ def test_few_tokens_free_h_and_report_from_the_inputs(setup, monkeypatch):
         assert lockstep.report[module] == pytest.approx(figures, rel=1e-4), module
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, "bfloat16"), (False, True, "float32"),
+                                                        (False, False, "float32")])
+def test_auto_forwards_on_a_cpu_are_bf16_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
+    """On a CPU "auto" takes bf16 forwards only where AMX makes them faster: AVX512-BF16 alone runs bf16 matmuls
+    slower than float32 (measured on such a CPU), so it keeps float32."""
+    from qmerge.runtime import forward_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert forward_dtype("auto", "cpu") == expected
+    assert forward_dtype("bfloat16", "cpu") == "bfloat16" and forward_dtype("float32", "cpu") == "float32"
+
+
 def test_bf16_forwards_are_an_option_with_its_own_key(setup, quantized, tmp_path, monkeypatch):
     """forward_dtype = "bfloat16" quantizes the same linears from bf16 forwards: another key and other bytes (it
     really ran in bf16), the same bytes when run twice, and a checkpoint as close to the merge as the float32 one.
