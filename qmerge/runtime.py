@@ -86,10 +86,11 @@ def silence_third_party() -> None:
     - torchao / bitsandbytes log "Failed to load ..." for optional kernels; torch's pytree logs deprecation
       warnings for enums torchao registers: their loggers are set to ERROR (torch resets its own loggers when it
       is imported, so torch is imported first).
-    - GPTQModel (imported by PEFT whenever it is installed) prints a banner and environment notes from its own
-      logger at import, whatever the logging levels: it is imported here once with its output discarded.
+    - GPTQModel prints a banner and environment notes at import, whatever the logging levels, and PEFT imports it
+      (when installed) whenever it wraps a model in LoRA layers. Its import costs about 0.8 s beyond transformers
+      and PEFT, which a run that wraps no model should not pay: so it is not imported here, but whenever something
+      first imports it, its output is discarded (`_QuietGptqmodel`).
     """
-    import contextlib
     import importlib.util
     import logging
 
@@ -97,13 +98,46 @@ def silence_third_party() -> None:
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    if importlib.util.find_spec("gptqmodel") is not None:
-        with open(os.devnull, "w") as devnull:
+    if ("gptqmodel" not in sys.modules and importlib.util.find_spec("gptqmodel") is not None
+            and not any(isinstance(f, _QuietGptqmodel) for f in sys.meta_path)):
+        sys.meta_path.insert(0, _QuietGptqmodel())
+
+
+class _QuietGptqmodel:
+    """A meta path finder for `gptqmodel` alone: it returns the real spec, whose loader runs the module with stdout
+    and stderr discarded (`_discarding_output`). It stays until the module is executed: PEFT asks
+    `importlib.util.find_spec("gptqmodel")` (which comes here too) before it imports."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "gptqmodel":
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                _discarding_output(run, module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def _discarding_output(run, module) -> None:
+    """`run(module)` with stdout and stderr discarded. Handlers created meanwhile (root's, transformers',
+    datasets', ...) captured the discarded stream: they are pointed back at stderr, so later warnings and errors
+    are neither lost nor a "--- Logging error ---" traceback about a closed file."""
+    import contextlib
+    import logging
+
+    with open(os.devnull, "w") as devnull:
+        try:
             with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-                import gptqmodel  # noqa: F401
-            # Handlers created during that import (root's, transformers', datasets', ...) captured the discarded
-            # stream: point them back at stderr, so later warnings and errors are neither lost nor a
-            # "--- Logging error ---" traceback about a closed file.
+                run(module)
+        finally:
             for logger in (logging.root, *logging.Logger.manager.loggerDict.values()):
                 for handler in getattr(logger, "handlers", ()):
                     if isinstance(handler, logging.StreamHandler) and handler.stream is devnull:
