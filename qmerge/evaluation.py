@@ -127,35 +127,56 @@ def score(batches: list[torch.Tensor], logits: Logits, others: tuple[str, ...], 
 
     Each model's log-softmax of a batch is taken once and serves its NLL, KL, agreement and p(correct) (the same
     op on the same logits as `metrics.token_nll`, so the same bits); the reference's probabilities and argmax are
-    taken once per batch, and KL's elementwise terms are formed in one buffer reused across candidates. On CPU a
-    batch's logits are ~200 MB per model, and every fresh buffer of that size costs its page faults."""
+    taken once per batch. Every big operation runs over all positions of the contiguous logits, and only its
+    per-position results are cut to the positions that have a next token: the rows are computed independently, so
+    the bits are those of the cut tensors' own operations (tested), while the cut tensors' strides made the CPU
+    kernels 4x slower. A batch's log-probabilities are ~200 MB per model on CPU, and a fresh buffer of that size
+    costs its page faults (in a VM with free page reporting sometimes 1.5 s): the four big ones (the reference's
+    log-probabilities and probabilities, a candidate's log-probabilities, KL's elementwise terms) are kept from
+    batch to batch (`_Scratch`)."""
     out = WindowScores()
+    scratch = _Scratch()
     for i, batch in enumerate(tqdm(batches, desc=desc, disable=quiet, unit="batch")):
-        ref_logits = logits("reference", first + i)
-        targets = batch[:, 1:].to(ref_logits.device).unsqueeze(-1)
-        ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)  # = metrics.token_nll's
+        ref_logits = logits("reference", first + i).float()
+        targets = batch[:, 1:].to(ref_logits.device).unsqueeze(-1)  # gather takes positions 0 … n−2 with them
+        ref_logp = torch.log_softmax(ref_logits, dim=-1, out=scratch("ref_logp", ref_logits))  # = token_nll's
         del ref_logits
         ref_target = ref_logp.gather(-1, targets).squeeze(-1)
         out.nll.setdefault("reference", []).append((-ref_target).mean(dim=1).cpu())
         out.p_ref.append(ref_target.exp().cpu())
         ref_p = ref_argmax = terms = None
         for name in others:
-            cand_logits = logits(name, first + i)
-            logp = torch.log_softmax(cand_logits[:, :-1].float(), dim=-1)
+            cand_logits = logits(name, first + i).float()
+            logp = torch.log_softmax(cand_logits, dim=-1, out=scratch("logp", cand_logits))
             del cand_logits
             target = logp.gather(-1, targets).squeeze(-1)
             out.nll.setdefault(name, []).append((-target).mean(dim=1).cpu())
             if name in candidates:
                 if ref_p is None:
-                    ref_p, ref_argmax, terms = ref_logp.exp(), ref_logp.argmax(-1), torch.empty_like(ref_logp)
+                    ref_p = torch.exp(ref_logp, out=scratch("ref_p", ref_logp))
+                    ref_argmax, terms = ref_logp.argmax(-1)[:, :-1], scratch("terms", ref_logp)
                 torch.sub(ref_logp, logp, out=terms)
-                kl = terms.mul_(ref_p).sum(-1)  # Σ p_ref · (log p_ref − log p_cand)
+                kl = terms.mul_(ref_p).sum(-1)[:, :-1]  # Σ p_ref · (log p_ref − log p_cand)
                 out.kl.setdefault(name, []).append(kl.clamp_min(0).cpu())
-                out.agree.setdefault(name, []).append((logp.argmax(-1) == ref_argmax).float().cpu())
+                out.agree.setdefault(name, []).append((logp.argmax(-1)[:, :-1] == ref_argmax).float().cpu())
                 out.p_cand.setdefault(name, []).append(target.exp().cpu())
             del logp
         del ref_logp, ref_p, terms
     return out
+
+
+class _Scratch:
+    """Named buffers kept while the shape they are asked for stays the same (`score`)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (like.shape, like.dtype, like.device):
+            self.buffers[name] = None  # the old one goes before the new one is made
+            buffer = self.buffers[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buffer
 
 
 def summarize(scores: WindowScores, candidates: tuple[str, ...], tokens: dict | None = None) -> TextScores:
