@@ -209,13 +209,15 @@ def test_weight_retention_fed_by_the_streamed_pass_equals_its_whole_twin(tmp_pat
 
 def test_score_takes_each_log_softmax_once_and_gives_the_textbook_bits():
     """`score` shares one log-softmax per model and batch among NLL, KL, agreement and p(correct): every figure
-    equals, bit for bit, its direct formula (metrics.token_nll; Σ p_ref·(log p_ref − log p_cand))."""
+    equals, bit for bit, its direct formula (metrics.token_nll; Σ p_ref·(log p_ref − log p_cand)) taken on the
+    positions that have a next token, also when its buffers are reused from batch to batch and when a smaller last
+    batch makes new ones."""
     from qmerge.evaluation import score
     from qmerge.ops.metrics import token_nll
 
     torch.manual_seed(0)
     vocab = 512
-    batches = [torch.randint(0, vocab, (3, 17)) for _ in range(2)]
+    batches = [torch.randint(0, vocab, (n, 17)) for n in (3, 3, 2)]
     table = {name: [torch.randn(3, 17, vocab) * s for _ in batches]
              for name, s in (("reference", 2.0), ("base", 2.1), ("quantized", 2.4))}
     table["merged"] = [r + 1e-4 * torch.randn_like(r) for r in table["reference"]]
