@@ -160,8 +160,6 @@ def score(batches: list[torch.Tensor], logits: Logits, others: tuple[str, ...], 
                 out.kl.setdefault(name, []).append(kl.clamp_min(0).cpu())
                 out.agree.setdefault(name, []).append((logp.argmax(-1)[:, :-1] == ref_argmax).float().cpu())
                 out.p_cand.setdefault(name, []).append(target.exp().cpu())
-            del logp
-        del ref_logp, ref_p, terms
     return out
 
 

@@ -60,9 +60,9 @@ def test_quiet_run_leaves_stderr_free_of_third_party_noise(gated, tmp_path):
 
 def test_quiet_import_of_gptqmodel_is_deferred_silent_and_leaves_no_handler_on_a_closed_stream():
     """--quiet does not import GPTQModel itself: when something later does (PEFT wrapping a model, which asks
-    find_spec first), its banner and notes are discarded, and that discarded output does not take later log records with it: every handler the
-    import created writes to stderr afterwards (a closed stream would turn each warning into a 'Logging error'
-    traceback)."""
+    find_spec first), its banner and notes are discarded, and that discarded output does not take later log
+    records with it: every handler the import created writes to stderr afterwards (a closed stream would turn
+    each warning into a 'Logging error' traceback)."""
     if importlib.util.find_spec("gptqmodel") is None:
         pytest.skip("gptqmodel is not installed")
     code = ("import logging, sys; from qmerge.runtime import silence_third_party; silence_third_party(); "
