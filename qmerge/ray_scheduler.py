@@ -4,7 +4,11 @@ Each build is one task that runs exactly what the local scheduler runs, `python 
 --quiet --summary-json ...`, as a subprocess of the Ray worker: a crash or a leak stays in that process, and the
 summary is the same file. The task asks Ray for `num_cpus` (the cluster's CPUs shared out over the builds, or over
 `--jobs`), `memory` (the build's dry-run peak estimate) and one GPU when the build uses CUDA (merge.device "cuda",
-or "auto" on a cluster that has GPUs); Ray places it where those are free. The task's result is the exit code, the
+or "auto" on a cluster that has GPUs); Ray places it where those are free. Builds are submitted in the matrix's
+order (`order_for_sharing`), no more at once than the cluster's CPUs hold, the next when one finishes, as the local
+scheduler starts them: given everything at once, Ray starts tasks of different resource shapes (each build asks for
+its own memory) round-robin over the shapes, not in submission order, and can leave a long build to run last,
+alone, with CPUs idle. The task's result is the exit code, the
 summary and the log's tail; a task that raises or whose worker dies gives its build exit 1 with the error, and the
 others run on (tasks are not retried: a build that crashed its worker once is reported, not re-run).
 
@@ -154,34 +158,46 @@ def task_resources(builds: list, ray, jobs: int | None) -> dict[str, dict]:
     return out
 
 
-def submit(ray, builds: list, resources: dict[str, dict], quiet: bool) -> dict:
-    """One task per build; {object ref: build}."""
+def slots(resources: dict[str, dict], ray, jobs: int | None) -> int:
+    """How many builds are in flight at once: as many as the cluster's CPUs hold at the builds' num_cpus (all
+    equal), at most `jobs`."""
+    cpus = max((r["num_cpus"] for r in resources.values()), default=1)
+    fit = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
+    return min(fit, jobs) if jobs else fit
+
+
+def pipeline_starter(ray, resources: dict[str, dict], quiet: bool):
+    """start(build) -> the object ref of that build's pipeline task."""
     import qmerge
 
     root = str(Path(qmerge.__file__).resolve().parents[1])
     task = ray.remote(make_pipeline_task())
-    refs = {}
-    for b in builds:
+
+    def start(b):
         r = resources[b.name]
         ref = task.options(max_retries=0, name=f"qmerge {b.name}", **r).remote(
             str(b.config), str(b.config.with_suffix(".summary.json")), str(b.log), r["num_cpus"], root)
-        refs[ref] = b
         if not quiet:
             print(f"qmerge matrix: submitted {b.name} to Ray ({r['num_cpus']} CPUs, "
                   f"{r.get('memory', 0) / 2**30:.2f} GiB{', 1 GPU' if r['num_gpus'] else ''})", file=sys.stderr,
                   flush=True)
-    return refs
+        return ref
+
+    return start
 
 
-def gather(ray, refs: dict, quiet: bool) -> None:
-    """Waits for every task and fills in its build (exit code, seconds, summary, error). A task that raised or
-    whose worker died gives its build exit 1 with the error; the other builds are not affected."""
-    pending = list(refs)
-    started = time.perf_counter()
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+def run_in_order(ray, builds: list, start, slots: int, quiet: bool) -> None:
+    """Submits `start(build)` for the builds in their order, at most `slots` in flight, the next as one finishes,
+    and fills in each build (exit code, seconds, summary, error) as its task ends. A task that raised or whose
+    worker died gives its build exit 1 with the error; the other builds are not affected."""
+    waiting, refs = list(builds), {}
+    while waiting or refs:
+        while waiting and len(refs) < slots:
+            b = waiting.pop(0)
+            refs[start(b)] = b, time.perf_counter()
+        done, _ = ray.wait(list(refs), num_returns=1)
         (ref,) = done
-        b = refs[ref]
+        b, started = refs.pop(ref)
         try:
             result = ray.get(ref)
         except Exception as e:  # RayTaskError, WorkerCrashedError, a lost node...: this build failed, not the matrix
@@ -203,4 +219,4 @@ def run_builds_ray(builds: list, address: str | None, jobs: int | None, budget: 
     started here)."""
     with ray_session(address, num_cpus=os.cpu_count() or 1, memory=budget, quiet=quiet) as ray:
         resources = task_resources(builds, ray, jobs)
-        gather(ray, submit(ray, builds, resources, quiet), quiet)
+        run_in_order(ray, builds, pipeline_starter(ray, resources, quiet), slots(resources, ray, jobs), quiet)

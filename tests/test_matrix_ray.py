@@ -111,7 +111,7 @@ def test_a_raising_or_crashing_task_fails_its_build_only(ray_address, tmp_path):
     import ray
 
     from qmerge.matrix import Build
-    from qmerge.ray_scheduler import gather
+    from qmerge.ray_scheduler import run_in_order
 
     @ray.remote(max_retries=0, num_cpus=0)
     def ok():
@@ -127,18 +127,55 @@ def test_a_raising_or_crashing_task_fails_its_build_only(ray_address, tmp_path):
         os._exit(7)
 
     builds = [Build(n, tmp_path / f"{n}.toml") for n in ("ok", "raises", "dies")]
-    gather(ray, {ok.remote(): builds[0], raises.remote(): builds[1], dies.remote(): builds[2]}, quiet=True)
+    tasks = {"ok": ok, "raises": raises, "dies": dies}
+    run_in_order(ray, builds, lambda b: tasks[b.name].remote(), slots=3, quiet=True)
     assert builds[0].exit_code == EXIT_OK and builds[0].summary["results"]["gate"]["verdict"] == "pass"
     assert builds[0].error is None
     assert builds[1].exit_code == EXIT_INTERNAL and "broken build" in builds[1].error
     assert builds[2].exit_code == EXIT_INTERNAL and builds[2].error.startswith("Ray task failed")
 
 
+def test_builds_start_in_their_order_with_at_most_slots_in_flight(ray_address, tmp_path):
+    """Ray, given every task at once, starts tasks of different resource shapes round-robin over the shapes; the
+    scheduler therefore submits in the matrix's order and only as many as run at once. Here the tasks ask for
+    nothing (Ray would run all four at once) and for different memory (different shapes): each records when it
+    ran, and with 2 slots the third starts only after one of the first two ended, the fourth after another."""
+    import time
+
+    import ray
+
+    from qmerge.matrix import Build
+
+    @ray.remote(max_retries=0, num_cpus=0)
+    def timed(name):
+        start = time.time()
+        time.sleep(0.5)
+        return {"exit_code": 0, "seconds": 0.5, "log_tail": "", "node": "n",
+                "summary": json.dumps({"name": name, "start": start, "end": time.time()})}
+
+    from qmerge.ray_scheduler import run_in_order
+
+    builds = [Build(f"b{i}", tmp_path / f"b{i}.toml") for i in range(4)]
+    started = []
+
+    def start(b):
+        started.append(b.name)
+        return timed.options(memory=(int(b.name[1:]) + 1) * 2**20).remote(b.name)
+
+    run_in_order(ray, builds, start, slots=2, quiet=True)
+    assert started == ["b0", "b1", "b2", "b3"]
+    spans = [(b.summary["start"], b.summary["end"]) for b in builds]
+    for i in (2, 3):  # at most two in flight: each later build starts after some earlier one ended
+        ended_before = [j for j in range(i) if spans[j][1] <= spans[i][0]]
+        assert len(ended_before) >= i - 1, spans
+    assert spans[1][0] < spans[0][1]  # and two did run at once
+
+
 def test_task_resources_share_cpus_cap_memory_and_refuse_a_gpu_build(ray_address, tmp_path):
     import ray
 
     from qmerge.matrix import Build
-    from qmerge.ray_scheduler import task_resources
+    from qmerge.ray_scheduler import slots, task_resources
 
     def build(name: str, device: str, estimate: int) -> Build:
         cfg = tmp_path / f"{name}.toml"
@@ -151,6 +188,8 @@ def test_task_resources_share_cpus_cap_memory_and_refuse_a_gpu_build(ray_address
     assert res["small"] == {"num_cpus": 1, "num_gpus": 0, "memory": 2**20}  # 2 CPUs over 2 builds
     assert res["huge"]["memory"] == 4 * 2**30  # capped at the node's: it runs alone there
     assert task_resources([small], ray, jobs=1)["small"]["num_cpus"] == 2
+    assert slots(res, ray, jobs=None) == 2 and slots(res, ray, jobs=1) == 1
+    assert slots(task_resources([small], ray, jobs=1), ray, jobs=1) == 1
     with pytest.raises(BadInputError, match="no Ray node has a GPU"):
         task_resources([build("gpu", "cuda", 2**20)], ray, jobs=None)
 
