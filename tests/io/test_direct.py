@@ -1,0 +1,89 @@
+"""`DirectFile`: the bytes written are the file's, in order, whatever the write sizes and the chunk boundaries;
+where the filesystem refuses O_DIRECT the same bytes are written the ordinary way; and a tensor's bytes from the
+GGUF writer go through it unchanged (tests/io/test_gguf_writer.py compares whole files with gguf's own writer)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from qmerge.io import direct
+from qmerge.io.direct import ALIGN, DirectFile
+
+
+def pieces(seed: int) -> list[bytes]:
+    """Writes of every awkward size: empty, 1 byte, around the alignment and the chunk, several chunks at once."""
+    rng = np.random.default_rng(seed)
+    sizes = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, 2 * ALIGN, 3 * ALIGN - 7, 5 * 2 * ALIGN + 3, 17, 0, 4 * ALIGN]
+    return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bytes_in_order_across_chunks_with_tell(tmp_path, seed):
+    path = tmp_path / "out.bin"
+    expected = b""
+    with DirectFile(path, chunk=2 * ALIGN) as f:
+        for piece in pieces(seed):
+            assert f.write(piece) == len(piece)
+            expected += piece
+            assert f.tell() == len(expected)
+        f.write(np.arange(1000, dtype=np.float32))  # any buffer, as the GGUF writer passes arrays
+        expected += np.arange(1000, dtype=np.float32).tobytes()
+        f.finish()
+        assert f.tell() == len(expected)
+    assert path.read_bytes() == expected
+    assert len(expected) % ALIGN  # the tail was padded for the disk and cut back
+
+
+def test_an_exact_multiple_of_the_chunk_and_an_empty_file(tmp_path):
+    data = bytes(range(256)) * (4 * ALIGN // 256)
+    with DirectFile(tmp_path / "a", chunk=2 * ALIGN) as f:
+        f.write(data)
+        f.finish()
+    assert (tmp_path / "a").read_bytes() == data
+    with DirectFile(tmp_path / "b") as f:
+        f.finish()
+    assert (tmp_path / "b").read_bytes() == b""
+
+
+def test_a_filesystem_refusing_o_direct_gets_the_same_bytes_the_ordinary_way(tmp_path, monkeypatch):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_write, refused = os.write, []
+
+    def write(fd, data):
+        if not refused:  # the first write, as tmpfs or a network filesystem answers O_DIRECT
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct.os, "write", write)
+    expected = b"".join(pieces(2))
+    with DirectFile(tmp_path / "out.bin", chunk=2 * ALIGN) as f:
+        f.write(expected)
+        f.finish()
+        assert refused and not f.direct
+    assert (tmp_path / "out.bin").read_bytes() == expected
+
+
+def test_an_open_refusing_o_direct_falls_back_and_other_errors_raise(tmp_path, monkeypatch):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_open = os.open
+
+    def open_(path, flags, mode=0o777):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(direct.os, "open", open_)
+    with DirectFile(tmp_path / "out.bin") as f:
+        assert not f.direct
+        f.write(b"abc")
+        f.finish()
+    assert (tmp_path / "out.bin").read_bytes() == b"abc"
+    with pytest.raises(FileNotFoundError):
+        DirectFile(tmp_path / "missing" / "out.bin")
