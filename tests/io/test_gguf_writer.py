@@ -430,6 +430,36 @@ def test_torch_float_casts_give_gguf_quantize_bytes(qtype) -> None:
     assert _encode(with_nan, qtype).tobytes() == quantize(with_nan.numpy(), GGMLQuantizationType[qtype]).tobytes()
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_block_types_quantized_over_threads_give_gguf_quantize_bytes(qtype, monkeypatch) -> None:
+    """The block types run gguf's own quantize on chunks of rows, on several threads: the bytes must be those of
+    one call over the whole tensor, for a matrix of several uneven chunks with all-zero rows, huge and tiny rows,
+    exact halves (rounding ties) and a NaN, and for a 3-D tensor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    import qmerge.io.gguf_writer as gw
+
+    monkeypatch.setattr(gw, "QUANT_CHUNK_ROWS", 7)
+    monkeypatch.setattr(gw.torch, "get_num_threads", lambda: 2)  # threads even on a 1-core runner
+    used = []
+    real = gw._quantize_in_row_chunks
+    monkeypatch.setattr(gw, "_quantize_in_row_chunks", lambda a, q: used.append(a.shape) or real(a, q))
+    g = torch.Generator().manual_seed(3)
+    matrix = torch.randn(45, 128, generator=g)
+    matrix[3] = 0.0
+    matrix[5] *= 1e30
+    matrix[6] *= 1e-30
+    matrix[8] = torch.arange(128) * 0.5 - 32  # halves: ties for the rounding
+    matrix[9, 17] = float("nan")
+    cube = torch.randn(3, 10, 64, generator=g)
+    for tensor in (matrix, cube):
+        expected = quantize(tensor.numpy(), GGMLQuantizationType[qtype])
+        got = gw._encode(tensor, qtype)
+        assert got.shape == expected.shape and got.tobytes() == expected.tobytes()
+    assert used == [(45, 128), (3, 10, 64)]  # the threaded path answered both
+
+
 def test_nan_check_finds_a_nan_behind_a_finite_or_overflowing_sum() -> None:
     """`_has_nan` answers from the sum where it is finite and checks entry by entry where it is not: an
     overflowing sum, +inf against -inf (a NaN sum without a NaN entry) and a real NaN are told apart."""
