@@ -9,8 +9,8 @@ back to its true length and fsyncs. The bytes in the file are exactly those writ
 
 Where the filesystem refuses O_DIRECT (tmpfs on older kernels, some network filesystems: EINVAL at open or at the
 first write), or the platform has no O_DIRECT, the same object writes the same chunks the ordinary way. It is a
-sequential, write-only sink: `write`, `tell`, `flush` (a no-op: staged bytes reach the disk by `finish`), `finish`,
-`close`."""
+sequential, write-only sink: `write`, `tell`, `flush` (a no-op: staged bytes reach the disk by `finish`), `finish`
+(optionally rewriting a header at the start, whose room was written first), `close`."""
 
 from __future__ import annotations
 
@@ -61,13 +61,19 @@ class DirectFile:
     def flush(self) -> None:
         """Nothing: a partial chunk cannot go to the disk unpadded; `finish` writes it."""
 
-    def finish(self) -> None:
-        """Writes what is staged, cuts the file to the bytes written, fsyncs."""
+    def finish(self, head: bytes = b"") -> None:
+        """Writes what is staged, then `head` over the file's first bytes (a header whose room was written
+        earlier: a multiple of ALIGN bytes, at most a chunk), cuts the file to the bytes written, fsyncs."""
         size = self.tell()
+        if len(head) > min(size, len(self._buf)) or len(head) % ALIGN:
+            raise ValueError(f"head must be a multiple of {ALIGN} bytes within the chunk and the file")
         if self._fill:
             padded = -(-self._fill // ALIGN) * ALIGN if self.direct else self._fill
             self._view[self._fill:padded] = bytes(padded - self._fill)
             self._drain(padded)
+        if head:
+            self._view[:len(head)] = head
+            self._put(len(head), offset=0)
         os.ftruncate(self.fd, size)
         self._on_disk = size
         os.fsync(self.fd)
@@ -82,19 +88,24 @@ class DirectFile:
 
     def _drain(self, n: int) -> None:
         """Writes the buffer's first `n` bytes at the file's current end."""
+        self._put(n)
+        self._on_disk += n
+        self._fill = 0
+
+    def _put(self, n: int, offset: int | None = None) -> None:
+        """The buffer's first `n` bytes to the file: at its current end, or at `offset`."""
         view, done = self._view[:n], 0
         try:
             while done < n:
                 try:
-                    done += os.write(self.fd, view[done:])
+                    rest = view[done:]
+                    done += os.write(self.fd, rest) if offset is None else os.pwrite(self.fd, rest, offset + done)
                 except OSError as e:
                     if not self.direct or e.errno != errno.EINVAL:
                         raise
                     self._buffered()  # the filesystem takes no O_DIRECT: the same bytes, the ordinary way
         finally:
             view.release()
-        self._on_disk += n
-        self._fill = 0
 
     def _buffered(self) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)

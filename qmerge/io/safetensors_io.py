@@ -19,6 +19,7 @@ import torch
 
 from qmerge.errors import BadInputError
 from qmerge.io.atomic import default_file_mode, fsync_dir, write_json_atomic
+from qmerge.io.direct import DirectFile
 
 # Bits per element, as the safetensors format defines them (F4/F6 pack sub-byte elements).
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32,
@@ -291,21 +292,21 @@ class ShardWriter:
         self._data_bytes += nbytes
         self.total_size += nbytes
 
-    def _write(self, f, data: memoryview) -> None:
-        """On the writer thread: the bytes, then every SYNC_EVERY bytes an fdatasync, so that the disk writes
-        them back while the caller computes, not all at once in the fsync that closes the shard."""
+    def _write(self, f: DirectFile, data: memoryview) -> None:
+        """On the writer thread: the bytes (past the page cache, `qmerge/io/direct.py`). Where the filesystem
+        refused O_DIRECT, every SYNC_EVERY bytes an fdatasync, so that the disk writes them back while the caller
+        computes, not all at once in the fsync that closes the shard."""
         f.write(data)
         self._unsynced += len(data)
-        if self._unsynced >= SYNC_EVERY:
-            f.flush()
-            os.fdatasync(f.fileno())
+        if self._unsynced >= SYNC_EVERY and not f.direct:
+            os.fdatasync(f.fd)
             self._unsynced = 0
 
     def _open_shard(self) -> None:
         temp = self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp.safetensors"
         self.shards.append((temp.name, []))
-        self._file = open(temp, "wb")
-        self._file.seek(HEADER_RESERVE)
+        self._file = DirectFile(temp)
+        self._file.write(bytes(HEADER_RESERVE))  # the header's room, written over when the shard closes
         self._entries, self._data_bytes = {}, 0
 
     def _header(self) -> bytes:
@@ -326,12 +327,10 @@ class ShardWriter:
         header = self._header()
         if len(header) <= HEADER_RESERVE - 8:
             header += b" " * (HEADER_RESERVE - 8 - len(header))
-            f.seek(0)
-            f.write(struct.pack("<Q", len(header)) + header)
-            f.flush()
-            os.fsync(f.fileno())
+            f.finish(head=struct.pack("<Q", len(header)) + header)
             f.close()
         else:
+            f.finish()
             f.close()
             _rewrite_with_header(temp, header, self._data_bytes)
         self.shards[-1] = (self.shards[-1][0], list(self._entries))

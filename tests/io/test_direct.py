@@ -87,3 +87,20 @@ def test_an_open_refusing_o_direct_falls_back_and_other_errors_raise(tmp_path, m
     assert (tmp_path / "out.bin").read_bytes() == b"abc"
     with pytest.raises(FileNotFoundError):
         DirectFile(tmp_path / "missing" / "out.bin")
+
+
+@pytest.mark.parametrize("tail", [0, 5, ALIGN + 3])
+def test_finish_writes_a_header_over_the_room_reserved_for_it(tmp_path, tail):
+    """The safetensors shard writer reserves room for its header, writes the data, and writes the header into that
+    room when the shard closes; the file is the header and the data, nothing else, whatever the tail's length."""
+    room = 2 * ALIGN
+    head = (b"HEADER" + bytes(range(250)) * 40)[:room]
+    data = b"".join(pieces(3)) + bytes(tail)
+    with DirectFile(tmp_path / "shard", chunk=4 * ALIGN) as f:
+        f.write(bytes(room))
+        f.write(data)
+        f.finish(head=head)
+    assert (tmp_path / "shard").read_bytes() == head + data
+    with DirectFile(tmp_path / "bad", chunk=4 * ALIGN) as f, pytest.raises(ValueError, match="multiple"):
+        f.write(bytes(room))
+        f.finish(head=b"short")
