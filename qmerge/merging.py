@@ -134,16 +134,18 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Ten
     if not deltas:
         return None, magnitude
     c = inputs.combination
-    if c.method == "linear":  # Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote)
-        total = None
+    if c.method == "linear":  # Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote); in place
+        total = None            # into the first (the deltas are this function's own), the same sums
         for i, d in deltas:
             weight = inputs.adapters[i][1]
-            d = d * weight if weight != 1.0 else d
-            total = d if total is None else total + d
+            d = d.mul_(weight) if weight != 1.0 else d
+            total = d if total is None else total.add_(d)
     else:  # adapters that do not touch `name` contribute a zero delta (they still count in TIES' election)
         full = dict(deltas)
-        zeros = torch.zeros_like(deltas[0][1])
-        total = combine([full.get(i, zeros) for i in range(len(inputs.adapters))],
+        if len(full) < len(inputs.adapters):
+            zeros = torch.zeros_like(deltas[0][1])
+            full = {i: full.get(i, zeros) for i in range(len(inputs.adapters))}
+        total = combine([full[i] for i in range(len(inputs.adapters))],
                         [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name)
     if total.shape != shape:
         raise BadInputError(f"ΔW for {name} has shape {list(total.shape)} but the base has {list(shape)}")

@@ -28,7 +28,7 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     """ΔW = scale · B @ A in float32, [out, in] for a linear layer."""
     a = lora_a.to(MATH_DTYPE)
     b = lora_b.to(MATH_DTYPE)
-    return (b @ a) * scale
+    return (b @ a).mul_(scale)  # in place: the same product, without a second whole-tensor allocation
 
 
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
