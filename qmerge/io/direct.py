@@ -18,6 +18,7 @@ import errno
 import fcntl
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ALIGN = 4096  # O_DIRECT's offset, length and buffer alignment (the logical block size of common disks or less)
@@ -25,7 +26,12 @@ CHUNK = 16 * 2**20  # bytes staged per disk write
 
 
 class DirectFile:
-    def __init__(self, path: Path | str, chunk: int = CHUNK, mode: int = 0o666):
+    """`background=True`: each full chunk goes to the disk on a thread while the caller fills a second buffer (the
+    writes stay in order: one in flight at a time); an error on that thread is raised by the next write or by
+    `finish`. For a caller that computes between writes on one thread (the GGUF writer); the safetensors shard
+    writer already writes from a thread of its own."""
+
+    def __init__(self, path: Path | str, chunk: int = CHUNK, mode: int = 0o666, background: bool = False):
         if chunk <= 0 or chunk % ALIGN:
             raise ValueError(f"chunk must be a positive multiple of {ALIGN}")
         self.path = Path(path)
@@ -38,15 +44,18 @@ class DirectFile:
             if not direct or e.errno != errno.EINVAL:
                 raise
             self.fd, self.direct = os.open(self.path, flags, mode), False
-        self._buf = mmap.mmap(-1, chunk)  # anonymous: page-aligned, as O_DIRECT needs
-        self._view = memoryview(self._buf)
+        self._bufs = [mmap.mmap(-1, chunk) for _ in range(2 if background else 1)]  # page-aligned, as O_DIRECT needs
+        self._views = [memoryview(buf) for buf in self._bufs]
+        self._view = self._views[0]  # the buffer being filled
         self._fill = 0  # bytes staged in the buffer
-        self._on_disk = 0  # bytes written to the file before the buffer's
+        self._on_disk = 0  # bytes written to the file (or on their way) before the buffer's
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qmerge-direct") if background else None
+        self._pending: Future | None = None
 
     def write(self, data) -> int:
         """Stages `data` (any C-contiguous buffer), writing each full chunk to the disk. Returns its length."""
         src = memoryview(data).cast("B")
-        n, i, size = len(src), 0, len(self._buf)
+        n, i, size = len(src), 0, len(self._view)
         while i < n:
             take = min(n - i, size - self._fill)
             self._view[self._fill:self._fill + take] = src[i:i + take]
@@ -65,47 +74,59 @@ class DirectFile:
         """Writes what is staged, then `head` over the file's first bytes (a header whose room was written
         earlier: a multiple of ALIGN bytes, at most a chunk), cuts the file to the bytes written, fsyncs."""
         size = self.tell()
-        if len(head) > min(size, len(self._buf)) or len(head) % ALIGN:
+        if len(head) > min(size, len(self._view)) or len(head) % ALIGN:
             raise ValueError(f"head must be a multiple of {ALIGN} bytes within the chunk and the file")
+        self._wait()
         if self._fill:
             padded = -(-self._fill // ALIGN) * ALIGN if self.direct else self._fill
             self._view[self._fill:padded] = bytes(padded - self._fill)
-            self._drain(padded)
+            self._put(self._view, padded)
+            self._fill = 0
         if head:
             self._view[:len(head)] = head
-            self._put(len(head), offset=0)
+            self._put(self._view, len(head), offset=0)
         os.ftruncate(self.fd, size)
         self._on_disk = size
         os.fsync(self.fd)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # a write in flight finishes before its file is closed
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if not self._buf.closed:
-            self._view.release()
-            self._buf.close()
+        for view, buf in zip(self._views, self._bufs):
+            view.release()
+            buf.close()
 
     def _drain(self, n: int) -> None:
-        """Writes the buffer's first `n` bytes at the file's current end."""
-        self._put(n)
+        """Writes the buffer's first `n` bytes at the file's current end (on the thread, when there is one, and
+        goes on filling the other buffer)."""
+        if self._pool is None:
+            self._put(self._view, n)
+        else:
+            self._wait()
+            self._pending = self._pool.submit(self._put, self._view, n)
+            self._view = self._views[1] if self._view is self._views[0] else self._views[0]
         self._on_disk += n
         self._fill = 0
 
-    def _put(self, n: int, offset: int | None = None) -> None:
-        """The buffer's first `n` bytes to the file: at its current end, or at `offset`."""
-        view, done = self._view[:n], 0
-        try:
-            while done < n:
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _put(self, whole: memoryview, n: int, offset: int | None = None) -> None:
+        """The first `n` bytes of `whole` to the file: at its current end, or at `offset`."""
+        done = 0
+        while done < n:  # every slice released on the way out, an error included: else the buffer cannot close
+            with whole[done:n] as rest:
                 try:
-                    rest = view[done:]
                     done += os.write(self.fd, rest) if offset is None else os.pwrite(self.fd, rest, offset + done)
                 except OSError as e:
                     if not self.direct or e.errno != errno.EINVAL:
                         raise
                     self._buffered()  # the filesystem takes no O_DIRECT: the same bytes, the ordinary way
-        finally:
-            view.release()
 
     def _buffered(self) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)

@@ -540,7 +540,8 @@ def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, nam
         for p in planned:
             writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes,
                                    raw_dtype=gguf.GGMLQuantizationType[p.qtype])
-        out = DirectFile(tmp)  # past the page cache (qmerge/io/direct.py); the writer's own open() is skipped
+        out = DirectFile(tmp, background=True)  # past the page cache, each chunk written while the next tensor is
+                                                # quantized (qmerge/io/direct.py); the writer's own open() is skipped
         writer.path, writer.fout, writer.state = tmp, [out], WriterState.EMPTY
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -21,11 +21,12 @@ def pieces(seed: int) -> list[bytes]:
     return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bytes_in_order_across_chunks_with_tell(tmp_path, seed):
+def test_bytes_in_order_across_chunks_with_tell(tmp_path, seed, background):
     path = tmp_path / "out.bin"
     expected = b""
-    with DirectFile(path, chunk=2 * ALIGN) as f:
+    with DirectFile(path, chunk=2 * ALIGN, background=background) as f:
         for piece in pieces(seed):
             assert f.write(piece) == len(piece)
             expected += piece
@@ -49,7 +50,8 @@ def test_an_exact_multiple_of_the_chunk_and_an_empty_file(tmp_path):
     assert (tmp_path / "b").read_bytes() == b""
 
 
-def test_a_filesystem_refusing_o_direct_gets_the_same_bytes_the_ordinary_way(tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, True])
+def test_a_filesystem_refusing_o_direct_gets_the_same_bytes_the_ordinary_way(tmp_path, monkeypatch, background):
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this platform")
     real_write, refused = os.write, []
@@ -62,7 +64,7 @@ def test_a_filesystem_refusing_o_direct_gets_the_same_bytes_the_ordinary_way(tmp
 
     monkeypatch.setattr(direct.os, "write", write)
     expected = b"".join(pieces(2))
-    with DirectFile(tmp_path / "out.bin", chunk=2 * ALIGN) as f:
+    with DirectFile(tmp_path / "out.bin", chunk=2 * ALIGN, background=background) as f:
         f.write(expected)
         f.finish()
         assert refused and not f.direct
@@ -89,14 +91,15 @@ def test_an_open_refusing_o_direct_falls_back_and_other_errors_raise(tmp_path, m
         DirectFile(tmp_path / "missing" / "out.bin")
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("tail", [0, 5, ALIGN + 3])
-def test_finish_writes_a_header_over_the_room_reserved_for_it(tmp_path, tail):
+def test_finish_writes_a_header_over_the_room_reserved_for_it(tmp_path, tail, background):
     """The safetensors shard writer reserves room for its header, writes the data, and writes the header into that
     room when the shard closes; the file is the header and the data, nothing else, whatever the tail's length."""
     room = 2 * ALIGN
     head = (b"HEADER" + bytes(range(250)) * 40)[:room]
     data = b"".join(pieces(3)) + bytes(tail)
-    with DirectFile(tmp_path / "shard", chunk=4 * ALIGN) as f:
+    with DirectFile(tmp_path / "shard", chunk=4 * ALIGN, background=background) as f:
         f.write(bytes(room))
         f.write(data)
         f.finish(head=head)
@@ -104,3 +107,16 @@ def test_finish_writes_a_header_over_the_room_reserved_for_it(tmp_path, tail):
     with DirectFile(tmp_path / "bad", chunk=4 * ALIGN) as f, pytest.raises(ValueError, match="multiple"):
         f.write(bytes(room))
         f.finish(head=b"short")
+
+
+def test_a_background_write_error_is_raised_in_the_caller(tmp_path, monkeypatch):
+    """A disk error on the writing thread (here ENOSPC) reaches the caller at its next write or at finish, not lost."""
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct.os, "write", write)
+    with DirectFile(tmp_path / "out.bin", chunk=2 * ALIGN, background=True) as f:
+        f.write(bytes(2 * ALIGN))  # a full chunk: handed to the thread
+        with pytest.raises(OSError, match="No space"):
+            f.write(bytes(2 * ALIGN))
+            f.finish()

@@ -357,7 +357,7 @@ def test_fast_metadata_arrays_are_the_stock_writers_bytes(tiny, tmp_path, monkey
 class _PlainFile(io.FileIO):
     """An ordinary file with DirectFile's `finish`, for the stock writer."""
 
-    def __init__(self, path):
+    def __init__(self, path, background=False):
         super().__init__(path, "wb")
 
     def finish(self) -> None:
