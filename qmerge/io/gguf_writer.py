@@ -213,29 +213,38 @@ def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
     return quantize(tensor.numpy(), GGMLQuantizationType[qtype])
 
 
-QUANT_CHUNK_ROWS = 256  # rows per call of gguf's quantize when a matrix is split over threads
+QUANT_CHUNK_ENTRIES = 1 << 20  # entries per call of gguf's row quantizer (whole rows)
 
 
 def _quantize_in_row_chunks(array: np.ndarray, qtype) -> np.ndarray:
-    """`gguf.quants.quantize(array, qtype)` for a block type, with chunks of rows on as many threads as torch uses:
-    the same code on each chunk, and a block never spans two rows (the type's block divides the row length, or the
-    tensor is not given this type), so the bytes are those of one call. gguf's numpy code runs on one core and
-    releases the GIL: on 2 cores a 7B slice's Q8_0 took 12 s on one."""
-    from gguf.quants import quantize
+    """`gguf.quants.quantize(array, qtype)` for a block type: the type's own row quantizer (`quantize_rows`, what
+    `quantize` applies to groups of 16 rows) on chunks of about QUANT_CHUNK_ENTRIES entries, on as many threads as
+    torch uses. A block never spans two rows (the type's block divides the row length, or the tensor is not given
+    this type), so the bytes are those of one `quantize` call (tested). gguf's numpy code runs on one core and
+    releases the GIL; its 16-row groups are small enough on narrow rows that Python's overhead dominates."""
+    import gguf.quants
+    from gguf import GGML_QUANT_SIZES
 
+    if array.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        return gguf.quants.quantize(array, qtype)  # gguf's own error
     rows = array.reshape(-1, array.shape[-1])
-    starts = range(0, rows.shape[0], QUANT_CHUNK_ROWS)
-    workers = min(torch.get_num_threads(), len(starts))
-    if workers <= 1:
-        return quantize(array, qtype)
-    first = quantize(rows[:1], qtype)  # the row's byte length (and gguf's own error for a bad shape)
+    quantize_rows = getattr(gguf.quants, qtype.name).quantize_rows
+    step = max(1, QUANT_CHUNK_ENTRIES // rows.shape[1])
+    starts = range(0, rows.shape[0], step)
+    first = quantize_rows(rows[:step])
     out = np.empty((rows.shape[0], first.shape[-1]), dtype=first.dtype)
+    out[:step] = first
 
     def chunk(start: int) -> None:
-        out[start:start + QUANT_CHUNK_ROWS] = quantize(rows[start:start + QUANT_CHUNK_ROWS], qtype)
+        out[start:start + step] = quantize_rows(rows[start:start + step])
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="qmerge-gguf-quant") as pool:
-        list(pool.map(chunk, starts))  # list(): a chunk's exception is raised here
+    workers = min(torch.get_num_threads(), len(starts) - 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="qmerge-gguf-quant") as pool:
+            list(pool.map(chunk, starts[1:]))  # list(): a chunk's exception is raised here
+    else:
+        for start in starts[1:]:
+            chunk(start)
     return out.reshape(*array.shape[:-1], first.shape[-1])
 
 

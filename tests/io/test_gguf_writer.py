@@ -292,8 +292,6 @@ def test_non_bpe_tokenizer_is_refused_and_nothing_is_left(tmp_path) -> None:
 
 def test_writer_holds_one_tensor_at_a_time(tiny, tmp_path, monkeypatch) -> None:
     """Every tensor fetched once, in the planned order, and none still alive when the next one is fetched."""
-    import gguf
-
     live: weakref.WeakSet = weakref.WeakSet()
     alive_at_fetch, fetched = [], []
     original = CheckpointReader.get
@@ -440,7 +438,7 @@ def test_block_types_quantized_over_threads_give_gguf_quantize_bytes(qtype, monk
 
     import qmerge.io.gguf_writer as gw
 
-    monkeypatch.setattr(gw, "QUANT_CHUNK_ROWS", 7)
+    monkeypatch.setattr(gw, "QUANT_CHUNK_ENTRIES", 7 * 128)  # 7 rows of the matrix, 14 of the cube's
     monkeypatch.setattr(gw.torch, "get_num_threads", lambda: 2)  # threads even on a 1-core runner
     used = []
     real = gw._quantize_in_row_chunks
