@@ -1,12 +1,13 @@
 """Memory and speed of a multi-adapter merge against the single-adapter merge, on the 7B-shaped slice.
 
-    .venv/bin/python benchmarks/multi_merge.py [--repeat 3] [--allow-busy]
+    .venv/bin/python benchmarks/multi_merge.py [--repeat 3] [--allow-busy] [--json OUT]
 
 Runs qmerge's pipeline (resolve + merge, bf16 storage, CPU) in a child process per run (benchmarks/measure.py:
 wall, sampled peak RssAnon) for: one r=16 adapter (`linear`), and three r=16 adapters combined by `linear`, `ties`
 (density 0.5) and `dare_ties` (density 0.5). The configurations alternate run by run, each in a fresh work dir, after
-an idle check. Prints medians with min–max and writes benchmarks/results/multi-merge-7b-slice.json. The goal: a
-multi-adapter merge costs what the single-adapter merge costs plus the adapters' factors. Not a test.
+an idle check. Prints medians with min–max and writes `--json` (default benchmarks/results/multi-merge-latest.json,
+not a file the docs cite). The goal: a multi-adapter merge costs what the single-adapter merge costs plus the
+adapters' factors. Not a test.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--allow-busy", action="store_true")
+    p.add_argument("--json", type=Path, default=HERE / "results" / "multi-merge-latest.json")
     args = p.parse_args(argv)
     w = slice7b()
     adapters = [w.adapter] + [random_adapter(w.base, CACHE / f"llama2-7b-slice4-r16-s{s}", r=16, alpha=32, seed=s)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {name} run {rep + 1}: {m.wall_s:.1f} s, "
                   f"peak anon {m.anon_peak_mb:.0f} MB, host steal {100 * m.steal_share:.0f} %",
                   file=sys.stderr, flush=True)
-            save(w.note, args.repeat, results)  # after every run: a cut-short benchmark keeps what it measured
+            save(args.json, w.note, args.repeat, results)  # after every run: a cut-short benchmark keeps what it measured
             shutil.rmtree(run, ignore_errors=True)
     print(f"\n7B-shaped slice ({w.note}); {args.repeat} alternating runs each, medians (min–max)\n")
     print("| merge | wall s | peak anon RSS MB | host steal % (max) |")
@@ -79,8 +81,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def save(note: str, repeat: int, results: dict) -> None:
-    out = HERE / "results" / "multi-merge-7b-slice.json"
+def save(out: Path, note: str, repeat: int, results: dict) -> None:
     out.write_text(json.dumps({"workload": note, "repeat": repeat, "results": results,
                                "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
 
