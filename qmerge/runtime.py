@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from qmerge.io.paths import default_cache_root
 
@@ -39,6 +40,19 @@ def release_large_frees(threshold: int = 2**20) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def map_on_threads(fn, items, name: str) -> list:
+    """[fn(item) for item in items], in that order, on as many threads as torch uses (at most one per item): for
+    numpy work, which runs on one core and releases the GIL. An item's exception is raised here."""
+    import torch
+
+    items = list(items)
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
 
 
 def pick_device(setting: str = "auto") -> str:

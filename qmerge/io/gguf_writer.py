@@ -32,7 +32,6 @@ import re
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import torch
 from qmerge.errors import BadInputError, ConfigError
 from qmerge.io.atomic import fsync_dir, temp_sibling
 from qmerge.io.direct import DirectFile
+from qmerge.runtime import map_on_threads
 from qmerge.io.paths import sha256_file
 from qmerge.io.safetensors_io import CheckpointReader
 
@@ -225,27 +225,20 @@ def _quantize_in_row_chunks(array: np.ndarray, qtype) -> np.ndarray:
     import gguf.quants
     from gguf import GGML_QUANT_SIZES
 
-    if array.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if array.shape[-1] % block:
         return gguf.quants.quantize(array, qtype)  # gguf's own error
     rows = array.reshape(-1, array.shape[-1])
+    row_bytes = rows.shape[1] // block * type_size
+    out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
     quantize_rows = getattr(gguf.quants, qtype.name).quantize_rows
     step = max(1, QUANT_CHUNK_ENTRIES // rows.shape[1])
-    starts = range(0, rows.shape[0], step)
-    first = quantize_rows(rows[:step])
-    out = np.empty((rows.shape[0], first.shape[-1]), dtype=first.dtype)
-    out[:step] = first
 
     def chunk(start: int) -> None:
         out[start:start + step] = quantize_rows(rows[start:start + step])
 
-    workers = min(torch.get_num_threads(), len(starts) - 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="qmerge-gguf-quant") as pool:
-            list(pool.map(chunk, starts[1:]))  # list(): a chunk's exception is raised here
-    else:
-        for start in starts[1:]:
-            chunk(start)
-    return out.reshape(*array.shape[:-1], first.shape[-1])
+    map_on_threads(chunk, range(0, rows.shape[0], step), "qmerge-gguf-quant")
+    return out.reshape(*array.shape[:-1], row_bytes)
 
 
 def _has_nan(tensor: torch.Tensor) -> bool:

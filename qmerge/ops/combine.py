@@ -36,13 +36,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from qmerge.numerics import MATH_DTYPE
 from qmerge.ops.nf4 import CompiledKernel
+from qmerge.runtime import map_on_threads
 
 METHODS = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
 SPARSIFY = {"linear": None, "magnitude_prune": "magnitude", "ties": "magnitude", "dare_linear": "random",
@@ -114,12 +114,7 @@ def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float) -> 
         return int(count(magnitude > hi)), magnitude[(magnitude >= lo) & (magnitude <= hi)]
 
     starts = range(0, len(flat), BLOCK)
-    workers = min(torch.get_num_threads(), len(starts)) if numpy else 1
-    if workers > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="qmerge-bracket") as pool:
-            parts = list(pool.map(block, starts))  # in block order, whichever thread ran each
-    else:
-        parts = [block(start) for start in starts]
+    parts = map_on_threads(block, starts, "qmerge-bracket") if numpy else [block(start) for start in starts]
     above = sum(n for n, _ in parts)
     inside = [values for _, values in parts]
     return above, torch.from_numpy(np.concatenate(inside)) if numpy else torch.cat(inside)
