@@ -9,6 +9,7 @@ tensor by tensor for whoever needs to compare against it (evaluate's weight-spac
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -80,6 +81,33 @@ def output_names(inputs: MergeInputs) -> list[str]:
     return names
 
 
+class Scratch:
+    """Whole-tensor float32 work buffers that `run_merge` keeps from one tensor to the next: each adapter's ΔWᵢ
+    and their combination. Allocated anew for every tensor, each is fresh memory the kernel must fault in again
+    (on a VM that hands freed pages back to its host, from the host): on the 7B-shaped slice with three adapters
+    that was ~2.5 s of the ~8 s TIES took over a single-adapter merge. A view taken from a slot is valid until
+    the next `take` of that slot. A buffer grows to the largest tensor that used its slot, which the merge holds
+    at that tensor anyway; before a larger tensor is merged without them (an untouched head or embedding),
+    `make_room` lets them go, so the peak stays that of one tensor's work."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[object, torch.Tensor] = {}
+
+    def make_room(self, numel: int) -> None:
+        """Frees every buffer when a tensor of `numel` entries, larger than any of them, is next."""
+        if any(numel > buffer.numel() for buffer in self._buffers.values()):
+            self._buffers.clear()
+
+    def take(self, slot: object, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        n = math.prod(shape)
+        buffer = self._buffers.pop(slot, None)
+        if buffer is None or buffer.numel() < n:
+            buffer = None  # the smaller one is freed before the larger one is allocated
+            buffer = torch.empty(n, dtype=MATH_DTYPE)
+        self._buffers[slot] = buffer
+        return buffer[:n].view(shape)
+
+
 def _checked(adapter: Adapter, name: str) -> torch.Tensor:
     t = adapter.load(name)
     if t.is_floating_point() and not torch.isfinite(t).all():
@@ -102,9 +130,10 @@ def _base_weight(inputs: MergeInputs, name: str, as_trained: Callable[[str], tor
     return inputs.base.original(source)
 
 
-def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
+def adapter_deltas(inputs: MergeInputs, name: str, scratch: Scratch | None = None
+                   ) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
     """[(adapter index, ΔWᵢ = scaleᵢ·BᵢAᵢ, unweighted, float32 on CPU)] of the adapters that change `name`, and the
-    DoRA magnitude if any."""
+    DoRA magnitude if any. With `scratch`, a linear layer's ΔWᵢ on CPU is computed into its slot ("delta", i)."""
     module, param = name.rsplit(".", 1)
     layout = inputs.base.arch.layouts.get(module, "linear")
     deltas, magnitude = [], None
@@ -117,7 +146,12 @@ def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torc
         elif param == "weight":
             a = _checked(adapter, mod.lora_a).to(inputs.device)
             b = _checked(adapter, mod.lora_b).to(inputs.device)
-            d = embedding_delta(a, b, mod.scale) if mod.kind == "embedding" else lora_delta(a, b, mod.scale)
+            if mod.kind == "embedding":
+                d = embedding_delta(a, b, mod.scale)
+            else:
+                into = scratch.take(("delta", i), (b.shape[0], a.shape[1])) \
+                    if scratch is not None and inputs.device == "cpu" else None
+                d = lora_delta(a, b, mod.scale, out=into)
             d = d.T if layout == "conv1d" else d
             if mod.magnitude:
                 magnitude = _checked(adapter, mod.magnitude).to(MATH_DTYPE).reshape(-1)
@@ -127,10 +161,11 @@ def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torc
     return deltas, magnitude
 
 
-def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch | None = None
+           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The combined delta for `name` (Σ weightᵢ·ΔWᵢ for `linear`; None when no adapter touches it), and the DoRA
-    magnitude if any."""
-    deltas, magnitude = adapter_deltas(inputs, name)
+    magnitude if any; in `scratch`'s buffers when given (valid until its next tensor)."""
+    deltas, magnitude = adapter_deltas(inputs, name, scratch)
     if not deltas:
         return None, magnitude
     c = inputs.combination
@@ -145,8 +180,10 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size) -> tuple[torch.Ten
         if len(full) < len(inputs.adapters):
             zeros = torch.zeros_like(deltas[0][1])
             full = {i: full.get(i, zeros) for i in range(len(inputs.adapters))}
+        into = scratch.take(("combined",), deltas[0][1].shape) if scratch is not None else None
         total = combine([full[i] for i in range(len(inputs.adapters))],
-                        [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name)
+                        [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name,
+                        out=into)
     if total.shape != shape:
         raise BadInputError(f"ΔW for {name} has shape {list(total.shape)} but the base has {list(shape)}")
     return total, magnitude
@@ -167,8 +204,9 @@ def _plain_lora(inputs: MergeInputs, name: str) -> list | None:
     return touching
 
 
-def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype):
-    """(stored, metrics) from one fused pass (`ops/merge_kernel.py`), or None where it does not apply."""
+def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype, scratch: Scratch | None = None):
+    """(stored, metrics) from one fused pass (`ops/merge_kernel.py`), or None where it does not apply. ΔW is formed
+    in `scratch`'s buffers when given."""
     touching = _plain_lora(inputs, name)
     nf4 = inputs.base.nf4_input(name) if touching is not None else None
     if nf4 is None:
@@ -178,9 +216,10 @@ def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype):
         # ΔW = (B@A)·scale: the kernel applies the scale
         adapter, mod, _ = touching[0]
         a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
-        factor, scale = b @ a, mod.scale
+        into = scratch.take(("delta", 0), (b.shape[0], a.shape[1])) if scratch is not None else None
+        factor, scale = (b @ a if into is None else torch.matmul(b, a, out=into)), mod.scale
     else:  # several adapters or a weight: their sum, exactly as the op-by-op path forms it
-        factor, scale = _delta(inputs, name, w.shape)[0], 1.0
+        factor, scale = _delta(inputs, name, w.shape, scratch)[0], 1.0
     if factor.shape != w.shape:
         raise BadInputError(f"ΔW for {name} has shape {list(factor.shape)} but the base has {list(w.shape)}")
     recipe = inputs.base.recipe
@@ -212,12 +251,14 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
     storage = DTYPES[dtype]
     layers = {}
     names = output_names(inputs)
+    scratch = Scratch()  # each tensor's ΔW buffers are consumed before the next tensor takes them again
     with ShardWriter(out_dir, max_shard_bytes=max_shard_size) as writer:
         for name in tqdm(names, desc=f"merge ({inputs.into})", disable=quiet, unit="tensor"):
-            fused = _fused_merge(inputs, name, storage)
+            fused = _fused_merge(inputs, name, storage, scratch)
             if fused is not None:
                 stored, metrics = fused
             else:
+                scratch.make_room(math.prod(inputs.base.tensors[untied(inputs).get(name, name)][1]))
                 merged, w_base = merge_one(inputs, name)
                 stored = merged.to(storage) if merged.is_floating_point() else merged
                 metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \

@@ -192,10 +192,12 @@ def dare_mask(shape: torch.Size, density: float, seed: int, adapter: int, tensor
 
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float = 1.0,
-            majority_sign_method: str = "total", seed: int = 0, tensor: str = "") -> torch.Tensor:
+            majority_sign_method: str = "total", seed: int = 0, tensor: str = "",
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """The combined delta of one tensor (float32). `deltas[i]` is adapter i's exact ΔWᵢ (float32, unweighted);
-    `tensor` names it for DARE's keep masks. Streamed over flat blocks of BLOCK elements: besides the deltas and
-    the result, the working set is a few blocks and the magnitudes near each top-k threshold."""
+    `tensor` names it for DARE's keep masks; `out` (float32, the deltas' shape, contiguous) receives the result
+    when given. Streamed over flat blocks of BLOCK elements: besides the deltas and the result, the working set
+    is a few blocks and the magnitudes near each top-k threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")
     flats = [d.to(MATH_DTYPE).reshape(-1) for d in deltas]
@@ -206,7 +208,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
         device = flats[0].device
         keys = torch.tensor([dare_key(seed, i, tensor) for i in range(len(flats))], dtype=torch.int64, device=device)
         threshold = torch.tensor(keep_threshold(density), dtype=torch.int64, device=device)
-    out = torch.empty_like(flats[0])
+    out = torch.empty_like(flats[0]) if out is None else out.view(-1)
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
     frequency = majority_sign_method != "total"
     for start in range(0, out.numel(), BLOCK):

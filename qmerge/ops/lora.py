@@ -24,11 +24,14 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW = scale · B @ A in float32, [out, in] for a linear layer."""
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """ΔW = scale · B @ A in float32, [out, in] for a linear layer; into `out` (float32, that shape, contiguous)
+    when given: the same product, the same bits (tested)."""
     a = lora_a.to(MATH_DTYPE)
     b = lora_b.to(MATH_DTYPE)
-    return (b @ a).mul_(scale)  # in place: the same product, without a second whole-tensor allocation
+    product = b @ a if out is None else torch.matmul(b, a, out=out)
+    return product.mul_(scale)  # in place: the same product, without a second whole-tensor allocation
 
 
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

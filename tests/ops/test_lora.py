@@ -23,3 +23,24 @@ def test_scales_and_layouts():
     a, b = torch.randn(4, 10), torch.randn(6, 4)
     assert lora_delta(a, b, 2.0).shape == (6, 10)
     assert torch.equal(embedding_delta(a, b, 2.0), (b @ a * 2.0).T)
+
+
+def test_delta_into_a_kept_buffer_is_the_same_product():
+    """The merge forms ΔW into buffers it keeps from one tensor to the next (merging.Scratch): the same bits as a
+    fresh product, written into the buffer given, for shapes that differ from the buffer's first use."""
+    from qmerge.merging import Scratch
+
+    g = torch.Generator().manual_seed(2)
+    scratch = Scratch()
+    for out_features, in_features, r in ((96, 64, 8), (40, 24, 4), (200, 64, 16)):
+        a = torch.randn(r, in_features, generator=g, dtype=torch.bfloat16)
+        b = torch.randn(out_features, r, generator=g)
+        into = scratch.take(("delta", 0), (out_features, in_features))
+        got = lora_delta(a, b, 0.37, out=into)
+        assert got.data_ptr() == into.data_ptr()
+        assert torch.equal(got, lora_delta(a, b, 0.37))
+    assert scratch.take(("delta", 0), (10, 10)).data_ptr() == into.data_ptr()  # kept, not reallocated
+    scratch.make_room(200 * 64)  # a tensor no larger than the buffer: kept
+    assert scratch.take(("delta", 0), (10, 10)).data_ptr() == into.data_ptr()
+    scratch.make_room(200 * 64 + 1)  # a larger one merged without them: all let go
+    assert scratch._buffers == {}
