@@ -149,6 +149,30 @@ def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
         assert inside.numel() == int(((flat.abs() >= lo) & (flat.abs() <= hi)).sum())
 
 
+def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
+    """The C loop (ops/native.py) reads magnitudes as float32 bits: it must count and gather what numpy's float
+    comparisons do, for zeros of both signs, subnormals, infinities, NaNs (neither above nor inside), values equal
+    to either bound and an infinite upper bound; and the C helper must really be built here (the suite runs with
+    QMERGE_COMPILE_STRICT=1, so a failed build raises instead of comparing numpy with itself)."""
+    import numpy as np
+
+    from qmerge.ops import native
+
+    g = np.random.default_rng(11)
+    specials = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0, 2.5, -2.5,
+                         np.float32(3.4e38)], dtype=np.float32)
+    block = np.concatenate([specials, g.standard_normal(5000).astype(np.float32) * 2,
+                            np.round(g.standard_normal(2000) * 4).astype(np.float32) / 2])
+    g.shuffle(block)
+    assert native.count_and_gather(block, 0.0, 1.0) is not None
+    monkeypatch.setattr(combine_module, "count_and_gather", lambda *args: None)  # numpy only
+    for lo, hi in ((0.0, 0.0), (0.0, 1.0), (1.0, 2.5), (2.5, 2.5), (1e-45, 1e-40), (2.0, np.inf), (0.0, np.inf)):
+        above, inside = native.count_and_gather(block, lo, hi)
+        want_above, want_inside = combine_module._count_and_gather(block, lo, hi)
+        assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi)
+    assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
+
+
 def test_dare_keeps_about_density_and_is_seeded_per_tensor():
     shape = torch.Size((300, 400))
     mask = dare_mask(shape, 0.3, 0, 0, "x")
