@@ -82,13 +82,15 @@ def output_names(inputs: MergeInputs) -> list[str]:
 
 
 class Scratch:
-    """Whole-tensor float32 work buffers that `run_merge` keeps from one tensor to the next: each adapter's ΔWᵢ
-    and their combination. Allocated anew for every tensor, each is fresh memory the kernel must fault in again
-    (on a VM that hands freed pages back to its host, from the host): on the 7B-shaped slice with three adapters
-    that was ~2.5 s of the ~8 s TIES took over a single-adapter merge. A view taken from a slot is valid until
-    the next `take` of that slot. A buffer grows to the largest tensor that used its slot, which the merge holds
-    at that tensor anyway; before a larger tensor is merged without them (an untouched head or embedding),
-    `make_room` lets them go, so the peak stays that of one tensor's work."""
+    """Whole-tensor float32 buffers for the adapters' ΔWᵢ that `run_merge` keeps from one tensor to the next.
+    Allocated anew for every tensor, each is fresh memory the kernel must fault in again (on a VM that hands freed
+    pages back to its host, from the host): on the 7B-shaped slice with three adapters that was ~2.5 s of the ~8 s
+    TIES took over a single-adapter merge. A view taken from a slot is valid until the next `take` of that slot.
+
+    Memory: the buffers stay held while the merge kernel runs, so they must not outnumber what was alive at once
+    before: a linear sum uses two (the first takes in each other delta as it is made), TIES/DARE one per adapter
+    with the combination written over the first. A buffer grows to the largest tensor that used its slot; before a
+    larger tensor is merged without them (an untouched head or embedding), `make_room` lets them go."""
 
     def __init__(self) -> None:
         self._buffers: dict[object, torch.Tensor] = {}
@@ -130,17 +132,30 @@ def _base_weight(inputs: MergeInputs, name: str, as_trained: Callable[[str], tor
     return inputs.base.original(source)
 
 
-def adapter_deltas(inputs: MergeInputs, name: str, scratch: Scratch | None = None
-                   ) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
+def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
     """[(adapter index, ΔWᵢ = scaleᵢ·BᵢAᵢ, unweighted, float32 on CPU)] of the adapters that change `name`, and the
-    DoRA magnitude if any. With `scratch`, a linear layer's ΔWᵢ on CPU is computed into its slot ("delta", i)."""
+    DoRA magnitude if any."""
+    deltas, magnitude = [], None
+    for i, d, m in _each_delta(inputs, name):
+        deltas.append((i, d))
+        magnitude = m if m is not None else magnitude
+    return deltas, magnitude
+
+
+def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, reuse: bool = False
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(adapter index, ΔWᵢ, DoRA magnitude or None) for each adapter that changes `name`, one at a time. With
+    `scratch`, a linear layer's ΔW on CPU is formed in slot ("delta", k) for the k-th one yielded; with `reuse`,
+    every one after the first shares slot 1 (each valid only until the next is made: for a caller that folds them
+    in as they come)."""
     module, param = name.rsplit(".", 1)
     layout = inputs.base.arch.layouts.get(module, "linear")
-    deltas, magnitude = [], None
+    made = 0
     for i, (adapter, _) in enumerate(inputs.adapters):
         mod = adapter.modules.get(module)
         if mod is None:
             continue
+        magnitude = None
         if param == "bias" and mod.lora_b_bias:
             d = _checked(adapter, mod.lora_b_bias).to(MATH_DTYPE) * mod.scale
         elif param == "weight":
@@ -149,7 +164,8 @@ def adapter_deltas(inputs: MergeInputs, name: str, scratch: Scratch | None = Non
             if mod.kind == "embedding":
                 d = embedding_delta(a, b, mod.scale)
             else:
-                into = scratch.take(("delta", i), (b.shape[0], a.shape[1])) \
+                slot = ("delta", min(made, 1) if reuse else made)
+                into = scratch.take(slot, (b.shape[0], a.shape[1])) \
                     if scratch is not None and inputs.device == "cpu" else None
                 d = lora_delta(a, b, mod.scale, out=into)
             d = d.T if layout == "conv1d" else d
@@ -157,33 +173,38 @@ def adapter_deltas(inputs: MergeInputs, name: str, scratch: Scratch | None = Non
                 magnitude = _checked(adapter, mod.magnitude).to(MATH_DTYPE).reshape(-1)
         else:
             continue
-        deltas.append((i, d.cpu()))
-    return deltas, magnitude
+        made += 1
+        yield i, d.cpu(), magnitude
 
 
 def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch | None = None
            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The combined delta for `name` (Σ weightᵢ·ΔWᵢ for `linear`; None when no adapter touches it), and the DoRA
     magnitude if any; in `scratch`'s buffers when given (valid until its next tensor)."""
-    deltas, magnitude = adapter_deltas(inputs, name, scratch)
-    if not deltas:
-        return None, magnitude
     c = inputs.combination
-    if c.method == "linear":  # Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote); in place
-        total = None            # into the first (the deltas are this function's own), the same sums
-        for i, d in deltas:
-            weight = inputs.adapters[i][1]
-            d = d.mul_(weight) if weight != 1.0 else d
-            total = d if total is None else total.add_(d)
-    else:  # adapters that do not touch `name` contribute a zero delta (they still count in TIES' election)
+    total, magnitude, deltas = None, None, []
+    # linear: Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote), in place into the first
+    # as each is made (the deltas are this function's own), so that two whole-tensor deltas are alive at most
+    for i, d, m in _each_delta(inputs, name, scratch, reuse=c.method == "linear"):
+        magnitude = m if m is not None else magnitude
+        if c.method != "linear":
+            deltas.append((i, d))
+            continue
+        weight = inputs.adapters[i][1]
+        d = d.mul_(weight) if weight != 1.0 else d
+        total = d if total is None else total.add_(d)
+    if deltas:  # adapters that do not touch `name` contribute a zero delta (they still count in TIES' election)
         full = dict(deltas)
         if len(full) < len(inputs.adapters):
             zeros = torch.zeros_like(deltas[0][1])
             full = {i: full.get(i, zeros) for i in range(len(inputs.adapters))}
-        into = scratch.take(("combined",), deltas[0][1].shape) if scratch is not None else None
+        # the combination goes over the first delta, block by block after reading it: one whole tensor fewer
+        into = deltas[0][1] if scratch is not None and deltas[0][1].is_contiguous() else None
         total = combine([full[i] for i in range(len(inputs.adapters))],
                         [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name,
                         out=into)
+    if total is None:
+        return None, magnitude
     if total.shape != shape:
         raise BadInputError(f"ΔW for {name} has shape {list(total.shape)} but the base has {list(shape)}")
     return total, magnitude

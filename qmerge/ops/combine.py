@@ -216,7 +216,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
             out: torch.Tensor | None = None) -> torch.Tensor:
     """The combined delta of one tensor (float32). `deltas[i]` is adapter i's exact ΔWᵢ (float32, unweighted);
     `tensor` names it for DARE's keep masks; `out` (float32, the deltas' shape, contiguous) receives the result
-    when given. Streamed over flat blocks of BLOCK elements: besides the deltas and the result, the working set
+    when given, and may be one of the deltas (each block is read whole before its result is written). Streamed over flat blocks of BLOCK elements: besides the deltas and the result, the working set
     is a few blocks and the magnitudes near each top-k threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")

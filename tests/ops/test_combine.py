@@ -245,6 +245,19 @@ def test_streaming_over_blocks_changes_nothing(monkeypatch, method, density):
     _close(got, oracle(deltas, [1.0, 0.5, 2.0], method, density, keep=keep))
 
 
+def test_result_written_over_the_first_delta_is_the_same(monkeypatch):
+    """The merge writes the combination over adapter 0's delta (one whole tensor fewer): with blocks smaller than
+    the tensor and top-k ties straddling them, the bits equal a combination into fresh memory."""
+    monkeypatch.setattr(combine_module, "BLOCK", 5)
+    deltas = _deltas(3, seed=21)
+    deltas[1] = torch.randint(-2, 3, SHAPE, generator=torch.Generator().manual_seed(4)).float()  # long ties
+    for method in ("ties", "magnitude_prune", "dare_ties", "dare_linear", "linear"):
+        want = combine(deltas, [1.0, -0.5, 2.0], method, 0.4, seed=5, tensor="o")
+        own = [d.clone() for d in deltas]
+        got = combine(own, [1.0, -0.5, 2.0], method, 0.4, seed=5, tensor="o", out=own[0])
+        assert got.data_ptr() == own[0].data_ptr() and torch.equal(got, want), method
+
+
 def test_bit_identical_for_the_same_seed():
     deltas = _deltas(3, seed=3)
     for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
