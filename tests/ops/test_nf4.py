@@ -134,6 +134,9 @@ def test_fused_roundtrip_is_bit_identical_to_slow_twin(shape, dtype, double_quan
     if w.numel() >= 128:
         w.view(-1)[:64] = 0  # an all-zero block
         w.view(-1)[64] = 1e-30  # a block whose absmax is tiny
+    if w.numel() >= 256:
+        w.view(-1)[128:192] = -0.0  # an all-negative-zero block (absmax +0, as |w|'s maximum)
+        w.view(-1)[192:256] = w.view(-1)[192:256].abs().neg()  # a block whose absmax is its minimum's magnitude
     slow = dequantize_nf4(quantize_nf4(w, 64, double_quant), torch.float32)
     ran = ROUNDTRIP.ran
     fast = nf4_roundtrip_fused(w, 64, double_quant)
