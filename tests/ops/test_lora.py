@@ -44,3 +44,7 @@ def test_delta_into_a_kept_buffer_is_the_same_product():
     assert scratch.take(("delta", 0), (10, 10)).data_ptr() == into.data_ptr()
     scratch.make_room(200 * 64 + 1)  # a larger one merged without them: all let go
     assert scratch._buffers == {}
+    for k in range(4):
+        scratch.take(("delta", k), (3, 3))
+    scratch.drop(keep=2)  # what TIES/DARE hold through the merge kernel: the first two
+    assert sorted(scratch._buffers) == [("delta", 0), ("delta", 1)]
