@@ -153,7 +153,8 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
     """The C loop (ops/native.py) reads magnitudes as float32 bits: it must count and gather what numpy's float
     comparisons do, for zeros of both signs, subnormals, infinities, NaNs (neither above nor inside), values equal
     to either bound and an infinite upper bound; and the C helper must really be built here (the suite runs with
-    QMERGE_COMPILE_STRICT=1, so a failed build raises instead of comparing numpy with itself)."""
+    QMERGE_COMPILE_STRICT=1, so a failed build raises instead of comparing numpy with itself). Both C forms: the
+    AVX-512 one (where this CPU has it) and the plain loop."""
     import numpy as np
 
     from qmerge.ops import native
@@ -167,9 +168,12 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
     assert native.count_and_gather(block, 0.0, 1.0) is not None
     monkeypatch.setattr(combine_module, "count_and_gather", lambda *args: None)  # numpy only
     for lo, hi in ((0.0, 0.0), (0.0, 1.0), (1.0, 2.5), (2.5, 2.5), (1e-45, 1e-40), (2.0, np.inf), (0.0, np.inf)):
-        above, inside = native.count_and_gather(block, lo, hi)
-        want_above, want_inside = combine_module._count_and_gather(block, lo, hi)
-        assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi)
+        for size in (block.size, 16, 15, 1):  # whole 16-entry steps of the AVX-512 form and tails of each length
+            part = block[:size]
+            want_above, want_inside = combine_module._count_and_gather(part, lo, hi)
+            for portable in (False, True):
+                above, inside = native.count_and_gather(part, lo, hi, portable=portable)
+                assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi, size, portable)
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 
