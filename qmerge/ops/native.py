@@ -117,10 +117,11 @@ def _library() -> ctypes.CDLL | None:
         if not target.is_file():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (OSError, subprocess.SubprocessError) as e:
+        why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
-            raise KernelCompileError(f"cannot build qmerge's C helper: {e}") from e
-        log.warning("cannot build qmerge's C helper (%s); using numpy (same results, slower)", e)
+            raise KernelCompileError(f"cannot build qmerge's C helper: {why}") from e
+        log.warning("cannot build qmerge's C helper (%s); using numpy (same results, slower)", why)
         return None
     for fn in (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable):
         fn.restype = ctypes.c_int64

@@ -177,6 +177,32 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 
+def test_bracket_pass_without_a_working_compiler_falls_back_or_raises(monkeypatch, tmp_path):
+    """A compiler that fails: numpy takes over with a warning naming the compiler's error; under
+    QMERGE_COMPILE_STRICT=1 (the suite's setting) it is an error instead."""
+    import numpy as np
+
+    from qmerge.errors import KernelCompileError
+    from qmerge.ops import native
+
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'bracket.c: simulated failure' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    block = np.ones(40, dtype=np.float32)
+    try:
+        native._library.cache_clear()
+        with pytest.raises(KernelCompileError, match="simulated failure"):
+            native.count_and_gather(block, 0.5, 2.0)
+        native._library.cache_clear()
+        monkeypatch.setenv("QMERGE_COMPILE_STRICT", "0")
+        assert native.count_and_gather(block, 0.5, 2.0) is None
+        assert combine_module._count_and_gather(block, 0.5, 2.0)[0] == 0  # numpy's pass
+    finally:
+        native._library.cache_clear()  # the next test builds with the real compiler again
+
+
 def test_dare_keeps_about_density_and_is_seeded_per_tensor():
     shape = torch.Size((300, 400))
     mask = dare_mask(shape, 0.3, 0, 0, "x")
