@@ -15,11 +15,11 @@ Methods, named and defined as PEFT's `peft.utils.merge_utils` defines them (the 
 Determinism. Top-k ties at the threshold magnitude are broken by the lower flat index (torch.topk leaves that
 order unspecified). DARE's keep mask is counter-based: entry j of adapter i's delta of tensor `name` is kept when
 h(j) < ⌈density·2³²⌉, h a 32-bit hash of j keyed by SHA-256 of (merge seed, i, name) (`keep_hash`: two rounds of a
-32-bit integer mixer, computed in int32 lanes whose products wrap modulo 2³²). An entry's fate depends on nothing else: not
-on the order tensors are merged in, the block it falls in, the device or any other tensor, so the same seed gives
-the same bytes; and the mask is computed inside the compiled block loop, with no generator state to draw from
-(a seeded CPU generator, as before, cost ~6 ms per 2^20 entries per adapter, most of DARE's extra time). The sums
-run in adapter order.
+32-bit integer mixer, computed in int32 lanes whose products wrap modulo 2³²). An entry's fate depends on nothing
+else: not on the order tensors are merged in, the block it falls in, the device or any other tensor, so the same
+seed gives the same bytes; and the mask is computed inside the compiled block loop, with no generator state to draw
+from (a seeded CPU generator, as before, cost ~6 ms per 2^20 entries per adapter, most of DARE's extra time). The
+sums run in adapter order.
 
 Memory. The combination streams over those flat blocks: besides the adapters' ΔWᵢ of the tensor and the result, it
 holds a few blocks and the magnitudes near each top-k threshold (a bracket found from a sample), not whole-tensor
@@ -122,8 +122,8 @@ def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float) -> 
     (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py), else numpy's ops, on as many threads as
     torch uses (both run on one and release the GIL); a tensor (any other device) torch's. The same exact
     comparisons every way, but on CPU numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95
-    vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop half of numpy's; this pass is most of TIES' cost over a
-    plain sum."""
+    vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of numpy's; this pass is most of TIES'
+    cost over a plain sum."""
     numpy = isinstance(flat, np.ndarray)
     count = np.count_nonzero if numpy else torch.count_nonzero
 
