@@ -4,8 +4,8 @@ over each block (abs, two comparisons, an `and`, a count, a boolean gather), 70-
 threads; the C loop reads each entry once, 31-36 ms, and 17-19 ms in its AVX-512 form (16 entries a step, the
 inside ones compressed to the front of a register), taken where the CPU has AVX-512F.
 
-Built once per machine with the C compiler (`$CC`, else cc, gcc or clang; inductor, which compiles the fused
-kernels, needs one too) into `<qmerge cache>/native/<sha256 of source and compiler>.so`, atomically (parallel
+Built once per machine with the C compiler (`$CC`, else cc, gcc, clang, or a C++ compiler; inductor, which
+compiles the fused kernels, needs one too) into `<qmerge cache>/native/<sha256 of source and compiler>.so`, atomically (parallel
 builds of a matrix share it), and loaded with ctypes, which releases the GIL during the call: callers run blocks on
 threads. Where no compiler is found, the build fails or `QMERGE_NO_COMPILE=1` is set, `count_and_gather` is None
 and the caller takes numpy, which gives the same results (tested), only slower; under `QMERGE_COMPILE_STRICT=1`
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # (bits above +inf's) is neither above nor inside, as it compares false in numpy.
 SOURCE = r"""
 #include <stdint.h>
+#ifdef __cplusplus
+extern "C" {  /* a C++ compiler (g++ is all some machines have) keeps the names unmangled */
+#endif
 
 static int64_t scalar(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *inside, int64_t *above) {
     const uint32_t span = hi - lo;
@@ -93,11 +96,14 @@ int64_t qmerge_count_and_gather_portable(const uint32_t *x, int64_t n, uint32_t 
                                          int64_t *above) {
     return scalar(x, n, lo, hi, inside, above);
 }
+#ifdef __cplusplus
+}
+#endif
 """
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang", "c++", "g++"):
         path = shutil.which(name) if name else None
         if path:
             return path
@@ -111,19 +117,20 @@ def _library() -> ctypes.CDLL | None:
     try:
         compiler = _compiler()
         if compiler is None:
-            raise FileNotFoundError("no C compiler ($CC, cc, gcc, clang)")
+            raise FileNotFoundError("no C compiler ($CC, cc, gcc, clang, c++, g++)")
         key = hashlib.sha256(f"{SOURCE}\0{compiler}".encode()).hexdigest()[:16]
         target = default_cache_root() / "native" / f"bracket-{key}.so"
         if not target.is_file():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
+        functions = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: a symbol missing
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
             raise KernelCompileError(f"cannot build qmerge's C helper: {why}") from e
         log.warning("cannot build qmerge's C helper (%s); using numpy (same results, slower)", why)
         return None
-    for fn in (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable):
+    for fn in functions:
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
                        ctypes.POINTER(ctypes.c_int64)]
