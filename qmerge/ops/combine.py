@@ -15,11 +15,11 @@ Methods, named and defined as PEFT's `peft.utils.merge_utils` defines them (the 
 Determinism. Top-k ties at the threshold magnitude are broken by the lower flat index (torch.topk leaves that
 order unspecified). DARE's keep mask is counter-based: entry j of adapter i's delta of tensor `name` is kept when
 h(j) < ⌈density·2³²⌉, h a 32-bit hash of j keyed by SHA-256 of (merge seed, i, name) (`keep_hash`: two rounds of a
-32-bit integer mixer, computed in int32 lanes whose products wrap modulo 2³²). An entry's fate depends on nothing
-else: not on the order tensors are merged in, the block it falls in, the device or any other tensor, so the same
-seed gives the same bytes; and the mask is computed inside the compiled block loop, with no generator state to draw
-from (a seeded CPU generator, as before, cost ~6 ms per 2^20 entries per adapter, most of DARE's extra time). The
-sums run in adapter order.
+32-bit integer mixer, computed in int64 lanes that never overflow). An entry's fate depends on nothing else: not
+on the order tensors are merged in, the block it falls in, the device or any other tensor, so the same seed gives
+the same bytes; and the mask is computed inside the compiled block loop, with no generator state to draw from
+(a seeded CPU generator, as before, cost ~6 ms per 2^20 entries per adapter, most of DARE's extra time). The sums
+run in adapter order.
 
 Memory. The combination streams over those flat blocks: besides the adapters' ΔWᵢ of the tensor and the result, it
 holds a few blocks and the magnitudes near each top-k threshold (a bracket found from a sample), not whole-tensor
@@ -171,21 +171,20 @@ def top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 _M32 = 0xFFFFFFFF
 
 
-def _shr32(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int32 lanes that hold 32-bit words (torch's >> on int32 extends the sign)."""
-    return (x >> s) & ((1 << (32 - s)) - 1)
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x·c) mod 2³² for int64 x in [0, 2³²) and a 32-bit constant c, as two 16-bit halves of c so that no int64
+    product overflows (each stays under 2⁴⁸)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer (xorshift-multiply, constants from C. Wellons' hash-prospector, "lowbias32"):
-    a bijection of 32-bit words whose output bits each depend on every input bit. On int32 lanes, whose products
-    wrap modulo 2³² (twice the lanes per vector of the int64 form it replaced, and one multiply per step instead of
-    two 16-bit halves: DARE's block loop 2x faster, the same words; tested against Python integers)."""
-    x = x ^ _shr32(x, 16)
-    x = x * 0x21F0AAAD
-    x = x ^ _shr32(x, 15)
-    x = x * 0x735A2D97
-    return x ^ _shr32(x, 15)
+    a bijection of [0, 2³²) whose output bits each depend on every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
 
 
 def dare_key(seed: int, adapter: int, tensor: str) -> tuple[int, int]:
@@ -194,21 +193,9 @@ def dare_key(seed: int, adapter: int, tensor: str) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
-def _hash_words(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """h(j) as int32 words (two's complement) for flat indices `index` (int64, ≥ 0) under `key` (two 32-bit words
-    as int32 or int64: a [2] tensor or two 0-d ones)."""
-    low, high = (index & _M32).to(torch.int32), (index >> 32).to(torch.int32)
-    return _mix32(_mix32(low ^ key[0].to(torch.int32)) ^ high ^ key[1].to(torch.int32))
-
-
 def keep_hash(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """h(j) in [0, 2³²) (int64) for flat indices `index` (int64, ≥ 0) under `key` (int64 [2] or two 0-d tensors)."""
-    return _hash_words(index, key).to(torch.int64) & _M32
-
-
-def _kept_by_hash(index: torch.Tensor, key: torch.Tensor, flipped_limit: torch.Tensor) -> torch.Tensor:
-    """h(j) < keep_threshold, as a signed int32 comparison: h ≤ T − 1 ⇔ h ⊕ 2³¹ ≤ T − 1 − 2³¹ (`flipped_limit`)."""
-    return (_hash_words(index, key) ^ -(2**31)) <= flipped_limit
+    """h(j) in [0, 2³²) for flat indices `index` (int64, ≥ 0) under `key` (int64 [2] or two 0-d tensors)."""
+    return _mix32(_mix32((index & _M32) ^ key[0]) ^ (index >> 32) ^ key[1])
 
 
 def keep_threshold(density: float) -> int:
@@ -239,10 +226,8 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     admitted = [[0] for _ in flats]
     if kind == "random":
         device = flats[0].device
-        keys = torch.tensor([dare_key(seed, i, tensor) for i in range(len(flats))], dtype=torch.int64,
-                            device=device).to(torch.int32)  # the same 32-bit words, as the hash's lanes hold them
-        limit = keep_threshold(density) - 1 - 2**31  # density in (0, 1]: a threshold in [1, 2³²], fits int32
-        threshold = torch.tensor(limit, dtype=torch.int32, device=device)
+        keys = torch.tensor([dare_key(seed, i, tensor) for i in range(len(flats))], dtype=torch.int64, device=device)
+        threshold = torch.tensor(keep_threshold(density), dtype=torch.int64, device=device)
     out = torch.empty_like(flats[0]) if out is None else out.view(-1)
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
     frequency = majority_sign_method != "total"
@@ -340,10 +325,9 @@ def _masked_kernel(raws: tuple[torch.Tensor, ...], keeps: tuple[torch.Tensor, ..
 def _dare_kernel(raws: tuple[torch.Tensor, ...], start: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor,
                  density: float, weights: torch.Tensor, elect: bool, frequency: bool) -> torch.Tensor:
     """One block of DARE starting at flat index `start`: each adapter's keep mask hashed from the entries' flat
-    indices (`keep_hash`'s words under `keys[i]`, int32; `threshold` as `_kept_by_hash` takes it), then
-    `_masked_kernel`."""
+    indices (`keep_hash`, `keys[i]`), then `_masked_kernel`."""
     index = torch.arange(raws[0].numel(), dtype=torch.int64, device=raws[0].device) + start
-    keeps = tuple(_kept_by_hash(index, keys[i], threshold) for i in range(len(raws)))
+    keeps = tuple(keep_hash(index, keys[i]) < threshold for i in range(len(raws)))
     return _masked_kernel(raws, keeps, density, weights, elect, frequency)
 
 

@@ -243,22 +243,6 @@ def test_dare_mask_is_the_documented_hash_of_each_flat_index():
     assert len(set(got)) == len(far)
 
 
-def test_kernel_keep_test_on_int32_words_equals_the_hash_threshold():
-    """The block loop compares int32 words with the sign bit flipped (`_kept_by_hash`); it must keep exactly the
-    entries with h(j) < keep_threshold(density), at the extreme densities too (a threshold of 1 and of 2³²), over
-    indices past 2³¹ and 2³², with key words above 2³¹."""
-    index = torch.cat([torch.arange(0, 4000), torch.arange(2**31 - 2000, 2**31 + 2000),
-                       torch.arange(2**32 - 2000, 2**32 + 2000), torch.arange(2**40, 2**40 + 100)])
-    key = torch.tensor([0xF00DBEEF, 0x8000_0001])
-    h = combine_module.keep_hash(index, key)
-    assert int(h.min()) >= 0 and int(h.max()) < 2**32 and int(h.max()) > 2**31  # words above 2³¹ are hashed too
-    for density in (2**-32, 1e-3, 0.5, 0.999, 1 - 2**-33, 1.0):
-        limit = combine_module.keep_threshold(density)
-        flipped = torch.tensor(limit - 1 - 2**31, dtype=torch.int32)
-        got = combine_module._kept_by_hash(index, key.to(torch.int32), flipped)
-        assert torch.equal(got, h < limit), density
-
-
 def test_dare_masks_of_adapters_and_neighbours_are_uncorrelated():
     """Keep masks look independent: across adapters of one tensor, and between neighbouring entries (a row's
     next column, the next row) of one mask; each within 5 standard errors of no correlation."""
