@@ -246,7 +246,7 @@ def _fused_merge(inputs: MergeInputs, name: str, storage: torch.dtype, scratch: 
         adapter, mod, _ = touching[0]
         a, b = _checked(adapter, mod.lora_a).to(MATH_DTYPE), _checked(adapter, mod.lora_b).to(MATH_DTYPE)
         into = scratch.take(("delta", 0), (b.shape[0], a.shape[1])) if scratch is not None else None
-        factor, scale = (b @ a if into is None else torch.matmul(b, a, out=into)), mod.scale
+        factor, scale = torch.matmul(b, a, out=into), mod.scale
     else:  # several adapters or a weight: their sum, exactly as the op-by-op path forms it
         factor, scale = _delta(inputs, name, w.shape, scratch)[0], 1.0
     if factor.shape != w.shape:

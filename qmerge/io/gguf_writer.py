@@ -41,9 +41,9 @@ import torch
 from qmerge.errors import BadInputError, ConfigError
 from qmerge.io.atomic import fsync_dir, temp_sibling
 from qmerge.io.direct import DirectFile
-from qmerge.runtime import map_on_threads
 from qmerge.io.paths import sha256_file
 from qmerge.io.safetensors_io import CheckpointReader
+from qmerge.runtime import map_on_threads
 
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # what gguf.quants quantizes in Python
 # HF model_type -> GGUF architecture. Mistral is llama's tensor map and metadata in llama.cpp (`LlamaModel` is

@@ -30,8 +30,7 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, out: to
     when given: the same product, the same bits (tested)."""
     a = lora_a.to(MATH_DTYPE)
     b = lora_b.to(MATH_DTYPE)
-    product = b @ a if out is None else torch.matmul(b, a, out=out)
-    return product.mul_(scale)  # in place: the same product, without a second whole-tensor allocation
+    return torch.matmul(b, a, out=out).mul_(scale)  # scaled in place: no second whole-tensor allocation
 
 
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
