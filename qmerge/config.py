@@ -85,12 +85,26 @@ class GptaqSettings(Strict):
     alpha: float = Field(default=0.25, gt=0, le=1)  # the share of the least-squares correction applied (authors': 0.25)
 
 
+class CompensationTraining(Strict):
+    """After the closed-form fit, each decoder layer's compensation factors are trained (Adam, float32) so that the
+    quantized layer's output on the quantized model's inputs matches the unquantized layer's output on the
+    unquantized model's inputs (mean squared error over the calibration windows): the fit then also accounts for
+    the layer's nonlinearities and the drift the layers before it left. Memory stays one layer and its two
+    streams of activations; time is about `epochs` forward + backward passes of each layer over the calibration."""
+
+    epochs: int = Field(default=2, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    windows: int = Field(default=4, gt=0)  # calibration windows per optimizer step
+    seed: int = 0  # the order the steps are taken in, epoch by epoch
+
+
 class CompensateSettings(Strict):
     """A rank-`rank` LoRA per quantized linear fitted to what GPTQ removed (qmerge/ops/compensation.py), shipped
     as a PEFT adapter folder inside the quantized artifact."""
 
     rank: int = Field(default=16, gt=0)
     dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+    train: CompensationTraining | None = None
 
 
 class QuantizeSettings(Strict):

@@ -130,6 +130,13 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
                                                                               else 4)
             peak += factors
             final_bytes += factors
+            if q.compensate.train is not None:
+                # the unquantized stream where GPTAQ does not keep it already; the layer's weights as served beside
+                # the ones it runs with; the saved activations of a step's backward (its windows, ~3 forwards' worth)
+                if q.gptaq is None:
+                    peak += 2 * q.samples * q.seq_len * shape.hidden * F32
+                peak += shape.layer_elements * F32 + 3 * _batch_activations(shape, q.compensate.train.windows,
+                                                                            q.seq_len)
         out["quantize"] = {"peak_bytes": peak, "disk_bytes": final_bytes}
     if cfg.gate is not None:
         g = cfg.gate

@@ -74,7 +74,10 @@ def _quantize_slice(cfg: Config) -> dict:
     q = q.model_copy(update={"forward_dtype": resolved})
     defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None, "gptaq": None,
                 "static_groups": False}
-    return q.model_dump(exclude={k for k, v in defaults.items() if getattr(q, k) == v})
+    exclude: dict = {k: True for k, v in defaults.items() if getattr(q, k) == v}
+    if q.compensate is not None and q.compensate.train is None:
+        exclude["compensate"] = {"train"}  # untrained compensation keeps the key it had before training existed
+    return q.model_dump(exclude=exclude)
 
 
 REGISTRY_KEYS = {"registry", "registry_uri", "registered_model", "alias"}

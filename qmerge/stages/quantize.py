@@ -15,7 +15,10 @@ layers before it left in its input.
 With `compensate`, each linear also gets a rank-r correction of its GPTQ residual (W − Q as served, fitted in
 its group's H; qmerge/ops/compensation.py), stored rounded to its dtype; the layer then runs with Q + B·A, as
 served, so later groups and layers calibrate on what the release computes. The factors are written as a PEFT
-LoRA adapter in `compensation/` (qmerge/io/compensation.py).
+LoRA adapter in `compensation/` (qmerge/io/compensation.py). With `compensate.train`, once a layer's linears are
+quantized and fitted, its factors are trained so that the layer's output on the quantized model's inputs matches
+the unquantized layer's output on the unquantized model's inputs (the stream GPTAQ keeps, kept for this too);
+the closed-form fit is the start, and the layer's outputs for the next layer are computed after training.
 """
 
 from __future__ import annotations
@@ -133,7 +136,9 @@ class UnquantizedInputs:
         width = sum(linears[g[0]].in_features for g in groups)
         self.cache: list[list[torch.Tensor | None]] | None = None
         self.reference: torch.nn.Module | None = None
-        if tokens * width * 4 <= TARGETS_BUDGET:
+        if not groups:  # the outputs alone (compensation training without GPTAQ)
+            handles = []
+        elif tokens * width * 4 <= TARGETS_BUDGET:
             self.cache = [[] for _ in groups]
             handles = [linears[g[0]].register_forward_pre_hook(lambda _m, args, i=i: self.cache[i].append(args[0]))
                        for i, g in enumerate(groups)]
@@ -186,6 +191,7 @@ class QuantizedLayer(NamedTuple):
     report: dict  # error report by module
     outputs: list[torch.Tensor]  # the layer's outputs for every batch, computed with the quantized weights
     unquantized_outputs: list[torch.Tensor] | None  # with `unquantized`: its outputs, computed unquantized
+    training: dict | None = None  # with `compensate.train`: the layer's output error before and after training
 
 
 def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: str, lockstep: bool = False,
@@ -198,11 +204,17 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
     same bits; about 2.5× less forward work on a llama layer, for the activations the paused batches hold.
     `dtype`: the precision of the forwards' matmuls (`run_layer`); H, the solve and the weights stay float32.
     `factors`: with `q.compensate`, receives each linear's compensation (A, B) by module name.
-    `unquantized`: with `q.gptaq`, the unquantized model's inputs to this layer, batch by batch (its outputs
-    for them are the next layer's)."""
+    `unquantized`: with `q.gptaq` or `q.compensate.train`, the unquantized model's inputs to this layer, batch by
+    batch (its outputs for them are the next layer's, and what compensation training aims at)."""
     linears = layer_linears(layer)
     groups = linear_groups(layer, batches[0])
-    targets = UnquantizedInputs(layer, unquantized, groups, dtype) if unquantized is not None else None
+    training = q.compensate.train if q.compensate is not None else None
+    served: dict[str, torch.Tensor] | None = {} if training is not None else None
+    unquantized_out = None
+    if unquantized is not None:
+        everything = UnquantizedInputs(layer, unquantized, groups if q.gptaq is not None else [], dtype)
+        unquantized_out = everything.outputs
+    targets = everything if unquantized is not None and q.gptaq is not None else None
     stats: list[GroupStatistics | None] = [None] * len(groups)  # each made when its group is reached
 
     inputs: list[list[torch.Tensor]] = [[] for _ in groups]  # each group's X, held by the paused batches anyway
@@ -223,25 +235,35 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
                 group_stats, stats[index] = stats[index], None
             else:
                 group_stats = group_hessian(layer, linears[group[0]], batches, dtype, index, targets)
-            _quantize_group(layer, linears, group, group_stats, q, name, packed, report, inputs[index], factors)
+            _quantize_group(layer, linears, group, group_stats, q, name, packed, report, inputs[index], factors,
+                            served)
             del group_stats
             inputs[index] = []
+        trained = None
+        if training is not None:
+            if passes is not None:  # its paused forwards ran through the weights before training: not the outputs
+                passes.close()
+                passes = None
+            trained = train_compensation(layer, linears, served, factors, name, batches, unquantized_out, training,
+                                         getattr(torch, q.compensate.dtype))
         if passes is None:
             outputs = [run_layer(layer, b, dtype) for b in batches]
         else:
             passes.advance()  # to the end, through the quantized weights
             outputs = passes.outputs
-        return QuantizedLayer(packed, report, outputs, targets.outputs if targets is not None else None)
+        return QuantizedLayer(packed, report, outputs, unquantized_out, trained)
     finally:
         if passes is not None:
             passes.close()
 
 
 def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatistics, q, name: str, packed: dict,
-                    report: dict, inputs: list[torch.Tensor] | None = None, factors: dict | None = None) -> None:
+                    report: dict, inputs: list[torch.Tensor] | None = None, factors: dict | None = None,
+                    served: dict | None = None) -> None:
     """GPTQ of the linears of one group (one shared input, hence one H), packed into `packed`, the layer's
     weights replaced by their quantized values so later groups see them. `inputs`: the group's input X batch by
-    batch where the caller has it (the errors are then computed from X when that is cheaper)."""
+    batch where the caller has it (the errors are then computed from X when that is cheaper). `served`: receives
+    each compensated linear's weight as served (Q in fp16), which compensation training adds its B·A to."""
     hessian = stats.hessian
     try:  # once per group: the linears of a group read the same input, so they share H and its inverse
         inverse = gptq.inverse_hessian(hessian, q.damp, q.desc_act)
@@ -277,6 +299,8 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
             target = w if cross is None else compensation.asymmetric_target(w, cross, lower, q.gptaq.alpha)
             weight, a, b = _compensate(target, weight, lower, q.compensate)
             factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
+            if served is not None:
+                served[module_name] = result.weight.to(torch.float16).to(weight.dtype)
         rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym, q.scale_search).weight
         report[module_name] = _errors(w, result.weight, rtn, hessian, inputs, weight if lower is not None else None)
         del rtn
@@ -301,6 +325,83 @@ def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
     dtype = getattr(torch, settings.dtype)
     a, b = a.to(dtype), b.to(dtype)
     return served + b.to(served.dtype) @ a.to(served.dtype), a, b
+
+
+def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, torch.Tensor], factors: dict,
+                       name: str, batches: list[LayerBatch], targets: list[torch.Tensor], t,
+                       store: torch.dtype) -> dict:
+    """Trains the layer's compensation factors (`factors[f"{name}.{module}"]`, replaced by the trained ones, rounded
+    to `store`) so that the layer, each linear computing Q·x + B·(A·x) with Q = `served[module]`, maps each batch's
+    inputs to `targets` (the unquantized layer's outputs on the unquantized inputs): Adam on the mean squared error,
+    `t.windows` calibration windows per step, the steps of an epoch in a seeded order, float32. Afterwards each
+    linear holds Q + B·A (as after the closed-form fit) and the layer's parameters are as they were, frozen or not.
+    Returns the mean squared error over all windows before and after (with the stored factors)."""
+    modules = list(served)
+    trainable = {}
+    for module in modules:
+        a, b = factors[f"{name}.{module}"]
+        trainable[module] = (a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True))
+    frozen = {p: p.requires_grad for p in layer.parameters()}
+    steps = [(i, start) for i, batch in enumerate(batches) for start in range(0, batch.hidden.shape[0], t.windows)]
+
+    def error(i: int, start: int) -> torch.Tensor:
+        batch = _windows(batches[i], start, start + t.windows)
+        out = layer(batch.hidden, **batch.kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return (out.float() - targets[i][start:start + t.windows].float()).square().mean()
+
+    def mean_error() -> float:
+        with torch.no_grad():
+            return sum(float(error(i, s)) * _count(batches[i], s, t.windows) for i, s in steps) / sum(
+                _count(batches[i], s, t.windows) for i, s in steps)
+
+    before = mean_error()  # the closed-form fit, as the layer holds it (Q + B·A)
+    hooks = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            for module in modules:
+                linears[module].weight.copy_(served[module])
+        for module in modules:
+            a, b = trainable[module]
+            hooks.append(linears[module].register_forward_hook(
+                lambda _m, args, out, a=a, b=b: out + (args[0].to(a.dtype) @ a.T @ b.T).to(out.dtype)))
+        optimizer = torch.optim.Adam([x for ab in trainable.values() for x in ab], lr=t.lr)
+        order = torch.Generator().manual_seed(t.seed)
+        for _ in range(t.epochs):
+            for k in torch.randperm(len(steps), generator=order).tolist():
+                optimizer.zero_grad(set_to_none=True)
+                error(*steps[k]).backward()
+                optimizer.step()
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for module in modules:
+                a, b = (x.detach().to(store) for x in trainable[module])
+                factors[f"{name}.{module}"] = (a.cpu(), b.cpu())
+                weight = served[module]
+                linears[module].weight.copy_(weight + b.to(weight.dtype) @ a.to(weight.dtype))
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return {"mse_before": before, "mse_after": mean_error(), "steps": t.epochs * len(steps)}
+
+
+def _windows(batch: LayerBatch, start: int, stop: int) -> LayerBatch:
+    """Windows [start, stop) of a batch: its hidden states and every per-window keyword argument (dim 0 = the
+    batch's windows), as `_first` cuts them."""
+    n = batch.hidden.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and n > 1:
+            return v[start:stop]
+        return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
+    return LayerBatch(batch.hidden[start:stop], {k: cut(v) for k, v in batch.kwargs.items()})
+
+
+def _count(batch: LayerBatch, start: int, windows: int) -> int:
+    return min(windows, batch.hidden.shape[0] - start)
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor | None,
@@ -334,14 +435,16 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
     check_group_size({n: reader.tensors[n].shape for n in names}, names, q.group_size, q.bits, merged)
     batch_size = max(1, TOKENS_PER_BATCH // ids.shape[1])
     batches = runner.layer_inputs(ids, batch_size)
-    unquantized = list(batches) if q.gptaq is not None else None  # the unquantized model's stream, same embeddings
+    # the unquantized model's stream (same embeddings): GPTAQ's targets, and what compensation training aims at
+    trains = q.compensate is not None and q.compensate.train is not None
+    unquantized = list(batches) if q.gptaq is not None or trains else None
     widths = [d for n in names for d in reader.tensors[n].shape]
     hidden = batches[0].hidden.shape[-1]
     lockstep = lockstep_bytes(ids.numel(), hidden, max(widths)) <= LOCKSTEP_BUDGET
     if lockstep:
         release_large_frees()
     dtype = None if q.forward_dtype == "float32" else getattr(torch, q.forward_dtype)
-    layers_report, factors = {}, ({} if q.compensate is not None else None)
+    layers_report, factors, training = {}, ({} if q.compensate is not None else None), {}
     with ShardWriter(out, max_shard_bytes=max_shard_size) as writer:
         for name in reader.tensors:  # embeddings, final norm, lm_head: as merged, no second cast
             if not name.startswith(f"{runner.layers_prefix}."):
@@ -349,8 +452,10 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
         for index in tqdm(range(len(runner.layers)), desc="quantize (gptq)", disable=quiet, unit="layer"):
             prefix = runner.layer_prefix(index)
             layer = runner.load_layer(index)
-            packed, report, outputs, unquantized_outputs = quantize_layer(layer, batches, q, prefix, lockstep, dtype,
-                                                                          factors, unquantized)
+            packed, report, outputs, unquantized_outputs, trained = quantize_layer(layer, batches, q, prefix, lockstep,
+                                                                                   dtype, factors, unquantized)
+            if trained is not None:
+                training[prefix] = trained
             missing = sorted(m for m in expected if m.startswith(f"{prefix}.") and m[len(prefix) + 1:] not in packed)
             if missing:
                 raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "
@@ -364,7 +469,7 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
             layers_report[prefix] = report
     if factors is not None:
         compensation_io.write_adapter(out / compensation_io.FOLDER, factors, q.compensate.rank)
-    return layers_report
+    return layers_report, training
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, prefix: str, packed: dict) -> None:
@@ -396,15 +501,25 @@ def run_quantize(ctx: StageContext) -> dict:
         device = quantize_device()
         q = q.model_copy(update={"forward_dtype": forward_dtype(q.forward_dtype, device)})  # as in the stage key
         with no_tf32():
-            layers = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet, ctx.cfg.merge.max_shard_size,
-                                        set(ctx.plan.quantized_modules))
+            layers, training = run_qmerge_backend(merged, ctx.out, ids, q, device, ctx.quiet,
+                                                  ctx.cfg.merge.max_shard_size, set(ctx.plan.quantized_modules))
         write_model_files(merged, ctx.out, qconfig)
         report = {"backend": "qmerge", "device": device, "forward_dtype": q.forward_dtype, "layers": layers,
-                  **_summary(layers)}
+                  **_summary(layers), **_training_summary(training)}
     report |= {"quantization_config": qconfig,
                "calibration": {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}}
     write_json(ctx.out / "quantize_report.json", report)
     return {k: v for k, v in report.items() if k != "layers"}
+
+
+def _training_summary(training: dict) -> dict:
+    """Compensation training's per-layer output errors (the layers' `compensated_*` errors are the closed-form fit's,
+    before training)."""
+    if not training:
+        return {}
+    before = sum(t["mse_before"] for t in training.values())
+    after = sum(t["mse_after"] for t in training.values())
+    return {"compensation_training": {"layers": training, "mse_before_sum": before, "mse_after_sum": after}}
 
 
 def _summary(layers: dict) -> dict:

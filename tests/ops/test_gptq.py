@@ -258,7 +258,8 @@ def test_gptq_beats_round_to_nearest_on_every_smollm2_layer(tmp_path):
     checked = 0
     for index in range(len(runner.layers)):
         layer = runner.load_layer(index)
-        _, report, outputs, _ = quantize_layer(layer, batches, Settings, runner.layer_prefix(index))
+        done = quantize_layer(layer, batches, Settings, runner.layer_prefix(index))
+        report, outputs = done.report, done.outputs
         for name, e in report.items():
             assert 0 < e["error"] < e["rtn_error"], (index, name, e)
             checked += 1

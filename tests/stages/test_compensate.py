@@ -144,3 +144,100 @@ def test_impossible_combinations_are_exit_2(setup, tmp_path, capsys, extra, matc
     cfg.write_text(text)
     assert run_cli(cfg) == 2
     assert match in capsys.readouterr().err
+
+
+TRAIN = {"epochs": 3, "lr": 1e-2, "windows": 2}
+
+
+def _layer_settings(train: dict | None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(bits=4, group_size=32, sym=True, desc_act=True, damp=0.01, calibration="x",
+                           scale_search="minmax", gptaq=None, static_groups=False,
+                           compensate=SimpleNamespace(rank=RANK, dtype="bfloat16",
+                                                      train=SimpleNamespace(seed=0, **train) if train else None))
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_training_lowers_the_layers_error_and_its_outputs_come_after_it(setup, lockstep):  # noqa: F811
+    """One layer quantized with the closed-form fit, then again with training on top: the trained layer's reported
+    errors are those its outputs really have against the unquantized outputs (before: the fit's outputs), training
+    lowered it, the outputs handed on are the trained layer's, the factors were replaced by trained ones and the
+    layer's parameters are frozen or not as before."""
+    from qmerge.stages.quantize import quantize_layer
+
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
+    ids = torch.randint(1, 96, (6, 32), generator=torch.Generator().manual_seed(2))
+    batches = runner.layer_inputs(ids, 3)
+    layer = runner.load_layer(0)
+    target = [run_layer(layer, b) for b in batches]
+    grads = {n: p.requires_grad for n, p in layer.named_parameters()}
+    results, factors = {}, {}
+    for mode, train in (("fit", None), ("trained", TRAIN)):
+        factors[mode] = {}
+        results[mode] = quantize_layer(layer, batches, _layer_settings(train), "layer0", lockstep=lockstep,
+                                       factors=factors[mode], unquantized=batches)
+        outputs = [run_layer(layer, b) for b in batches]
+        assert all(torch.equal(a, b) for a, b in zip(results[mode].outputs, outputs)), mode
+        assert {n: p.requires_grad for n, p in layer.named_parameters()} == grads
+        runner.free_layer(0)
+        layer = runner.load_layer(0)
+    assert results["fit"].training is None
+
+    def mse(outs):
+        return float(sum((o - t).square().sum() for o, t in zip(outs, target)) / sum(t.numel() for t in target))
+
+    trained = results["trained"].training
+    assert trained["mse_before"] == pytest.approx(mse(results["fit"].outputs), rel=1e-4)
+    assert trained["mse_after"] == pytest.approx(mse(results["trained"].outputs), rel=1e-4)
+    assert trained["mse_after"] < 0.9 * trained["mse_before"]
+    assert trained["steps"] == TRAIN["epochs"] * 2 * 2  # 2 batches of 3 windows, 2 windows per step
+    assert set(factors["fit"]) == set(factors["trained"]) and len(factors["fit"]) == 7
+    for module, (a, b) in factors["trained"].items():
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert not torch.equal(a, factors["fit"][module][0]) or not torch.equal(b, factors["fit"][module][1])
+
+
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory) -> dict:  # noqa: F811
+    folder = tmp_path_factory.mktemp("trained")
+    cfg = compensated_config(folder, setup)
+    text = cfg.read_text().replace(f"compensate = {{ rank = {RANK} }}",
+                                   f"compensate = {{ rank = {RANK}, train = {{ epochs = 3, lr = 0.01, windows = 2 }} }}")
+    cfg.write_text(text)
+    assert run_cli(cfg) == 0
+    return {"folder": folder, "out": stage_dir(folder / "work", "quantize")}
+
+
+def test_trained_compensation_is_reported_shipped_and_keyed(setup, trained, compensated, tmp_path):  # noqa: F811
+    report = json.loads((trained["out"] / "quantize_report.json").read_text())
+    layers = report["compensation_training"]["layers"]
+    assert len(layers) == len(report["layers"]) > 0
+    assert all(t["mse_after"] < t["mse_before"] for t in layers.values())
+    shipped, fit = read_factors(compensation_folder(trained["out"])), read_factors(compensation_folder(compensated["out"]))
+    assert set(shipped) == set(fit)
+    assert all(not torch.equal(shipped[m][0], fit[m][0]) for m in fit)
+    assert trained["out"].name != compensated["out"].name  # its own stage key
+    again = tmp_path / "again"  # the same config elsewhere: the same bytes
+    again.mkdir()
+    cfg = again / "qmerge.toml"
+    first = trained["folder"]
+    cfg.write_text((first / "qmerge.toml").read_text().replace(str(first / "work"), str(again / "work"))
+                   .replace(str(first / "releases"), str(again / "releases")))
+    assert run_cli(cfg) == 0
+    out = stage_dir(again / "work", "quantize")
+    assert out.name == trained["out"].name
+    for name in ("model.safetensors", "compensation/adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (trained["out"] / name).read_bytes()
+
+
+def test_training_enters_the_key_and_untrained_keys_stay_as_they_were(setup, tmp_path):  # noqa: F811
+    from qmerge.config import load_config
+    from qmerge.pipeline import _quantize_slice
+
+    cfg = compensated_config(tmp_path, setup)
+    assert _quantize_slice(load_config(cfg))["compensate"] == {"rank": RANK, "dtype": "bfloat16"}
+    cfg.write_text(cfg.read_text().replace(f"compensate = {{ rank = {RANK} }}",
+                                           f"compensate = {{ rank = {RANK}, train = {{ epochs = 3 }} }}"))
+    assert _quantize_slice(load_config(cfg))["compensate"]["train"] == {"epochs": 3, "lr": 1e-3, "windows": 4,
+                                                                       "seed": 0}

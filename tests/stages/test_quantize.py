@@ -113,7 +113,7 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, 
         for batches, mode in ((plain, False), (lockstep, True)):
             results.append(quantize_layer(runner.load_layer(i), batches, q, f"layer{i}", lockstep=mode, dtype=dtype))
             runner.free_layer(i)
-        (p_packed, p_report, p_out, _), (l_packed, l_report, l_out, _) = results
+        (p_packed, p_report, p_out, *_), (l_packed, l_report, l_out, *_) = results
         assert p_report == l_report
         for module, tensors in p_packed.items():
             for suffix, t in tensors.items():
