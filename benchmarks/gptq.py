@@ -64,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backends", default="qmerge,gptqmodel",
                    help="comma-separated: gptqmodel, or qmerge (its default forward_dtype \"auto\") with options "
                         "joined by '-': bf16 / f32 (forward_dtype = bfloat16 / float32), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
-                        "{ alpha = <α> }, e.g. gptaq1), static (static_groups = true), c<rank> (compensate = { rank = <rank> }); e.g. "
-                        "qmerge-gptaq-c16")
+                        "{ alpha = <α> }, e.g. gptaq1), static (static_groups = true), c<rank> (compensate = { rank = <rank> }), "
+                        "t<epochs> (with c<rank>: compensate.train = { epochs = <epochs> }); e.g. qmerge-gptaq-c16, "
+                        "qmerge-gptaq1-c4-t2")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each backend, taking turns (A B, B A, A B, ...); the table shows medians and min-max")
     p.add_argument("--allow-busy", action="store_true",
@@ -102,6 +103,7 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
     lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
               f"sym = {str(args.sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
               f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
+    compensate, train = {}, {}
     for option in options:
         if engine != "qmerge":
             raise SystemExit(f"unknown backend {backend}: options are for qmerge")
@@ -118,9 +120,17 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
         elif option.startswith("gptaq"):
             lines.append(f"gptaq = {{ alpha = {float(option[5:])} }}")
         elif option.startswith("c") and option[1:].isdigit():
-            lines.append(f"compensate = {{ rank = {int(option[1:])} }}")
+            compensate["rank"] = int(option[1:])
+        elif option.startswith("t") and option[1:].isdigit():
+            train["epochs"] = int(option[1:])
         else:
-            raise SystemExit(f"unknown backend {backend}; use gptqmodel or qmerge[-bf16|-f32][-mse][-static][-gptaq[<α>]][-c<rank>]")
+            raise SystemExit(f"unknown backend {backend}; use gptqmodel or "
+                             "qmerge[-bf16|-f32][-mse][-static][-gptaq[<α>]][-c<rank>[-t<epochs>]]")
+    if train and not compensate:
+        raise SystemExit(f"{backend}: t<epochs> trains a compensation adapter: add c<rank>")
+    if compensate:
+        trained = f", train = {{ epochs = {train['epochs']} }}" if train else ""
+        lines.append(f"compensate = {{ rank = {compensate['rank']}{trained} }}")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
