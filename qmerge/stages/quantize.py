@@ -240,13 +240,21 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
             del group_stats
             inputs[index] = []
         trained = None
-        if training is not None:
-            if passes is not None:  # its paused forwards ran through the weights before training: not the outputs
-                passes.close()
+        if training is not None:  # the fit's outputs (for the report), training, then the trained layer's outputs
+            if passes is not None:
+                passes.advance()  # to the end: only what follows the last group's input runs again
+                fitted = passes.outputs
+                passes.close()  # its hooks must not pause the training's forwards
                 passes = None
+            else:
+                fitted = [run_layer(layer, b, dtype) for b in batches]
+            before = _mean_square_error(fitted, unquantized_out)
+            del fitted
             trained = train_compensation(layer, linears, served, factors, name, batches, unquantized_out, training,
                                          getattr(torch, q.compensate.dtype))
-        if passes is None:
+            outputs = [run_layer(layer, b, dtype) for b in batches]
+            trained |= {"mse_before": before, "mse_after": _mean_square_error(outputs, unquantized_out)}
+        elif passes is None:
             outputs = [run_layer(layer, b, dtype) for b in batches]
         else:
             passes.advance()  # to the end, through the quantized weights
@@ -335,7 +343,7 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
     inputs to `targets` (the unquantized layer's outputs on the unquantized inputs): Adam on the mean squared error,
     `t.windows` calibration windows per step, the steps of an epoch in a seeded order, float32. Afterwards each
     linear holds Q + B·A (as after the closed-form fit) and the layer's parameters are as they were, frozen or not.
-    Returns the mean squared error over all windows before and after (with the stored factors)."""
+    Returns {"steps": optimizer steps taken}."""
     modules = list(served)
     trainable = {}
     for module in modules:
@@ -350,12 +358,6 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
         out = out[0] if isinstance(out, tuple) else out
         return (out.float() - targets[i][start:start + t.windows].float()).square().mean()
 
-    def mean_error() -> float:
-        with torch.no_grad():
-            return sum(float(error(i, s)) * _count(batches[i], s, t.windows) for i, s in steps) / sum(
-                _count(batches[i], s, t.windows) for i, s in steps)
-
-    before = mean_error()  # the closed-form fit, as the layer holds it (Q + B·A)
     hooks = []
     try:
         for p in frozen:
@@ -385,7 +387,7 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
                 linears[module].weight.copy_(weight + b.to(weight.dtype) @ a.to(weight.dtype))
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return {"mse_before": before, "mse_after": mean_error(), "steps": t.epochs * len(steps)}
+    return {"steps": t.epochs * len(steps)}
 
 
 def _windows(batch: LayerBatch, start: int, stop: int) -> LayerBatch:
@@ -400,8 +402,10 @@ def _windows(batch: LayerBatch, start: int, stop: int) -> LayerBatch:
     return LayerBatch(batch.hidden[start:stop], {k: cut(v) for k, v in batch.kwargs.items()})
 
 
-def _count(batch: LayerBatch, start: int, windows: int) -> int:
-    return min(windows, batch.hidden.shape[0] - start)
+def _mean_square_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean over every entry of every batch of (output − target)², accumulated in float64."""
+    total = sum(float((o.double() - t.double()).square().sum()) for o, t in zip(outputs, targets))
+    return total / sum(t.numel() for t in targets)
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, rtn: torch.Tensor, hessian: torch.Tensor | None,
