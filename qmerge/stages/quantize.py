@@ -210,11 +210,11 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
     groups = linear_groups(layer, batches[0])
     training = q.compensate.train if q.compensate is not None else None
     served: dict[str, torch.Tensor] | None = {} if training is not None else None
-    unquantized_out = None
-    if unquantized is not None:
-        everything = UnquantizedInputs(layer, unquantized, groups if q.gptaq is not None else [], dtype)
-        unquantized_out = everything.outputs
-    targets = everything if unquantized is not None and q.gptaq is not None else None
+    # GPTAQ needs every group's X̃ from the unquantized run; training, its outputs alone
+    run = (UnquantizedInputs(layer, unquantized, groups if q.gptaq is not None else [], dtype)
+           if unquantized is not None else None)
+    unquantized_out = run.outputs if run is not None else None
+    targets = run if run is not None and q.gptaq is not None else None
     stats: list[GroupStatistics | None] = [None] * len(groups)  # each made when its group is reached
 
     inputs: list[list[torch.Tensor]] = [[] for _ in groups]  # each group's X, held by the paused batches anyway
@@ -517,13 +517,9 @@ def run_quantize(ctx: StageContext) -> dict:
 
 
 def _training_summary(training: dict) -> dict:
-    """Compensation training's per-layer output errors (the layers' `compensated_*` errors are the closed-form fit's,
-    before training)."""
-    if not training:
-        return {}
-    before = sum(t["mse_before"] for t in training.values())
-    after = sum(t["mse_after"] for t in training.values())
-    return {"compensation_training": {"layers": training, "mse_before_sum": before, "mse_after_sum": after}}
+    """Compensation training's output error per layer, before and after (the linears' `compensated_*` errors are the
+    closed-form fit's, before training)."""
+    return {"compensation_training": training} if training else {}
 
 
 def _summary(layers: dict) -> dict:
