@@ -104,13 +104,18 @@ def test_the_release_ships_the_adapter_and_says_how_to_serve_it(compensated):
     assert 'PeftModel.from_pretrained(model, "compensation")' in (release / "README.md").read_text()
 
 
-def test_same_inputs_same_bytes_and_an_own_key(setup, compensated, tmp_path):  # noqa: F811
-    cfg = tmp_path / "qmerge.toml"  # the same config, another work dir
-    first = compensated["folder"]
-    cfg.write_text((first / "qmerge.toml").read_text().replace(str(first / "work"), str(tmp_path / "work"))
-                   .replace(str(first / "releases"), str(tmp_path / "releases")))
+def rerun_elsewhere(first: Path, elsewhere: Path) -> Path:
+    """The config of the run in `first`, run again with its work and release dirs in `elsewhere`: the quantize
+    stage's folder there."""
+    cfg = elsewhere / "qmerge.toml"
+    cfg.write_text((first / "qmerge.toml").read_text().replace(str(first / "work"), str(elsewhere / "work"))
+                   .replace(str(first / "releases"), str(elsewhere / "releases")))
     assert run_cli(cfg) == 0
-    again = stage_dir(tmp_path / "work", "quantize")
+    return stage_dir(elsewhere / "work", "quantize")
+
+
+def test_same_inputs_same_bytes_and_an_own_key(setup, compensated, tmp_path):  # noqa: F811
+    again = rerun_elsewhere(compensated["folder"], tmp_path)
     assert again.name == compensated["out"].name
     for name in ("model.safetensors", "compensation/adapter_model.safetensors", "compensation/adapter_config.json"):
         assert (again / name).read_bytes() == (compensated["out"] / name).read_bytes()
@@ -218,14 +223,7 @@ def test_trained_compensation_is_reported_shipped_and_keyed(setup, trained, comp
     assert set(shipped) == set(fit)
     assert all(not torch.equal(shipped[m][0], fit[m][0]) for m in fit)
     assert trained["out"].name != compensated["out"].name  # its own stage key
-    again = tmp_path / "again"  # the same config elsewhere: the same bytes
-    again.mkdir()
-    cfg = again / "qmerge.toml"
-    first = trained["folder"]
-    cfg.write_text((first / "qmerge.toml").read_text().replace(str(first / "work"), str(again / "work"))
-                   .replace(str(first / "releases"), str(again / "releases")))
-    assert run_cli(cfg) == 0
-    out = stage_dir(again / "work", "quantize")
+    out = rerun_elsewhere(trained["folder"], tmp_path)  # the same config elsewhere: the same bytes
     assert out.name == trained["out"].name
     for name in ("model.safetensors", "compensation/adapter_model.safetensors"):
         assert (out / name).read_bytes() == (trained["out"] / name).read_bytes()
