@@ -103,7 +103,7 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
     lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
               f"sym = {str(args.sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
               f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
-    compensate, train = {}, {}
+    rank = epochs = None  # compensate = { rank, train = { epochs } }
     for option in options:
         if engine != "qmerge":
             raise SystemExit(f"unknown backend {backend}: options are for qmerge")
@@ -120,17 +120,17 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
         elif option.startswith("gptaq"):
             lines.append(f"gptaq = {{ alpha = {float(option[5:])} }}")
         elif option.startswith("c") and option[1:].isdigit():
-            compensate["rank"] = int(option[1:])
+            rank = int(option[1:])
         elif option.startswith("t") and option[1:].isdigit():
-            train["epochs"] = int(option[1:])
+            epochs = int(option[1:])
         else:
             raise SystemExit(f"unknown backend {backend}; use gptqmodel or "
                              "qmerge[-bf16|-f32][-mse][-static][-gptaq[<α>]][-c<rank>[-t<epochs>]]")
-    if train and not compensate:
+    if epochs is not None and rank is None:
         raise SystemExit(f"{backend}: t<epochs> trains a compensation adapter: add c<rank>")
-    if compensate:
-        trained = f", train = {{ epochs = {train['epochs']} }}" if train else ""
-        lines.append(f"compensate = {{ rank = {compensate['rank']}{trained} }}")
+    if rank is not None:
+        trained = f", train = {{ epochs = {epochs} }}" if epochs is not None else ""
+        lines.append(f"compensate = {{ rank = {rank}{trained} }}")
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -72,7 +72,7 @@ def linear_groups(layer: torch.nn.Module, batch: LayerBatch) -> list[list[str]]:
     handles = [m.register_forward_pre_hook(lambda _m, args, name=n: order.append((name, args[0])))
                for n, m in layer_linears(layer).items()]
     try:
-        run_layer(layer, LayerBatch(batch.hidden[:1], _first(batch.kwargs)))
+        run_layer(layer, _windows(batch, 0, 1))
     finally:
         for h in handles:
             h.remove()
@@ -90,13 +90,16 @@ def linear_groups(layer: torch.nn.Module, batch: LayerBatch) -> list[list[str]]:
     return [g for _, g in groups]
 
 
-def _first(kwargs: dict) -> dict:
-    """Keyword arguments cut to the first window of the batch (per-window tensors have the batch as dim 0)."""
+def _windows(batch: LayerBatch, start: int, stop: int) -> LayerBatch:
+    """Windows [start, stop) of a batch: its hidden states and every per-window keyword argument (a tensor whose
+    dim 0 is the batch's windows; tuples of them, as rotary embeddings come)."""
+    n = batch.hidden.shape[0]
+
     def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1:
-            return v[:1]
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and n > 1:
+            return v[start:stop]
         return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
-    return {k: cut(v) for k, v in kwargs.items()}
+    return LayerBatch(batch.hidden[start:stop], {k: cut(v) for k, v in batch.kwargs.items()})
 
 
 def input_of(layer: torch.nn.Module, module: torch.nn.Module, batch: LayerBatch,
@@ -252,13 +255,13 @@ def quantize_layer(layer: torch.nn.Module, batches: list[LayerBatch], q, name: s
             del fitted
             trained = train_compensation(layer, linears, served, factors, name, batches, unquantized_out, training,
                                          getattr(torch, q.compensate.dtype))
-            outputs = [run_layer(layer, b, dtype) for b in batches]
-            trained |= {"mse_before": before, "mse_after": _mean_square_error(outputs, unquantized_out)}
-        elif passes is None:
+        if passes is None:
             outputs = [run_layer(layer, b, dtype) for b in batches]
         else:
             passes.advance()  # to the end, through the quantized weights
             outputs = passes.outputs
+        if trained is not None:
+            trained |= {"mse_before": before, "mse_after": _mean_square_error(outputs, unquantized_out)}
         return QuantizedLayer(packed, report, outputs, unquantized_out, trained)
     finally:
         if passes is not None:
@@ -305,10 +308,12 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
             # with GPTAQ the compensation fits the same target as the solve (W's output on the unquantized inputs),
             # not W itself, which would undo the correction GPTAQ made
             target = w if cross is None else compensation.asymmetric_target(w, cross, lower, q.gptaq.alpha)
-            weight, a, b = _compensate(target, weight, lower, q.compensate)
+            as_served = _as_served(weight)
+            a, b = _compensate(target, as_served, lower, q.compensate)
+            weight = _with_factors(as_served, a, b)
             factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
             if served is not None:
-                served[module_name] = result.weight.to(torch.float16).to(weight.dtype)
+                served[module_name] = as_served
         rtn = gptq.round_to_nearest(w, q.bits, q.group_size, q.sym, q.scale_search).weight
         report[module_name] = _errors(w, result.weight, rtn, hessian, inputs, weight if lower is not None else None)
         del rtn
@@ -324,15 +329,22 @@ def _hessian_root(hessian: torch.Tensor, damp: float, q, name: str, group: list[
                             fix="raise quantize.damp, or check the merged weights and calibration for inf/NaN")
 
 
-def _compensate(w: torch.Tensor, quantized: torch.Tensor, lower: torch.Tensor,
-                settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q as served + B·A, A, B): the correction of W − Q_served (W: the weight the fit aims at), its factors
-    rounded to their stored dtype."""
-    served = quantized.to(torch.float16).to(quantized.dtype)  # the fp16 product the kernels compute
+def _as_served(quantized: torch.Tensor) -> torch.Tensor:
+    """A GPTQ weight as the kernels compute it (the fp16 product), in its own dtype."""
+    return quantized.to(torch.float16).to(quantized.dtype)
+
+
+def _with_factors(served: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Q_served + B·A in Q's dtype: what a compensated linear computes."""
+    return served + b.to(served.dtype) @ a.to(served.dtype)
+
+
+def _compensate(w: torch.Tensor, served: torch.Tensor, lower: torch.Tensor,
+                settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B): the correction of W − Q_served (W: the weight the fit aims at), rounded to their stored dtype."""
     a, b = compensation.fit(w.to(served.dtype) - served, lower, settings.rank)
     dtype = getattr(torch, settings.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    return served + b.to(served.dtype) @ a.to(served.dtype), a, b
+    return a.to(dtype), b.to(dtype)
 
 
 def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, torch.Tensor], factors: dict,
@@ -349,7 +361,7 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
     for module in modules:
         a, b = factors[f"{name}.{module}"]
         trainable[module] = (a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True))
-    frozen = {p: p.requires_grad for p in layer.parameters()}
+    grad_flags = {p: p.requires_grad for p in layer.parameters()}
     steps = [(i, start) for i, batch in enumerate(batches) for start in range(0, batch.hidden.shape[0], t.windows)]
 
     def error(i: int, start: int) -> torch.Tensor:
@@ -360,7 +372,7 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
 
     hooks = []
     try:
-        for p in frozen:
+        for p in grad_flags:
             p.requires_grad_(False)
         with torch.no_grad():
             for module in modules:
@@ -383,23 +395,10 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
             for module in modules:
                 a, b = (x.detach().to(store) for x in trainable[module])
                 factors[f"{name}.{module}"] = (a.cpu(), b.cpu())
-                weight = served[module]
-                linears[module].weight.copy_(weight + b.to(weight.dtype) @ a.to(weight.dtype))
-        for p, flag in frozen.items():
+                linears[module].weight.copy_(_with_factors(served[module], a, b))
+        for p, flag in grad_flags.items():
             p.requires_grad_(flag)
     return {"steps": t.epochs * len(steps)}
-
-
-def _windows(batch: LayerBatch, start: int, stop: int) -> LayerBatch:
-    """Windows [start, stop) of a batch: its hidden states and every per-window keyword argument (dim 0 = the
-    batch's windows), as `_first` cuts them."""
-    n = batch.hidden.shape[0]
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and n > 1:
-            return v[start:stop]
-        return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
-    return LayerBatch(batch.hidden[start:stop], {k: cut(v) for k, v in batch.kwargs.items()})
 
 
 def _mean_square_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
