@@ -239,3 +239,35 @@ def test_training_enters_the_key_and_untrained_keys_stay_as_they_were(setup, tmp
                                            f"compensate = {{ rank = {RANK}, train = {{ epochs = 3 }} }}"))
     assert _quantize_slice(load_config(cfg))["compensate"]["train"] == {"epochs": 3, "lr": 1e-3, "windows": 4,
                                                                        "seed": 0}
+
+
+def test_the_dry_run_estimate_counts_the_training(setup, tmp_path):  # noqa: F811
+    """Training keeps the unquantized stream (unless GPTAQ keeps it already), the served weights and a step's
+    backward: the quantize stage's estimated peak grows by them, on Llama-2-7B shapes."""
+    from qmerge.config import load_config
+    from qmerge.estimate import F32, Shape, stage_estimates
+
+    shape = Shape(hidden=4096, intermediate=11008, vocab=32000, layers=32, heads=32, layer_elements=202_383_360,
+                  largest_elements=45_088_768, largest_linear=(11008, 4096), max_in_features=11008,
+                  output_bytes=13_476_839_424, linear_widths=77_824)
+    peaks = {}
+    for label, compensate, gptaq in (("fit", "{ rank = 4 }", ""), ("trained", "{ rank = 4, train = {} }", ""),
+                                     ("gptaq fit", "{ rank = 4 }", "gptaq = {}\n"),
+                                     ("gptaq trained", "{ rank = 4, train = {} }", "gptaq = {}\n")):
+        folder = tmp_path / label.replace(" ", "-")
+        folder.mkdir()
+        cfg = quantize_config(folder, setup)
+        cfg.write_text(cfg.read_text() + f"compensate = {compensate}\n{gptaq}")
+        peaks[label] = stage_estimates(load_config(cfg), shape)["quantize"]["peak_bytes"]
+    stream = 2 * 16 * 64 * 4096 * F32  # samples × seq_len of quantize_config
+    assert peaks["trained"] - peaks["fit"] == peaks["gptaq trained"] - peaks["gptaq fit"] + stream
+    assert peaks["gptaq trained"] - peaks["gptaq fit"] >= shape.layer_elements * F32
+
+
+@pytest.mark.parametrize("train", ["{ epochs = 0 }", "{ lr = -1.0 }", "{ windows = 0 }", "{ steps = 3 }"])
+def test_bad_training_settings_are_exit_2_naming_the_key(setup, tmp_path, capsys, train):  # noqa: F811
+    cfg = quantize_config(tmp_path, setup)
+    cfg.write_text(cfg.read_text() + f"compensate = {{ rank = 4, train = {train} }}\n")
+    assert run_cli(cfg) == 2
+    assert "quantize.compensate.train." in capsys.readouterr().err
+    assert not (tmp_path / "work" / "quantize").exists()
