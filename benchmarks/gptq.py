@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--backends", default="qmerge,gptqmodel",
                    help="comma-separated: gptqmodel, or qmerge (its default forward_dtype \"auto\") with options "
-                        "joined by '-': bf16 / f32 (forward_dtype = bfloat16 / float32), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
+                        "joined by '-': asym (sym = false, as --asym does for every backend), bf16 / f32 (forward_dtype = bfloat16 / float32), mse (scale_search = mse), gptaq (gptaq = {}), gptaq<α> (gptaq = "
                         "{ alpha = <α> }, e.g. gptaq1), static (static_groups = true), c<rank> (compensate = { rank = <rank> }), "
                         "t<epochs> (with c<rank>: compensate.train = { epochs = <epochs> }); e.g. qmerge-gptaq-c16, "
                         "qmerge-gptaq1-c4-t2")
@@ -100,14 +100,17 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
     lines += [f"{k} = {json.dumps(v)}" for k, v in NF4.items()]
     lines += ["[[adapters]]", f'path = "{Path(adapter).resolve()}"', "[merge]", 'dtype = "float32"', 'device = "cpu"']
     engine, *options = backend.split("-")  # "qmerge-bf16-mse-c16": qmerge's backend with these options
+    sym = args.sym and "asym" not in options
     lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
-              f"sym = {str(args.sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
+              f"sym = {str(sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
               f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
     rank = epochs = None  # compensate = { rank, train = { epochs } }
     for option in options:
         if engine != "qmerge":
             raise SystemExit(f"unknown backend {backend}: options are for qmerge")
-        if option == "bf16":
+        if option == "asym":
+            pass  # sym = false, above
+        elif option == "bf16":
             lines.append('forward_dtype = "bfloat16"')
         elif option == "f32":
             lines.append('forward_dtype = "float32"')
@@ -125,7 +128,7 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
             epochs = int(option[1:])
         else:
             raise SystemExit(f"unknown backend {backend}; use gptqmodel or "
-                             "qmerge[-bf16|-f32][-mse][-static][-gptaq[<α>]][-c<rank>[-t<epochs>]]")
+                             "qmerge[-asym][-bf16|-f32][-mse][-static][-gptaq[<α>]][-c<rank>[-t<epochs>]]")
     if epochs is not None and rank is None:
         raise SystemExit(f"{backend}: t<epochs> trains a compensation adapter: add c<rank>")
     if rank is not None:

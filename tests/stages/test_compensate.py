@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from qmerge.io.compensation import CompensatedSource, compensation_folder, read_factors
-from qmerge.io.gptq_checkpoint import DequantizedReader
+from qmerge.io.gptq_checkpoint import QUANTIZED_SUFFIXES, DequantizedReader, unpack_linear
 from qmerge.io.sources import artifact_bytes
 from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
 from qmerge.models import load_dequantized
@@ -42,20 +43,45 @@ def compensated(setup, tmp_path_factory) -> dict:  # noqa: F811
             "release": (folder / "releases" / "tiny" / "latest").resolve()}
 
 
+@pytest.fixture(scope="module")
+def compensated_asymmetric(setup, tmp_path_factory) -> Path:  # noqa: F811
+    """The build README recommends for keeping the fine-tune: zero points per group, GPTAQ, compensation."""
+    folder = tmp_path_factory.mktemp("compensated-asym")
+    assert run_cli(compensated_config(folder, setup, sym=False, gptaq={"alpha": 1.0})) == 0
+    return stage_dir(folder / "work", "quantize")
+
+
 def test_peft_loads_the_adapter_onto_the_gptq_model_and_matches_the_streamed_model(compensated, tokens):
+    assert_served_as_streamed(compensated["out"], tokens)
+
+
+def test_an_asymmetric_gptaq_build_is_served_as_evaluated(compensated_asymmetric, tokens):
+    """Zero points per group (sym = false) reach PEFT's serving path and the streamed evaluation alike."""
+    config = json.loads((compensated_asymmetric / "config.json").read_text())["quantization_config"]
+    assert config["sym"] is False
+    with safe_open(compensated_asymmetric / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(f"model.layers.0.self_attn.q_proj.{k}") for k in QUANTIZED_SUFFIXES}
+    zeros = unpack_linear(tensors, config["bits"])[2]
+    assert zeros.unique().numel() > 1  # really asymmetric: a symmetric grid has one zero point
+    assert_served_as_streamed(compensated_asymmetric, tokens)
+
+
+def assert_served_as_streamed(out: Path, tokens: torch.Tensor) -> None:
+    """PEFT loads the compensation onto the dequantized GPTQ model (as served), where it changes the logits, and
+    the layer-by-layer run evaluate uses gives the same logits with the adapter and without."""
     from peft import PeftModel
 
-    folder = compensation_folder(compensated["out"])
+    folder = compensation_folder(out)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == RANK and config["peft_type"] == "LORA"
-    served = load_dequantized(compensated["out"])
+    served = load_dequantized(out)
     alone = logits(served, tokens)
     assert len(config["target_modules"]) == 7 * served.config.num_hidden_layers
     model = PeftModel.from_pretrained(served, str(folder)).eval()
     with_adapter = logits(model, tokens)
     assert (with_adapter - alone).abs().max() > 1e-4  # the adapter really changes the outputs
 
-    runner = LayerwiseModel.from_folder(compensated["out"])
+    runner = LayerwiseModel.from_folder(out)
     for on, want in ((True, with_adapter), (False, alone)):
         with runner.adapters(on):
             batches = runner.layer_inputs(tokens, 8)
