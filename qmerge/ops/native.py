@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,18 @@ def _compiler() -> str | None:
     return None
 
 
+_FIRST_LOAD = threading.Lock()
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    # functools.cache does not hold back a second thread whose call starts before the first returns: the bracket
+    # pass calls this from both worker threads at once. The lock makes the second wait and load the first's build.
+    with _FIRST_LOAD:
+        return _load()
+
+
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("QMERGE_NO_COMPILE"):
         return None
     try:

@@ -203,6 +203,44 @@ def test_bracket_pass_without_a_working_compiler_falls_back_or_raises(monkeypatc
         native._library.cache_clear()  # the next test builds with the real compiler again
 
 
+def test_the_c_helper_is_built_once_when_both_worker_threads_ask_for_it_at_once(monkeypatch, tmp_path):
+    """The bracket pass's blocks start on two threads together: the first call builds the helper, the other waits
+    for it and loads the same library, instead of compiling it a second time."""
+    import threading
+    import time
+
+    from qmerge.ops import native
+
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    builds = []
+    real = native._build
+
+    def slow_build(compiler, target):
+        builds.append(target)
+        time.sleep(0.3)  # both threads are inside _library before the first build ends
+        real(compiler, target)
+
+    monkeypatch.setattr(native, "_build", slow_build)
+    start = threading.Barrier(2)
+    libraries = []
+
+    def ask():
+        start.wait()
+        libraries.append(native._library())
+
+    try:
+        native._library.cache_clear()
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(builds) == 1 and libraries[0] is not None
+        assert libraries[0]._name == libraries[1]._name == str(builds[0])
+    finally:
+        native._library.cache_clear()
+
+
 def test_dare_keeps_about_density_and_is_seeded_per_tensor():
     shape = torch.Size((300, 400))
     mask = dare_mask(shape, 0.3, 0, 0, "x")
