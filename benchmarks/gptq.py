@@ -100,28 +100,25 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
     lines += [f"{k} = {json.dumps(v)}" for k, v in NF4.items()]
     lines += ["[[adapters]]", f'path = "{Path(adapter).resolve()}"', "[merge]", 'dtype = "float32"', 'device = "cpu"']
     engine, *options = backend.split("-")  # "qmerge-bf16-mse-c16": qmerge's backend with these options
-    sym = args.sym and "asym" not in options
-    lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
-              f"sym = {str(sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
-              f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}"]
+    sym, settings = args.sym, []
     rank = epochs = None  # compensate = { rank, train = { epochs } }
     for option in options:
         if engine != "qmerge":
             raise SystemExit(f"unknown backend {backend}: options are for qmerge")
         if option == "asym":
-            pass  # sym = false, above
+            sym = False
         elif option == "bf16":
-            lines.append('forward_dtype = "bfloat16"')
+            settings.append('forward_dtype = "bfloat16"')
         elif option == "f32":
-            lines.append('forward_dtype = "float32"')
+            settings.append('forward_dtype = "float32"')
         elif option == "mse":
-            lines.append('scale_search = "mse"')
+            settings.append('scale_search = "mse"')
         elif option == "static":
-            lines.append("static_groups = true")
+            settings.append("static_groups = true")
         elif option == "gptaq":
-            lines.append("gptaq = {}")
+            settings.append("gptaq = {}")
         elif option.startswith("gptaq"):
-            lines.append(f"gptaq = {{ alpha = {float(option[5:])} }}")
+            settings.append(f"gptaq = {{ alpha = {float(option[5:])} }}")
         elif option.startswith("c") and option[1:].isdigit():
             rank = int(option[1:])
         elif option.startswith("t") and option[1:].isdigit():
@@ -133,7 +130,11 @@ def write_config(args: argparse.Namespace, backend: str) -> Path:
         raise SystemExit(f"{backend}: t<epochs> trains a compensation adapter: add c<rank>")
     if rank is not None:
         trained = f", train = {{ epochs = {epochs} }}" if epochs is not None else ""
-        lines.append(f"compensate = {{ rank = {rank}{trained} }}")
+        settings.append(f"compensate = {{ rank = {rank}{trained} }}")
+    lines += ["[quantize]", f'backend = "{engine}"', f"bits = {args.bits}", f"group_size = {args.group_size}",
+              f"sym = {str(sym).lower()}", f"desc_act = {str(args.desc_act).lower()}",
+              f'calibration = "{args.calibration}"', f"samples = {args.samples}", f"seq_len = {args.seq_len}",
+              *settings]
     path = args.work / f"{backend}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

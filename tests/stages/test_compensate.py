@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from qmerge.io.compensation import CompensatedSource, compensation_folder, read_factors
 from qmerge.io.gptq_checkpoint import QUANTIZED_SUFFIXES, DequantizedReader, unpack_linear
+from qmerge.io.safetensors_io import CheckpointReader
 from qmerge.io.sources import artifact_bytes
 from qmerge.layerwise import LayerBatch, LayerwiseModel, run_layer
 from qmerge.models import load_dequantized
@@ -59,9 +59,9 @@ def test_an_asymmetric_gptaq_build_is_served_as_evaluated(compensated_asymmetric
     """Zero points per group (sym = false) reach PEFT's serving path and the streamed evaluation alike."""
     config = json.loads((compensated_asymmetric / "config.json").read_text())["quantization_config"]
     assert config["sym"] is False
-    with safe_open(compensated_asymmetric / "model.safetensors", "pt") as f:
-        tensors = {k: f.get_tensor(f"model.layers.0.self_attn.q_proj.{k}") for k in QUANTIZED_SUFFIXES}
-    zeros = unpack_linear(tensors, config["bits"])[2]
+    reader = CheckpointReader(compensated_asymmetric)
+    zeros = unpack_linear({k: reader.get(f"model.layers.0.self_attn.q_proj.{k}") for k in QUANTIZED_SUFFIXES},
+                          config["bits"])[2]
     assert zeros.unique().numel() > 1  # really asymmetric: a symmetric grid has one zero point
     assert_served_as_streamed(compensated_asymmetric, tokens)
 
