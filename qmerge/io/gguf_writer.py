@@ -24,12 +24,16 @@ page cache cost 2-3x a plain copy of the same bytes), fsynced, renamed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
+import itertools
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -308,11 +312,11 @@ class _RawTokenizer:
     replaces tokenizer.json's pipeline by a model-specific one for some model types: qwen2's split regex), and
     tokenizer_config.json asks for no BOS/EOS on top of tokenizer.json's post-processor and no clean-up of spaces."""
 
-    def __init__(self, text: str, config: dict):
+    def __init__(self, text: str, config: dict, spec: dict | None = None):
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_str(text)
-        self.vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab = self._spec_vocab(spec) or self._tok.get_vocab(with_added_tokens=True)
         self.added_tokens_decoder = self._tok.get_added_tokens_decoder()
 
         def token_id(key: str) -> int | None:
@@ -321,6 +325,18 @@ class _RawTokenizer:
             return self.vocab.get(value) if isinstance(value, str) else None
 
         self.bos_token_id, self.eos_token_id = token_id("bos_token"), token_id("eos_token")
+
+    @staticmethod
+    def _spec_vocab(spec: dict | None) -> dict[str, int] | None:
+        """`get_vocab(with_added_tokens=True)` from the parsed tokenizer.json (`tokenizers` builds it again from its
+        own copy: 0.04 s for 49k tokens): the model's vocabulary, then the added tokens over it, as `tokenizers`
+        merges them (a test holds the two equal)."""
+        try:
+            vocab = dict(spec["model"]["vocab"])
+            vocab.update((t["content"], t["id"]) for t in spec.get("added_tokens", ()))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return vocab
 
     # model types whose folders transformers (as pinned) loads with TokenizersBackend when tokenizer_config.json names
     # it; a test holds transformers to this
@@ -342,14 +358,16 @@ class _RawTokenizer:
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
-def source_tokenizer(folder: Path, text: str, model_type: str | None, prefer_raw: bool = True):
-    """`_RawTokenizer` where it is exact (`_RawTokenizer.applies`), else transformers' AutoTokenizer."""
+def source_tokenizer(folder: Path, text: str, model_type: str | None, prefer_raw: bool = True,
+                     spec: dict | None = None):
+    """`_RawTokenizer` where it is exact (`_RawTokenizer.applies`), else transformers' AutoTokenizer. `spec`: `text`
+    parsed, if the caller has it."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = None
     if prefer_raw and isinstance(config, dict) and _RawTokenizer.applies(config, model_type):
-        return _RawTokenizer(text, config)
+        return _RawTokenizer(text, config, spec)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
@@ -363,10 +381,12 @@ def _merges(spec: dict) -> list[str] | None:
         return None
     if isinstance(merges[0], str):
         return merges
-    if all(isinstance(pair, list) and len(pair) == 2 for pair in merges) and not any(
-            " " in a or " " in b for a, b in merges):
-        return [f"{a} {b}" for a, b in merges]
-    return None  # spaces inside parts or another layout: gguf's own conversion
+    if set(map(type, merges)) != {list} or set(map(len, merges)) != {2}:
+        return None  # another layout: gguf's own conversion (or its error)
+    parts = list(itertools.chain.from_iterable(merges))
+    if set(map(type, parts)) != {str} or " " in "".join(parts):
+        return None  # spaces inside parts: gguf's own encoding
+    return list(map(" ".join, merges))
 
 
 def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]:
@@ -374,34 +394,59 @@ def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]
     import gguf
 
     chkhsh = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    # One pass over the vocabulary (ids past vocab_size are refused before), then the few added and missing ids.
+    vocab = tokenizer.vocab  # a property that rebuilds the dict on transformers' tokenizers: read once
+    tokens: list = [None] * vocab_size
+    for token, i in vocab.items():
+        tokens[i] = token
+    types = [gguf.TokenType.NORMAL] * vocab_size
+    for i in [i for i, token in enumerate(tokens) if token is None]:
+        tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     # get_vocab_base: added tokens that are special (or look special) are CONTROL, other added ones USER_DEFINED.
-    reverse = {i: t for t, i in tokenizer.vocab.items()}
-    added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = reverse.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token in added:
-            if not decoder[i].normalized:
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-            tokens.append(token)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
+    for token in tokenizer.get_added_vocab():
+        i = vocab.get(token)
+        if i is None or tokens[i] != token:  # not in the vocabulary, or its id went to another string
+            continue
+        if not decoder[i].normalized:
+            token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+        special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
+        tokens[i], types[i] = token, gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
     return tokens, types, chkhsh
+
+
+# What gguf's SpecialVocab reads besides tokenizer.json (gguf as pinned), and the keys of tokenizer.json it reads
+# when it is not asked for the merges.
+_SPECIAL_VOCAB_FILES = ("tokenizer_config.json", "config.json", "chat_template.jinja", "chat_template.json",
+                        "additional_chat_templates")
+_SPECIAL_VOCAB_KEYS = ("added_tokens", "post_processor")
+
+
+def special_vocab(folder: Path, spec: dict, merges: list[str] | None, vocab_size: int):
+    """gguf's `SpecialVocab` of `folder` (special token ids, add_bos/add_eos, chat template) with `merges`, without
+    its second parse of tokenizer.json (a 49k-token one: 0.1-0.2 s, more than the rest of the file's metadata):
+    SpecialVocab reads a folder holding links to the small files it reads and a tokenizer.json cut to the keys it
+    reads. With `merges` None it reads `folder` itself and converts the merges its own way."""
+    import gguf
+
+    if merges is None:
+        return gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    with tempfile.TemporaryDirectory(prefix="qmerge-special-vocab-") as view:
+        view = Path(view)
+        for name in _SPECIAL_VOCAB_FILES:
+            if (folder / name).exists():
+                (view / name).symlink_to((folder / name).resolve())
+        cut = {key: spec[key] for key in _SPECIAL_VOCAB_KEYS if key in spec}
+        (view / "tokenizer.json").write_text(json.dumps(cut or {"model": {}}), encoding="utf-8")
+        special = gguf.SpecialVocab(view, load_merges=False, n_vocab=vocab_size)
+    special.merges = merges
+    return special
 
 
 def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
     """`_set_vocab_gpt2`: tokens (+ [PAD<i>] up to vocab_size), token types, pre-tokenizer, merges, special ids,
-    add_bos/add_eos, chat template. Returns the pre-tokenizer name. tokenizer.json is read once here (gguf's
-    SpecialVocab reads it again for the special ids; its merges come from this parse)."""
-    import gguf
-
+    add_bos/add_eos, chat template. Returns the pre-tokenizer name. tokenizer.json is parsed once, here
+    (`special_vocab`, `_RawTokenizer._spec_vocab` and `_merges` take that parse)."""
     tokenizer_json = folder / "tokenizer.json"
     try:
         text = tokenizer_json.read_text(encoding="utf-8")
@@ -416,7 +461,7 @@ def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
                             "output writes byte-level BPE tokenizers only (tokenizer.ggml.model = gpt2); "
                             "sentencepiece/llama vocabularies are not written", path=tokenizer_json,
                             fix="convert with llama.cpp's convert_hf_to_gguf.py")
-    tokenizer = source_tokenizer(folder, text, hf_config.get("model_type"))
+    tokenizer = source_tokenizer(folder, text, hf_config.get("model_type"), spec=spec)
     vocab_size = int(hf_config.get("vocab_size") or len(tokenizer.vocab))
     if max(tokenizer.vocab.values()) >= vocab_size:
         raise BadInputError(f"the tokenizer has ids up to {max(tokenizer.vocab.values())}, the model's vocab_size is "
@@ -432,9 +477,7 @@ def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     merges = _merges(spec)
-    special = gguf.SpecialVocab(folder, load_merges=merges is None, n_vocab=vocab_size)
-    if merges is not None:
-        special.merges = merges
+    special = special_vocab(folder, spec, merges, vocab_size)
     if not special.merges:
         raise BadInputError("tokenizer.json has no merges", path=tokenizer_json, fix="a BPE tokenizer needs its merges")
     special.add_to_gguf(writer, quiet=True)
@@ -453,6 +496,25 @@ def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
 
 _INT_FORMATS = {"UINT8": "<u1", "INT8": "<i1", "UINT16": "<u2", "INT16": "<i2", "UINT32": "<u4", "INT32": "<i4",
                 "UINT64": "<u8", "INT64": "<i8"}
+
+
+def _length_prefixed(items: list) -> bytes:
+    """Each item's UTF-8 bytes after its length as a little-endian uint64, all concatenated (a GGUF string array's
+    body), by one join and two numpy scatters instead of an item-by-item build."""
+    if set(map(type, items)) == {str}:
+        encoded = list(map(str.encode, items))  # UTF-8
+    else:
+        encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in items]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    starts = np.arange(len(encoded), dtype=np.int64) * 8  # where each length goes: 8 bytes per earlier item ...
+    starts[1:] += np.cumsum(lengths[:-1])                 # ... plus the earlier items' bytes
+    out = np.empty(8 * len(encoded) + int(lengths.sum()), dtype=np.uint8)
+    heads = (starts[:, None] + np.arange(8)).reshape(-1)
+    out[heads] = lengths.astype("<u8").view(np.uint8)
+    body = np.ones(out.size, dtype=bool)
+    body[heads] = False
+    out[body] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return out.tobytes()
 
 
 @functools.cache
@@ -488,15 +550,12 @@ def _writer_class():
                     or not isinstance(val, (list, tuple)) or not val):
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
             ltype = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
-            if sub_type is None:  # one item per Python type decides, as the stock per-item check would
-                samples = {type(item): item for item in val}.values()
-                if any(GGUFValueType.get_type(item) is not ltype for item in samples):
-                    return super()._pack_val(val, vtype, add_vtype, sub_type)
-            if ltype == GGUFValueType.STRING and all(isinstance(item, (str, bytes)) for item in val):
-                encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in val]
-                lengths = np.fromiter(map(len, encoded), dtype="<u8", count=len(encoded)).tobytes()
-                body = b"".join(lengths[8 * i:8 * i + 8] + item for i, item in enumerate(encoded))
-            elif ltype.name in _INT_FORMATS and all(isinstance(item, int) for item in val):
+            samples = dict(zip(map(type, val), val))  # one item per Python type
+            if sub_type is None and any(GGUFValueType.get_type(item) is not ltype for item in samples.values()):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)  # as the stock per-item check decides
+            if ltype == GGUFValueType.STRING and all(issubclass(kind, (str, bytes)) for kind in samples):
+                body = _length_prefixed(val)
+            elif ltype.name in _INT_FORMATS and all(issubclass(kind, int) for kind in samples):
                 try:
                     wide = np.asarray(val, dtype=np.int64)
                 except OverflowError:
@@ -510,6 +569,20 @@ def _writer_class():
             return head + body
 
     return Writer
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cycle collector off for a while. The metadata build makes a few hundred thousand small objects (the
+    parsed tokenizer.json, the token and merge lists) and no cycles; with the collector on, the collections they
+    trigger walk everything else alive in the process too (torch, transformers: about 0.1 s per write)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, name: str | None = None) -> dict:
@@ -537,8 +610,9 @@ def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, nam
     tmp = temp_sibling(out_file)
     writer = _writer_class()(path=None, arch=arch)
     try:
-        _add_hparams(writer, hf_config, arch, qtype, name or out_file.stem)
-        pre = _add_vocab(writer, folder, hf_config)
+        with _gc_paused():
+            _add_hparams(writer, hf_config, arch, qtype, name or out_file.stem)
+            pre = _add_vocab(writer, folder, hf_config)
         for p in planned:
             writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes,
                                    raw_dtype=gguf.GGMLQuantizationType[p.qtype])

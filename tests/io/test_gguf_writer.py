@@ -373,10 +373,64 @@ def test_raw_tokenizer_and_own_merges_write_the_transformers_and_gguf_bytes(tiny
     fast = write_gguf(tiny, tmp_path / "fast" / "model.gguf", "Q8_0")
     raw = gw.source_tokenizer
     assert not isinstance(raw(tiny, text, "llama", prefer_raw=False), gw._RawTokenizer)
-    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt: raw(folder, text, mt, prefer_raw=False))
+    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt, spec=None: raw(folder, text, mt, prefer_raw=False))
     monkeypatch.setattr(gw, "_merges", lambda spec: None)
     slow = write_gguf(tiny, tmp_path / "slow" / "model.gguf", "Q8_0")
     assert fast["sha256"] == slow["sha256"]
+
+
+def test_special_vocab_without_the_second_parse_is_gguf_s_own(tiny, tmp_path) -> None:
+    """qmerge hands gguf's SpecialVocab a tokenizer.json cut to the keys it reads (and links to the small files it
+    reads); every field must be what SpecialVocab makes of the whole folder: the demo tokenizer as it is, with a
+    chat_template.json instead of the .jinja, with a template post-processor that adds BOS and EOS, with no
+    tokenizer_config.json, with neither added tokens nor a post-processor, with special ids from config.json.
+    The vocabulary read from the parse equals the one `tokenizers` builds."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    import qmerge.io.gguf_writer as gw
+
+    def variant(name: str, edit) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny, folder)
+        edit(folder)
+        return folder
+
+    def json_edit(file: str, change):
+        def edit(folder: Path) -> None:
+            data = json.loads((folder / file).read_text(encoding="utf-8"))
+            change(data)
+            (folder / file).write_text(json.dumps(data), encoding="utf-8")
+        return edit
+
+    def chat_json(folder: Path) -> None:
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        (folder / "chat_template.jinja").unlink()
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}), encoding="utf-8")
+
+    bos_eos = {"type": "TemplateProcessing",
+               "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                          {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}],
+               "pair": [], "special_tokens": {}}
+    folders = [tiny, variant("json-template", chat_json),
+               variant("post-processor", json_edit("tokenizer.json", lambda d: d.update(post_processor=bos_eos))),
+               variant("no-config", lambda f: (f / "tokenizer_config.json").unlink()),
+               variant("bare", json_edit("tokenizer.json", lambda d: [d.pop("added_tokens"), d.pop("post_processor")])),
+               variant("config-ids", json_edit("config.json", lambda d: d.update(pad_token_id=7, unk_token_id=0)))]
+    seen = set()
+    for folder in folders:
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        spec = json.loads(text)
+        merges = gw._merges(spec)
+        assert merges is not None
+        ours, stock = gw.special_vocab(folder, spec, merges, 49152), gguf.SpecialVocab(folder, load_merges=True,
+                                                                                        n_vocab=49152)
+        fields = ("merges", "special_token_ids", "add_special_token", "chat_template", "special_token_types")
+        assert [getattr(ours, f) for f in fields] == [getattr(stock, f) for f in fields], folder.name
+        seen.add((repr(stock.special_token_ids), repr(stock.add_special_token), stock.chat_template is None))
+        if "added_tokens" in spec:
+            assert gw._RawTokenizer._spec_vocab(spec) == Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
+    assert len(seen) >= 4  # the variants differ where SpecialVocab looks, else this compares too little
 
 
 def test_raw_tokenizer_only_where_transformers_adds_nothing(tiny, tmp_path) -> None:
