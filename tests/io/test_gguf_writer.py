@@ -433,6 +433,50 @@ def test_special_vocab_without_the_second_parse_is_gguf_s_own(tiny, tmp_path) ->
     assert len(seen) >= 4  # the variants differ where SpecialVocab looks, else this compares too little
 
 
+def test_probe_tokenizer_gives_the_whole_tokenizers_ids(tiny, tmp_path, monkeypatch) -> None:
+    """The GGUF writer's probe texts (llama.cpp's check text, "a", the added tokens) are encoded by a tokenizer cut to
+    the entries they can touch: the ids (with and without special tokens) and the decoded added tokens must be the
+    whole tokenizer's, for the demo's pre-tokenizer and for a Split + ByteLevel one (Llama 3's layout); a write
+    never builds the whole tokenizer; any other text goes to the whole one; the cut is refused where its argument
+    does not hold."""
+    from tokenizers import Tokenizer
+
+    import qmerge.io.gguf_writer as gw
+
+    spec = json.loads((tiny / "tokenizer.json").read_text(encoding="utf-8"))
+    config = json.loads((tiny / "tokenizer_config.json").read_text(encoding="utf-8"))
+    split = {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                                                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+             "behavior": "Isolated", "invert": False}
+    llama3 = dict(spec, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        split, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
+    for variant in (spec, llama3):
+        text = json.dumps(variant)
+        raw, whole = gw._RawTokenizer(text, config, variant), Tokenizer.from_str(text)
+        assert gw.probe_spec(variant, raw._probes) is not None and len(raw._cut_ids) < len(spec["model"]["vocab"]) / 10
+        added = [t["content"] for t in variant["added_tokens"]]
+        for probe in (*raw.PROBES, *added):
+            for special in (True, False):
+                assert raw.encode(probe, special) == whole.encode(probe, add_special_tokens=special).ids, probe
+        for token in added:
+            ids = raw.encode(token, False)
+            assert raw.decode(ids) == whole.decode(ids, skip_special_tokens=False)
+        assert raw.added_tokens_decoder == whole.get_added_tokens_decoder()
+        assert raw._full is None  # everything above came from the cut tokenizer
+        other = "Quarterly results beat forecasts; shares rose 4.5% in Tokyo."
+        assert raw.encode(other) == whole.encode(other).ids and raw._full is not None
+    for refused in ({"normalizer": {"type": "NFC"}},
+                    {"pre_tokenizer": dict(spec["pre_tokenizer"], add_prefix_space=True)},
+                    {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}},
+                    {"model": dict(spec["model"], continuing_subword_prefix="##")}):
+        assert gw.probe_spec(spec | refused, ["a"]) is None, refused
+    seen = []
+    original = gw._RawTokenizer._whole
+    monkeypatch.setattr(gw._RawTokenizer, "_whole", lambda self: seen.append(1) or original(self))
+    write_gguf(tiny, tmp_path / "model.gguf", "F16")
+    assert seen == []
+
+
 def test_raw_tokenizer_only_where_transformers_adds_nothing(tiny, tmp_path) -> None:
     """The raw path's model types are those transformers loads with its generic backend (it rebuilds qwen2's
     pipeline); a tokenizer_config naming another class or asking transformers to add BOS/EOS or clean up spaces
