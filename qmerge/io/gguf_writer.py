@@ -335,7 +335,8 @@ def probe_spec(spec: dict, texts) -> dict | None:
     model = spec.get("model") or {}
     if (spec.get("normalizer") is not None or not _splits_then_byte_level(spec.get("pre_tokenizer"))
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("dropout")
-            or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list)):
+            or not isinstance(model.get("vocab"), dict) or not model.get("merges")
+            or not isinstance(model["merges"], list)):
         return None
     longest = max(map(len, model["vocab"]), default=0)
     stretches = set()
@@ -344,7 +345,12 @@ def probe_spec(spec: dict, texts) -> dict | None:
         stretches.update(image[i:j] for i in range(len(image)) for j in range(i + 1, min(len(image), i + longest) + 1))
     keep = stretches | {t.get("content") for t in spec.get("added_tokens", ())} | {model.get("unk_token")}
     vocab = {token: i for token, i in model["vocab"].items() if token in keep}
-    merges = [m for m in model["merges"] if ("".join(m) if isinstance(m, list) else m.replace(" ", "", 1)) in stretches]
+    pairs = model["merges"] if set(map(type, model["merges"])) == {list} else [
+        m if isinstance(m, list) else str(m).split(" ", 1) for m in model["merges"]]
+    if set(map(len, pairs)) != {2}:
+        return None  # not a BPE merge list: the whole tokenizer's own error
+    # the parts first: that test (no string built) drops nearly every merge
+    merges = [m for m, (a, b) in zip(model["merges"], pairs) if a in stretches and b in stretches and a + b in stretches]
     return dict(spec, model=dict(model, vocab=vocab, merges=merges))
 
 
