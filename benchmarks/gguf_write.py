@@ -11,7 +11,7 @@ writing from a process's memory into fresh page cache). Each step starts after `
 writer's I/O overhead over a plain copy: near 1 means streaming costs what copying costs; `write / (1.5 copy +
 quantize)` at most 1 is the goal "writing costs at most 1.5x a copy plus the quantization". Types alternate
 write, quantize, copy for `--repeat` rounds; medians (min-max). `write` holds a per-file fixed cost (the tokenizer's
-vocabulary, merges and pre-tokenizer check: about 0.9 s for SmolLM2's 49,152 tokens), which dominates on tiny
+vocabulary, merges and pre-tokenizer check: 0.15-0.25 s for SmolLM2's 49,152 tokens), which dominates on tiny
 models: compare on real ones (`--folder`; README "Release formats" and results/gguf-write-*.md hold both). The once-per-process imports behind the tokenizer load are timed
 before the rounds and reported apart. With `llama_cpp` (llama-cpp-python) importable, also the
 perplexity llama.cpp computes on the file over a fixed text; without it, that column says so.
