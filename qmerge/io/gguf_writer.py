@@ -374,7 +374,10 @@ class _RawTokenizer:
         self.vocab = self._spec_vocab(spec)
         self._probes = set(self.PROBES) | {t.get("content") for t in (spec or {}).get("added_tokens", ())}
         cut = probe_spec(spec, self._probes) if self.vocab is not None else None
-        self._tok = Tokenizer.from_str(json.dumps(cut)) if cut is not None else self._whole()
+        try:
+            self._tok = Tokenizer.from_str(json.dumps(cut)) if cut is not None else self._whole()
+        except Exception:  # noqa: BLE001 - `tokenizers` raises plain Exception; the whole tokenizer is always exact
+            cut, self._tok = None, self._whole()
         self._cut_ids = set(cut["model"]["vocab"].values()) if cut is not None else None
         if self.vocab is None:
             self.vocab = self._tok.get_vocab(with_added_tokens=True)

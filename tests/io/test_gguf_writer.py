@@ -465,6 +465,12 @@ def test_probe_tokenizer_gives_the_whole_tokenizers_ids(tiny, tmp_path, monkeypa
         assert raw._full is None  # everything above came from the cut tokenizer
         other = "Quarterly results beat forecasts; shares rose 4.5% in Tokyo."
         assert raw.encode(other) == whole.encode(other).ids and raw._full is not None
+    # a cut that `tokenizers` refuses to build (a merge of strings outside its vocabulary): the whole tokenizer answers
+    monkeypatch.setattr(gw, "probe_spec", lambda spec, texts: dict(spec, model=dict(
+        spec["model"], vocab={"a": 0}, merges=[["x", "y"]])))
+    raw = gw._RawTokenizer(json.dumps(spec), config, spec)
+    assert raw._cut_ids is None and raw.encode(gw.CHKTXT) == Tokenizer.from_str(json.dumps(spec)).encode(gw.CHKTXT).ids
+    monkeypatch.undo()
     for refused in ({"normalizer": {"type": "NFC"}},
                     {"pre_tokenizer": dict(spec["pre_tokenizer"], add_prefix_space=True)},
                     {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}},
