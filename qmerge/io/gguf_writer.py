@@ -325,18 +325,31 @@ def _splits_then_byte_level(pre_tokenizer) -> bool:
             and all(step.get("type") == "Split" for step in steps[:-1]))
 
 
+def _added_tokens_in_vocab(spec: dict) -> bool:
+    """Whether every added token is a vocabulary entry under the id the file gives it. `tokenizers` gives an added
+    token outside the vocabulary the next free id after the vocabulary, whatever id the file states (Llama 3's
+    files: added tokens from 128000 on, after 128000 entries): ids read from the file, or kept by a cut vocabulary,
+    are then not the ids `tokenizers` uses."""
+    try:
+        vocab = spec["model"]["vocab"]
+        return all(vocab.get(t["content"]) == t["id"] for t in spec.get("added_tokens", ()))
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 def probe_spec(spec: dict, texts) -> dict | None:
     """tokenizer.json (parsed) cut to what encoding `texts` can touch: the vocabulary entries and merges whose
     strings occur in a text's byte-level image, every added token, the unknown token. BPE only ever holds stretches
     of a piece and merges two neighbours into a longer stretch, so the cut tokenizer gives those texts the same ids
     (ids and merge order kept) for a fraction of the build (`Tokenizer.from_str`: 0.14 s for 49k tokens). None
     where that argument does not hold: a normalizer, a pre-tokenizer that does more than split and map bytes, a
-    subword prefix or suffix, dropout."""
+    subword prefix or suffix, dropout, byte fallback, an added token outside the vocabulary (its id would follow the
+    cut vocabulary's size: `_added_tokens_in_vocab`)."""
     model = spec.get("model") or {}
     if (spec.get("normalizer") is not None or not _splits_then_byte_level(spec.get("pre_tokenizer"))
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("dropout")
-            or not isinstance(model.get("vocab"), dict) or not model.get("merges")
-            or not isinstance(model["merges"], list)):
+            or model.get("byte_fallback") or not isinstance(model.get("vocab"), dict) or not model.get("merges")
+            or not isinstance(model["merges"], list) or not _added_tokens_in_vocab(spec)):
         return None
     longest = max(map(len, model["vocab"]), default=0)
     stretches = set()
@@ -373,8 +386,8 @@ class _RawTokenizer:
         self._text, self._full = text, None
         self.vocab = self._spec_vocab(spec)
         self._probes = set(self.PROBES) | {t.get("content") for t in (spec or {}).get("added_tokens", ())}
-        cut = probe_spec(spec, self._probes) if self.vocab is not None else None
         try:
+            cut = probe_spec(spec, self._probes) if self.vocab is not None else None
             self._tok = Tokenizer.from_str(json.dumps(cut)) if cut is not None else self._whole()
         except Exception:  # noqa: BLE001 - `tokenizers` raises plain Exception; the whole tokenizer is always exact
             cut, self._tok = None, self._whole()
@@ -393,14 +406,11 @@ class _RawTokenizer:
     @staticmethod
     def _spec_vocab(spec: dict | None) -> dict[str, int] | None:
         """`get_vocab(with_added_tokens=True)` from the parsed tokenizer.json (`tokenizers` builds it again from its
-        own copy: 0.04 s for 49k tokens): the model's vocabulary, then the added tokens over it, as `tokenizers`
-        merges them (a test holds the two equal)."""
-        try:
-            vocab = dict(spec["model"]["vocab"])
-            vocab.update((t["content"], t["id"]) for t in spec.get("added_tokens", ()))
-        except (KeyError, TypeError, ValueError):
+        own copy: 0.04 s for 49k tokens): the model's vocabulary, where every added token is in it under its own id
+        (`_added_tokens_in_vocab`; a test holds the two equal). None otherwise: `tokenizers`' own."""
+        if spec is None or not _added_tokens_in_vocab(spec) or not isinstance(spec["model"]["vocab"], dict):
             return None
-        return vocab
+        return dict(spec["model"]["vocab"])
 
     # model types whose folders transformers (as pinned) loads with TokenizersBackend when tokenizer_config.json names
     # it; a test holds transformers to this

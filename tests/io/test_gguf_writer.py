@@ -6,6 +6,7 @@ The model is a tiny random llama with SmolLM2's real tokenizer (vocab 49152), ta
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -379,6 +380,33 @@ def test_raw_tokenizer_and_own_merges_write_the_transformers_and_gguf_bytes(tiny
     assert fast["sha256"] == slow["sha256"]
 
 
+def test_added_tokens_after_the_vocabulary_write_the_transformers_bytes(tiny, tmp_path, monkeypatch) -> None:
+    """Llama 3's layout: the model's vocabulary without the added tokens, which follow it. The file must be byte for
+    byte what transformers' AutoTokenizer and gguf's own SpecialVocab give (the cut probe tokenizer is refused)."""
+    from tokenizers import Tokenizer
+
+    import qmerge.io.gguf_writer as gw
+
+    folder = tmp_path / "llama3-layout"
+    shutil.copytree(tiny, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    added = [t["content"] for t in spec["added_tokens"]]
+    rest = sorted((i, t) for t, i in spec["model"]["vocab"].items() if t not in added)
+    spec["model"]["vocab"] = {t: n for n, (_, t) in enumerate(rest)}
+    for n, token in enumerate(spec["added_tokens"]):
+        token["id"] = len(rest) + n
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    text = json.dumps(spec)
+    assert gw.probe_spec(spec, added + ["a"]) is None
+    ids = Tokenizer.from_str(text).encode(gw.CHKTXT).ids
+    monkeypatch.setitem(gw.PRE_TOKENIZERS, hashlib.sha256(str(ids).encode()).hexdigest(), "smollm")
+    fast = write_gguf(folder, tmp_path / "fast" / "model.gguf", "Q8_0")
+    raw = gw.source_tokenizer
+    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt, spec=None: raw(folder, text, mt, prefer_raw=False))
+    monkeypatch.setattr(gw, "_merges", lambda spec: None)
+    assert fast["sha256"] == write_gguf(folder, tmp_path / "slow" / "model.gguf", "Q8_0")["sha256"]
+
+
 def test_special_vocab_without_the_second_parse_is_gguf_s_own(tiny, tmp_path) -> None:
     """qmerge hands gguf's SpecialVocab a tokenizer.json cut to the keys it reads (and links to the small files it
     reads); every field must be what SpecialVocab makes of the whole folder: the demo tokenizer as it is, with a
@@ -465,6 +493,16 @@ def test_probe_tokenizer_gives_the_whole_tokenizers_ids(tiny, tmp_path, monkeypa
         assert raw._full is None  # everything above came from the cut tokenizer
         other = "Quarterly results beat forecasts; shares rose 4.5% in Tokyo."
         assert raw.encode(other) == whole.encode(other).ids and raw._full is not None
+    # Added tokens outside the vocabulary (Llama 3's layout; here at the ids the file states, which `tokenizers`
+    # renumbers after the vocabulary): neither the cut nor the file's ids, but `tokenizers`' own.
+    outside = dict(spec, model=dict(spec["model"], vocab={
+        t: i for t, i in spec["model"]["vocab"].items() if t not in {a["content"] for a in spec["added_tokens"]}}))
+    raw, whole = gw._RawTokenizer(json.dumps(outside), config, outside), Tokenizer.from_str(json.dumps(outside))
+    assert {t["content"]: t["id"] for t in outside["added_tokens"]} != {  # else this variant tests nothing
+        t["content"]: whole.token_to_id(t["content"]) for t in outside["added_tokens"]}
+    assert gw.probe_spec(outside, raw._probes) is None and raw._cut_ids is None
+    assert raw.vocab == whole.get_vocab(with_added_tokens=True)
+    assert raw.added_tokens_decoder == whole.get_added_tokens_decoder()
     # a cut that `tokenizers` refuses to build (a merge of strings outside its vocabulary): the whole tokenizer answers
     monkeypatch.setattr(gw, "probe_spec", lambda spec, texts: dict(spec, model=dict(
         spec["model"], vocab={"a": 0}, merges=[["x", "y"]])))
@@ -474,7 +512,8 @@ def test_probe_tokenizer_gives_the_whole_tokenizers_ids(tiny, tmp_path, monkeypa
     for refused in ({"normalizer": {"type": "NFC"}},
                     {"pre_tokenizer": dict(spec["pre_tokenizer"], add_prefix_space=True)},
                     {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}},
-                    {"model": dict(spec["model"], continuing_subword_prefix="##")}):
+                    {"model": dict(spec["model"], continuing_subword_prefix="##")},
+                    {"model": dict(spec["model"], byte_fallback=True)}):
         assert gw.probe_spec(spec | refused, ["a"]) is None, refused
     seen = []
     original = gw._RawTokenizer._whole
