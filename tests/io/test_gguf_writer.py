@@ -363,6 +363,16 @@ class _PlainFile(io.FileIO):
         os.fsync(self.fileno())
 
 
+def _transformers_tokenizer_path(monkeypatch) -> None:
+    """The writer's metadata as it was before its shortcuts: transformers' AutoTokenizer for the vocabulary and the
+    probes, gguf's SpecialVocab on the whole folder for the merges and special ids."""
+    import qmerge.io.gguf_writer as gw
+
+    raw = gw.source_tokenizer
+    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt, spec=None: raw(folder, text, mt, prefer_raw=False))
+    monkeypatch.setattr(gw, "_merges", lambda spec: None)
+
+
 def test_raw_tokenizer_and_own_merges_write_the_transformers_and_gguf_bytes(tiny, tmp_path, monkeypatch) -> None:
     """The vocabulary is read with `tokenizers` directly and the merges from qmerge's one parse of tokenizer.json;
     the file must be byte for byte what transformers' AutoTokenizer and gguf's SpecialVocab merges give."""
@@ -372,10 +382,8 @@ def test_raw_tokenizer_and_own_merges_write_the_transformers_and_gguf_bytes(tiny
     assert isinstance(gw.source_tokenizer(tiny, text, "llama"), gw._RawTokenizer)  # else this compares nothing
     assert gw._merges(json.loads(text)) is not None
     fast = write_gguf(tiny, tmp_path / "fast" / "model.gguf", "Q8_0")
-    raw = gw.source_tokenizer
-    assert not isinstance(raw(tiny, text, "llama", prefer_raw=False), gw._RawTokenizer)
-    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt, spec=None: raw(folder, text, mt, prefer_raw=False))
-    monkeypatch.setattr(gw, "_merges", lambda spec: None)
+    assert not isinstance(gw.source_tokenizer(tiny, text, "llama", prefer_raw=False), gw._RawTokenizer)
+    _transformers_tokenizer_path(monkeypatch)
     slow = write_gguf(tiny, tmp_path / "slow" / "model.gguf", "Q8_0")
     assert fast["sha256"] == slow["sha256"]
 
@@ -401,9 +409,7 @@ def test_added_tokens_after_the_vocabulary_write_the_transformers_bytes(tiny, tm
     ids = Tokenizer.from_str(text).encode(gw.CHKTXT).ids
     monkeypatch.setitem(gw.PRE_TOKENIZERS, hashlib.sha256(str(ids).encode()).hexdigest(), "smollm")
     fast = write_gguf(folder, tmp_path / "fast" / "model.gguf", "Q8_0")
-    raw = gw.source_tokenizer
-    monkeypatch.setattr(gw, "source_tokenizer", lambda folder, text, mt, spec=None: raw(folder, text, mt, prefer_raw=False))
-    monkeypatch.setattr(gw, "_merges", lambda spec: None)
+    _transformers_tokenizer_path(monkeypatch)
     assert fast["sha256"] == write_gguf(folder, tmp_path / "slow" / "model.gguf", "Q8_0")["sha256"]
 
 
