@@ -34,14 +34,14 @@ _CHECK_IDS = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 198, 2016, 314, 10
 
 def gguf_header(path: Path) -> dict:
     """Architecture and tensor-type counts read from the GGUF header; a bad or truncated file is exit 2."""
-    from gguf import GGUFReader
+    from qmerge.io.gguf_reader import open_gguf
 
     path = Path(path)
     fix = "re-download or reinstall the file (it is not a complete GGUF)"
     if not path.is_file():
         raise BadInputError("GGUF file does not exist", path=path, fix="fix the path")
     try:
-        reader = GGUFReader(str(path))
+        reader = open_gguf(path)
     except Exception as e:  # gguf raises ValueError/IndexError/... on damaged headers and short files
         raise BadInputError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path, fix=fix) from None
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)

@@ -15,6 +15,7 @@ and `open_tensor_source` read: the GGUF stage's artifact can be evaluated in pla
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -61,6 +62,30 @@ def unpermute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weights.shape))
 
 
+@functools.cache
+def _reader_class():
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        """gguf's GGUFReader over a plain ndarray view of its memory map. The stock reader slices an `np.memmap`,
+        whose Python-level `__getitem__` and `__array_finalize__` run for each of the views it makes while parsing
+        the metadata, about ten per vocabulary entry (SmolLM2's 49k tokens and merges: 2.9 s; 1.0 s on the plain
+        view). The fields, tensors and bytes are the stock reader's (a test holds them); only the arrays' Python
+        type differs."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is np.memmap:  # the first read, right after the stock __init__ mapped the file
+                self.data = self.data.view(np.ndarray)  # still backed by the mapping (its base)
+            return super()._get(offset, dtype, count, override_order)
+
+    return Reader
+
+
+def open_gguf(path: Path | str):
+    """`gguf.GGUFReader(path)`, faster (`_reader_class`)."""
+    return _reader_class()(str(path))
+
+
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
@@ -75,11 +100,9 @@ class GGUFTensorSource:
     stores a tie once. `types[name]` is the GGUF type the tensor is stored in."""
 
     def __init__(self, path: Path | str):
-        from gguf import GGUFReader
-
         self.path = Path(path)
         try:
-            self.reader = GGUFReader(str(self.path))
+            self.reader = open_gguf(self.path)
         except Exception as e:  # gguf raises ValueError/IndexError/... on damaged files
             raise BadInputError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=self.path,
                                 fix="rewrite the file") from None
