@@ -403,8 +403,8 @@ def test_added_tokens_after_the_vocabulary_write_the_transformers_bytes(tiny, tm
     spec["model"]["vocab"] = {t: n for n, (_, t) in enumerate(rest)}
     for n, token in enumerate(spec["added_tokens"]):
         token["id"] = len(rest) + n
-    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     text = json.dumps(spec)
+    (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     assert gw.probe_spec(spec, added + ["a"]) is None
     ids = Tokenizer.from_str(text).encode(gw.CHKTXT).ids
     monkeypatch.setitem(gw.PRE_TOKENIZERS, hashlib.sha256(str(ids).encode()).hexdigest(), "smollm")
