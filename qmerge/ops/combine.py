@@ -25,22 +25,27 @@ Memory. The combination streams over those flat blocks: besides the adapters' Δ
 holds a few blocks and the magnitudes near each top-k threshold (a bracket found from a sample), not whole-tensor
 masks, sums or |ΔWᵢ| copies.
 
-Speed. A block's trim (or DARE's rescale), election and disjoint mean (or weighted sum) run as one loop compiled
-by inductor (`MAGNITUDE`, `MASKED`; as the merge kernel, ops/merge_kernel.py) instead of ~25 passes op by op: TIES
-on an 11008×4096 tensor of 3 adapters 3.2 -> 1.6 s. Where compiling cannot work, and in the one block where the
-top-k's threshold ties must be split by a prefix sum, the op-by-op twin runs: the same bits (tested).
+Speed. A block's trim (or DARE's drop and rescale), election and disjoint mean (or weighted sum) run as one loop
+instead of ~25 passes op by op: on CPU in qmerge's C helper (ops/native.py; blocks on all of torch's threads,
+written in place, DARE's hash in unsigned 32-bit words), elsewhere compiled by inductor (`MAGNITUDE`, `DARE`,
+`MASKED`). On an 11008×4096 tensor of 3 adapters (2 cores, AVX-512) TIES' and DARE-TIES' block loops took 0.19 and
+0.33 s compiled by inductor, 0.13 and 0.09 s in C, and nothing to compile (inductor's first build of the DARE
+loop: 35 s). Where neither can run, and in the one block where the top-k's threshold ties must be split by a
+prefix sum, the op-by-op twin runs: the same bits every way (tested).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from qmerge.numerics import MATH_DTYPE
+from qmerge.ops import native
 from qmerge.ops.native import count_and_gather
 from qmerge.ops.nf4 import CompiledKernel
 from qmerge.runtime import map_on_threads
@@ -230,7 +235,9 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
         threshold = torch.tensor(keep_threshold(density), dtype=torch.int64, device=device)
     out = torch.empty_like(flats[0]) if out is None else out.view(-1)
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
-    frequency = majority_sign_method != "total"
+    frequency, elect = majority_sign_method != "total", method in ELECTS_SIGN
+    in_c = _in_c(flats, out) and not (method == "linear" and kind is None)
+    c_blocks = []  # (start, stop, C arguments): run on threads after the loop, each reading and writing its own block
     for start in range(0, out.numel(), BLOCK):
         stop = min(start + BLOCK, out.numel())
         raws = tuple(f[start:stop] for f in flats)
@@ -241,25 +248,53 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
         if kind == "magnitude":
             take_equal = [_take_equal(raw, thresholds[i], admitted[i]) for i, raw in enumerate(raws)]
             if None not in take_equal:  # None: some threshold-equal entries wait for later blocks (a prefix sum)
+                if in_c:
+                    c_blocks.append((start, stop, {"mode": "magnitude", "thresholds": [t[0] for t in thresholds],
+                                                   "take_equal": take_equal}))
+                    continue
                 fused = MAGNITUDE(raws, torch.tensor([t[0] for t in thresholds], dtype=MATH_DTYPE),
-                                  torch.tensor(take_equal), weight_t, method in ELECTS_SIGN, frequency)
+                                  torch.tensor(take_equal), weight_t, elect, frequency)
             if fused is None:
                 parts = [raw * _kept(raw, thresholds[i], admitted[i], settled=take_equal[i])
                          for i, raw in enumerate(raws)]
         elif kind == "random":
-            args = (raws, torch.tensor(start, device=device), keys, threshold, density, weight_t,
-                    method in ELECTS_SIGN, frequency)
+            if in_c:
+                c_blocks.append((start, stop, {"mode": "dare", "keys": keys.numpy(), "keep_below": int(threshold),
+                                               "start": start, "density": density}))
+                continue
+            args = (raws, torch.tensor(start, device=device), keys, threshold, density, weight_t, elect, frequency)
             fused = DARE(*args)
             if fused is None:
                 fused = _dare_kernel(*args)  # the same code, op by op
         else:
-            fused = MASKED(raws, None, 1.0, weight_t, method in ELECTS_SIGN, frequency)
+            if in_c:
+                c_blocks.append((start, stop, {"mode": "keep_all"}))
+                continue
+            fused = MASKED(raws, None, 1.0, weight_t, elect, frequency)
             if fused is None:
                 parts = list(raws)
         if fused is None:  # the op-by-op twin
-            fused = _elect(parts, weight_t, frequency) if method in ELECTS_SIGN else _weighted_sum(parts, weight_t)
+            fused = _elect(parts, weight_t, frequency) if elect else _weighted_sum(parts, weight_t)
         out[start:stop] = fused
+    if c_blocks:
+        arrays, into, weight_a = [f.numpy() for f in flats], out.numpy(), weight_t.numpy()
+
+        def run(block: tuple[int, int, dict]) -> None:
+            start, stop, how = block
+            native.combine_block([a[start:stop] for a in arrays], into[start:stop], weights=weight_a, elect=elect,
+                                 frequency=frequency, **how)
+
+        map_on_threads(run, c_blocks, "qmerge-combine")
     return out.reshape(deltas[0].shape)
+
+
+def _in_c(flats: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """Whether the fused blocks run in qmerge's C helper (ops/native.py: CPU, float32, contiguous, at most 16
+    adapters), where they are written in place and spread over threads, with no compile. Elsewhere (CUDA, or no
+    C compiler) the inductor-compiled kernels below, else their op-by-op twin: the same bits every way (tested)."""
+    return (out.device.type == "cpu" and len(flats) <= native.MAX_ADAPTERS and not os.environ.get("QMERGE_NO_COMPILE")
+            and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in (*flats, out))
+            and native.combine_available())
 
 
 def _take_equal(raw: torch.Tensor, threshold: tuple[float, int, int], admitted: list[int]) -> bool | None:

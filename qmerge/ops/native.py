@@ -1,15 +1,23 @@
-"""One loop in C, for the pass numpy cannot fuse: TIES' bracket pass over a delta's magnitudes (ops/combine.py
-`_count_and_gather`: how many |x| exceed the bracket, and the |x| inside it, in order). numpy makes it six passes
-over each block (abs, two comparisons, an `and`, a count, a boolean gather), 70-80 ms per 11008x4096 delta on two
-threads; the C loop reads each entry once, 31-36 ms, and 17-19 ms in its AVX-512 form (16 entries a step, the
-inside ones compressed to the front of a register), taken where the CPU has AVX-512F.
+"""Two loops in C, for passes numpy and torch cannot fuse well on CPU:
+
+- TIES' bracket pass over a delta's magnitudes (ops/combine.py `_count_and_gather`: how many |x| exceed the
+  bracket, and the |x| inside it, in order). numpy makes it six passes over each block (abs, two comparisons, an
+  `and`, a count, a boolean gather), 70-80 ms per 11008x4096 delta on two threads; the C loop reads each entry once,
+  31-36 ms, and 17-19 ms in its AVX-512 form (16 entries a step, the inside ones compressed to the front of a
+  register), taken where the CPU has AVX-512F.
+- One block of a multi-adapter combination (`combine_block`: TIES' trim or DARE's drop and rescale, then the
+  election and disjoint mean or the weighted sum), the same float32 operations in the same order as ops/combine.py's
+  op-by-op twin, so the same bits; DARE's keep hash in unsigned 32-bit words (inductor's loop computes it in int64
+  lanes, split so that no signed product overflows: DARE's extra time over TIES' loop). Compiled once per CPU kind (AVX-512,
+  AVX2, plain) and chosen at run time.
 
 Built once per machine with the C compiler (`$CC`, else cc, gcc, clang, or a C++ compiler; inductor, which
-compiles the fused kernels, needs one too) into `<qmerge cache>/native/<sha256 of source and compiler>.so`, atomically (parallel
-builds of a matrix share it), and loaded with ctypes, which releases the GIL during the call: callers run blocks on
-threads. Where no compiler is found, the build fails or `QMERGE_NO_COMPILE=1` is set, `count_and_gather` is None
-and the caller takes numpy, which gives the same results (tested), only slower; under `QMERGE_COMPILE_STRICT=1`
-(the test suite) a failed build raises, so a test of this path cannot pass by comparing numpy with itself.
+compiles the fused kernels, needs one too) into `<qmerge cache>/native/helper-<sha256 of source, compiler and
+flags>.so`, atomically (parallel builds of a matrix share it), and loaded with ctypes, which releases the GIL during
+the call: callers run blocks on threads. Where no compiler is found, the build fails or `QMERGE_NO_COMPILE=1` is
+set, `count_and_gather` is None and `combine_available()` False, and the callers take numpy or torch's op-by-op
+code, which give the same results (tested), only slower; under `QMERGE_COMPILE_STRICT=1` (the test suite) a failed
+build raises, so a test of this path cannot pass by comparing a fallback with itself.
 """
 
 from __future__ import annotations
@@ -84,6 +92,120 @@ static int64_t avx512(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, ui
 #define HAVE_AVX512 1
 #endif
 
+/* ---- one block of a multi-adapter combination (ops/combine.py `_magnitude_kernel`, `_dare_kernel`,
+   `_masked_kernel`): the same float32 operations in the same order as the op-by-op twin, so the same bits (built
+   with -ffp-contract=off: no fused multiply-add). Entries go through in chunks: each step below is a plain loop
+   over one chunk, which the compiler vectorizes. */
+
+#define QM_CHUNK 256
+#define QM_MAX_ADAPTERS 16
+enum { QM_KEEP_ALL = 0, QM_MAGNITUDE = 1, QM_DARE = 2 };
+
+/* combine.py `_mix32` in unsigned 32-bit arithmetic, whose products wrap by definition */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    return x ^ (x >> 15);
+}
+
+/* torch.sign: +1, -1, or 0 for zeros and NaN */
+static inline float sign_of(float x) { return (float)(x > 0.0f) - (float)(x < 0.0f); }
+
+static inline __attribute__((always_inline)) void combine_body(
+        int32_t k, const float *const *raws, int64_t n, float *out, int32_t mode, const float *thresholds,
+        const uint8_t *take_equal, const uint32_t *keys, uint64_t keep_below, uint64_t start, float density,
+        const float *weights, int32_t elect, int32_t frequency) {
+    float parts[QM_MAX_ADAPTERS][QM_CHUNK], votes[QM_CHUNK], total[QM_CHUNK], count[QM_CHUNK];
+    for (int64_t s = 0; s < n; s += QM_CHUNK) {
+        const int64_t m = n - s < QM_CHUNK ? n - s : QM_CHUNK;
+        for (int32_t i = 0; i < k; i++) {
+            const float *__restrict r = raws[i] + s;
+            float *__restrict p = parts[i];
+            if (mode == QM_MAGNITUDE) {  /* raw * (|raw| > t | (|raw| == t & take_equal)) */
+                const float t = thresholds[i];
+                const int te = take_equal[i] != 0;
+                for (int64_t j = 0; j < m; j++) {
+                    const float a = __builtin_fabsf(r[j]);
+                    p[j] = r[j] * (float)((a > t) | ((a == t) & te));
+                }
+            } else if (mode == QM_DARE) {  /* raw * (keep_hash(index) < keep_below) / density */
+                const uint32_t k0 = keys[2 * i], k1 = keys[2 * i + 1];
+                for (int64_t j = 0; j < m; j++) {
+                    const uint64_t index = start + (uint64_t)(s + j);
+                    const uint32_t h = mix32(mix32((uint32_t)index ^ k0) ^ (uint32_t)(index >> 32) ^ k1);
+                    p[j] = r[j] * (float)((uint64_t)h < keep_below) / density;
+                }
+            } else {
+                for (int64_t j = 0; j < m; j++) p[j] = r[j];
+            }
+        }
+        if (!elect) {  /* `_weighted_sum` */
+            for (int64_t j = 0; j < m; j++) total[j] = parts[0][j] * weights[0];
+            for (int32_t i = 1; i < k; i++)
+                for (int64_t j = 0; j < m; j++) total[j] = total[j] + parts[i][j] * weights[i];
+            for (int64_t j = 0; j < m; j++) out[s + j] = total[j];
+            continue;
+        }
+        /* `_elect`: the votes from the first term on, the elected sign (a zero total elects +1), the disjoint mean */
+        for (int64_t j = 0; j < m; j++) votes[j] = frequency ? sign_of(parts[0][j]) : parts[0][j];
+        for (int32_t i = 1; i < k; i++)
+            for (int64_t j = 0; j < m; j++) votes[j] = votes[j] + (frequency ? sign_of(parts[i][j]) : parts[i][j]);
+        for (int64_t j = 0; j < m; j++) votes[j] = votes[j] >= 0.0f ? 1.0f : -1.0f;
+        for (int32_t i = 0; i < k; i++) {
+            const float w = weights[i];
+            for (int64_t j = 0; j < m; j++) {
+                const float x = parts[i][j];
+                const float agrees = (float)(votes[j] > 0.0f ? x > 0.0f : x < 0.0f);
+                const float term = x * w * agrees;
+                total[j] = i == 0 ? term : total[j] + term;
+                count[j] = i == 0 ? agrees : count[j] + agrees;
+            }
+        }
+        for (int64_t j = 0; j < m; j++) out[s + j] = total[j] / (count[j] < 1.0f ? 1.0f : count[j]);
+    }
+}
+
+#define QM_COMBINE_ARGS int32_t k, const float *const *raws, int64_t n, float *out, int32_t mode, \
+    const float *thresholds, const uint8_t *take_equal, const uint32_t *keys, uint64_t keep_below, uint64_t start, \
+    float density, const float *weights, int32_t elect, int32_t frequency
+#define QM_COMBINE_PASS k, raws, n, out, mode, thresholds, take_equal, keys, keep_below, start, density, weights, \
+    elect, frequency
+
+static void combine_plain(QM_COMBINE_ARGS) { combine_body(QM_COMBINE_PASS); }
+#ifdef HAVE_AVX512
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+static void combine_avx512(QM_COMBINE_ARGS) { combine_body(QM_COMBINE_PASS); }
+__attribute__((target("avx2")))
+static void combine_avx2(QM_COMBINE_ARGS) { combine_body(QM_COMBINE_PASS); }
+#endif
+
+/* 0: done; -1: more adapters than the chunk buffers hold (the caller takes its other path) */
+int32_t qmerge_combine_block(QM_COMBINE_ARGS) {
+    if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
+#ifdef HAVE_AVX512
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl")) {
+        combine_avx512(QM_COMBINE_PASS);
+        return 0;
+    }
+    if (__builtin_cpu_supports("avx2")) {
+        combine_avx2(QM_COMBINE_PASS);
+        return 0;
+    }
+#endif
+    combine_plain(QM_COMBINE_PASS);
+    return 0;
+}
+
+int32_t qmerge_combine_block_portable(QM_COMBINE_ARGS) {
+    if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
+    combine_plain(QM_COMBINE_PASS);
+    return 0;
+}
+
 int64_t qmerge_count_and_gather(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *inside,
                                 int64_t *above) {
 #ifdef HAVE_AVX512
@@ -101,6 +223,11 @@ int64_t qmerge_count_and_gather_portable(const uint32_t *x, int64_t n, uint32_t 
 }
 #endif
 """
+
+
+# -O3 vectorizes the combination's chunk loops; -ffp-contract=off keeps each multiply and add rounded on its own,
+# as torch's op-by-op twin rounds them (a fused multiply-add would change the bits)
+FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
 
 
 def _compiler() -> str | None:
@@ -129,31 +256,37 @@ def _load() -> ctypes.CDLL | None:
         compiler = _compiler()
         if compiler is None:
             raise FileNotFoundError("no C compiler ($CC, cc, gcc, clang, c++, g++)")
-        key = hashlib.sha256(f"{SOURCE}\0{compiler}".encode()).hexdigest()[:16]
-        target = default_cache_root() / "native" / f"bracket-{key}.so"
+        key = hashlib.sha256(f"{SOURCE}\0{compiler}\0{' '.join(FLAGS)}".encode()).hexdigest()[:16]
+        target = default_cache_root() / "native" / f"helper-{key}.so"
         if not target.is_file():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-        functions = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
+        gather = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
+        combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_portable)
     except (OSError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: a symbol missing
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
             raise KernelCompileError(f"cannot build qmerge's C helper: {why}") from e
         log.warning("cannot build qmerge's C helper (%s); using numpy (same results, slower)", why)
         return None
-    for fn in functions:
+    for fn in gather:
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
                        ctypes.POINTER(ctypes.c_int64)]
+    for fn in combine:
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                       ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
     return lib
 
 
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source, built = Path(tmp) / "bracket.c", Path(tmp) / "bracket.so"
+        source, built = Path(tmp) / "helper.c", Path(tmp) / "helper.so"
         source.write_text(SOURCE)
-        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(source)], check=True,
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], check=True,
                        capture_output=True, timeout=120)
         os.replace(built, target)  # whole or not at all, whoever builds it first
 
@@ -176,3 +309,39 @@ def count_and_gather(block: np.ndarray, lo: float, hi: float, portable: bool = F
     fn = lib.qmerge_count_and_gather_portable if portable else lib.qmerge_count_and_gather
     found = fn(block.ctypes.data, block.size, _bits(lo), _bits(hi), inside.ctypes.data, ctypes.byref(above))
     return above.value, inside[:found].view(np.float32).copy()  # the copy lets the block-sized room go
+
+
+MAX_ADAPTERS = 16  # QM_MAX_ADAPTERS
+COMBINE_MODES = {"keep_all": 0, "magnitude": 1, "dare": 2}
+
+
+def combine_available() -> bool:
+    """Whether `combine_block` can run here (the C helper built and loaded)."""
+    return _library() is not None
+
+
+def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: np.ndarray, elect: bool,
+                  frequency: bool, thresholds: np.ndarray | None = None, take_equal: np.ndarray | None = None,
+                  keys: np.ndarray | None = None, keep_below: int = 0, start: int = 0, density: float = 1.0,
+                  portable: bool = False) -> None:
+    """One block of ops/combine.py's combination, written into `out` (float32, contiguous, the raws' length; it may
+    be one of them: each chunk is read whole before it is written). `mode`: "magnitude" (TIES' trim: `thresholds`
+    float32 and `take_equal` per adapter), "dare" (drop by `keys` (uint32 [k, 2]) and `keep_below` for the flat
+    indices from `start`, rescale by 1/`density`) or "keep_all"; then the election (`elect`, `frequency`) or the
+    weighted sum. The caller checks `combine_available()` first. `portable`: the plain loop (tests)."""
+    lib = _library()
+    k = len(raws)
+    if not 1 <= k <= MAX_ADAPTERS or any(r.dtype != np.float32 or not r.flags.c_contiguous or r.size != out.size
+                                         for r in (*raws, out)):
+        raise ValueError("combine_block takes 1-16 contiguous float32 blocks of one length")
+    pointers = (ctypes.c_void_p * k)(*(r.ctypes.data for r in raws))
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    thresholds = np.ascontiguousarray(thresholds if thresholds is not None else np.zeros(k), dtype=np.float32)
+    take_equal = np.ascontiguousarray(take_equal if take_equal is not None else np.zeros(k), dtype=np.uint8)
+    keys = np.ascontiguousarray(keys if keys is not None else np.zeros((k, 2)), dtype=np.uint32)
+    fn = lib.qmerge_combine_block_portable if portable else lib.qmerge_combine_block
+    status = fn(k, pointers, out.size, out.ctypes.data, COMBINE_MODES[mode], thresholds.ctypes.data,
+                take_equal.ctypes.data, keys.ctypes.data, keep_below, start, density, weights.ctypes.data,
+                int(elect), int(frequency))
+    if status != 0:
+        raise ValueError(f"qmerge_combine_block refused {k} adapters")

@@ -177,6 +177,48 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_combination_in_c_gives_the_op_by_op_bits_on_every_kind_of_float(portable):
+    """The C helper's block (ops/native.py, each form: the vectorized one this CPU takes and the plain loop) against
+    the op-by-op kernels it replaces, bit for bit: zeros of both signs, subnormals, infinities and NaNs in the
+    deltas, entries equal to a threshold, 1, 3 and 5 adapters, both sign methods and the weighted sum, lengths that
+    are not whole chunks or vector steps, and DARE's flat indices past 2³² (the hash's high word) with densities
+    that keep nothing, some, and everything."""
+    import numpy as np
+
+    from qmerge.ops import native
+
+    assert native.combine_available()  # the suite runs with QMERGE_COMPILE_STRICT=1: a failed build raises
+    g = torch.Generator().manual_seed(8)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, float("inf"), -float("inf"), float("nan"), 1.0, -1.0,
+                             0.5, -0.5, 3.4e38, -3.4e38])
+    for k in (1, 3, 5):
+        for n in (1, 15, 300, 1000):
+            raws = tuple(torch.cat([specials, torch.randn(n, generator=g) * 10 ** -i])[torch.randperm(
+                n + len(specials), generator=g)][:n].contiguous() for i in range(k))
+            weights = torch.randn(k, generator=g)
+            thresholds = torch.tensor([0.5, 1.0, 0.0, float("inf"), 1e-45][:k])
+            take_equal = torch.tensor([True, False, True, False, True][:k])
+            keys = torch.randint(0, 2**32, (k, 2), generator=g, dtype=torch.int64)
+            for elect, frequency in ((True, False), (True, True), (False, False)):
+                cases = [("keep_all", {}, combine_module._masked_kernel(raws, None, 1.0, weights, elect, frequency)),
+                         ("magnitude", {"thresholds": thresholds.numpy(), "take_equal": take_equal.numpy()},
+                          combine_module._magnitude_kernel(raws, thresholds, take_equal, weights, elect, frequency))]
+                for density in (0.3, 1.0, 1e-12):
+                    below = combine_module.keep_threshold(density)
+                    for start in (0, 2**32 - 7, 3 * 2**32 + 5):
+                        cases.append(("dare", {"keys": keys.numpy(), "keep_below": below, "start": start,
+                                               "density": density},
+                                      combine_module._dare_kernel(raws, torch.tensor(start), keys, torch.tensor(below),
+                                                                  density, weights, elect, frequency)))
+                for mode, how, want in cases:
+                    out = np.full(n, 7.0, dtype=np.float32)
+                    native.combine_block([r.numpy() for r in raws], out, mode, weights.numpy(), elect, frequency,
+                                         portable=portable, **how)
+                    assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), (k, n, mode, how, elect,
+                                                                                               frequency)
+
+
 def test_bracket_pass_without_a_working_compiler_falls_back_or_raises(monkeypatch, tmp_path):
     """A compiler that fails: numpy takes over with a warning naming the compiler's error; under
     QMERGE_COMPILE_STRICT=1 (the suite's setting) it is an error instead."""
@@ -406,10 +448,14 @@ def test_the_oracle_can_fail():
     ("ties", 0.4, "total"), ("ties", 0.3, "frequency"), ("magnitude_prune", 0.3, "total"), ("ties", 1.0, "total"),
     ("magnitude_prune", 1.0, "total"), ("dare_ties", 0.5, "total"), ("dare_linear", 0.4, "total"),
     ("dare_linear", 1.0, "total")])
-def test_fused_blocks_give_the_op_by_op_bits(monkeypatch, method, density, sign):
-    """The compiled block kernels (trim or drop, election, disjoint mean or weighted sum in one pass) write the
-    same float32 bits as the op-by-op twin, over blocks that threshold ties straddle (where the prefix-sum block
-    takes the twin inside the same run), exact zeros and weights of both signs; and compiled code really ran."""
+@pytest.mark.parametrize("path", ["c", "compiled"])
+def test_fused_blocks_give_the_op_by_op_bits(monkeypatch, method, density, sign, path):
+    """The fused block kernels (trim or drop, election, disjoint mean or weighted sum in one pass) write the same
+    float32 bits as the op-by-op twin, over blocks that threshold ties straddle (where the prefix-sum block takes
+    the twin inside the same run), exact zeros and weights of both signs; and the fused code really ran. Both
+    fused forms: qmerge's C helper (CPU) and the inductor-compiled kernels (what other devices take)."""
+    from qmerge.ops import native
+
     monkeypatch.setattr(combine_module, "BLOCK", 64)
     g = torch.Generator().manual_seed(21)
     deltas = [torch.randn(40, 50, generator=g) * scale for scale in (1.0, 1e-2, 0.3)]
@@ -418,9 +464,14 @@ def test_fused_blocks_give_the_op_by_op_bits(monkeypatch, method, density, sign)
     weights = [0.7, -1.3, 1.0]
     kernel = (combine_module.MAGNITUDE if method in ("ties", "magnitude_prune") and density < 1
               else combine_module.DARE if method.startswith("dare") and density < 1 else combine_module.MASKED)
-    before = kernel.ran
+    before, c_calls = kernel.ran, []
+    if path == "compiled":
+        monkeypatch.setattr(combine_module, "_in_c", lambda *args: False)
+    else:
+        real = native.combine_block
+        monkeypatch.setattr(native, "combine_block", lambda *a, **k: c_calls.append(real(*a, **k)))
     fused = combine(deltas, weights, method, density, sign, seed=5, tensor="f")
-    assert kernel.ran > before
+    assert (kernel.ran > before) if path == "compiled" else (len(c_calls) > 0 and kernel.ran == before)
     monkeypatch.setenv("QMERGE_NO_COMPILE", "1")
     eager = combine(deltas, weights, method, density, sign, seed=5, tensor="f")
     assert torch.equal(fused.view(torch.int32), eager.view(torch.int32))
