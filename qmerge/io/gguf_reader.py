@@ -15,9 +15,11 @@ and `open_tensor_source` read: the GGUF stage's artifact can be evaluated in pla
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +86,34 @@ def _reader_class():
 def open_gguf(path: Path | str):
     """`gguf.GGUFReader(path)`, faster (`_reader_class`)."""
     return _reader_class()(str(path))
+
+
+_GGUF_READER_SWAP = threading.Lock()
+
+
+@contextlib.contextmanager
+def opened_for_transformers(path: Path, reader):
+    """While the block runs, `gguf.GGUFReader(file)`, which transformers' GGUF loader calls (importing it from the
+    module at each call), returns `reader` (opened by `open_gguf`) when `file` is `path`, and `open_gguf(file)` for
+    any other file: the metadata is parsed once, by gguf's parser on a plain array (`_reader_class`), instead of
+    again on an `np.memmap` (SmolLM2's file: 4 of the 6 s transformers takes to build a tokenizer from it). One swap
+    at a time in the process (a lock), and gguf's own class back afterwards, whatever happens."""
+    import gguf
+
+    path = Path(path).resolve()
+
+    def swapped(file, *args, **kwargs):
+        if args or kwargs:  # a mode or endianness asked for: gguf's own reader
+            return stock(file, *args, **kwargs)
+        return reader if Path(file).resolve() == path else open_gguf(file)
+
+    with _GGUF_READER_SWAP:
+        stock = gguf.GGUFReader
+        gguf.GGUFReader = swapped
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = stock
 
 
 def _field(reader, key: str, default=None):
@@ -226,7 +256,7 @@ def write_folder_view(gguf_file: Path, folder: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     source = GGUFTensorSource(gguf_file)
     (folder / "config.json").write_text(json.dumps(source.hf_config(), indent=2, sort_keys=True) + "\n")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), opened_for_transformers(gguf_file, source.reader):
         warnings.simplefilter("ignore")
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)

@@ -204,6 +204,53 @@ def test_tokenizer_built_from_the_file_matches_the_source(written, smol_tokenize
             == source.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
 
 
+def test_folder_view_parses_the_file_once_and_writes_what_transformers_writes_alone(written, tmp_path,
+                                                                                   monkeypatch) -> None:
+    """transformers builds the view's tokenizer from the reader qmerge already opened (no second parse, no stock
+    `np.memmap` reader): the view's files are the bytes transformers writes when it opens the file itself, and
+    gguf's class is back afterwards, also when transformers fails."""
+    import contextlib
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    from qmerge.errors import BadInputError
+    from qmerge.io import gguf_reader
+
+    path = written["Q8_0"][0]
+    stock_opens = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            stock_opens.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    fast_opens = []
+    real_open = gguf_reader.open_gguf
+    monkeypatch.setattr(gguf_reader, "open_gguf", lambda file: fast_opens.append(file) or real_open(file))
+    fast = write_folder_view(path, tmp_path / "fast")
+    assert (len(fast_opens), len(stock_opens)) == (1, 0) and gguf.GGUFReader is Counting
+    monkeypatch.setattr(gguf_reader, "opened_for_transformers", lambda *args: contextlib.nullcontext())
+    plain = write_folder_view(path, tmp_path / "plain")  # transformers opens the file itself, with gguf's reader
+    assert len(stock_opens) == 1
+    names = sorted(f.name for f in plain.iterdir() if f.name != "model.gguf")
+    assert "tokenizer.json" in names and names == sorted(f.name for f in fast.iterdir() if f.name != "model.gguf")
+    for name in names:
+        assert (fast / name).read_bytes() == (plain / name).read_bytes(), name
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        assert gguf.GGUFReader is not stock  # the swap is on inside
+        raise RuntimeError("simulated")
+
+    stock = gguf.GGUFReader
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(BadInputError, match="simulated"):
+        write_folder_view(path, tmp_path / "broken")
+    assert gguf.GGUFReader is stock
+
+
 @torch.no_grad()
 def test_untied_model_writes_its_head(tmp_path, smol_tokenizer) -> None:
     from transformers import AutoModelForCausalLM
