@@ -25,8 +25,8 @@ from qmerge.io.paths import MODEL_FILES
 from qmerge.numerics import DTYPES, MATH_DTYPE
 from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
-from qmerge.ops.combine import combine
-from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta
+from qmerge.ops.combine import SPARSIFY, combine, scaled_threshold
+from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta, lora_product
 from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
 from qmerge.io.atomic import write_json
@@ -142,18 +142,20 @@ def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torc
     """[(adapter index, ΔWᵢ = scaleᵢ·BᵢAᵢ, unweighted, float32 on CPU)] of the adapters that change `name`, and the
     DoRA magnitude if any."""
     deltas, magnitude = [], None
-    for i, d, m in _each_delta(inputs, name):
+    for i, d, m, _ in _each_delta(inputs, name):
         deltas.append((i, d))
         magnitude = m if m is not None else magnitude
     return deltas, magnitude
 
 
-def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, reuse: bool = False
-                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """(adapter index, ΔWᵢ, DoRA magnitude or None) for each adapter that changes `name`, one at a time. With
-    `scratch`, a linear layer's ΔW on CPU is formed in slot ("delta", k) for the k-th one yielded; with `reuse`,
-    every one after the first shares slot 1 (each valid only until the next is made: for a caller that folds them
-    in as they come)."""
+def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, reuse: bool = False,
+                density: float | None = None
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, tuple[float, int, int] | None]]:
+    """(adapter index, ΔWᵢ, DoRA magnitude or None, top-k threshold or None) for each adapter that changes `name`,
+    one at a time. With `scratch`, a linear layer's ΔW on CPU is formed in slot ("delta", k) for the k-th one
+    yielded; with `reuse`, every one after the first shares slot 1 (each valid only until the next is made: for a
+    caller that folds them in as they come). With `density` (TIES, magnitude_prune), a linear layer's ΔW on CPU
+    comes with its top-k threshold at that density, found in the pass that scales it (`scaled_threshold`)."""
     module, param = name.rsplit(".", 1)
     layout = inputs.base.arch.layouts.get(module, "linear")
     made = 0
@@ -161,7 +163,7 @@ def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, 
         mod = adapter.modules.get(module)
         if mod is None:
             continue
-        magnitude = None
+        magnitude, threshold = None, None
         if param == "bias" and mod.lora_b_bias:
             d = _checked(adapter, mod.lora_b_bias).to(MATH_DTYPE) * mod.scale
         elif param == "weight":
@@ -173,14 +175,18 @@ def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, 
                 slot = ("delta", min(made, 1) if reuse else made)
                 into = scratch.take(slot, (b.shape[0], a.shape[1])) \
                     if scratch is not None and inputs.device == "cpu" else None
-                d = lora_delta(a, b, mod.scale, out=into)
+                if density is not None and inputs.device == "cpu":  # the threshold counts, whatever the order
+                    d = lora_product(a, b, out=into)
+                    threshold = scaled_threshold(d, mod.scale, density)
+                else:
+                    d = lora_delta(a, b, mod.scale, out=into)
             d = d.T if layout == "conv1d" else d
             if mod.magnitude:
                 magnitude = _checked(adapter, mod.magnitude).to(MATH_DTYPE).reshape(-1)
         else:
             continue
         made += 1
-        yield i, d.cpu(), magnitude
+        yield i, d.cpu(), magnitude, threshold
 
 
 def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch | None = None
@@ -188,11 +194,14 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
     """The combined delta for `name` (Σ weightᵢ·ΔWᵢ for `linear`; None when no adapter touches it), and the DoRA
     magnitude if any; in `scratch`'s buffers when given (valid until its next tensor)."""
     c = inputs.combination
-    total, magnitude, deltas = None, None, []
+    total, magnitude, deltas, thresholds = None, None, [], {}
+    density = c.density if SPARSIFY[c.method] == "magnitude" and c.density < 1 else None
     # linear: Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote), in place into the first
     # as each is made (the deltas are this function's own), so that two whole-tensor deltas are alive at most
-    for i, d, m in _each_delta(inputs, name, scratch, reuse=c.method == "linear"):
+    for i, d, m, threshold in _each_delta(inputs, name, scratch, reuse=c.method == "linear", density=density):
         magnitude = m if m is not None else magnitude
+        if threshold is not None:
+            thresholds[i] = threshold
         if c.method != "linear":
             deltas.append((i, d))
             continue
@@ -208,7 +217,7 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
         into = deltas[0][1] if scratch is not None and deltas[0][1].is_contiguous() else None
         total = combine([full[i] for i in range(len(inputs.adapters))],
                         [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name,
-                        out=into)
+                        out=into, thresholds=thresholds)
         if scratch is not None:  # no more buffers through the merge kernel than a linear sum holds (freed on return)
             scratch.drop(keep=2)
     if total is None:

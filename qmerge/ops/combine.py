@@ -31,7 +31,9 @@ written in place, DARE's hash in unsigned 32-bit words), elsewhere compiled by i
 `MASKED`). On an 11008×4096 tensor of 3 adapters (2 cores, AVX-512) TIES' and DARE-TIES' block loops took 0.19 and
 0.33 s compiled by inductor, 0.13 and 0.09 s in C, and nothing to compile (inductor's first build of the DARE
 loop: 35 s). Where neither can run, and in the one block where the top-k's threshold ties must be split by a
-prefix sum, the op-by-op twin runs: the same bits every way (tested).
+prefix sum, the op-by-op twin runs: the same bits every way (tested). The merge finds TIES' top-k thresholds as it
+forms each ΔWᵢ: the pass that scales the product BᵢAᵢ also counts and gathers for the threshold
+(`scaled_threshold`), one whole pass over each ΔWᵢ fewer.
 """
 
 from __future__ import annotations
@@ -62,23 +64,38 @@ BLOCK = 1 << 20  # flat elements per block: the unit of DARE's masks and of the 
 SAMPLE = 1 << 16  # entries of the strided sample that brackets a top-k threshold
 
 
-def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int, int] | None:
+def scaled_threshold(product: torch.Tensor, scale: float, density: float) -> tuple[float, int, int] | None:
+    """`product.mul_(scale)` (ΔW = scale·(BA) from the factors' product, `lora_delta`'s bits), then ΔW's top-k
+    threshold (`_threshold`), with the scaling done inside the threshold's pass over the entries where that pass
+    runs in C (a contiguous float32 CPU product): one whole pass over ΔW fewer, and the threshold counts no
+    adapter's delta a second time in `combine`."""
+    if not (product.device.type == "cpu" and product.dtype == torch.float32 and product.is_contiguous()
+            and native.combine_available()):
+        return _threshold(product.mul_(scale), density)
+    return _threshold(product, density, scale=scale)
+
+
+def _threshold(delta: torch.Tensor, density: float, scale: float | None = None) -> tuple[float, int, int] | None:
     """(the k-th largest |value|, how many entries equal to it are kept, how many there are) for
-    k = ⌊density·numel⌋; None keeps all.
+    k = ⌊density·numel⌋; None keeps all. `scale` (`scaled_threshold` only: a contiguous float32 CPU tensor and the
+    C helper): `delta` is multiplied by it in place first, inside the bracket pass, and the threshold is the
+    product's.
 
     Exact, and O(numel) without a whole-tensor |ΔW| copy: a strided sample of SAMPLE magnitudes brackets the
     threshold between two of its order statistics (a margin of 4 binomial standard deviations around rank k),
     one streamed pass counts the entries above the bracket and gathers those inside it, and the k-th value is
     selected among those few. Where the sample misjudged (the bracket does not hold rank k) the whole tensor's
     magnitudes are selected directly: the same value, only slower."""
-    flat = delta.reshape(-1)
+    flat = delta.view(-1) if scale is not None else delta.reshape(-1)
     n = flat.numel()
     k = int(density * n)
+    if scale is not None and not 0 < k < n:
+        flat.mul_(scale)
     if k >= n:
         return None
     if k <= 0:
         return float("inf"), 0, 0
-    bracket = _bracket(flat, k)
+    bracket = _bracket(flat, k, scale)
     above, inside = bracket or (0, flat.abs())  # no bracket: the whole tensor is "inside"
     rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
     if bracket is not None and inside.device.type == "cpu":  # no NaN inside a bracket (comparisons exclude it):
@@ -90,14 +107,17 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, int, int] | 
     return threshold, rank - int(torch.count_nonzero(inside > threshold)), int(torch.count_nonzero(inside == threshold))
 
 
-def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
+def _bracket(flat: torch.Tensor, k: int, scale: float | None = None) -> tuple[int, torch.Tensor] | None:
     """(how many magnitudes lie above the bracket, the magnitudes inside it) for a bracket [lo, hi] that holds
-    the k-th largest magnitude of `flat`; None when the tensor is small or the sample's bracket misses rank k."""
+    the k-th largest magnitude of `flat`; None when the tensor is small or the sample's bracket misses rank k.
+    `scale`: `flat` is multiplied by it in place (in the counting pass), whatever the answer."""
     n = flat.numel()
     if n <= 4 * SAMPLE:
+        if scale is not None:
+            flat.mul_(scale)
         return None
     step = (n // SAMPLE) | 1  # odd: a power-of-two row length does not alias the sample onto a few columns
-    sample = flat[::step].abs()
+    sample = (flat[::step] * scale if scale is not None else flat[::step]).abs()  # the scaled entries' bits
     m = sample.numel()
     share = k / n
     margin = 4 * math.sqrt(m * share * (1 - share)) + 16
@@ -116,26 +136,31 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
             return float(ordered[i])
     hi = largest(top) if top >= 0 else math.inf
     lo = largest(bottom) if bottom < m else 0.0
-    above, inside = _count_and_gather(flat.contiguous().numpy() if on_cpu else flat, lo, hi)
+    above, inside = _count_and_gather(flat.contiguous().numpy() if on_cpu else flat, lo, hi, scale)
     if not above < k <= above + inside.numel():
         return None
     return above, inside
 
 
-def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, scale: float | None = None
+                      ) -> tuple[int, torch.Tensor]:
     """`_bracket`'s pass, block by block: how many |x| > hi, and the |x| in [lo, hi] (in flat order). A numpy array
     (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py), else numpy's ops, on as many threads as
     torch uses (both run on one and release the GIL); a tensor (any other device) torch's. The same exact
     comparisons every way, but on CPU numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95
     vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of numpy's; this pass is most of TIES'
-    cost over a plain sum."""
+    cost over a plain sum. `scale` (a contiguous numpy `flat` only): each block is multiplied by it in place
+    first, in the C loop's pass where it runs."""
     numpy = isinstance(flat, np.ndarray)
     count = np.count_nonzero if numpy else torch.count_nonzero
 
     def block(start: int) -> tuple[int, np.ndarray | torch.Tensor]:
-        if numpy and (native := count_and_gather(flat[start:start + BLOCK], lo, hi)) is not None:
+        part = flat[start:start + BLOCK]
+        if numpy and (native := count_and_gather(part, lo, hi, scale=scale)) is not None:
             return native  # one C loop instead of numpy's six passes (ops/native.py)
-        magnitude = abs(flat[start:start + BLOCK])
+        if scale is not None:
+            torch.from_numpy(part).mul_(scale)  # torch's scaling, as `lora_delta` scales
+        magnitude = abs(part)
         return int(count(magnitude > hi)), magnitude[(magnitude >= lo) & (magnitude <= hi)]
 
     starts = range(0, len(flat), BLOCK)
@@ -218,16 +243,21 @@ def dare_mask(shape: torch.Size, density: float, seed: int, adapter: int, tensor
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float = 1.0,
             majority_sign_method: str = "total", seed: int = 0, tensor: str = "",
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, thresholds: dict[int, tuple[float, int, int]] | None = None
+            ) -> torch.Tensor:
     """The combined delta of one tensor (float32). `deltas[i]` is adapter i's exact ΔWᵢ (float32, unweighted);
     `tensor` names it for DARE's keep masks; `out` (float32, the deltas' shape, contiguous) receives the result
-    when given, and may be one of the deltas (each block is read whole before its result is written). Streamed over flat blocks of BLOCK elements: besides the deltas and the result, the working set
-    is a few blocks and the magnitudes near each top-k threshold."""
+    when given, and may be one of the deltas (each block is read whole before its result is written);
+    `thresholds`: top-k thresholds already known (`scaled_threshold`), by adapter index. Streamed over flat blocks
+    of BLOCK elements: besides the deltas and the result, the working set is a few blocks and the magnitudes near
+    each top-k threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")
     flats = [d.to(MATH_DTYPE).reshape(-1) for d in deltas]
     kind = SPARSIFY[method] if density < 1 else None
-    thresholds = [_threshold(f, density) for f in flats] if kind == "magnitude" else None
+    known = thresholds or {}
+    thresholds = [known[i] if i in known else _threshold(f, density) for i, f in enumerate(flats)] \
+        if kind == "magnitude" else None
     admitted = [[0] for _ in flats]
     if kind == "random":
         device = flats[0].device

@@ -28,9 +28,12 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, out: to
                ) -> torch.Tensor:
     """ΔW = scale · B @ A in float32, [out, in] for a linear layer; into `out` (float32, that shape, contiguous)
     when given: the same product, the same bits (tested)."""
-    a = lora_a.to(MATH_DTYPE)
-    b = lora_b.to(MATH_DTYPE)
-    return torch.matmul(b, a, out=out).mul_(scale)  # scaled in place: no second whole-tensor allocation
+    return lora_product(lora_a, lora_b, out=out).mul_(scale)  # scaled in place: no second whole-tensor allocation
+
+
+def lora_product(lora_a: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """B @ A in float32, unscaled (`lora_delta` before its scaling), into `out` when given."""
+    return torch.matmul(lora_b.to(MATH_DTYPE), lora_a.to(MATH_DTYPE), out=out)
 
 
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

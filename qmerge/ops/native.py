@@ -4,7 +4,8 @@
   bracket, and the |x| inside it, in order). numpy makes it six passes over each block (abs, two comparisons, an
   `and`, a count, a boolean gather), 70-80 ms per 11008x4096 delta on two threads; the C loop reads each entry once,
   31-36 ms, and 17-19 ms in its AVX-512 form (16 entries a step, the inside ones compressed to the front of a
-  register), taken where the CPU has AVX-512F.
+  register), taken where the CPU has AVX-512F. Where ΔW's top-k threshold is found as ΔW is formed
+  (ops/combine.py `scaled_threshold`), the same pass first scales the product in place.
 - One block of a multi-adapter combination (`combine_block`: TIES' trim or DARE's drop and rescale, then the
   election and disjoint mean or the weighted sum), the same float32 operations in the same order as ops/combine.py's
   op-by-op twin, so the same bits; DARE's keep hash in unsigned 32-bit words (inductor's loop computes it in int64
@@ -45,15 +46,26 @@ log = logging.getLogger(__name__)
 # (bits above +inf's) is neither above nor inside, as it compares false in numpy.
 SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #ifdef __cplusplus
 extern "C" {  /* a C++ compiler (g++ is all some machines have) keeps the names unmangled */
 #endif
 
-static int64_t scalar(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *inside, int64_t *above) {
+/* scale: when not NULL, each entry is first multiplied by *scale in place (torch's `mul_`), and the scaled value
+   is what is counted and gathered */
+static int64_t scalar(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi, uint32_t *inside,
+                      int64_t *above) {
     const uint32_t span = hi - lo;
     int64_t a = 0, j = 0;
     for (int64_t i = 0; i < n; i++) {
-        uint32_t u = x[i] & 0x7fffffffu;
+        float y = x[i];
+        if (scale) {
+            y = y * *scale;
+            x[i] = y;
+        }
+        uint32_t u;
+        memcpy(&u, &y, sizeof u);
+        u &= 0x7fffffffu;
         if (u > 0x7f800000u) continue;
         a += u > hi;
         if (u - lo <= span) inside[j++] = u;
@@ -67,25 +79,31 @@ static int64_t scalar(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, ui
 
 /* 16 entries per step: compare as unsigned words, count, and compress the entries inside the bracket to the front
    of a register stored at inside + j (the lanes past them are overwritten by the next store: j <= i <= n - 16, so
-   the store stays inside the n entries of room). */
+   the store stays inside the n entries of room). Stored on every step, also with none inside: a branch on it was
+   mispredicted often enough, with a few percent of the entries inside, to take more than half the loop's time. */
 __attribute__((target("avx512f")))
-static int64_t avx512(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *inside, int64_t *above) {
+static int64_t avx512(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi, uint32_t *inside,
+                      int64_t *above) {
+    const __m512 vscale = _mm512_set1_ps(scale ? *scale : 1.0f);
     const __m512i mask = _mm512_set1_epi32(0x7fffffff), vinf = _mm512_set1_epi32(0x7f800000),
                   vhi = _mm512_set1_epi32((int)hi), vlo = _mm512_set1_epi32((int)lo),
                   vspan = _mm512_set1_epi32((int)(hi - lo));
     int64_t a = 0, j = 0, i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m512i u = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)), mask);
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (scale) {
+            v = _mm512_mul_ps(v, vscale);
+            _mm512_storeu_ps(x + i, v);
+        }
+        __m512i u = _mm512_and_si512(_mm512_castps_si512(v), mask);
         __mmask16 ok = _mm512_cmple_epu32_mask(u, vinf);
         __mmask16 in = _mm512_mask_cmple_epu32_mask(ok, _mm512_sub_epi32(u, vlo), vspan);
         a += __builtin_popcount((unsigned)_mm512_mask_cmpgt_epu32_mask(ok, u, vhi));
-        if (in) {
-            _mm512_storeu_si512((void *)(inside + j), _mm512_maskz_compress_epi32(in, u));
-            j += __builtin_popcount((unsigned)in);
-        }
+        _mm512_storeu_si512((void *)(inside + j), _mm512_maskz_compress_epi32(in, u));
+        j += __builtin_popcount((unsigned)in);
     }
     int64_t tail_above = 0;
-    j += scalar(x + i, n - i, lo, hi, inside + j, &tail_above);
+    j += scalar(x + i, n - i, scale, lo, hi, inside + j, &tail_above);
     *above = a + tail_above;
     return j;
 }
@@ -206,18 +224,18 @@ int32_t qmerge_combine_block_portable(QM_COMBINE_ARGS) {
     return 0;
 }
 
-int64_t qmerge_count_and_gather(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *inside,
-                                int64_t *above) {
+int64_t qmerge_count_and_gather(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
+                                uint32_t *inside, int64_t *above) {
 #ifdef HAVE_AVX512
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return avx512(x, n, lo, hi, inside, above);
+    if (__builtin_cpu_supports("avx512f")) return avx512(x, n, scale, lo, hi, inside, above);
 #endif
-    return scalar(x, n, lo, hi, inside, above);
+    return scalar(x, n, scale, lo, hi, inside, above);
 }
 
-int64_t qmerge_count_and_gather_portable(const uint32_t *x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *inside,
-                                         int64_t *above) {
-    return scalar(x, n, lo, hi, inside, above);
+int64_t qmerge_count_and_gather_portable(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
+                                         uint32_t *inside, int64_t *above) {
+    return scalar(x, n, scale, lo, hi, inside, above);
 }
 #ifdef __cplusplus
 }
@@ -271,8 +289,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     for fn in gather:
         fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
-                       ctypes.POINTER(ctypes.c_int64)]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_uint32,
+                       ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
     for fn in combine:
         fn.restype = ctypes.c_int32
         fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
@@ -295,19 +313,24 @@ def _bits(value: float) -> int:
     return int(np.float32(value).view(np.uint32))
 
 
-def count_and_gather(block: np.ndarray, lo: float, hi: float, portable: bool = False
+def count_and_gather(block: np.ndarray, lo: float, hi: float, portable: bool = False, scale: float | None = None
                      ) -> tuple[int, np.ndarray] | None:
     """(how many |x| > hi, the |x| in [lo, hi] in flat order) for a float32 block and 0 <= lo <= hi (float32
-    values); None where the C helper is unavailable or the block is not float32. `portable`: the plain C loop even
-    where the CPU has AVX-512F (for tests: both forms must give numpy's answer)."""
+    values); None where the C helper is unavailable or the block is not float32. `scale`: the block (then
+    contiguous and writable) is first multiplied by float32(scale) in place, as torch's `mul_(scale)` does, in the
+    same pass, and the products are counted. `portable`: the plain C loop even where the CPU has AVX-512F (for
+    tests: both forms must give numpy's answer)."""
     lib = _library() if block.dtype == np.float32 else None
     if lib is None:
         return None
+    if scale is not None and not (block.flags.c_contiguous and block.flags.writeable):
+        raise ValueError("count_and_gather scales in place: the block must be contiguous and writable")
     block = np.ascontiguousarray(block)
     inside = np.empty(block.size, dtype=np.uint32)  # room for all; only the pages written are ever touched
     above = ctypes.c_int64()
     fn = lib.qmerge_count_and_gather_portable if portable else lib.qmerge_count_and_gather
-    found = fn(block.ctypes.data, block.size, _bits(lo), _bits(hi), inside.ctypes.data, ctypes.byref(above))
+    factor = ctypes.byref(ctypes.c_float(scale)) if scale is not None else None
+    found = fn(block.ctypes.data, block.size, factor, _bits(lo), _bits(hi), inside.ctypes.data, ctypes.byref(above))
     return above.value, inside[:found].view(np.float32).copy()  # the copy lets the block-sized room go
 
 

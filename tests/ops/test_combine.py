@@ -135,6 +135,38 @@ def test_sampled_bracket_finds_the_exact_threshold(monkeypatch, density):
     assert combine_module._bracket(aliased, 3500) is None  # … and the fallback where the sample misjudges
 
 
+@pytest.mark.parametrize("with_c", [True, False])
+def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypatch, with_c):
+    """`scaled_threshold` (ΔW's product scaled inside the bracket's counting pass) leaves the product holding the
+    bits `mul_(scale)` gives (lora_delta's ΔW) and returns the threshold of that ΔW: scales that float32 holds
+    exactly and ones it rounds (rsLoRA's α/√r), densities, smooth values, long ties, a rank-1 product, the sampled
+    path, the small-tensor path and the fallback where the sample misjudges; with and without the C helper."""
+    from qmerge.ops import native
+
+    monkeypatch.setattr(combine_module, "SAMPLE", 256)
+    monkeypatch.setattr(combine_module, "BLOCK", 999)
+    if not with_c:
+        monkeypatch.setattr(native, "combine_available", lambda: False)
+    calls = []
+    real = native.count_and_gather
+    monkeypatch.setattr(combine_module, "count_and_gather", lambda *a, **k: calls.append(k.get("scale")) or real(*a, **k))
+    g = torch.Generator().manual_seed(9)
+    aliased = torch.rand(7000, generator=g) + 2
+    aliased[::(7000 // 256) | 1] = 1.0
+    cases = {"smooth": torch.randn(70, 100, generator=g), "ties": torch.randint(-3, 4, (70, 100), generator=g).float(),
+             "rank-1": torch.randn(70, 1, generator=g) @ torch.randn(1, 100, generator=g), "aliased": aliased,
+             "small": torch.randn(30, 30, generator=g)}
+    for name, product in cases.items():
+        for scale in (2.0, 16 / 8**0.5, 0.3):
+            for density in (0.2, 0.5, 0.9):
+                fused = product.clone()
+                got = combine_module.scaled_threshold(fused, scale, density)
+                want_delta = product.clone().mul_(scale)
+                assert torch.equal(fused.view(torch.int32), want_delta.view(torch.int32)), (name, scale, density)
+                assert got == combine_module._threshold(want_delta, density) == _direct_threshold(want_delta, density)
+    assert (16 / 8**0.5 in calls) == with_c  # the C pass did the scaling (where it ran)
+
+
 def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
     """On CPU the bracket's counting pass runs in numpy (faster there); elsewhere in torch. Both count and gather
     the same entries, in the same order, over blocks that entries equal to either bound straddle."""
@@ -166,14 +198,19 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
                             np.round(g.standard_normal(2000) * 4).astype(np.float32) / 2])
     g.shuffle(block)
     assert native.count_and_gather(block, 0.0, 1.0) is not None
-    monkeypatch.setattr(combine_module, "count_and_gather", lambda *args: None)  # numpy only
+    monkeypatch.setattr(combine_module, "count_and_gather", lambda *args, **kwargs: None)  # numpy only
     for lo, hi in ((0.0, 0.0), (0.0, 1.0), (1.0, 2.5), (2.5, 2.5), (1e-45, 1e-40), (2.0, np.inf), (0.0, np.inf)):
         for size in (block.size, 16, 15, 1):  # whole 16-entry steps of the AVX-512 form and tails of each length
-            part = block[:size]
-            want_above, want_inside = combine_module._count_and_gather(part, lo, hi)
-            for portable in (False, True):
-                above, inside = native.count_and_gather(part, lo, hi, portable=portable)
-                assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi, size, portable)
+            for scale in (None, 3.0, 16 / 8**0.5, 1e-30):  # scaled in place first (torch's mul_), or not
+                part = block[:size].copy()
+                scaled = torch.from_numpy(part.copy()).mul_(scale).numpy() if scale is not None else part.copy()
+                want_above, want_inside = combine_module._count_and_gather(scaled.copy(), lo, hi)
+                for portable in (False, True):
+                    mine = part.copy()
+                    above, inside = native.count_and_gather(mine, lo, hi, portable=portable, scale=scale)
+                    assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi, size,
+                                                                                               portable, scale)
+                    assert np.array_equal(mine.view(np.int32), scaled.view(np.int32)), (size, portable, scale)
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 

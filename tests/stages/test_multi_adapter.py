@@ -76,6 +76,33 @@ def test_every_method_equals_its_oracle(tmp_path, tiny_llama, three, w_nf4, meth
     assert checked >= 6
 
 
+def test_thresholds_found_while_forming_the_deltas_change_no_byte(tmp_path, tiny_llama, three, monkeypatch):
+    """TIES' and magnitude_prune's top-k thresholds are found in the pass that scales each ΔW (`scaled_threshold`,
+    the sampled bracket forced onto the tiny model's tensors): the stored bytes equal those of thresholds found by
+    `combine` on the finished deltas, and the fused pass really ran."""
+    from qmerge import merging
+    from qmerge.ops import combine as combine_module
+
+    monkeypatch.setattr(combine_module, "SAMPLE", 64)
+    monkeypatch.setattr(combine_module, "BLOCK", 999)
+    adapters = list(zip(three, [1.0, 0.6, 1.5]))
+    real = combine_module.scaled_threshold
+
+    def unfused(product, scale, density):  # lora_delta's ΔW; `combine` finds the threshold itself
+        product.mul_(scale)
+
+    for method, density in (("ties", 0.4), ("magnitude_prune", 0.3)):
+        calls = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(merging, "scaled_threshold", lambda *args: calls.append(args[1]) or real(*args))
+            fused = _merged(tmp_path / f"{method}-fused", tiny_llama, adapters, method=method, density=density)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(merging, "scaled_threshold", unfused)
+            plain = _merged(tmp_path / f"{method}-plain", tiny_llama, adapters, method=method, density=density)
+        assert len(calls) >= 6 and fused.keys() == plain.keys()
+        assert all(torch.equal(fused[k].view(torch.int32), plain[k].view(torch.int32)) for k in fused), method
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_llama, three):
     runs = [_merged(tmp_path / f"run{i}", tiny_llama, [(a, 1.0) for a in three], method="dare_ties", density=0.5,
                     seed=seed) for i, seed in enumerate((3, 3, 4))]
