@@ -26,6 +26,8 @@ class Measurement:
     disk_write_mb: float  # write_bytes: sent to storage
     steal_share: float  # the host's share of this VM's CPU time while the child ran (/proc/stat steal): a busy
     # host that the load average cannot see; timings taken with a large share are slowed by someone else
+    cpu_s: float = 0.0  # user + system CPU seconds of the child (all its threads, from os.wait4): the work done,
+    # which time stolen by the host does not inflate as it inflates the wall
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +90,7 @@ def run_measured(cmd: list[str], env: dict | None = None, log=None) -> Measureme
     mb = 1 / 2**20
     return Measurement(cmd, proc.returncode, wall, usage.ru_maxrss / 1024, peak[0] / 1024,
                        io.get("rchar", 0) * mb, io.get("wchar", 0) * mb, io.get("read_bytes", 0) * mb,
-                       io.get("write_bytes", 0) * mb, steal)
+                       io.get("write_bytes", 0) * mb, steal, usage.ru_utime + usage.ru_stime)
 
 
 def _torch_processes() -> list[str]:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/multi_merge.py [--repeat 3] [--allow-busy] [--json OUT]
 
 Runs qmerge's pipeline (resolve + merge, bf16 storage, CPU) in a child process per run (benchmarks/measure.py:
-wall, sampled peak RssAnon) for: one r=16 adapter (`linear`), and three r=16 adapters combined by `linear`, `ties`
+wall, CPU seconds, sampled peak RssAnon) for: one r=16 adapter (`linear`), and three r=16 adapters combined by `linear`, `ties`
 (density 0.5) and `dare_ties` (density 0.5). The configurations alternate run by run, each in a fresh work dir, after
 an idle check. Prints medians with min–max and writes `--json` (default benchmarks/results/multi-merge-latest.json,
 not a file the docs cite). The goal: a multi-adapter merge costs what the single-adapter merge costs plus the
@@ -64,18 +64,20 @@ def main(argv=None) -> int:
             m = run_measured([sys.executable, "-m", "qmerge", "pipeline", str(cfg), "--quiet"])
             if m.rc != 0:
                 raise SystemExit(f"{name}: exit {m.rc} (see {run})")
-            results[name].append({"wall_s": m.wall_s, "anon_peak_mb": m.anon_peak_mb, "steal_share": m.steal_share})
-            print(f"[{time.strftime('%H:%M:%S')}] {name} run {rep + 1}: {m.wall_s:.1f} s, "
+            results[name].append({"wall_s": m.wall_s, "cpu_s": m.cpu_s, "anon_peak_mb": m.anon_peak_mb,
+                                  "steal_share": m.steal_share})
+            print(f"[{time.strftime('%H:%M:%S')}] {name} run {rep + 1}: {m.wall_s:.1f} s ({m.cpu_s:.1f} CPU s), "
                   f"peak anon {m.anon_peak_mb:.0f} MB, host steal {100 * m.steal_share:.0f} %",
                   file=sys.stderr, flush=True)
             save(args.json, w.note, args.repeat, results)  # after every run: a cut-short benchmark keeps what it measured
             shutil.rmtree(run, ignore_errors=True)
     print(f"\n7B-shaped slice ({w.note}); {args.repeat} alternating runs each, medians (min–max)\n")
-    print("| merge | wall s | peak anon RSS MB | host steal % (max) |")
-    print("|---|---:|---:|---:|")
+    print("| merge | wall s | CPU s (user + system) | peak anon RSS MB | host steal % (max) |")
+    print("|---|---:|---:|---:|---:|")
     for name, runs in results.items():
-        walls, peaks = [r["wall_s"] for r in runs], [r["anon_peak_mb"] for r in runs]
+        walls, peaks, cpus = ([r[key] for r in runs] for key in ("wall_s", "anon_peak_mb", "cpu_s"))
         print(f"| {name} | {statistics.median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f}) | "
+              f"{statistics.median(cpus):.1f} ({min(cpus):.1f}–{max(cpus):.1f}) | "
               f"{statistics.median(peaks):.0f} ({min(peaks):.0f}–{max(peaks):.0f}) | "
               f"{100 * max(r['steal_share'] for r in runs):.0f} |")
     return 0
