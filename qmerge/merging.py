@@ -175,7 +175,7 @@ def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, 
                 slot = ("delta", min(made, 1) if reuse else made)
                 into = scratch.take(slot, (b.shape[0], a.shape[1])) \
                     if scratch is not None and inputs.device == "cpu" else None
-                if density is not None and inputs.device == "cpu":  # the threshold counts, whatever the order
+                if density is not None and inputs.device == "cpu":  # a threshold is counts: it holds for d.T too
                     d = lora_product(a, b, out=into)
                     threshold = scaled_threshold(d, mod.scale, density)
                 else:
