@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/multi_merge.py [--repeat 3] [--allow-busy] [--json OUT]
 
 Runs qmerge's pipeline (resolve + merge, bf16 storage, CPU) in a child process per run (benchmarks/measure.py:
-wall, CPU seconds, sampled peak RssAnon) for: one r=16 adapter (`linear`), and three r=16 adapters combined by `linear`, `ties`
-(density 0.5) and `dare_ties` (density 0.5). The configurations alternate run by run, each in a fresh work dir, after
+wall, CPU seconds, sampled peak RssAnon) for: one r=16 adapter (`linear`), and three r=16 adapters combined by
+`linear`, `ties` (density 0.5) and `dare_ties` (density 0.5). The configurations alternate run by run, each in a fresh work dir, after
 an idle check. Prints medians with min–max and writes `--json` (default benchmarks/results/multi-merge-latest.json,
 not a file the docs cite). The goal: a multi-adapter merge costs what the single-adapter merge costs plus the
 adapters' factors. Not a test.

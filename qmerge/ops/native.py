@@ -9,8 +9,8 @@
 - One block of a multi-adapter combination (`combine_block`: TIES' trim or DARE's drop and rescale, then the
   election and disjoint mean or the weighted sum), the same float32 operations in the same order as ops/combine.py's
   op-by-op twin, so the same bits; DARE's keep hash in unsigned 32-bit words (inductor's loop computes it in int64
-  lanes, split so that no signed product overflows: DARE's extra time over TIES' loop). Compiled once per CPU kind (AVX-512,
-  AVX2, plain) and chosen at run time.
+  lanes, split so that no signed product overflows: DARE's extra time over TIES' loop). Compiled once per CPU kind
+  (AVX-512, AVX2, plain) and chosen at run time.
 
 Built once per machine with the C compiler (`$CC`, else cc, gcc, clang, or a C++ compiler; inductor, which
 compiles the fused kernels, needs one too) into `<qmerge cache>/native/helper-<sha256 of source, compiler and

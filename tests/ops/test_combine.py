@@ -149,7 +149,8 @@ def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypa
         monkeypatch.setattr(native, "combine_available", lambda: False)
     calls = []
     real = native.count_and_gather
-    monkeypatch.setattr(combine_module, "count_and_gather", lambda *a, **k: calls.append(k.get("scale")) or real(*a, **k))
+    monkeypatch.setattr(combine_module, "count_and_gather",
+                        lambda *a, **k: calls.append(k.get("scale")) or real(*a, **k))
     g = torch.Generator().manual_seed(9)
     aliased = torch.rand(7000, generator=g) + 2
     aliased[::(7000 // 256) | 1] = 1.0
