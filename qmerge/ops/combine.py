@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,20 +65,18 @@ SAMPLE = 1 << 16  # entries of the strided sample that brackets a top-k threshol
 
 def scaled_threshold(product: torch.Tensor, scale: float, density: float) -> tuple[float, int, int] | None:
     """`product.mul_(scale)` (ΔW = scale·(BA) from the factors' product, `lora_delta`'s bits), then ΔW's top-k
-    threshold (`_threshold`), with the scaling done inside the threshold's pass over the entries where that pass
-    runs in C (a contiguous float32 CPU product): one whole pass over ΔW fewer, and the threshold counts no
-    adapter's delta a second time in `combine`."""
-    if not (product.device.type == "cpu" and product.dtype == torch.float32 and product.is_contiguous()
-            and native.combine_available()):
+    threshold (`_threshold`), with the scaling done inside the threshold's pass over the entries, block by block
+    (in the C loop where it runs) on a contiguous float32 CPU product: one whole pass over ΔW fewer, and the
+    threshold counts no adapter's delta a second time in `combine`."""
+    if not (product.device.type == "cpu" and product.dtype == torch.float32 and product.is_contiguous()):
         return _threshold(product.mul_(scale), density)
     return _threshold(product, density, scale=scale)
 
 
 def _threshold(delta: torch.Tensor, density: float, scale: float | None = None) -> tuple[float, int, int] | None:
     """(the k-th largest |value|, how many entries equal to it are kept, how many there are) for
-    k = ⌊density·numel⌋; None keeps all. `scale` (`scaled_threshold` only: a contiguous float32 CPU tensor and the
-    C helper): `delta` is multiplied by it in place first, inside the bracket pass, and the threshold is the
-    product's.
+    k = ⌊density·numel⌋; None keeps all. `scale` (`scaled_threshold` only: a contiguous float32 CPU tensor):
+    `delta` is multiplied by it in place first, inside the bracket pass, and the threshold is the product's.
 
     Exact, and O(numel) without a whole-tensor |ΔW| copy: a strided sample of SAMPLE magnitudes brackets the
     threshold between two of its order statistics (a margin of 4 binomial standard deviations around rank k),
@@ -150,7 +147,7 @@ def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, sca
     comparisons every way, but on CPU numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95
     vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of numpy's; this pass is most of TIES'
     cost over a plain sum. `scale` (a contiguous numpy `flat` only): each block is multiplied by it in place
-    first, in the C loop's pass where it runs."""
+    first, in the same pass (in the C loop, else by torch's `mul_`)."""
     numpy = isinstance(flat, np.ndarray)
     count = np.count_nonzero if numpy else torch.count_nonzero
 
@@ -267,6 +264,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
     frequency, elect = majority_sign_method != "total", method in ELECTS_SIGN
     in_c = _in_c(flats, out) and not (method == "linear" and kind is None)
+    values = [t[0] for t in thresholds] if kind == "magnitude" else None  # each adapter's threshold magnitude
     c_blocks = []  # (start, stop, C arguments): run on threads after the loop, each reading and writing its own block
     for start in range(0, out.numel(), BLOCK):
         stop = min(start + BLOCK, out.numel())
@@ -279,10 +277,9 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
             take_equal = [_take_equal(raw, thresholds[i], admitted[i]) for i, raw in enumerate(raws)]
             if None not in take_equal:  # None: some threshold-equal entries wait for later blocks (a prefix sum)
                 if in_c:
-                    c_blocks.append((start, stop, {"mode": "magnitude", "thresholds": [t[0] for t in thresholds],
-                                                   "take_equal": take_equal}))
+                    c_blocks.append((start, stop, {"mode": "magnitude", "thresholds": values, "take_equal": take_equal}))
                     continue
-                fused = MAGNITUDE(raws, torch.tensor([t[0] for t in thresholds], dtype=MATH_DTYPE),
+                fused = MAGNITUDE(raws, torch.tensor(values, dtype=MATH_DTYPE),
                                   torch.tensor(take_equal), weight_t, elect, frequency)
             if fused is None:
                 parts = [raw * _kept(raw, thresholds[i], admitted[i], settled=take_equal[i])
@@ -322,7 +319,7 @@ def _in_c(flats: list[torch.Tensor], out: torch.Tensor) -> bool:
     """Whether the fused blocks run in qmerge's C helper (ops/native.py: CPU, float32, contiguous, at most 16
     adapters), where they are written in place and spread over threads, with no compile. Elsewhere (CUDA, or no
     C compiler) the inductor-compiled kernels below, else their op-by-op twin: the same bits every way (tested)."""
-    return (out.device.type == "cpu" and len(flats) <= native.MAX_ADAPTERS and not os.environ.get("QMERGE_NO_COMPILE")
+    return (out.device.type == "cpu" and len(flats) <= native.MAX_ADAPTERS
             and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in (*flats, out))
             and native.combine_available())
 

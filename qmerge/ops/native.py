@@ -267,6 +267,12 @@ def _library() -> ctypes.CDLL | None:
         return _load()
 
 
+def _helper() -> ctypes.CDLL | None:
+    """The loaded helper, or None; None also while `QMERGE_NO_COMPILE` is set, whenever it was set (`_library`
+    keeps its first answer for the process)."""
+    return None if os.environ.get("QMERGE_NO_COMPILE") else _library()
+
+
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("QMERGE_NO_COMPILE"):
         return None
@@ -285,7 +291,7 @@ def _load() -> ctypes.CDLL | None:
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
             raise KernelCompileError(f"cannot build qmerge's C helper: {why}") from e
-        log.warning("cannot build qmerge's C helper (%s); using numpy (same results, slower)", why)
+        log.warning("cannot build qmerge's C helper (%s); using numpy and torch (same results, slower)", why)
         return None
     for fn in gather:
         fn.restype = ctypes.c_int64
@@ -320,7 +326,7 @@ def count_and_gather(block: np.ndarray, lo: float, hi: float, portable: bool = F
     contiguous and writable) is first multiplied by float32(scale) in place, as torch's `mul_(scale)` does, in the
     same pass, and the products are counted. `portable`: the plain C loop even where the CPU has AVX-512F (for
     tests: both forms must give numpy's answer)."""
-    lib = _library() if block.dtype == np.float32 else None
+    lib = _helper() if block.dtype == np.float32 else None
     if lib is None:
         return None
     if scale is not None and not (block.flags.c_contiguous and block.flags.writeable):
@@ -340,7 +346,7 @@ COMBINE_MODES = {"keep_all": 0, "magnitude": 1, "dare": 2}
 
 def combine_available() -> bool:
     """Whether `combine_block` can run here (the C helper built and loaded)."""
-    return _library() is not None
+    return _helper() is not None
 
 
 def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: np.ndarray, elect: bool,
@@ -352,7 +358,7 @@ def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: n
     float32 and `take_equal` per adapter), "dare" (drop by `keys` (uint32 [k, 2]) and `keep_below` for the flat
     indices from `start`, rescale by 1/`density`) or "keep_all"; then the election (`elect`, `frequency`) or the
     weighted sum. The caller checks `combine_available()` first. `portable`: the plain loop (tests)."""
-    lib = _library()
+    lib = _helper()
     k = len(raws)
     if not 1 <= k <= MAX_ADAPTERS or any(r.dtype != np.float32 or not r.flags.c_contiguous or r.size != out.size
                                          for r in (*raws, out)):

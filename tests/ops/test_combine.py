@@ -140,17 +140,22 @@ def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypa
     """`scaled_threshold` (ΔW's product scaled inside the bracket's counting pass) leaves the product holding the
     bits `mul_(scale)` gives (lora_delta's ΔW) and returns the threshold of that ΔW: scales that float32 holds
     exactly and ones it rounds (rsLoRA's α/√r), densities, smooth values, long ties, a rank-1 product, the sampled
-    path, the small-tensor path and the fallback where the sample misjudges; with and without the C helper."""
+    path, the small-tensor path and the fallback where the sample misjudges; with and without the C helper (then
+    torch scales each block of the numpy pass)."""
     from qmerge.ops import native
 
     monkeypatch.setattr(combine_module, "SAMPLE", 256)
     monkeypatch.setattr(combine_module, "BLOCK", 999)
     if not with_c:
-        monkeypatch.setattr(native, "combine_available", lambda: False)
-    calls = []
-    real = native.count_and_gather
-    monkeypatch.setattr(combine_module, "count_and_gather",
-                        lambda *a, **k: calls.append(k.get("scale")) or real(*a, **k))
+        monkeypatch.setenv("QMERGE_NO_COMPILE", "1")
+    calls = []  # (scale, whether the C loop answered)
+
+    def spy(*args, **kwargs):
+        answer = native.count_and_gather(*args, **kwargs)
+        calls.append((kwargs.get("scale"), answer is not None))
+        return answer
+
+    monkeypatch.setattr(combine_module, "count_and_gather", spy)
     g = torch.Generator().manual_seed(9)
     aliased = torch.rand(7000, generator=g) + 2
     aliased[::(7000 // 256) | 1] = 1.0
@@ -165,7 +170,7 @@ def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypa
                 want_delta = product.clone().mul_(scale)
                 assert torch.equal(fused.view(torch.int32), want_delta.view(torch.int32)), (name, scale, density)
                 assert got == combine_module._threshold(want_delta, density) == _direct_threshold(want_delta, density)
-    assert (16 / 8**0.5 in calls) == with_c  # the C pass did the scaling (where it ran)
+    assert (16 / 8**0.5, with_c) in calls and (16 / 8**0.5, not with_c) not in calls  # the fused pass scaled
 
 
 def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
