@@ -25,7 +25,7 @@ from qmerge.io.paths import MODEL_FILES
 from qmerge.numerics import DTYPES, MATH_DTYPE
 from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
-from qmerge.ops.combine import SPARSIFY, combine, scaled_threshold
+from qmerge.ops.combine import SPARSIFY, TopK, combine, scaled_threshold
 from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta, lora_product
 from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
@@ -142,20 +142,22 @@ def adapter_deltas(inputs: MergeInputs, name: str) -> tuple[list[tuple[int, torc
     """[(adapter index, ΔWᵢ = scaleᵢ·BᵢAᵢ, unweighted, float32 on CPU)] of the adapters that change `name`, and the
     DoRA magnitude if any."""
     deltas, magnitude = [], None
-    for i, d, m, _ in _each_delta(inputs, name):
+    for i, d, m, _, _ in _each_delta(inputs, name):
         deltas.append((i, d))
         magnitude = m if m is not None else magnitude
     return deltas, magnitude
 
 
 def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, reuse: bool = False,
-                density: float | None = None
-                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, tuple[float, int, int] | None]]:
-    """(adapter index, ΔWᵢ, DoRA magnitude or None, top-k threshold or None) for each adapter that changes `name`,
-    one at a time. With `scratch`, a linear layer's ΔW on CPU is formed in slot ("delta", k) for the k-th one
-    yielded; with `reuse`, every one after the first shares slot 1 (each valid only until the next is made: for a
-    caller that folds them in as they come). With `density` (TIES, magnitude_prune), a linear layer's ΔW on CPU
-    comes with its top-k threshold at that density, found in the pass that scales it (`scaled_threshold`)."""
+                unscaled: bool = False, density: float | None = None
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, TopK | None, float | None]]:
+    """(adapter index, ΔWᵢ, DoRA magnitude or None, top-k threshold or None, scale or None) for each adapter that
+    changes `name`, one at a time. With `scratch`, a linear layer's ΔW on CPU is formed in slot ("delta", k) for the
+    k-th one yielded; with `reuse`, every one after the first shares slot 1 (each valid only until the next is
+    made: for a caller that folds them in as they come). With `unscaled` (a caller that gives `combine` the
+    scales), a linear layer's weight on CPU comes as the product BᵢAᵢ with its scale (ΔWᵢ = scale·BᵢAᵢ, never
+    written out); with `density` as well (TIES, magnitude_prune), with the top-k threshold of that ΔWᵢ
+    (`scaled_threshold`)."""
     module, param = name.rsplit(".", 1)
     layout = inputs.base.arch.layouts.get(module, "linear")
     made = 0
@@ -163,7 +165,7 @@ def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, 
         mod = adapter.modules.get(module)
         if mod is None:
             continue
-        magnitude, threshold = None, None
+        magnitude, threshold, scale = None, None, None
         if param == "bias" and mod.lora_b_bias:
             d = _checked(adapter, mod.lora_b_bias).to(MATH_DTYPE) * mod.scale
         elif param == "weight":
@@ -175,9 +177,11 @@ def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, 
                 slot = ("delta", min(made, 1) if reuse else made)
                 into = scratch.take(slot, (b.shape[0], a.shape[1])) \
                     if scratch is not None and inputs.device == "cpu" else None
-                if density is not None and inputs.device == "cpu":  # a threshold is counts: it holds for d.T too
-                    d = lora_product(a, b, out=into)
-                    threshold = scaled_threshold(d, mod.scale, density)
+                if unscaled and inputs.device == "cpu":
+                    d, scale = lora_product(a, b, out=into), mod.scale
+                    if density is not None:  # its counts hold for d.T too, not its blocks
+                        threshold = scaled_threshold(d, scale, density)
+                        threshold = threshold._replace(by_block=None) if threshold and layout == "conv1d" else threshold
                 else:
                     d = lora_delta(a, b, mod.scale, out=into)
             d = d.T if layout == "conv1d" else d
@@ -186,7 +190,7 @@ def _each_delta(inputs: MergeInputs, name: str, scratch: Scratch | None = None, 
         else:
             continue
         made += 1
-        yield i, d.cpu(), magnitude, threshold
+        yield i, d.cpu(), magnitude, threshold, scale
 
 
 def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch | None = None
@@ -194,14 +198,19 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
     """The combined delta for `name` (Σ weightᵢ·ΔWᵢ for `linear`; None when no adapter touches it), and the DoRA
     magnitude if any; in `scratch`'s buffers when given (valid until its next tensor)."""
     c = inputs.combination
-    total, magnitude, deltas, thresholds = None, None, [], {}
+    total, magnitude, deltas, thresholds, scales = None, None, [], {}, {}
     density = c.density if SPARSIFY[c.method] == "magnitude" and c.density < 1 else None
     # linear: Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote), in place into the first
-    # as each is made (the deltas are this function's own), so that two whole-tensor deltas are alive at most
-    for i, d, m, threshold in _each_delta(inputs, name, scratch, reuse=c.method == "linear", density=density):
+    # as each is made (the deltas are this function's own), so that two whole-tensor deltas are alive at most.
+    # Other methods: `combine` forms each ΔWᵢ from its product as it reads it
+    linear = c.method == "linear"
+    for i, d, m, threshold, scale in _each_delta(inputs, name, scratch, reuse=linear, unscaled=not linear,
+                                                 density=density):
         magnitude = m if m is not None else magnitude
         if threshold is not None:
             thresholds[i] = threshold
+        if scale is not None:
+            scales[i] = scale
         if c.method != "linear":
             deltas.append((i, d))
             continue
@@ -217,7 +226,7 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
         into = deltas[0][1] if scratch is not None and deltas[0][1].is_contiguous() else None
         total = combine([full[i] for i in range(len(inputs.adapters))],
                         [w for _, w in inputs.adapters], c.method, c.density, c.majority_sign_method, c.seed, name,
-                        out=into, thresholds=thresholds)
+                        out=into, thresholds=thresholds, scales=scales)
         if scratch is not None:  # no more buffers through the merge kernel than a linear sum holds (freed on return)
             scratch.drop(keep=2)
     if total is None:

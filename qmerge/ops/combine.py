@@ -31,9 +31,11 @@ written in place, DARE's hash in unsigned 32-bit words), elsewhere compiled by i
 `MASKED`). On an 11008×4096 tensor of 3 adapters (2 cores, AVX-512) TIES' and DARE-TIES' block loops took 0.19 and
 0.33 s compiled by inductor, 0.13 and 0.09 s in C, and nothing to compile (inductor's first build of the DARE
 loop: 35 s). Where neither can run, and in the one block where the top-k's threshold ties must be split by a
-prefix sum, the op-by-op twin runs: the same bits every way (tested). The merge finds TIES' top-k thresholds as it
-forms each ΔWᵢ: the pass that scales the product BᵢAᵢ also counts and gathers for the threshold
-(`scaled_threshold`), one whole pass over each ΔWᵢ fewer.
+prefix sum, the op-by-op twin runs: the same bits every way (tested). The merge passes each adapter's product
+BᵢAᵢ with its scale (`scales`): ΔWᵢ is formed entry by entry where it is read, by the threshold's counting pass
+(`scaled_threshold`) and by the block loop, and never written out (an 11008×4096 tensor's threshold 40-60 → 27 ms
+per adapter); where only some of the entries equal to a threshold are kept, the counting pass also says how many
+each block holds, which `combine` otherwise counts block by block.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,20 +66,30 @@ BLOCK = 1 << 20  # flat elements per block: the unit of DARE's masks and of the 
 SAMPLE = 1 << 16  # entries of the strided sample that brackets a top-k threshold
 
 
-def scaled_threshold(product: torch.Tensor, scale: float, density: float) -> tuple[float, int, int] | None:
-    """`product.mul_(scale)` (ΔW = scale·(BA) from the factors' product, `lora_delta`'s bits), then ΔW's top-k
-    threshold (`_threshold`), with the scaling done inside the threshold's pass over the entries, block by block
-    (in the C loop where it runs) on a contiguous float32 CPU product: one whole pass over ΔW fewer, and the
-    threshold counts no adapter's delta a second time in `combine`."""
+class TopK(NamedTuple):
+    """A delta's top-k threshold: the k-th largest |value|, how many entries equal to it are kept (the lowest
+    flat indices first), how many there are, and, where the bracket pass found them, how many lie in each BLOCK
+    of the flat delta (so that `combine` need not look for them block by block)."""
+
+    value: float
+    kept: int
+    equal: int
+    by_block: tuple[int, ...] | None = None
+
+
+def scaled_threshold(product: torch.Tensor, scale: float, density: float) -> TopK | None:
+    """The top-k threshold of ΔW = scale·`product` (the factors' product BA; ΔW rounded as `lora_delta`'s `mul_`
+    rounds it), without forming ΔW: on a contiguous float32 CPU product each entry is scaled in a register by the
+    threshold's pass (the C loop where it runs), and `combine` forms ΔW from the product again in its own loop
+    (`scales`): no pass writes ΔW out, and none reads it a second time."""
     if not (product.device.type == "cpu" and product.dtype == torch.float32 and product.is_contiguous()):
-        return _threshold(product.mul_(scale), density)
+        return _threshold(product * scale, density)
     return _threshold(product, density, scale=scale)
 
 
-def _threshold(delta: torch.Tensor, density: float, scale: float | None = None) -> tuple[float, int, int] | None:
-    """(the k-th largest |value|, how many entries equal to it are kept, how many there are) for
-    k = ⌊density·numel⌋; None keeps all. `scale` (`scaled_threshold` only: a contiguous float32 CPU tensor):
-    `delta` is multiplied by it in place first, inside the bracket pass, and the threshold is the product's.
+def _threshold(delta: torch.Tensor, density: float, scale: float | None = None) -> TopK | None:
+    """`TopK` for k = ⌊density·numel⌋; None keeps all. `scale` (a contiguous float32 CPU tensor only): the
+    threshold of scale·`delta`, each entry scaled as it is read (`delta` is not changed).
 
     Exact, and O(numel) without a whole-tensor |ΔW| copy: a strided sample of SAMPLE magnitudes brackets the
     threshold between two of its order statistics (a margin of 4 binomial standard deviations around rank k),
@@ -86,32 +99,35 @@ def _threshold(delta: torch.Tensor, density: float, scale: float | None = None) 
     flat = delta.view(-1) if scale is not None else delta.reshape(-1)
     n = flat.numel()
     k = int(density * n)
-    if scale is not None and not 0 < k < n:
-        flat.mul_(scale)
     if k >= n:
         return None
     if k <= 0:
-        return float("inf"), 0, 0
+        return TopK(float("inf"), 0, 0)
     bracket = _bracket(flat, k, scale)
-    above, inside = bracket or (0, flat.abs())  # no bracket: the whole tensor is "inside"
+    # no bracket: the whole tensor is "inside"
+    above, inside, lengths = bracket or (0, (flat * scale if scale is not None else flat).abs(), None)
     rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
     if bracket is not None and inside.device.type == "cpu":  # no NaN inside a bracket (comparisons exclude it):
         at = inside.numel() - rank                             # numpy's selection, ~10x torch.kthvalue on CPU
         threshold = float(np.partition(inside.numpy(), at)[at])
     else:
         threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
-    # every entry equal to the threshold lies inside the bracket: their count is the whole tensor's
-    return threshold, rank - int(torch.count_nonzero(inside > threshold)), int(torch.count_nonzero(inside == threshold))
+    # every entry equal to the threshold lies inside the bracket: their count is the whole tensor's, and where only
+    # some of them are kept, the bracket's blocks (in flat order) say which block holds how many
+    equal = inside == threshold
+    kept, total = rank - int(torch.count_nonzero(inside > threshold)), int(torch.count_nonzero(equal))
+    by_block = tuple(int(torch.count_nonzero(part)) for part in equal.split(lengths)) \
+        if lengths is not None and 0 < kept < total else None
+    return TopK(threshold, kept, total, by_block)
 
 
-def _bracket(flat: torch.Tensor, k: int, scale: float | None = None) -> tuple[int, torch.Tensor] | None:
-    """(how many magnitudes lie above the bracket, the magnitudes inside it) for a bracket [lo, hi] that holds
-    the k-th largest magnitude of `flat`; None when the tensor is small or the sample's bracket misses rank k.
-    `scale`: `flat` is multiplied by it in place (in the counting pass), whatever the answer."""
+def _bracket(flat: torch.Tensor, k: int, scale: float | None = None
+             ) -> tuple[int, torch.Tensor, list[int]] | None:
+    """(how many magnitudes lie above the bracket, the magnitudes inside it, how many of those each BLOCK of
+    `flat` holds) for a bracket [lo, hi] that holds the k-th largest magnitude of `flat`; None when the tensor is
+    small or the sample's bracket misses rank k. `scale`: the magnitudes of scale·`flat` (`flat` unchanged)."""
     n = flat.numel()
     if n <= 4 * SAMPLE:
-        if scale is not None:
-            flat.mul_(scale)
         return None
     step = (n // SAMPLE) | 1  # odd: a power-of-two row length does not alias the sample onto a few columns
     sample = (flat[::step] * scale if scale is not None else flat[::step]).abs()  # the scaled entries' bits
@@ -133,21 +149,22 @@ def _bracket(flat: torch.Tensor, k: int, scale: float | None = None) -> tuple[in
             return float(ordered[i])
     hi = largest(top) if top >= 0 else math.inf
     lo = largest(bottom) if bottom < m else 0.0
-    above, inside = _count_and_gather(flat.contiguous().numpy() if on_cpu else flat, lo, hi, scale)
+    above, inside, lengths = _count_and_gather(flat.contiguous().numpy() if on_cpu else flat, lo, hi, scale)
     if not above < k <= above + inside.numel():
         return None
-    return above, inside
+    return above, inside, lengths
 
 
 def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, scale: float | None = None
-                      ) -> tuple[int, torch.Tensor]:
-    """`_bracket`'s pass, block by block: how many |x| > hi, and the |x| in [lo, hi] (in flat order). A numpy array
+                      ) -> tuple[int, torch.Tensor, list[int]]:
+    """`_bracket`'s pass, block by block: how many |x| > hi, the |x| in [lo, hi] (in flat order), and how many of
+    those each BLOCK holds. A numpy array
     (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py), else numpy's ops, on as many threads as
     torch uses (both run on one and release the GIL); a tensor (any other device) torch's. The same exact
     comparisons every way, but on CPU numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95
     vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of numpy's; this pass is most of TIES'
-    cost over a plain sum. `scale` (a contiguous numpy `flat` only): each block is multiplied by it in place
-    first, in the same pass (in the C loop, else by torch's `mul_`)."""
+    cost over a plain sum. `scale` (a numpy `flat` only): the magnitudes of scale·x, each entry scaled as it is
+    read (in the C loop; else a scaled copy of each block, by torch's `mul`)."""
     numpy = isinstance(flat, np.ndarray)
     count = np.count_nonzero if numpy else torch.count_nonzero
 
@@ -156,7 +173,7 @@ def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, sca
         if numpy and (native := count_and_gather(part, lo, hi, scale=scale)) is not None:
             return native  # one C loop instead of numpy's six passes (ops/native.py)
         if scale is not None:
-            torch.from_numpy(part).mul_(scale)  # torch's scaling, as `lora_delta` scales
+            part = torch.from_numpy(part).mul(scale).numpy()  # torch's scaling, as `lora_delta` scales
         magnitude = abs(part)
         return int(count(magnitude > hi)), magnitude[(magnitude >= lo) & (magnitude <= hi)]
 
@@ -164,17 +181,18 @@ def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, sca
     parts = map_on_threads(block, starts, "qmerge-bracket") if numpy else [block(start) for start in starts]
     above = sum(n for n, _ in parts)
     inside = [values for _, values in parts]
-    return above, torch.from_numpy(np.concatenate(inside)) if numpy else torch.cat(inside)
+    lengths = [len(values) for values in inside]
+    return above, torch.from_numpy(np.concatenate(inside)) if numpy else torch.cat(inside), lengths
 
 
-def _kept(block: torch.Tensor, threshold: tuple[float, int, int] | None, admitted: list[int],
+def _kept(block: torch.Tensor, threshold: TopK | None, admitted: list[int],
           settled: bool | None = None) -> torch.Tensor:
     """The top-k mask of one flat block, given the tensor's threshold; `admitted[0]` counts the threshold-equal
     entries kept so far (lower flat index first), across blocks in order. `settled`: `_take_equal`'s answer for
     this block, when it was asked (it has counted those entries already)."""
     if threshold is None:
         return torch.ones_like(block, dtype=torch.bool)
-    value, equal_kept, _ = threshold
+    value, equal_kept = threshold.value, threshold.kept
     magnitude = block.abs()
     mask = magnitude > value
     if settled is not None:
@@ -240,30 +258,37 @@ def dare_mask(shape: torch.Size, density: float, seed: int, adapter: int, tensor
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: str, density: float = 1.0,
             majority_sign_method: str = "total", seed: int = 0, tensor: str = "",
-            out: torch.Tensor | None = None, thresholds: dict[int, tuple[float, int, int]] | None = None
-            ) -> torch.Tensor:
+            out: torch.Tensor | None = None, thresholds: dict[int, TopK] | None = None,
+            scales: dict[int, float] | None = None) -> torch.Tensor:
     """The combined delta of one tensor (float32). `deltas[i]` is adapter i's exact ΔWᵢ (float32, unweighted);
     `tensor` names it for DARE's keep masks; `out` (float32, the deltas' shape, contiguous) receives the result
     when given, and may be one of the deltas (each block is read whole before its result is written);
-    `thresholds`: top-k thresholds already known (`scaled_threshold`), by adapter index. Streamed over flat blocks
+    `thresholds`: top-k thresholds already known (`scaled_threshold`), by adapter index; `scales`: for the adapters
+    it names, `deltas[i]` is the product BᵢAᵢ and ΔWᵢ = scales[i]·deltas[i] (`lora_delta`'s bits), formed in the
+    C loop as each block is read, else in place over `deltas[i]` first. Streamed over flat blocks
     of BLOCK elements: besides the deltas and the result, the working set is a few blocks and the magnitudes near
     each top-k threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")
     flats = [d.to(MATH_DTYPE).reshape(-1) for d in deltas]
     kind = SPARSIFY[method] if density < 1 else None
+    out = torch.empty_like(flats[0]) if out is None else out.view(-1)
+    in_c = _in_c(flats, out) and not (method == "linear" and kind is None)
+    scales = dict(scales or {})
+    if scales and not in_c:  # ΔWᵢ formed over the products, by torch's `mul_` as `lora_delta` forms it
+        for i, scale in scales.items():
+            flats[i].mul_(scale)
+        scales = {}
     known = thresholds or {}
-    thresholds = [known[i] if i in known else _threshold(f, density) for i, f in enumerate(flats)] \
-        if kind == "magnitude" else None
+    thresholds = [known[i] if i in known else _threshold(f, density, scale=scales.get(i))
+                  for i, f in enumerate(flats)] if kind == "magnitude" else None
     admitted = [[0] for _ in flats]
     if kind == "random":
         device = flats[0].device
         keys = torch.tensor([dare_key(seed, i, tensor) for i in range(len(flats))], dtype=torch.int64, device=device)
         threshold = torch.tensor(keep_threshold(density), dtype=torch.int64, device=device)
-    out = torch.empty_like(flats[0]) if out is None else out.view(-1)
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
     frequency, elect = majority_sign_method != "total", method in ELECTS_SIGN
-    in_c = _in_c(flats, out) and not (method == "linear" and kind is None)
     values = [t[0] for t in thresholds] if kind == "magnitude" else None  # each adapter's threshold magnitude
     c_blocks = []  # (start, stop, C arguments): run on threads after the loop, each reading and writing its own block
     for start in range(0, out.numel(), BLOCK):
@@ -274,14 +299,17 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
             continue
         fused = None
         if kind == "magnitude":
-            take_equal = [_take_equal(raw, thresholds[i], admitted[i]) for i, raw in enumerate(raws)]
+            take_equal = [_take_equal(raw, thresholds[i], admitted[i], start // BLOCK, scales.get(i))
+                          for i, raw in enumerate(raws)]
             if None not in take_equal:  # None: some threshold-equal entries wait for later blocks (a prefix sum)
                 if in_c:
-                    c_blocks.append((start, stop, {"mode": "magnitude", "thresholds": values, "take_equal": take_equal}))
+                    how = {"mode": "magnitude", "thresholds": values, "take_equal": take_equal}
+                    c_blocks.append((start, stop, how))
                     continue
                 fused = MAGNITUDE(raws, torch.tensor(values, dtype=MATH_DTYPE),
                                   torch.tensor(take_equal), weight_t, elect, frequency)
-            if fused is None:
+            if fused is None:  # (in C's stead: this block's ΔWᵢ formed as the C loop forms them)
+                raws = tuple(raw * scales[i] if i in scales else raw for i, raw in enumerate(raws))
                 parts = [raw * _kept(raw, thresholds[i], admitted[i], settled=take_equal[i])
                          for i, raw in enumerate(raws)]
         elif kind == "random":
@@ -305,11 +333,12 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
         out[start:stop] = fused
     if c_blocks:
         arrays, into, weight_a = [f.numpy() for f in flats], out.numpy(), weight_t.numpy()
+        scale_a = np.array([scales.get(i, 1.0) for i in range(len(flats))], dtype=np.float32) if scales else None
 
         def run(block: tuple[int, int, dict]) -> None:
             start, stop, how = block
             native.combine_block([a[start:stop] for a in arrays], into[start:stop], weights=weight_a, elect=elect,
-                                 frequency=frequency, **how)
+                                 frequency=frequency, scales=scale_a, **how)
 
         map_on_threads(run, c_blocks, "qmerge-combine")
     return out.reshape(deltas[0].shape)
@@ -324,18 +353,24 @@ def _in_c(flats: list[torch.Tensor], out: torch.Tensor) -> bool:
             and native.combine_available())
 
 
-def _take_equal(raw: torch.Tensor, threshold: tuple[float, int, int], admitted: list[int]) -> bool | None:
-    """Whether this block keeps the entries equal to the threshold magnitude: all of them (True; counted into
-    `admitted`), none (False: the quota is spent), or only a prefix (None: `_kept`'s prefix sum decides). Where
-    the tensor keeps all of its threshold-equal entries (the usual case: one entry holds the k-th magnitude) or
-    none, every block's answer is known without counting."""
-    value, equal_kept, equal_total = threshold
+def _take_equal(raw: torch.Tensor, threshold: TopK, admitted: list[int], block: int, scale: float | None = None
+                ) -> bool | None:
+    """Whether block number `block` (`raw`) keeps the entries equal to the threshold magnitude: all of them (True;
+    counted into `admitted`), none (False: the quota is spent), or only a prefix (None: `_kept`'s prefix sum
+    decides). Where the tensor keeps all of its threshold-equal entries or none, every block's answer is known
+    without counting; so it is where the bracket pass counted them block by block (`TopK.by_block`: ties at the
+    threshold are common in products of bf16 factors, and counting them here took a pass over each block).
+    `scale`: `raw` is a product, ΔW's block is scale·`raw`."""
+    value, equal_kept, equal_total, by_block = threshold
     if equal_kept in (0, equal_total):
         return equal_kept > 0
     left = equal_kept - admitted[0]
     if left <= 0:
         return False
-    found = int(torch.count_nonzero(raw.abs() == value))
+    if by_block is not None:
+        found = by_block[block]
+    else:
+        found = int(torch.count_nonzero((raw * scale if scale is not None else raw).abs() == value))
     if found > left:
         return None
     admitted[0] += found

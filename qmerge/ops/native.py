@@ -4,13 +4,15 @@
   bracket, and the |x| inside it, in order). numpy makes it six passes over each block (abs, two comparisons, an
   `and`, a count, a boolean gather), 70-80 ms per 11008x4096 delta on two threads; the C loop reads each entry once,
   31-36 ms, and 17-19 ms in its AVX-512 form (16 entries a step, the inside ones compressed to the front of a
-  register), taken where the CPU has AVX-512F. Where ΔW's top-k threshold is found as ΔW is formed
-  (ops/combine.py `scaled_threshold`), the same pass first scales the product in place.
+  register), taken where the CPU has AVX-512F. Where ΔW's top-k threshold is found from the factors' product
+  (ops/combine.py `scaled_threshold`), the pass scales each entry in a register and counts the product: ΔW itself
+  is never written out.
 - One block of a multi-adapter combination (`combine_block`: TIES' trim or DARE's drop and rescale, then the
   election and disjoint mean or the weighted sum), the same float32 operations in the same order as ops/combine.py's
-  op-by-op twin, so the same bits; DARE's keep hash in unsigned 32-bit words (inductor's loop computes it in int64
-  lanes, split so that no signed product overflows: DARE's extra time over TIES' loop). Compiled once per CPU kind
-  (AVX-512, AVX2, plain) and chosen at run time.
+  op-by-op twin, so the same bits, each adapter's entries first scaled by its LoRA scale where given (ΔWᵢ =
+  scaleᵢ·BᵢAᵢ formed in the loop from the product, as torch's `mul_` forms it); DARE's keep hash in unsigned 32-bit
+  words (inductor's loop computes it in int64 lanes, split so that no signed product overflows: DARE's extra time
+  over TIES' loop). Compiled once per CPU kind (AVX-512, AVX2, plain) and chosen at run time.
 
 Built once per machine with the C compiler (`$CC`, else cc, gcc, clang, or a C++ compiler; inductor, which
 compiles the fused kernels, needs one too) into `<qmerge cache>/native/helper-<sha256 of source, compiler and
@@ -51,18 +53,15 @@ SOURCE = r"""
 extern "C" {  /* a C++ compiler (g++ is all some machines have) keeps the names unmangled */
 #endif
 
-/* scale: when not NULL, each entry is first multiplied by *scale in place (torch's `mul_`), and the scaled value
-   is what is counted and gathered */
-static int64_t scalar(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi, uint32_t *inside,
+/* scale: when not NULL, each entry is first multiplied by *scale (torch's `mul_` bits), and the scaled value is
+   what is counted and gathered; x is only read */
+static int64_t scalar(const float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi, uint32_t *inside,
                       int64_t *above) {
     const uint32_t span = hi - lo;
     int64_t a = 0, j = 0;
     for (int64_t i = 0; i < n; i++) {
         float y = x[i];
-        if (scale) {
-            y = y * *scale;
-            x[i] = y;
-        }
+        if (scale) y = y * *scale;
         uint32_t u;
         memcpy(&u, &y, sizeof u);
         u &= 0x7fffffffu;
@@ -82,7 +81,7 @@ static int64_t scalar(float *x, int64_t n, const float *scale, uint32_t lo, uint
    the store stays inside the n entries of room). Stored on every step, also with none inside: a branch on it was
    mispredicted often enough, with a few percent of the entries inside, to take more than half the loop's time. */
 __attribute__((target("avx512f")))
-static int64_t avx512(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi, uint32_t *inside,
+static int64_t avx512(const float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi, uint32_t *inside,
                       int64_t *above) {
     const __m512 vscale = _mm512_set1_ps(scale ? *scale : 1.0f);
     const __m512i mask = _mm512_set1_epi32(0x7fffffff), vinf = _mm512_set1_epi32(0x7f800000),
@@ -91,10 +90,7 @@ static int64_t avx512(float *x, int64_t n, const float *scale, uint32_t lo, uint
     int64_t a = 0, j = 0, i = 0;
     for (; i + 16 <= n; i += 16) {
         __m512 v = _mm512_loadu_ps(x + i);
-        if (scale) {
-            v = _mm512_mul_ps(v, vscale);
-            _mm512_storeu_ps(x + i, v);
-        }
+        if (scale) v = _mm512_mul_ps(v, vscale);
         __m512i u = _mm512_and_si512(_mm512_castps_si512(v), mask);
         __mmask16 ok = _mm512_cmple_epu32_mask(u, vinf);
         __mmask16 in = _mm512_mask_cmple_epu32_mask(ok, _mm512_sub_epi32(u, vlo), vspan);
@@ -132,15 +128,21 @@ static inline uint32_t mix32(uint32_t x) {
 static inline float sign_of(float x) { return (float)(x > 0.0f) - (float)(x < 0.0f); }
 
 static inline __attribute__((always_inline)) void combine_body(
-        int32_t k, const float *const *raws, int64_t n, float *out, int32_t mode, const float *thresholds,
+        int32_t k, const float *const *raws, const float *scales, int64_t n, float *out, int32_t mode,
+        const float *thresholds,
         const uint8_t *take_equal, const uint32_t *keys, uint64_t keep_below, uint64_t start, float density,
         const float *weights, int32_t elect, int32_t frequency) {
-    float parts[QM_MAX_ADAPTERS][QM_CHUNK], votes[QM_CHUNK], total[QM_CHUNK], count[QM_CHUNK];
+    float parts[QM_MAX_ADAPTERS][QM_CHUNK], scaled[QM_CHUNK], votes[QM_CHUNK], total[QM_CHUNK], count[QM_CHUNK];
     for (int64_t s = 0; s < n; s += QM_CHUNK) {
         const int64_t m = n - s < QM_CHUNK ? n - s : QM_CHUNK;
         for (int32_t i = 0; i < k; i++) {
             const float *__restrict r = raws[i] + s;
             float *__restrict p = parts[i];
+            if (scales) {  /* ΔWᵢ = scaleᵢ·(BᵢAᵢ), rounded as torch's `mul_` rounds it */
+                const float c = scales[i];
+                for (int64_t j = 0; j < m; j++) scaled[j] = r[j] * c;
+                r = scaled;
+            }
             if (mode == QM_MAGNITUDE) {  /* raw * (|raw| > t | (|raw| == t & take_equal)) */
                 const float t = thresholds[i];
                 const int te = take_equal[i] != 0;
@@ -185,11 +187,11 @@ static inline __attribute__((always_inline)) void combine_body(
     }
 }
 
-#define QM_COMBINE_ARGS int32_t k, const float *const *raws, int64_t n, float *out, int32_t mode, \
+#define QM_COMBINE_ARGS int32_t k, const float *const *raws, const float *scales, int64_t n, float *out, int32_t mode, \
     const float *thresholds, const uint8_t *take_equal, const uint32_t *keys, uint64_t keep_below, uint64_t start, \
     float density, const float *weights, int32_t elect, int32_t frequency
-#define QM_COMBINE_PASS k, raws, n, out, mode, thresholds, take_equal, keys, keep_below, start, density, weights, \
-    elect, frequency
+#define QM_COMBINE_PASS k, raws, scales, n, out, mode, thresholds, take_equal, keys, keep_below, start, density, \
+    weights, elect, frequency
 
 static void combine_plain(QM_COMBINE_ARGS) { combine_body(QM_COMBINE_PASS); }
 #ifdef HAVE_AVX512
@@ -224,7 +226,7 @@ int32_t qmerge_combine_block_portable(QM_COMBINE_ARGS) {
     return 0;
 }
 
-int64_t qmerge_count_and_gather(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
+int64_t qmerge_count_and_gather(const float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
                                 uint32_t *inside, int64_t *above) {
 #ifdef HAVE_AVX512
     __builtin_cpu_init();
@@ -233,7 +235,7 @@ int64_t qmerge_count_and_gather(float *x, int64_t n, const float *scale, uint32_
     return scalar(x, n, scale, lo, hi, inside, above);
 }
 
-int64_t qmerge_count_and_gather_portable(float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
+int64_t qmerge_count_and_gather_portable(const float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
                                          uint32_t *inside, int64_t *above) {
     return scalar(x, n, scale, lo, hi, inside, above);
 }
@@ -299,9 +301,9 @@ def _load() -> ctypes.CDLL | None:
                        ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
     for fn in combine:
         fn.restype = ctypes.c_int32
-        fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
-                       ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+        fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
+                       ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
     return lib
 
 
@@ -322,15 +324,12 @@ def _bits(value: float) -> int:
 def count_and_gather(block: np.ndarray, lo: float, hi: float, portable: bool = False, scale: float | None = None
                      ) -> tuple[int, np.ndarray] | None:
     """(how many |x| > hi, the |x| in [lo, hi] in flat order) for a float32 block and 0 <= lo <= hi (float32
-    values); None where the C helper is unavailable or the block is not float32. `scale`: the block (then
-    contiguous and writable) is first multiplied by float32(scale) in place, as torch's `mul_(scale)` does, in the
-    same pass, and the products are counted. `portable`: the plain C loop even where the CPU has AVX-512F (for
-    tests: both forms must give numpy's answer)."""
+    values); None where the C helper is unavailable or the block is not float32. `scale`: what is counted and
+    gathered is float32(scale)·x, rounded as torch's `mul_(scale)` rounds it; the block is only read. `portable`: the
+    plain C loop even where the CPU has AVX-512F (for tests: both forms must give numpy's answer)."""
     lib = _helper() if block.dtype == np.float32 else None
     if lib is None:
         return None
-    if scale is not None and not (block.flags.c_contiguous and block.flags.writeable):
-        raise ValueError("count_and_gather scales in place: the block must be contiguous and writable")
     block = np.ascontiguousarray(block)
     inside = np.empty(block.size, dtype=np.uint32)  # room for all; only the pages written are ever touched
     above = ctypes.c_int64()
@@ -352,12 +351,14 @@ def combine_available() -> bool:
 def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: np.ndarray, elect: bool,
                   frequency: bool, thresholds: np.ndarray | None = None, take_equal: np.ndarray | None = None,
                   keys: np.ndarray | None = None, keep_below: int = 0, start: int = 0, density: float = 1.0,
-                  portable: bool = False) -> None:
+                  scales: np.ndarray | None = None, portable: bool = False) -> None:
     """One block of ops/combine.py's combination, written into `out` (float32, contiguous, the raws' length; it may
     be one of them: each chunk is read whole before it is written). `mode`: "magnitude" (TIES' trim: `thresholds`
     float32 and `take_equal` per adapter), "dare" (drop by `keys` (uint32 [k, 2]) and `keep_below` for the flat
     indices from `start`, rescale by 1/`density`) or "keep_all"; then the election (`elect`, `frequency`) or the
-    weighted sum. The caller checks `combine_available()` first. `portable`: the plain loop (tests)."""
+    weighted sum. `scales` (float32 per adapter): raw i is the product BᵢAᵢ and ΔWᵢ = scales[i]·raw, formed in the
+    loop (torch's `mul_` bits); None: the raws are the ΔWᵢ. The caller checks `combine_available()` first.
+    `portable`: the plain loop (tests)."""
     lib = _helper()
     k = len(raws)
     if not 1 <= k <= MAX_ADAPTERS or any(r.dtype != np.float32 or not r.flags.c_contiguous or r.size != out.size
@@ -368,9 +369,12 @@ def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: n
     thresholds = np.ascontiguousarray(thresholds if thresholds is not None else np.zeros(k), dtype=np.float32)
     take_equal = np.ascontiguousarray(take_equal if take_equal is not None else np.zeros(k), dtype=np.uint8)
     keys = np.ascontiguousarray(keys if keys is not None else np.zeros((k, 2)), dtype=np.uint32)
+    scales = np.ascontiguousarray(scales, dtype=np.float32) if scales is not None else None
+    if scales is not None and scales.size != k:
+        raise ValueError("combine_block takes one scale per block")
     fn = lib.qmerge_combine_block_portable if portable else lib.qmerge_combine_block
-    status = fn(k, pointers, out.size, out.ctypes.data, COMBINE_MODES[mode], thresholds.ctypes.data,
-                take_equal.ctypes.data, keys.ctypes.data, keep_below, start, density, weights.ctypes.data,
-                int(elect), int(frequency))
+    status = fn(k, pointers, scales.ctypes.data if scales is not None else None, out.size, out.ctypes.data,
+                COMBINE_MODES[mode], thresholds.ctypes.data, take_equal.ctypes.data, keys.ctypes.data, keep_below,
+                start, density, weights.ctypes.data, int(elect), int(frequency))
     if status != 0:
         raise ValueError(f"qmerge_combine_block refused {k} adapters")

@@ -112,6 +112,19 @@ def _direct_threshold(t: torch.Tensor, density: float) -> tuple[float, int, int]
     return value, k - int((flat > value).sum()), int((flat == value).sum())
 
 
+def _check_threshold(got, t: torch.Tensor, density: float, sampled: bool | None) -> None:
+    """`got` (a `TopK`) is the full sort's threshold and tie counts, and, where the sampled bracket found it
+    (`sampled`; None: either way) and only some threshold-equal entries are kept, its count of them in each BLOCK
+    of the flat tensor is right too."""
+    assert tuple(got[:3]) == _direct_threshold(t, density)
+    assert sampled is None or (got.by_block is not None) == (sampled and 0 < got.kept < got.equal)
+    if got.by_block is None:
+        return
+    equal = (t.reshape(-1).abs() == got.value).int()
+    assert got.by_block == tuple(int(equal[i:i + combine_module.BLOCK].sum())
+                                 for i in range(0, equal.numel(), combine_module.BLOCK))
+
+
 @pytest.mark.parametrize("density", [0.003, 0.1, 0.5, 0.77, 0.999])
 def test_sampled_bracket_finds_the_exact_threshold(monkeypatch, density):
     """The bracket from a strided sample (forced onto tensors of 7 000 entries) gives the full sort's threshold
@@ -130,18 +143,18 @@ def test_sampled_bracket_finds_the_exact_threshold(monkeypatch, density):
         "aliased": aliased,
     }
     for name, t in cases.items():
-        assert combine_module._threshold(t, density) == _direct_threshold(t, density), name
+        _check_threshold(combine_module._threshold(t, density), t, density, sampled=None if name == "aliased" else True)
     assert combine_module._bracket(cases["smooth"].reshape(-1), 3500) is not None  # the sampled path runs …
     assert combine_module._bracket(aliased, 3500) is None  # … and the fallback where the sample misjudges
 
 
 @pytest.mark.parametrize("with_c", [True, False])
 def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypatch, with_c):
-    """`scaled_threshold` (ΔW's product scaled inside the bracket's counting pass) leaves the product holding the
-    bits `mul_(scale)` gives (lora_delta's ΔW) and returns the threshold of that ΔW: scales that float32 holds
-    exactly and ones it rounds (rsLoRA's α/√r), densities, smooth values, long ties, a rank-1 product, the sampled
-    path, the small-tensor path and the fallback where the sample misjudges; with and without the C helper (then
-    torch scales each block of the numpy pass)."""
+    """`scaled_threshold` (the product scaled entry by entry inside the bracket's counting pass) returns the
+    threshold of the ΔW that `mul_(scale)` gives (lora_delta's ΔW) and leaves the product as it was: scales that
+    float32 holds exactly and ones it rounds (rsLoRA's α/√r), densities, smooth values, long ties, a rank-1
+    product, the sampled path, the small-tensor path and the fallback where the sample misjudges; with and without
+    the C helper (then torch scales a copy of each block of the numpy pass)."""
     from qmerge.ops import native
 
     monkeypatch.setattr(combine_module, "SAMPLE", 256)
@@ -168,8 +181,9 @@ def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypa
                 fused = product.clone()
                 got = combine_module.scaled_threshold(fused, scale, density)
                 want_delta = product.clone().mul_(scale)
-                assert torch.equal(fused.view(torch.int32), want_delta.view(torch.int32)), (name, scale, density)
-                assert got == combine_module._threshold(want_delta, density) == _direct_threshold(want_delta, density)
+                assert torch.equal(fused.view(torch.int32), product.view(torch.int32)), (name, scale, density)
+                assert got == combine_module._threshold(want_delta, density)
+                _check_threshold(got, want_delta, density, {"aliased": None, "small": False}.get(name, True))
     assert (16 / 8**0.5, with_c) in calls and (16 / 8**0.5, not with_c) not in calls  # the fused pass scaled
 
 
@@ -180,10 +194,11 @@ def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
     g = torch.Generator().manual_seed(3)
     flat = torch.randint(-40, 41, (25_000,), generator=g).float() / 8  # many exact ties, zeros, both signs
     for lo, hi in ((1.0, 2.5), (0.0, 0.125), (4.875, 5.0), (2.0, 2.0)):
-        above, inside = combine_module._count_and_gather(flat.numpy(), lo, hi)
-        want_above, want_inside = combine_module._count_and_gather(flat, lo, hi)
+        above, inside, lengths = combine_module._count_and_gather(flat.numpy(), lo, hi)
+        want_above, want_inside, want_lengths = combine_module._count_and_gather(flat, lo, hi)
         assert above == want_above == int((flat.abs() > hi).sum())
-        assert torch.equal(inside, want_inside)
+        assert torch.equal(inside, want_inside) and lengths == want_lengths
+        assert lengths == [int(((b.abs() >= lo) & (b.abs() <= hi)).sum()) for b in flat.split(1000)]
         assert inside.numel() == int(((flat.abs() >= lo) & (flat.abs() <= hi)).sum())
 
 
@@ -207,16 +222,18 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
     monkeypatch.setattr(combine_module, "count_and_gather", lambda *args, **kwargs: None)  # numpy only
     for lo, hi in ((0.0, 0.0), (0.0, 1.0), (1.0, 2.5), (2.5, 2.5), (1e-45, 1e-40), (2.0, np.inf), (0.0, np.inf)):
         for size in (block.size, 16, 15, 1):  # whole 16-entry steps of the AVX-512 form and tails of each length
-            for scale in (None, 3.0, 16 / 8**0.5, 1e-30):  # scaled in place first (torch's mul_), or not
+            for scale in (None, 3.0, 16 / 8**0.5, 1e-30):  # each entry scaled as read (torch's mul_ bits), or not
                 part = block[:size].copy()
                 scaled = torch.from_numpy(part.copy()).mul_(scale).numpy() if scale is not None else part.copy()
-                want_above, want_inside = combine_module._count_and_gather(scaled.copy(), lo, hi)
+                want_above, want_inside, _ = combine_module._count_and_gather(scaled.copy(), lo, hi)
+                unfused = combine_module._count_and_gather(part.copy(), lo, hi, scale)  # numpy scales a copy
+                assert unfused[0] == want_above and torch.equal(unfused[1], want_inside)
                 for portable in (False, True):
                     mine = part.copy()
                     above, inside = native.count_and_gather(mine, lo, hi, portable=portable, scale=scale)
                     assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi, size,
                                                                                                portable, scale)
-                    assert np.array_equal(mine.view(np.int32), scaled.view(np.int32)), (size, portable, scale)
+                    assert np.array_equal(mine.view(np.int32), part.view(np.int32)), (size, portable, scale)
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 
@@ -260,6 +277,93 @@ def test_combination_in_c_gives_the_op_by_op_bits_on_every_kind_of_float(portabl
                                          portable=portable, **how)
                     assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), (k, n, mode, how, elect,
                                                                                                frequency)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_combination_in_c_forms_each_delta_from_its_product_as_mul_does(portable):
+    """Given the products BᵢAᵢ and their scales, the C block forms ΔWᵢ = scaleᵢ·BᵢAᵢ as it reads them: the same
+    bits as the block given the ΔWᵢ that torch's `mul_` makes (which the test above holds to the op-by-op
+    kernels), with scales float32 holds exactly and ones it rounds (rsLoRA's α/√r), one that makes subnormals and
+    one that overflows to infinity; the products are only read."""
+    import numpy as np
+
+    from qmerge.ops import native
+
+    g = torch.Generator().manual_seed(13)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-40, float("inf"), 1.0, -1.0, 0.5, 3.4e38])
+    for k in (1, 3):
+        for n in (15, 300):
+            products = [torch.cat([specials, torch.randn(n, generator=g)])[:n].contiguous() for _ in range(k)]
+            scales = torch.tensor([2.0, 16 / 8**0.5, 1e-30, 3e38][:k] if k > 1 else [16 / 8**0.5])
+            deltas = [p.clone().mul_(float(s)) for p, s in zip(products, scales)]
+            weights = torch.randn(k, generator=g).numpy()
+            hows = [("keep_all", {}), ("magnitude", {"thresholds": np.full(k, 0.5, np.float32),
+                                                     "take_equal": np.ones(k, np.uint8)}),
+                    ("dare", {"keys": np.arange(2 * k, dtype=np.uint32).reshape(k, 2), "keep_below": 2**31,
+                              "start": 7, "density": 0.5})]
+            for mode, how in hows:
+                for elect, frequency in ((True, False), (False, False)):
+                    want = np.full(n, 7.0, dtype=np.float32)
+                    native.combine_block([d.numpy() for d in deltas], want, mode, weights, elect, frequency,
+                                         portable=portable, **how)
+                    out, before = np.full(n, 7.0, dtype=np.float32), [p.clone() for p in products]
+                    native.combine_block([p.numpy() for p in products], out, mode, weights, elect, frequency,
+                                         scales=scales.numpy(), portable=portable, **how)
+                    assert np.array_equal(out.view(np.int32), want.view(np.int32)), (k, n, mode, elect)
+                    assert all(torch.equal(p.view(torch.int32), b.view(torch.int32)) for p, b in zip(products, before))
+
+
+@pytest.mark.parametrize("method,density", [("ties", 0.4), ("magnitude_prune", 0.3), ("dare_ties", 0.5),
+                                            ("dare_linear", 0.4), ("ties", 1.0)])
+@pytest.mark.parametrize("path", ["c", "compiled", "eager"])
+def test_combine_given_products_and_scales_equals_combine_given_the_deltas(monkeypatch, method, density, path):
+    """`combine(products, scales=…)` (what the merge passes: ΔWᵢ never written out) stores the bits of `combine`
+    given the ΔWᵢ that `mul_` forms, with thresholds found by `combine` or passed in (`scaled_threshold`, whose
+    blocks' tie counts spare `combine` its count), on every path: the C loop (products only read), inductor's
+    kernels and the op-by-op twin (products scaled in place first)."""
+    monkeypatch.setattr(combine_module, "BLOCK", 64)
+    monkeypatch.setattr(combine_module, "SAMPLE", 64)
+    g = torch.Generator().manual_seed(22)
+    products = [torch.randint(-2, 3, (40, 50), generator=g).float(), torch.randn(40, 50, generator=g),
+                torch.randn(40, 50, generator=g) * 0.1]
+    scales = {0: 2.0, 1: 16 / 8**0.5}  # adapter 2 comes as its ΔW
+    weights = [0.7, -1.3, 1.0]
+    deltas = [p.clone().mul_(scales[i]) if i in scales else p.clone() for i, p in enumerate(products)]
+    if path == "compiled":
+        monkeypatch.setattr(combine_module, "_in_c", lambda *args: False)
+    elif path == "eager":
+        monkeypatch.setenv("QMERGE_NO_COMPILE", "1")
+    want = combine(deltas, weights, method, density, "total", seed=5, tensor="f")
+    sparse = method in ("ties", "magnitude_prune") and density < 1
+    known = {i: combine_module.scaled_threshold(products[i], s, density) for i, s in scales.items()} if sparse else {}
+    assert not sparse or known[0].by_block is not None  # ties partly kept: counted per block by the bracket
+    for thresholds in ({}, known):
+        given = [p.clone() for p in products]
+        got = combine(given, weights, method, density, "total", seed=5, tensor="f", thresholds=thresholds,
+                      scales=scales)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), thresholds
+        if path == "c":
+            assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(given, products))
+
+
+def test_ties_straddling_blocks_are_counted_once_by_the_bracket(monkeypatch):
+    """Threshold-equal entries spread over many blocks, only some of them kept: with the bracket's per-block tie
+    counts (`TopK.by_block`) `combine` counts them in no block but the one where each adapter's quota runs out
+    (its prefix sum), and keeps the same entries as when it counts them block by block itself."""
+    monkeypatch.setattr(combine_module, "BLOCK", 100)
+    monkeypatch.setattr(combine_module, "SAMPLE", 64)
+    g = torch.Generator().manual_seed(4)
+    deltas = [torch.randint(-3, 4, (30, 40), generator=g).float() for _ in range(2)]
+    thresholds = {i: combine_module._threshold(d, 0.3) for i, d in enumerate(deltas)}
+    assert all(0 < t.kept < t.equal and t.by_block is not None for t in thresholds.values())  # partly kept ties
+    counted = []
+    real = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda *a, **k: counted.append(1) or real(*a, **k))
+    fused = combine([d.clone() for d in deltas], [1.0, 1.0], "ties", 0.3, thresholds=thresholds)
+    assert len(counted) == 2  # the prefix-sum block of each adapter
+    unblocked = {i: t._replace(by_block=None) for i, t in thresholds.items()}
+    plain = combine([d.clone() for d in deltas], [1.0, 1.0], "ties", 0.3, thresholds=unblocked)
+    assert len(counted) > 2 + 2 and torch.equal(fused.view(torch.int32), plain.view(torch.int32))
 
 
 def test_bracket_pass_without_a_working_compiler_falls_back_or_raises(monkeypatch, tmp_path):

@@ -77,9 +77,11 @@ def test_every_method_equals_its_oracle(tmp_path, tiny_llama, three, w_nf4, meth
 
 
 def test_thresholds_found_while_forming_the_deltas_change_no_byte(tmp_path, tiny_llama, three, monkeypatch):
-    """TIES' and magnitude_prune's top-k thresholds are found in the pass that scales each ΔW (`scaled_threshold`,
-    the sampled bracket forced onto the tiny model's tensors): the stored bytes equal those of thresholds found by
-    `combine` on the finished deltas, and the fused pass really ran."""
+    """The merge hands `combine` each adapter's product BᵢAᵢ and its scale (ΔWᵢ formed in the combination's loop)
+    and TIES' and magnitude_prune's top-k thresholds found from the products (`scaled_threshold`, the sampled
+    bracket forced onto the tiny model's tensors): the stored bytes equal those of thresholds found by `combine`,
+    and those of ΔWᵢ formed first by `lora_delta` (as before products were passed), for every method; and the
+    fused threshold pass really ran."""
     from qmerge import merging
     from qmerge.ops import combine as combine_module
 
@@ -88,19 +90,25 @@ def test_thresholds_found_while_forming_the_deltas_change_no_byte(tmp_path, tiny
     adapters = list(zip(three, [1.0, 0.6, 1.5]))
     real = combine_module.scaled_threshold
 
-    def unfused(product, scale, density):  # lora_delta's ΔW; `combine` finds the threshold itself
-        product.mul_(scale)
+    each_delta = merging._each_delta
 
-    for method, density in (("ties", 0.4), ("magnitude_prune", 0.3)):
+    def formed_first(*args, unscaled=False, density=None, **kwargs):  # ΔWᵢ = lora_delta's, no scales
+        return each_delta(*args, **kwargs)
+
+    for method, density in (("ties", 0.4), ("magnitude_prune", 0.3), ("dare_ties", 0.5), ("dare_linear", 0.4)):
         calls = []
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(merging, "scaled_threshold", lambda *args: calls.append(args[1]) or real(*args))
             fused = _merged(tmp_path / f"{method}-fused", tiny_llama, adapters, method=method, density=density)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(merging, "scaled_threshold", unfused)
+        with pytest.MonkeyPatch.context() as patch:  # `combine` finds the thresholds itself
+            patch.setattr(merging, "scaled_threshold", lambda *args: None)
             plain = _merged(tmp_path / f"{method}-plain", tiny_llama, adapters, method=method, density=density)
-        assert len(calls) >= 6 and fused.keys() == plain.keys()
-        assert all(torch.equal(fused[k].view(torch.int32), plain[k].view(torch.int32)) for k in fused), method
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(merging, "_each_delta", formed_first)
+            first = _merged(tmp_path / f"{method}-first", tiny_llama, adapters, method=method, density=density)
+        assert (len(calls) >= 6) == (not method.startswith("dare")) and fused.keys() == plain.keys() == first.keys()
+        for other in (plain, first):
+            assert all(torch.equal(fused[k].view(torch.int32), other[k].view(torch.int32)) for k in fused), method
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_llama, three):
