@@ -366,6 +366,82 @@ def test_ties_straddling_blocks_are_counted_once_by_the_bracket(monkeypatch):
     assert len(counted) > 2 + 2 and torch.equal(fused.view(torch.int32), plain.view(torch.int32))
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_rows_formed_in_c_equal_the_ordered_product(portable):
+    """The C helper's ΔW = scale·(BA) (each form: the vectorized one this CPU takes and the plain loop) against
+    `ordered_product`, bit for bit: ranks 1, 3 and 16, row lengths that are not whole 64-column steps, row ranges
+    inside the weight, B holding -0 (read as +0 in every form) and a row of B all -0; and the combination's block
+    fed by rows it forms itself equals the block given those rows formed first."""
+    import numpy as np
+
+    from qmerge.ops import native
+
+    g = torch.Generator().manual_seed(31)
+    for r, rows, cols in ((1, 9, 70), (3, 20, 129), (16, 12, 200)):
+        b, a = torch.randn(rows, r, generator=g), torch.randn(r, cols, generator=g)
+        b[0, 0], b[1] = -0.0, -0.0
+        a[0, :5] = 0.0
+        f = combine_module.Factors(b, a, 16 / 8**0.5)
+        want = combine_module.ordered_product(f)
+        assert torch.equal(want[1], torch.zeros(cols))
+        got = native.form_rows(b.numpy(), a.numpy(), f.scale, 0, rows, portable=portable)
+        assert np.array_equal(got.view(np.int32), want.numpy().view(np.int32)), (r, cols)
+        part = native.form_rows(b.numpy(), a.numpy(), f.scale, 3, 4, portable=portable)
+        assert np.array_equal(part.view(np.int32), want[3:7].numpy().view(np.int32))
+        other = combine_module.Factors(torch.randn(rows, 2, generator=g), torch.randn(2, cols, generator=g), 0.5)
+        factors = [(b.numpy(), a.numpy(), f.scale), None, (other.b.numpy(), other.a.numpy(), other.scale)]
+        deltas = [want[3:].reshape(-1).numpy().copy(), np.zeros((rows - 3) * cols, dtype=np.float32),
+                  combine_module.ordered_product(other)[3:].reshape(-1).numpy().copy()]
+        weights = np.array([0.7, -1.3, 1.0], dtype=np.float32)
+        keys = np.arange(6, dtype=np.uint32).reshape(3, 2)
+        for mode, how in (("dare", {"keys": keys, "keep_below": 2**31, "density": 0.5}), ("keep_all", {})):
+            for elect, frequency in ((True, False), (True, True), (False, False)):
+                expected = np.empty((rows - 3) * cols, dtype=np.float32)
+                native.combine_block(deltas, expected, mode, weights, elect, frequency, start=3 * cols, **how)
+                fused = np.full((rows - 3) * cols, 7.0, dtype=np.float32)
+                native.form_combine_block(factors, fused, 3, rows - 3, mode, weights, elect, frequency,
+                                          portable=portable, **how)
+                assert np.array_equal(fused.view(np.int32), expected.view(np.int32)), (r, mode, elect, frequency)
+
+
+@pytest.mark.parametrize("method,density,sign", [("dare_ties", 0.5, "total"), ("dare_ties", 0.3, "frequency"),
+                                                 ("dare_linear", 0.4, "total"), ("ties", 1.0, "total"),
+                                                 ("magnitude_prune", 1.0, "total")])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_combine_products_equals_combine_of_the_formed_deltas(monkeypatch, method, density, sign, compiled):
+    """`combine_products` (no ΔWᵢ in memory) stores the bits of `combine` over the ΔWᵢ that `ordered_product`
+    forms, with an adapter that leaves the weight (a zero ΔWᵢ) and weights of both signs, into a given `out` or
+    not, over blocks of a few rows; with the C helper (whose row-formed loop really runs) and without it."""
+    from qmerge.ops import native
+
+    monkeypatch.setattr(combine_module, "BLOCK", 999)  # 13 rows of 75 per block
+    if not compiled:
+        monkeypatch.setenv("QMERGE_NO_COMPILE", "1")
+    g = torch.Generator().manual_seed(23)
+    weights = [0.7, -1.3, 1.0]
+    factors = [combine_module.Factors(torch.randn(40, 2, generator=g), torch.randn(2, 75, generator=g), 0.5), None,
+               combine_module.Factors(torch.randn(40, 4, generator=g), torch.randn(4, 75, generator=g), 16 / 8**0.5)]
+    want = combine([combine_module.ordered_product(f) if f is not None else torch.zeros(40, 75) for f in factors],
+                   weights, method, density, sign, seed=5, tensor="w")
+    calls = []
+    real = native.form_combine_block
+    monkeypatch.setattr(native, "form_combine_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = combine_module.combine_products(factors, (40, 75), weights, method, density, sign, seed=5, tensor="w")
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert len(calls) == (4 if compiled else 0)
+    out = torch.full((40, 75), 7.0)
+    into = combine_module.combine_products(factors, (40, 75), weights, method, density, sign, seed=5, tensor="w",
+                                           out=out)
+    assert into.data_ptr() == out.data_ptr() and torch.equal(out.view(torch.int32), want.view(torch.int32))
+
+
+def test_combine_products_refuses_the_top_k_methods():
+    f = combine_module.Factors(torch.ones(4, 1), torch.ones(1, 4), 1.0)
+    for method, density in (("ties", 0.5), ("magnitude_prune", 0.5), ("linear", 1.0)):
+        with pytest.raises(ValueError, match="does not take"):
+            combine_module.combine_products([f], (4, 4), [1.0], method, density)
+
+
 def test_bracket_pass_without_a_working_compiler_falls_back_or_raises(monkeypatch, tmp_path):
     """A compiler that fails: numpy takes over with a warning naming the compiler's error; under
     QMERGE_COMPILE_STRICT=1 (the suite's setting) it is an error instead."""
