@@ -25,7 +25,7 @@ from qmerge.io.paths import MODEL_FILES
 from qmerge.numerics import DTYPES, MATH_DTYPE
 from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
-from qmerge.ops.combine import SPARSIFY, Factors, TopK, combine, combine_products, scaled_threshold
+from qmerge.ops.combine import SPARSIFY, TopK, combine, scaled_threshold
 from qmerge.ops.lora import dora_weight, embedding_delta, lora_delta, lora_product
 from qmerge.ops.merge_kernel import nf4_merge
 from qmerge.ops.metrics import delta_metrics
@@ -198,14 +198,6 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
     """The combined delta for `name` (Σ weightᵢ·ΔWᵢ for `linear`; None when no adapter touches it), and the DoRA
     magnitude if any; in `scratch`'s buffers when given (valid until its next tensor)."""
     c = inputs.combination
-    if c.method != "linear" and not (SPARSIFY[c.method] == "magnitude" and c.density < 1) \
-            and (factors := _factors(inputs, name)) is not None:  # no top-k threshold: ΔWᵢ formed in the loop
-        rows, cols = factors_shape = next((f.b.shape[0], f.a.shape[1]) for f in factors if f is not None)
-        if factors_shape != tuple(shape):
-            raise BadInputError(f"ΔW for {name} has shape {[rows, cols]} but the base has {list(shape)}")
-        into = scratch.take(("delta", 0), shape) if scratch is not None else None
-        return combine_products(factors, factors_shape, [w for _, w in inputs.adapters], c.method, c.density,
-                                c.majority_sign_method, c.seed, name, out=into), None
     total, magnitude, deltas, thresholds, scales = None, None, [], {}, {}
     density = c.density if SPARSIFY[c.method] == "magnitude" and c.density < 1 else None
     # linear: Σ weightᵢ·ΔWᵢ, in adapter order (the bytes every earlier release wrote), in place into the first
@@ -242,25 +234,6 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
     if total.shape != shape:
         raise BadInputError(f"ΔW for {name} has shape {list(total.shape)} but the base has {list(shape)}")
     return total, magnitude
-
-
-def _factors(inputs: MergeInputs, name: str) -> list[Factors | None] | None:
-    """Each adapter's LoRA factors of `name` (None for one that leaves it) where `name` is a plain linear weight
-    (not fan-in-fan-out, no DoRA, no embedding, nothing replaced) merged on CPU: the case `combine_products` takes
-    (DARE's methods, and TIES or magnitude_prune at density 1), with no ΔWᵢ written out. None otherwise."""
-    module, param = name.rsplit(".", 1)
-    if inputs.device != "cpu" or param != "weight" or inputs.base.arch.layouts.get(module, "linear") != "linear" \
-            or any(name in a.replacements for a, _ in inputs.adapters):
-        return None
-    factors = []
-    for adapter, _ in inputs.adapters:
-        mod = adapter.modules.get(module)
-        if mod is not None and (mod.magnitude or mod.kind == "embedding"):
-            return None
-        factors.append(None if mod is None else Factors(_checked(adapter, mod.lora_b).to(MATH_DTYPE).contiguous(),
-                                                        _checked(adapter, mod.lora_a).to(MATH_DTYPE).contiguous(),
-                                                        mod.scale))
-    return factors if any(f is not None for f in factors) else None
 
 
 def _plain_lora(inputs: MergeInputs, name: str) -> list | None:

@@ -344,67 +344,6 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     return out.reshape(deltas[0].shape)
 
 
-class Factors(NamedTuple):
-    """One adapter's ΔW = scale·(b a) of one linear weight, by its LoRA factors (float32, C-contiguous, CPU)."""
-
-    b: torch.Tensor  # [out, r]
-    a: torch.Tensor  # [r, in]
-    scale: float
-
-
-def ordered_product(f: Factors) -> torch.Tensor:
-    """ΔW = scale·(b a), each entry summed in rank order with every multiply and add rounded on its own, then scaled
-    (b's entries read as 0 + b: a -0 counts as +0): the bits of the C helper's `form_rows`, op by op. What
-    `combine_products` combines; `lora_delta` (the BLAS product the other methods use) may differ in the last bit."""
-    b = f.b.to(MATH_DTYPE) + 0.0
-    a = f.a.to(MATH_DTYPE)
-    total = b[:, :1] * a[:1]
-    for k in range(1, a.shape[0]):
-        total = total.add_(b[:, k:k + 1] * a[k:k + 1])
-    return total.mul_(f.scale)
-
-
-def combine_products(factors: Sequence[Factors | None], shape: tuple[int, int], weights: Sequence[float],
-                     method: str, density: float = 1.0, majority_sign_method: str = "total", seed: int = 0,
-                     tensor: str = "", out: torch.Tensor | None = None) -> torch.Tensor:
-    """`combine` of the adapters' ΔWᵢ = `ordered_product(factors[i])` (None: a zero ΔWᵢ, an adapter that leaves
-    this weight) of one linear weight of `shape` [out, in], for the methods that need no top-k threshold (DARE's,
-    and TIES or magnitude_prune at density 1), with no ΔWᵢ written out: on CPU with the C helper each is formed a
-    few rows at a time inside the combination's loop (blocks of whole rows on torch's threads), which writes only
-    the result (into `out` when given: float32, contiguous, `shape`). Elsewhere the ΔWᵢ are formed whole and
-    `combine` runs: the same bits every way.
-
-    Against forming each ΔWᵢ in memory by BLAS first (11008×4096, three r=16 adapters, DARE-TIES, this host):
-    the combination 0.29 → 0.22 s: each ΔWᵢ's 180 MB is neither written nor read back, nor is a buffer the size of
-    a weight faulted in for it. Forming costs more than BLAS (no fused multiply-add, whose bits the op-by-op twin
-    could not give), so a top-k method, which must read each ΔWᵢ twice, still forms them once in memory."""
-    kind = SPARSIFY[method] if density < 1 else None
-    if method not in METHODS or kind == "magnitude" or (method == "linear" and kind is None):
-        raise ValueError(f"combine_products does not take {method!r} at density {density}")
-    rows, cols = shape
-    if not native.combine_available() or len(factors) > native.MAX_ADAPTERS:
-        zeros = torch.zeros(shape, dtype=MATH_DTYPE) if any(f is None for f in factors) else None
-        deltas = [zeros if f is None else ordered_product(f) for f in factors]
-        return combine(deltas, weights, method, density, majority_sign_method, seed, tensor, out=out)
-    arrays = [(f.b.numpy(), f.a.numpy(), f.scale) if f is not None else None for f in factors]
-    out = torch.empty(shape, dtype=MATH_DTYPE) if out is None else out
-    into = out.numpy().reshape(-1)
-    if kind == "random":
-        keys = np.array([dare_key(seed, i, tensor) for i in range(len(factors))], dtype=np.uint32)
-        how = {"mode": "dare", "keys": keys, "keep_below": keep_threshold(density), "density": density}
-    else:
-        how = {"mode": "keep_all"}
-    weight_a = np.array(list(weights), dtype=np.float32)
-    per = max(1, BLOCK // cols)
-
-    def run(r0: int) -> None:
-        r1 = min(r0 + per, rows)
-        native.form_combine_block(arrays, into[r0 * cols:r1 * cols], r0, r1 - r0, weights=weight_a,
-                                  elect=method in ELECTS_SIGN, frequency=majority_sign_method != "total", **how)
-
-    map_on_threads(run, range(0, rows, per), "qmerge-combine")
-    return out
-
 def _in_c(flats: list[torch.Tensor], out: torch.Tensor) -> bool:
     """Whether the fused blocks run in qmerge's C helper (ops/native.py: CPU, float32, contiguous, at most 16
     adapters), where they are written in place and spread over threads, with no compile. Elsewhere (CUDA, or no

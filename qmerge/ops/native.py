@@ -1,4 +1,4 @@
-"""Loops in C, for passes numpy and torch cannot fuse well on CPU:
+"""Two loops in C, for passes numpy and torch cannot fuse well on CPU:
 
 - TIES' bracket pass over a delta's magnitudes (ops/combine.py `_count_and_gather`: how many |x| exceed the
   bracket, and the |x| inside it, in order). numpy makes it six passes over each block (abs, two comparisons, an
@@ -12,12 +12,7 @@
   op-by-op twin, so the same bits, each adapter's entries first scaled by its LoRA scale where given (ΔWᵢ =
   scaleᵢ·BᵢAᵢ formed in the loop from the product, as torch's `mul_` forms it); DARE's keep hash in unsigned 32-bit
   words (inductor's loop computes it in int64 lanes, split so that no signed product overflows: DARE's extra time
-  over TIES' loop).
-- ΔW = scale·(BA) formed from the LoRA factors a few rows at a time, in a fixed order (`form_rows`: each entry
-  summed in rank order, each multiply and add rounded on its own, as ops/combine.py's `ordered_product` sums it),
-  and fed to that block loop in the same call (`form_combine_block`): DARE's combination without any ΔWᵢ in memory.
-
-Each compiled once per CPU kind (AVX-512, AVX2, plain) and chosen at run time.
+  over TIES' loop). Compiled once per CPU kind (AVX-512, AVX2, plain) and chosen at run time.
 
 Built once per machine with the C compiler (`$CC`, else cc, gcc, clang, or a C++ compiler; inductor, which
 compiles the fused kernels, needs one too) into `<qmerge cache>/native/helper-<sha256 of source, compiler and
@@ -244,152 +239,6 @@ int64_t qmerge_count_and_gather_portable(const float *x, int64_t n, const float 
                                          uint32_t *inside, int64_t *above) {
     return scalar(x, n, scale, lo, hi, inside, above);
 }
-
-/* ---- ΔW = scale·(B A) formed where it is read (ops/combine.py `combine_products`): B [rows, r] and A [r, cols],
-   row-major float32. Each entry in one fixed order, the same in every form below and in combine.py's
-   `ordered_product` (torch): acc = b0·a0, then acc = acc + bk·ak for k = 1 … r-1, each multiply and add rounded on
-   its own, then acc·scale, where bk is read as 0 + B's entry (a -0 in B counts as +0: the vector forms broadcast
-   it so, and every form must give the same bits). Rows are formed QM_FORM columns at a time, the sums held in
-   registers across k. */
-
-#define QM_FORM 64
-
-/* 16 floats as one value (GCC's vector extension): the four sums of a QM_FORM-column step stay in registers across
-   k (a plain array spilled them to the stack at every step); lowered to whatever each target below has */
-typedef float qm_v16 __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) qm_v16 qm_load(const float *p) {
-    qm_v16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* 0 + x in every lane (GCC folds other spellings of a broadcast into a slow lane-by-lane constructor) */
-static inline __attribute__((always_inline)) qm_v16 qm_splat(float x) {
-    return (qm_v16){0} + x;
-}
-
-/* the last columns (fewer than QM_FORM): one entry at a time */
-static inline __attribute__((always_inline)) void form_tail(const float *b, const float *A, int32_t r, int64_t cols,
-                                                            float scale, int64_t j0, float *o) {
-    for (int64_t j = j0; j < cols; j++) {
-        float acc = (0.0f + b[0]) * A[j];
-        for (int32_t k = 1; k < r; k++) acc = acc + (0.0f + b[k]) * A[(int64_t)k * cols + j];
-        o[j] = acc * scale;
-    }
-}
-
-static inline __attribute__((always_inline)) void form_body(const float *B, const float *A, int32_t r, int64_t cols,
-                                                            float scale, int64_t row0, int64_t nrows, float *out) {
-    for (int64_t i = 0; i < nrows; i++) {
-        const float *b = B + (row0 + i) * r;
-        float *o = out + i * cols;
-        int64_t j0 = 0;
-        for (; j0 + QM_FORM <= cols; j0 += QM_FORM) {
-            const qm_v16 b0 = qm_splat(b[0]);
-            qm_v16 s0 = b0 * qm_load(A + j0), s1 = b0 * qm_load(A + j0 + 16), s2 = b0 * qm_load(A + j0 + 32),
-                   s3 = b0 * qm_load(A + j0 + 48);
-            for (int32_t k = 1; k < r; k++) {
-                const qm_v16 bk = qm_splat(b[k]);
-                const float *a = A + (int64_t)k * cols + j0;
-                s0 = s0 + bk * qm_load(a);
-                s1 = s1 + bk * qm_load(a + 16);
-                s2 = s2 + bk * qm_load(a + 32);
-                s3 = s3 + bk * qm_load(a + 48);
-            }
-            const qm_v16 c = qm_splat(scale);
-            s0 = s0 * c, s1 = s1 * c, s2 = s2 * c, s3 = s3 * c;
-            memcpy(o + j0, &s0, sizeof s0);
-            memcpy(o + j0 + 16, &s1, sizeof s1);
-            memcpy(o + j0 + 32, &s2, sizeof s2);
-            memcpy(o + j0 + 48, &s3, sizeof s3);
-        }
-        form_tail(b, A, r, cols, scale, j0, o);
-    }
-}
-
-#define QM_FORM_ARGS const float *B, const float *A, int32_t r, int64_t cols, float scale, int64_t row0, \
-    int64_t nrows, float *out
-#define QM_FORM_PASS B, A, r, cols, scale, row0, nrows, out
-
-static void form_plain(QM_FORM_ARGS) {  /* 16-float values lowered to SSE were 3x slower than this */
-    for (int64_t i = 0; i < nrows; i++) {
-        const float *b = B + (row0 + i) * r;
-        float *o = out + i * cols;
-        for (int64_t j = 0; j < cols; j++) o[j] = (0.0f + b[0]) * A[j];
-        for (int32_t k = 1; k < r; k++) {
-            const float bk = 0.0f + b[k], *a = A + (int64_t)k * cols;
-            for (int64_t j = 0; j < cols; j++) o[j] = o[j] + bk * a[j];
-        }
-        for (int64_t j = 0; j < cols; j++) o[j] = o[j] * scale;
-    }
-}
-#ifdef HAVE_AVX512
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
-static void form_avx512(QM_FORM_ARGS) { form_body(QM_FORM_PASS); }
-__attribute__((target("avx2")))
-static void form_avx2(QM_FORM_ARGS) { form_body(QM_FORM_PASS); }
-#endif
-
-static void form(QM_FORM_ARGS, int32_t portable) {
-#ifdef HAVE_AVX512
-    if (!portable) {
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
-                && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-            form_avx512(QM_FORM_PASS);
-            return;
-        }
-        if (__builtin_cpu_supports("avx2")) {
-            form_avx2(QM_FORM_PASS);
-            return;
-        }
-    }
-#endif
-    form_plain(QM_FORM_PASS);
-}
-
-/* rows [row0, row0 + nrows) of ΔW into out */
-void qmerge_form_rows(QM_FORM_ARGS, int32_t portable) { form(QM_FORM_PASS, portable); }
-
-/* one block of the combination over rows [row0, row0 + nrows) of k adapters' ΔWᵢ (Bs[i], As[i], ranks[i],
-   scales[i]; Bs[i] NULL: a zero ΔWᵢ), each formed a few rows at a time (QM_FORM_ENTRIES entries, at least a row)
-   into `scratch` (qmerge_form_scratch floats), then `combine_body` on them (the flat index of a step's first entry
-   is row·cols, for DARE's hash). 0: done; -1: too many adapters. */
-#define QM_FORM_ENTRIES 16384
-int64_t qmerge_form_scratch(int32_t k, int64_t cols) {
-    const int64_t rows = cols >= QM_FORM_ENTRIES ? 1 : QM_FORM_ENTRIES / cols;
-    return (int64_t)k * rows * cols;
-}
-
-int32_t qmerge_form_combine_block(int32_t k, const float *const *Bs, const float *const *As, const int32_t *ranks,
-                                  const float *scales, int64_t cols, int64_t row0, int64_t nrows, float *out,
-                                  int32_t mode, const float *thresholds, const uint8_t *take_equal,
-                                  const uint32_t *keys, uint64_t keep_below, float density, const float *weights,
-                                  int32_t elect, int32_t frequency, float *scratch, int32_t portable) {
-    if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
-    const int64_t step = cols >= QM_FORM_ENTRIES ? 1 : QM_FORM_ENTRIES / cols;
-    const float *parts[QM_MAX_ADAPTERS];
-    for (int64_t row = row0; row < row0 + nrows; row += step) {
-        const int64_t rows = row0 + nrows - row < step ? row0 + nrows - row : step;
-        for (int32_t i = 0; i < k; i++) {
-            float *p = scratch + (int64_t)i * step * cols;
-            if (Bs[i]) form(Bs[i], As[i], ranks[i], cols, scales[i], row, rows, p, portable);
-            else memset(p, 0, (size_t)(rows * cols) * sizeof *p);  /* an adapter that leaves this tensor: +0 */
-            parts[i] = p;
-        }
-        float *o = out + (row - row0) * cols;
-        const uint64_t start = (uint64_t)row * (uint64_t)cols;
-        if (portable) {
-            combine_plain(k, parts, NULL, rows * cols, o, mode, thresholds, take_equal, keys, keep_below, start,
-                          density, weights, elect, frequency);
-        } else {
-            qmerge_combine_block(k, parts, NULL, rows * cols, o, mode, thresholds, take_equal, keys, keep_below,
-                                 start, density, weights, elect, frequency);
-        }
-    }
-    return 0;
-}
 #ifdef __cplusplus
 }
 #endif
@@ -440,7 +289,6 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
         gather = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
         combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_portable)
-        formed = (lib.qmerge_form_rows, lib.qmerge_form_scratch, lib.qmerge_form_combine_block)
     except (OSError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: a symbol missing
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
@@ -456,12 +304,6 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
                        ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
-    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
-    signatures = [(None, [p, p, i32, i64, f32, i64, i64, p, i32]),
-                  (i64, [i32, i64]),
-                  (i32, [i32, p, p, p, p, i64, i64, i64, p, i32, p, p, p, ctypes.c_uint64, f32, p, i32, i32, p, i32])]
-    for fn, (restype, argtypes) in zip(formed, signatures):
-        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
@@ -536,56 +378,3 @@ def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: n
                 start, density, weights.ctypes.data, int(elect), int(frequency))
     if status != 0:
         raise ValueError(f"qmerge_combine_block refused {k} adapters")
-
-
-def _factors(b: np.ndarray, a: np.ndarray) -> tuple[int, int]:
-    """(rank, columns) of ΔW = B A for float32 C-contiguous B [rows, r] and A [r, cols]."""
-    if any(x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 for x in (b, a)) \
-            or b.shape[1] != a.shape[0] or a.shape[0] < 1:
-        raise ValueError("the factors must be C-contiguous float32 B [rows, r] and A [r, cols], r >= 1")
-    return a.shape[0], a.shape[1]
-
-
-def form_rows(b: np.ndarray, a: np.ndarray, scale: float, row0: int, nrows: int, portable: bool = False
-              ) -> np.ndarray:
-    """Rows [row0, row0 + nrows) of ΔW = scale·(B A), each entry summed in rank order (acc = b₀a₀, then
-    acc + bₖaₖ, each operation rounded, then ·scale: ops/combine.py `ordered_product`'s bits), as a new array
-    [nrows, cols]. The caller checks `combine_available()` first. `portable`: the plain loop (tests)."""
-    r, cols = _factors(b, a)
-    out = np.empty((nrows, cols), dtype=np.float32)
-    _helper().qmerge_form_rows(b.ctypes.data, a.ctypes.data, r, cols, scale, row0, nrows, out.ctypes.data,
-                               int(portable))
-    return out
-
-
-def form_combine_block(factors: list[tuple[np.ndarray, np.ndarray, float] | None], out: np.ndarray, row0: int,
-                       nrows: int, mode: str, weights: np.ndarray, elect: bool, frequency: bool,
-                       thresholds: np.ndarray | None = None, take_equal: np.ndarray | None = None,
-                       keys: np.ndarray | None = None, keep_below: int = 0, density: float = 1.0,
-                       portable: bool = False) -> None:
-    """`combine_block` over rows [row0, row0 + nrows) of the adapters' ΔWᵢ = scaleᵢ·(BᵢAᵢ) (`factors`: (Bᵢ, Aᵢ,
-    scaleᵢ), None for a zero ΔWᵢ), each formed a few rows at a time as `form_rows` forms them, written into `out`
-    (float32, contiguous, nrows·cols entries); DARE's flat indices start at row0·cols."""
-    k = len(factors)
-    shapes = [_factors(f[0], f[1]) if f is not None else None for f in factors]
-    cols = out.size // nrows if nrows else 0
-    if not 1 <= k <= MAX_ADAPTERS or any(s is not None and s[1] != cols for s in shapes) \
-            or out.dtype != np.float32 or not out.flags.c_contiguous or out.size != nrows * cols:
-        raise ValueError("form_combine_block takes 1-16 adapters' factors of one ΔW shape and an out of its rows")
-    lib = _helper()
-    bs = (ctypes.c_void_p * k)(*(f[0].ctypes.data if f is not None else None for f in factors))
-    as_ = (ctypes.c_void_p * k)(*(f[1].ctypes.data if f is not None else None for f in factors))
-    ranks = np.array([s[0] if s is not None else 0 for s in shapes], dtype=np.int32)
-    scales = np.array([f[2] if f is not None else 1.0 for f in factors], dtype=np.float32)
-    weights = np.ascontiguousarray(weights, dtype=np.float32)
-    thresholds = np.ascontiguousarray(thresholds if thresholds is not None else np.zeros(k), dtype=np.float32)
-    take_equal = np.ascontiguousarray(take_equal if take_equal is not None else np.zeros(k), dtype=np.uint8)
-    keys = np.ascontiguousarray(keys if keys is not None else np.zeros((k, 2)), dtype=np.uint32)
-    scratch = np.empty(lib.qmerge_form_scratch(k, cols), dtype=np.float32)
-    status = lib.qmerge_form_combine_block(k, bs, as_, ranks.ctypes.data, scales.ctypes.data, cols, row0, nrows,
-                                           out.ctypes.data, COMBINE_MODES[mode], thresholds.ctypes.data,
-                                           take_equal.ctypes.data, keys.ctypes.data, keep_below, density,
-                                           weights.ctypes.data, int(elect), int(frequency), scratch.ctypes.data,
-                                           int(portable))
-    if status != 0:
-        raise ValueError(f"qmerge_form_combine_block refused {k} adapters")

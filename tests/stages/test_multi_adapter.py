@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from qmerge.ops.combine import dare_mask
-from tests.conftest import make_adapter, make_base, run_cli, scaled_adapter, write_config
+from tests.conftest import make_adapter, run_cli, scaled_adapter, write_config
 from tests.ops.test_combine import oracle
 from tests.stages.test_merge_exact import finished
 
@@ -76,106 +76,36 @@ def test_every_method_equals_its_oracle(tmp_path, tiny_llama, three, w_nf4, meth
     assert checked >= 6
 
 
-PRUNING = (("ties", 0.4, "total"), ("ties", 0.3, "frequency"), ("magnitude_prune", 0.3, "total"),
-           ("dare_ties", 0.5, "total"), ("dare_linear", 0.4, "total"))
+def test_thresholds_found_while_forming_the_deltas_change_no_byte(tmp_path, tiny_llama, three, monkeypatch):
+    """The merge hands `combine` each adapter's product BᵢAᵢ and its scale (ΔWᵢ formed in the combination's loop)
+    and TIES' and magnitude_prune's top-k thresholds found from the products (`scaled_threshold`, the sampled
+    bracket forced onto the tiny model's tensors): the stored bytes equal those of thresholds found by `combine`,
+    and those of ΔWᵢ formed first by `lora_delta` (as before products were passed), for every method; and the
+    fused threshold pass really ran."""
+    from qmerge import merging
+    from qmerge.ops import combine as combine_module
 
+    monkeypatch.setattr(combine_module, "SAMPLE", 64)
+    monkeypatch.setattr(combine_module, "BLOCK", 999)
+    adapters = list(zip(three, [1.0, 0.6, 1.5]))
+    real = combine_module.scaled_threshold
 
-def _each_delta_formed_first(each_delta):
+    each_delta = merging._each_delta
+
     def formed_first(*args, unscaled=False, density=None, **kwargs):  # ΔWᵢ = lora_delta's, no scales
         return each_delta(*args, **kwargs)
-    return formed_first
 
-
-def test_top_k_thresholds_found_from_the_products_change_no_byte(tmp_path, tiny_llama, three, monkeypatch):
-    """For TIES and magnitude_prune the merge hands `combine` each adapter's product BᵢAᵢ and its scale (ΔWᵢ formed
-    in the combination's loop) and the top-k thresholds found from the products (`scaled_threshold`, the sampled
-    bracket forced onto the tiny model's tensors): the stored bytes equal those of thresholds found by `combine`,
-    and those of ΔWᵢ formed first by `lora_delta`; and the fused threshold pass really ran."""
-    from qmerge import merging
-    from qmerge.ops import combine as combine_module
-
-    monkeypatch.setattr(combine_module, "SAMPLE", 64)
-    monkeypatch.setattr(combine_module, "BLOCK", 999)
-    adapters = list(zip(three, [1.0, 0.6, 1.5]))
-    real = combine_module.scaled_threshold
-    for method, density, sign in PRUNING[:3]:
-        settings = {"method": method, "density": density, "majority_sign_method": sign}
+    for method, density in (("ties", 0.4), ("magnitude_prune", 0.3), ("dare_ties", 0.5), ("dare_linear", 0.4)):
         calls = []
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(merging, "scaled_threshold", lambda *args: calls.append(args[1]) or real(*args))
-            fused = _merged(tmp_path / f"{method}-{sign}-fused", tiny_llama, adapters, **settings)
+            fused = _merged(tmp_path / f"{method}-fused", tiny_llama, adapters, method=method, density=density)
         with pytest.MonkeyPatch.context() as patch:  # `combine` finds the thresholds itself
             patch.setattr(merging, "scaled_threshold", lambda *args: None)
-            plain = _merged(tmp_path / f"{method}-{sign}-plain", tiny_llama, adapters, **settings)
+            plain = _merged(tmp_path / f"{method}-plain", tiny_llama, adapters, method=method, density=density)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(merging, "_each_delta", _each_delta_formed_first(merging._each_delta))
-            first = _merged(tmp_path / f"{method}-{sign}-first", tiny_llama, adapters, **settings)
-        assert len(calls) >= 6 and fused.keys() == plain.keys() == first.keys()
-        for other in (plain, first):
-            assert all(torch.equal(fused[k].view(torch.int32), other[k].view(torch.int32)) for k in fused), method
-
-
-def test_dare_forms_no_delta_in_memory_and_stores_the_bytes_of_the_formed_deltas(tmp_path, tiny_llama, three,
-                                                                                  monkeypatch):
-    """DARE's methods (and TIES at density 1: no top-k) combine on CPU each ΔWᵢ = scaleᵢ·BᵢAᵢ formed a few rows
-    at a time inside the combination's loop (`combine_products`), never written out: the stored bytes equal those
-    of `combine` over the same ΔWᵢ (`ordered_product`) formed whole first, and those of a machine without a C
-    compiler; an adapter that leaves some weights contributes a zero ΔWᵢ; and the row-formed path really ran."""
-    from qmerge import merging
-    from qmerge.ops import combine as combine_module
-    from qmerge.ops import native
-
-    monkeypatch.setattr(combine_module, "BLOCK", 999)  # 15 rows of the 64-wide weights per block
-    adapters = list(zip(three, [1.0, 0.6, 1.5]))
-    real = native.form_combine_block
-
-    def formed_whole(factors, shape, weights, method, density, sign, seed, tensor, out=None):
-        deltas = [torch.zeros(shape) if f is None else combine_module.ordered_product(f) for f in factors]
-        return combine_module.combine(deltas, weights, method, density, sign, seed, tensor, out=out)
-
-    for method, density, sign in (*PRUNING[3:], ("ties", 1.0, "frequency")):
-        settings = {"method": method, "density": density, "majority_sign_method": sign, "seed": 5}
-        calls = []
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(native, "form_combine_block", lambda *a, **k: calls.append(1) or real(*a, **k))
-            rows = _merged(tmp_path / f"{method}-rows", tiny_llama, adapters, **settings)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(merging, "combine_products", formed_whole)
-            formed = _merged(tmp_path / f"{method}-formed", tiny_llama, adapters, **settings)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("QMERGE_NO_COMPILE", "1")
-            eager = _merged(tmp_path / f"{method}-eager", tiny_llama, adapters, **settings)
-        assert len(calls) >= 6 and rows.keys() == formed.keys() == eager.keys()
-        for other in (formed, eager):
-            assert all(torch.equal(rows[k].view(torch.int32), other[k].view(torch.int32)) for k in rows), method
-
-
-def test_fan_in_fan_out_weights_take_the_products_and_their_scales(tmp_path, monkeypatch):
-    """GPT-2's Conv1D weights (ΔW = (BA)ᵀ, not rows of BA) are combined from whole products, DARE's as well: the
-    merge passes each product BᵢAᵢ with its scale and, for the top-k methods, the threshold found from it
-    (`scaled_threshold`); the bytes equal those of thresholds found by `combine` and of ΔWᵢ formed first by
-    `lora_delta`, for every method."""
-    from qmerge import merging
-    from qmerge.ops import combine as combine_module
-
-    monkeypatch.setattr(combine_module, "SAMPLE", 64)
-    monkeypatch.setattr(combine_module, "BLOCK", 999)
-    base = make_base(tmp_path / "gpt2", arch="gpt2", dtype="float32")
-    adapters = [(make_adapter(base, tmp_path / f"a{i}", seed=i, target_modules=["c_attn", "c_proj"],
-                              fan_in_fan_out=True), weight) for i, weight in ((1, 1.0), (2, 0.6), (3, 1.5))]
-    real = combine_module.scaled_threshold
-    for method, density, sign in PRUNING:
-        settings = {"method": method, "density": density, "majority_sign_method": sign, "seed": 5}
-        calls = []
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(merging, "scaled_threshold", lambda *args: calls.append(args[1]) or real(*args))
-            fused = _merged(tmp_path / f"{method}-{sign}-fused", base, adapters, **settings)
-        with pytest.MonkeyPatch.context() as patch:  # `combine` finds the thresholds itself
-            patch.setattr(merging, "scaled_threshold", lambda *args: None)
-            plain = _merged(tmp_path / f"{method}-{sign}-plain", base, adapters, **settings)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(merging, "_each_delta", _each_delta_formed_first(merging._each_delta))
-            first = _merged(tmp_path / f"{method}-{sign}-first", base, adapters, **settings)
+            patch.setattr(merging, "_each_delta", formed_first)
+            first = _merged(tmp_path / f"{method}-first", tiny_llama, adapters, method=method, density=density)
         assert (len(calls) >= 6) == (not method.startswith("dare")) and fused.keys() == plain.keys() == first.keys()
         for other in (plain, first):
             assert all(torch.equal(fused[k].view(torch.int32), other[k].view(torch.int32)) for k in fused), method
