@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from qmerge.ops.combine import dare_mask
-from tests.conftest import make_adapter, run_cli, scaled_adapter, write_config
+from tests.conftest import make_adapter, make_base, run_cli, scaled_adapter, write_config
 from tests.ops.test_combine import oracle
 from tests.stages.test_merge_exact import finished
 
@@ -76,39 +76,80 @@ def test_every_method_equals_its_oracle(tmp_path, tiny_llama, three, w_nf4, meth
     assert checked >= 6
 
 
-def test_thresholds_found_while_forming_the_deltas_change_no_byte(tmp_path, tiny_llama, three, monkeypatch):
-    """The merge hands `combine` each adapter's product BᵢAᵢ and its scale (ΔWᵢ formed in the combination's loop)
-    and TIES' and magnitude_prune's top-k thresholds found from the products (`scaled_threshold`, the sampled
-    bracket forced onto the tiny model's tensors): the stored bytes equal those of thresholds found by `combine`,
-    and those of ΔWᵢ formed first by `lora_delta` (as before products were passed), for every method; and the
-    fused threshold pass really ran."""
+PRUNING = (("ties", 0.4, "total"), ("ties", 0.3, "frequency"), ("magnitude_prune", 0.3, "total"),
+           ("dare_ties", 0.5, "total"), ("dare_linear", 0.4, "total"))
+
+
+def _few_valued(src: Path, dst: Path) -> Path:
+    """A copy of adapter `src` whose factors take 7 values each: its products BA repeat values, so its top-k
+    thresholds fall on ties of which only some are kept, and the bracket pass counts them block by block."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    shutil.copyfile(src / "adapter_config.json", dst / "adapter_config.json")
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file({k: torch.round(v / v.abs().max() * 3) / 3 * v.abs().max() for k, v in tensors.items()},
+              str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def _products_and_scales_change_no_byte(tmp_path: Path, base: Path, adapters) -> None:
+    """For every pruning method, the merge (each product BᵢAᵢ handed to `combine` with its scale, thresholds from
+    `scaled_threshold`) stores the bytes of thresholds found by `combine` and of ΔWᵢ formed first by `lora_delta`;
+    the fused threshold pass runs for the top-k methods."""
     from qmerge import merging
     from qmerge.ops import combine as combine_module
 
-    monkeypatch.setattr(combine_module, "SAMPLE", 64)
-    monkeypatch.setattr(combine_module, "BLOCK", 999)
-    adapters = list(zip(three, [1.0, 0.6, 1.5]))
-    real = combine_module.scaled_threshold
-
-    each_delta = merging._each_delta
+    real, each_delta = combine_module.scaled_threshold, merging._each_delta
+    adapters = [(_few_valued(adapters[0][0], tmp_path / "few"), adapters[0][1]), *adapters[1:]]
 
     def formed_first(*args, unscaled=False, density=None, **kwargs):  # ΔWᵢ = lora_delta's, no scales
         return each_delta(*args, **kwargs)
 
-    for method, density in (("ties", 0.4), ("magnitude_prune", 0.3), ("dare_ties", 0.5), ("dare_linear", 0.4)):
-        calls = []
+    for method, density, sign in PRUNING:
+        settings = {"method": method, "density": density, "majority_sign_method": sign, "seed": 5}
+        calls = []  # whether ties at each threshold were counted per block
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(merging, "scaled_threshold", lambda *args: calls.append(args[1]) or real(*args))
-            fused = _merged(tmp_path / f"{method}-fused", tiny_llama, adapters, method=method, density=density)
+            patch.setattr(merging, "scaled_threshold",
+                          lambda *args: calls.append((found := real(*args)) and found.by_block is not None) or found)
+            fused = _merged(tmp_path / f"{method}-{sign}-fused", base, adapters, **settings)
         with pytest.MonkeyPatch.context() as patch:  # `combine` finds the thresholds itself
             patch.setattr(merging, "scaled_threshold", lambda *args: None)
-            plain = _merged(tmp_path / f"{method}-plain", tiny_llama, adapters, method=method, density=density)
+            plain = _merged(tmp_path / f"{method}-{sign}-plain", base, adapters, **settings)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(merging, "_each_delta", formed_first)
-            first = _merged(tmp_path / f"{method}-first", tiny_llama, adapters, method=method, density=density)
-        assert (len(calls) >= 6) == (not method.startswith("dare")) and fused.keys() == plain.keys() == first.keys()
+            first = _merged(tmp_path / f"{method}-{sign}-first", base, adapters, **settings)
+        assert (len(calls) >= 6 and any(calls)) == (not method.startswith("dare"))
+        assert fused.keys() == plain.keys() == first.keys()
         for other in (plain, first):
             assert all(torch.equal(fused[k].view(torch.int32), other[k].view(torch.int32)) for k in fused), method
+
+
+def test_products_and_scales_change_no_byte(tmp_path, tiny_llama, three, monkeypatch):
+    """The merge hands `combine` each adapter's product BᵢAᵢ and its scale (ΔWᵢ formed in the combination's loop,
+    never written out) and, for TIES and magnitude_prune, the top-k thresholds found from the products
+    (`scaled_threshold`, the sampled bracket forced onto the tiny model's tensors): the stored bytes equal those of
+    thresholds found by `combine` and of ΔWᵢ formed first by `lora_delta`, for every pruning method."""
+    from qmerge.ops import combine as combine_module
+
+    monkeypatch.setattr(combine_module, "SAMPLE", 64)
+    monkeypatch.setattr(combine_module, "BLOCK", 999)
+    _products_and_scales_change_no_byte(tmp_path, tiny_llama, list(zip(three, [1.0, 0.6, 1.5])))
+
+
+def test_fan_in_fan_out_weights_take_the_products_and_their_scales(tmp_path, monkeypatch):
+    """The same on GPT-2's Conv1D weights, whose ΔW is (BA)ᵀ: a threshold found on the product holds for it (its
+    per-block tie counts, in the product's order, are dropped there)."""
+    from qmerge.ops import combine as combine_module
+
+    monkeypatch.setattr(combine_module, "SAMPLE", 64)
+    monkeypatch.setattr(combine_module, "BLOCK", 999)
+    base = make_base(tmp_path / "gpt2", arch="gpt2", dtype="float32")
+    adapters = [(make_adapter(base, tmp_path / f"a{i}", seed=i, target_modules=["c_attn", "c_proj"],
+                              fan_in_fan_out=True), weight) for i, weight in ((1, 1.0), (2, 0.6), (3, 1.5))]
+    _products_and_scales_change_no_byte(tmp_path, base, adapters)
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_llama, three):
