@@ -211,7 +211,7 @@ def _delta(inputs: MergeInputs, name: str, shape: torch.Size, scratch: Scratch |
             thresholds[i] = threshold
         if scale is not None:
             scales[i] = scale
-        if c.method != "linear":
+        if not linear:
             deltas.append((i, d))
             continue
         weight = inputs.adapters[i][1]

@@ -158,13 +158,12 @@ def _bracket(flat: torch.Tensor, k: int, scale: float | None = None
 def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, scale: float | None = None
                       ) -> tuple[int, torch.Tensor, list[int]]:
     """`_bracket`'s pass, block by block: how many |x| > hi, the |x| in [lo, hi] (in flat order), and how many of
-    those each BLOCK holds. A numpy array
-    (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py), else numpy's ops, on as many threads as
-    torch uses (both run on one and release the GIL); a tensor (any other device) torch's. The same exact
-    comparisons every way, but on CPU numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95
-    vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of numpy's; this pass is most of TIES'
-    cost over a plain sum. `scale` (a numpy `flat` only): the magnitudes of scale·x, each entry scaled as it is
-    read (in the C loop; else a scaled copy of each block, by torch's `mul`)."""
+    those each BLOCK holds. A numpy array (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py),
+    else numpy's ops, on as many threads as torch uses (both run on one and release the GIL); a tensor (any other
+    device) torch's. The same exact comparisons every way, but on CPU numpy's take half the time of torch's per 2^20
+    entries (boolean indexing 0.95 vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of
+    numpy's; this pass is most of TIES' cost over a plain sum. `scale` (a numpy `flat` only): the magnitudes of
+    scale·x, each entry scaled as it is read (in the C loop; else a scaled copy of each block, by torch's `mul`)."""
     numpy = isinstance(flat, np.ndarray)
     count = np.count_nonzero if numpy else torch.count_nonzero
 
@@ -265,9 +264,9 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
     when given, and may be one of the deltas (each block is read whole before its result is written);
     `thresholds`: top-k thresholds already known (`scaled_threshold`), by adapter index; `scales`: for the adapters
     it names, `deltas[i]` is the product BᵢAᵢ and ΔWᵢ = scales[i]·deltas[i] (`lora_delta`'s bits), formed in the
-    C loop as each block is read, else in place over `deltas[i]` first. Streamed over flat blocks
-    of BLOCK elements: besides the deltas and the result, the working set is a few blocks and the magnitudes near
-    each top-k threshold."""
+    C loop as each block is read, else in place over `deltas[i]` first. Streamed over flat blocks of BLOCK
+    elements: besides the deltas and the result, the working set is a few blocks and the magnitudes near each top-k
+    threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}")
     flats = [d.to(MATH_DTYPE).reshape(-1) for d in deltas]
@@ -289,7 +288,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], method: st
         threshold = torch.tensor(keep_threshold(density), dtype=torch.int64, device=device)
     weight_t = torch.tensor(list(weights), dtype=MATH_DTYPE)
     frequency, elect = majority_sign_method != "total", method in ELECTS_SIGN
-    values = [t[0] for t in thresholds] if kind == "magnitude" else None  # each adapter's threshold magnitude
+    values = [t.value for t in thresholds] if kind == "magnitude" else None  # each adapter's threshold magnitude
     c_blocks = []  # (start, stop, C arguments): run on threads after the loop, each reading and writing its own block
     for start in range(0, out.numel(), BLOCK):
         stop = min(start + BLOCK, out.numel())

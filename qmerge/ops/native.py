@@ -129,9 +129,8 @@ static inline float sign_of(float x) { return (float)(x > 0.0f) - (float)(x < 0.
 
 static inline __attribute__((always_inline)) void combine_body(
         int32_t k, const float *const *raws, const float *scales, int64_t n, float *out, int32_t mode,
-        const float *thresholds,
-        const uint8_t *take_equal, const uint32_t *keys, uint64_t keep_below, uint64_t start, float density,
-        const float *weights, int32_t elect, int32_t frequency) {
+        const float *thresholds, const uint8_t *take_equal, const uint32_t *keys, uint64_t keep_below, uint64_t start,
+        float density, const float *weights, int32_t elect, int32_t frequency) {
     float parts[QM_MAX_ADAPTERS][QM_CHUNK], scaled[QM_CHUNK], votes[QM_CHUNK], total[QM_CHUNK], count[QM_CHUNK];
     for (int64_t s = 0; s < n; s += QM_CHUNK) {
         const int64_t m = n - s < QM_CHUNK ? n - s : QM_CHUNK;
