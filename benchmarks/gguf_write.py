@@ -2,19 +2,22 @@
 
     .venv/bin/python benchmarks/gguf_write.py [--folder HF_FOLDER] [--types F16,Q8_0,Q4_0] [--repeat 3] [--out DIR]
 
-For each type: `write` = qmerge.io.gguf_writer.write_gguf (read, permute, quantize, write, fsync; not the sha256),
-`quantize` = the same tensors read, permuted and quantized with nothing written, `copy` = shutil.copyfile of the
-written file (the same number of bytes) + fsync, as durable as the writer's file, `user-space write` = the same
-bytes, already in memory, written by one numpy `tofile` + fsync: what any writer that makes its bytes in user space
-pays at least (shutil's copy moves its bytes inside the kernel, which on some VMs is several times cheaper than
-writing from a process's memory into fresh page cache). Each step starts after `--settle` seconds of rest. `(write - quantize) / copy` is the
-writer's I/O overhead over a plain copy: near 1 means streaming costs what copying costs; `write / (1.5 copy +
-quantize)` at most 1 is the goal "writing costs at most 1.5x a copy plus the quantization". Types alternate
-write, quantize, copy for `--repeat` rounds; medians (min-max). `write` holds a per-file fixed cost (the tokenizer's
-vocabulary, merges and pre-tokenizer check: 0.15-0.25 s for SmolLM2's 49,152 tokens), which dominates on tiny
-models: compare on real ones (`--folder`; README "Release formats" and results/gguf-write-*.md hold both). The once-per-process imports behind the tokenizer load are timed
-before the rounds and reported apart. With `llama_cpp` (llama-cpp-python) importable, also the
-perplexity llama.cpp computes on the file over a fixed text; without it, that column says so.
+For each type: `write` = qmerge.io.gguf_writer.write_gguf (tokenizer metadata, read, permute, quantize, write,
+fsync; not the sha256), `shared` = the same with the tokenizer's metadata made beforehand (`gguf_vocab`), as the
+export stage writes every GGUF type of a release after its first, `quantize` = the same tensors read, permuted and
+quantized with nothing written, `copy` = shutil.copyfile of the written file (the same number of bytes) + fsync, as
+durable as the writer's file, `user-space write` = the same bytes, already in memory, written by one numpy `tofile`
++ fsync: what any writer that makes its bytes in user space pays at least (shutil's copy moves its bytes inside the
+kernel, which on some VMs is several times cheaper than writing from a process's memory into fresh page cache). Each
+step starts after `--settle` seconds of rest. `(write - quantize) / copy` is the writer's I/O overhead over a plain
+copy: near 1 means streaming costs what copying costs; `write / (1.5 copy + quantize)` at most 1 is the goal
+"writing costs at most 1.5x a copy plus the quantization". Types alternate write, shared, quantize, copy for
+`--repeat` rounds; medians (min-max). `write` holds a per-file fixed cost (the tokenizer's vocabulary, merges and
+pre-tokenizer check: 0.1-0.2 s for SmolLM2's 49,152 tokens), which dominates on tiny models and which `shared` does
+not pay: compare on real ones (`--folder`; README "Release formats" and results/gguf-write-*.md hold both). The
+once-per-process imports behind the tokenizer load are timed before the rounds and reported apart. With `llama_cpp`
+(llama-cpp-python) importable, also the perplexity llama.cpp computes on the file over a fixed text; without it,
+that column says so.
 
 Default folder: the demo base as qmerge converts it (SmolLM2-135M-Instruct, float32), the shapes of the demo's
 merged model.
@@ -38,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from qmerge.io.gguf_writer import QTYPES, _encode, permute_qk, plan_tensors, write_gguf  # noqa: E402
+from qmerge.io.gguf_writer import QTYPES, _encode, gguf_vocab, permute_qk, plan_tensors, write_gguf  # noqa: E402
 from qmerge.io.safetensors_io import CheckpointReader  # noqa: E402
 
 from measure import _cpu_ticks, steal_since, wait_for_idle  # noqa: E402
@@ -129,17 +132,32 @@ def main() -> int:
     AutoTokenizer.from_pretrained(folder)
     warmup = time.perf_counter() - start
     out = args.out or Path(tempfile.mkdtemp(prefix="qmerge-gguf-bench-"))
-    rows = []
+    rows, vocab_seconds = [], []
     try:
+        # A release's first GGUF file makes the tokenizer's metadata (and packs its arrays); the export stage hands
+        # it to every later file. Made here once, packed by one untimed write.
+        shared = gguf_vocab(folder)
+        write_gguf(folder, out / "first.gguf", args.types.split(",")[0], vocab=shared)
+        (out / "first.gguf").unlink()
         for qtype in args.types.split(","):
             path = out / f"model-{qtype}.gguf"
-            writes, quants, copies, users, steal = [], [], [], [], []
+            writes, shareds, quants, copies, users, steal = [], [], [], [], [], []
             for _ in range(args.repeat):
                 path.unlink(missing_ok=True)  # as in a release, the target does not exist (no old file to free)
                 ticks = _cpu_ticks()
                 time.sleep(args.settle)
                 report = write_gguf(folder, path, qtype)
                 writes.append(report["seconds"])
+                path.unlink()
+                time.sleep(args.settle)
+                start = time.perf_counter()
+                gguf_vocab(folder)
+                vocab_seconds.append(time.perf_counter() - start)
+                time.sleep(args.settle)
+                shared_report = write_gguf(folder, path, qtype, vocab=shared)
+                shareds.append(shared_report["seconds"])
+                if shared_report["sha256"] != report["sha256"]:
+                    raise SystemExit(f"{qtype}: the shared-vocabulary file differs from the one written alone")
                 time.sleep(args.settle)
                 quants.append(quantize_only(folder, qtype))
                 time.sleep(args.settle)
@@ -149,7 +167,7 @@ def main() -> int:
                 steal.append(steal_since(ticks))
             write, quant, copy = (statistics.median(v) for v in (writes, quants, copies))
             ratio = (write - quant) / copy if copy > 0 else float("nan")
-            rows.append((qtype, report["bytes"], writes, quants, copies, users, ratio, max(steal),
+            rows.append((qtype, report["bytes"], writes, shareds, quants, copies, users, ratio, max(steal),
                          llama_cpp_perplexity(path)))
             if args.out is None:
                 path.unlink()
@@ -158,16 +176,20 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
     print(f"folder: {folder}")
     print(f"{args.repeat} alternating rounds per type (write, quantize, copy); medians (min-max) in seconds; "
-          f"process imports + first tokenizer load, once per process and in no row: {warmup:.2f} s"
+          f"process imports + first tokenizer load, once per process and in no row: {warmup:.2f} s; "
+          f"tokenizer metadata made alone (gguf_vocab, each round): {_median(vocab_seconds)} s"
           + (f"; BUSY MACHINE: {busy}" if busy else "") + "\n")
-    print("| type | MiB | write s | quantize s | copy s | user-space write s | (write - quantize) / copy "
-          "| (write - quantize) / user-space write | write / (1.5 copy + quantize) | max steal | llama.cpp ppl |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for qtype, size, writes, quants, copies, users, ratio, steal, ppl in rows:
-        goal = statistics.median(writes) / (1.5 * statistics.median(copies) + statistics.median(quants))
+    print("| type | MiB | write s | shared s | quantize s | copy s | user-space write s | (write - quantize) / copy "
+          "| (write - quantize) / user-space write | write / (1.5 copy + quantize) | shared / (1.5 copy + quantize) "
+          "| max steal | llama.cpp ppl |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for qtype, size, writes, shareds, quants, copies, users, ratio, steal, ppl in rows:
+        allowance = 1.5 * statistics.median(copies) + statistics.median(quants)
         user_ratio = (statistics.median(writes) - statistics.median(quants)) / statistics.median(users)
-        print(f"| {qtype} | {size / 2**20:.1f} | {_median(writes)} | {_median(quants)} | {_median(copies)} "
-              f"| {_median(users)} | {ratio:.2f} | {user_ratio:.2f} | {goal:.2f} | {steal:.0%} | {ppl} |")
+        print(f"| {qtype} | {size / 2**20:.1f} | {_median(writes)} | {_median(shareds)} | {_median(quants)} "
+              f"| {_median(copies)} | {_median(users)} | {ratio:.2f} | {user_ratio:.2f} "
+              f"| {statistics.median(writes) / allowance:.2f} | {statistics.median(shareds) / allowance:.2f} "
+              f"| {steal:.0%} | {ppl} |")
     return 0
 
 

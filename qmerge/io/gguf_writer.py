@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,7 +381,7 @@ class _RawTokenizer:
 
     PROBES = (CHKTXT, "a")
 
-    def __init__(self, text: str, config: dict, spec: dict | None = None):
+    def __init__(self, text: str | bytes, config: dict, spec: dict | None = None):
         from tokenizers import Tokenizer
 
         self._text, self._full = text, None
@@ -429,7 +430,8 @@ class _RawTokenizer:
         if self._full is None:
             from tokenizers import Tokenizer
 
-            self._full = Tokenizer.from_str(self._text)
+            text = self._text
+            self._full = Tokenizer.from_buffer(text) if isinstance(text, bytes) else Tokenizer.from_str(text)
         return self._full
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -442,10 +444,10 @@ class _RawTokenizer:
         return (self._tok if cut else self._whole()).decode(ids, skip_special_tokens=False)
 
 
-def source_tokenizer(folder: Path, text: str, model_type: str | None, prefer_raw: bool = True,
+def source_tokenizer(folder: Path, text: str | bytes, model_type: str | None, prefer_raw: bool = True,
                      spec: dict | None = None):
-    """`_RawTokenizer` where it is exact (`_RawTokenizer.applies`), else transformers' AutoTokenizer. `spec`: `text`
-    parsed, if the caller has it."""
+    """`_RawTokenizer` where it is exact (`_RawTokenizer.applies`), else transformers' AutoTokenizer. `text`:
+    tokenizer.json's contents (str, or its UTF-8 bytes); `spec`: `text` parsed, if the caller has it."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -457,20 +459,62 @@ def source_tokenizer(folder: Path, text: str, model_type: str | None, prefer_raw
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _merges(spec: dict) -> list[str] | None:
+class StringArray(Sequence):
+    """A GGUF string array whose packed body (`_length_prefixed`) is made once, however many files it is written
+    into: the tokenizer's tokens and merges, which every GGUF type of a release shares (`GGUFVocab`)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        return _length_prefixed(self.items)
+
+
+class MergePairs(StringArray):
+    """tokenizer.json's [a, b] merges as gguf stores them, "a b", each such string made only where one is read: the
+    body is packed from `joined`, every part joined with NULs, none holding a space or a NUL (`_merges`)."""
+
+    def __init__(self, items: list[list[str]], joined: str):
+        super().__init__(items)
+        self.joined = joined
+
+    def __getitem__(self, i):
+        return " ".join(self.items[i]) if isinstance(i, int) else list(map(" ".join, self.items[i]))
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        data = np.frombuffer(bytearray(self.joined.encode("utf-8")), dtype=np.uint8)
+        nuls = np.flatnonzero(data == 0)
+        data[nuls[0::2]] = ord(" ")  # between a pair's parts
+        return _framed(data, nuls[1::2])
+
+
+def _merges(spec: dict) -> StringArray | None:
     """tokenizer.json's merges as `gguf.SpecialVocab` stores them ("a b"; a space inside a part becomes U+0120,
     as gguf encodes it), without its per-character pass when no part holds a space (the usual case)."""
     merges = spec.get("model", {}).get("merges")
     if not isinstance(merges, list) or not merges:
         return None
     if isinstance(merges[0], str):
-        return merges
+        return StringArray(merges)
     if set(map(type, merges)) != {list} or set(map(len, merges)) != {2}:
         return None  # another layout: gguf's own conversion (or its error)
-    parts = list(itertools.chain.from_iterable(merges))
-    if set(map(type, parts)) != {str} or " " in "".join(parts):
+    try:
+        joined = "\0".join(itertools.chain.from_iterable(merges))
+    except TypeError:
+        return None  # a part that is not a string
+    if " " in joined:
         return None  # spaces inside parts: gguf's own encoding
-    return list(map(" ".join, merges))
+    if joined.count("\0") != 2 * len(merges) - 1:  # a NUL inside a part
+        return StringArray(list(map(" ".join, merges)))
+    return MergePairs(merges, joined)
 
 
 def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]:
@@ -480,12 +524,19 @@ def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]
     chkhsh = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
     # One pass over the vocabulary (ids past vocab_size are refused before), then the few added and missing ids.
     vocab = tokenizer.vocab  # a property that rebuilds the dict on transformers' tokenizers: read once
-    tokens: list = [None] * vocab_size
-    for token, i in vocab.items():
-        tokens[i] = token
-    types = [gguf.TokenType.NORMAL] * vocab_size
-    for i in [i for i, token in enumerate(tokens) if token is None]:
-        tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+    if np.array_equal(ids, np.arange(len(vocab))):  # the usual order: ids 0, 1, 2, ... (no per-token pass)
+        tokens: list = [*vocab, *[None] * (vocab_size - len(vocab))]
+        missing = range(len(vocab), vocab_size)
+    else:
+        tokens = [None] * vocab_size
+        for token, i in vocab.items():
+            tokens[i] = token
+        missing = [i for i, token in enumerate(tokens) if token is None]
+    # plain ints (numpy packs a list of them several times faster than one of IntEnums); the same bytes
+    types = [int(gguf.TokenType.NORMAL)] * vocab_size
+    for i in missing:
+        tokens[i], types[i] = f"[PAD{i}]", int(gguf.TokenType.UNUSED)
     # get_vocab_base: added tokens that are special (or look special) are CONTROL, other added ones USER_DEFINED.
     decoder = tokenizer.added_tokens_decoder
     for token in tokenizer.get_added_vocab():
@@ -495,7 +546,7 @@ def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]
         if not decoder[i].normalized:
             token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
         special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
-        tokens[i], types[i] = token, gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+        tokens[i], types[i] = token, int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
     return tokens, types, chkhsh
 
 
@@ -506,7 +557,7 @@ _SPECIAL_VOCAB_FILES = ("tokenizer_config.json", "config.json", "chat_template.j
 _SPECIAL_VOCAB_KEYS = ("added_tokens", "post_processor")
 
 
-def special_vocab(folder: Path, spec: dict, merges: list[str] | None, vocab_size: int):
+def special_vocab(folder: Path, spec: dict, merges: StringArray | None, vocab_size: int):
     """gguf's `SpecialVocab` of `folder` (special token ids, add_bos/add_eos, chat template) with `merges`, without
     its second parse of tokenizer.json (a 49k-token one: 0.1-0.2 s, more than the rest of the file's metadata):
     SpecialVocab reads a folder holding links to the small files it reads and a tokenizer.json cut to the keys it
@@ -527,53 +578,81 @@ def special_vocab(folder: Path, spec: dict, merges: list[str] | None, vocab_size
     return special
 
 
-def _add_vocab(writer, folder: Path, hf_config: dict) -> str:
-    """`_set_vocab_gpt2`: tokens (+ [PAD<i>] up to vocab_size), token types, pre-tokenizer, merges, special ids,
-    add_bos/add_eos, chat template. Returns the pre-tokenizer name. tokenizer.json is parsed once, here
-    (`special_vocab`, `_RawTokenizer._spec_vocab` and `_merges` take that parse)."""
+@dataclass(frozen=True)
+class GGUFVocab:
+    """A byte-level BPE tokenizer's GGUF metadata (`_set_vocab_gpt2`): tokens (+ [PAD<i>] up to vocab_size), token
+    types, pre-tokenizer, merges, special ids, add_bos/add_eos, chat template. Made once by `gguf_vocab` and written
+    into any number of files (`write_gguf(vocab=)`): the GGUF types of one release share it, so only the first file
+    pays for it (0.1-0.15 s for SmolLM2's 49,152 tokens; the tensor bytes dominate any bigger model)."""
+
+    folder: Path  # the checkpoint folder whose tokenizer this is
+    pre: str
+    tokens: StringArray
+    types: list[int]
+    special: object  # gguf.SpecialVocab, merges as a StringArray
+    add_bos: bool | None  # stated where SpecialVocab does not state it
+    add_eos: bool | None
+
+    def add_to(self, writer) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        self.special.add_to_gguf(writer, quiet=True)
+        if self.add_bos is not None:
+            writer.add_add_bos_token(self.add_bos)
+        if self.add_eos is not None:
+            writer.add_add_eos_token(self.add_eos)
+
+
+def gguf_vocab(folder: Path, hf_config: dict | None = None) -> GGUFVocab:
+    """The GGUF metadata of the tokenizer in `folder` (a dense checkpoint; `hf_config`: its config.json, if the
+    caller has it parsed). tokenizer.json is parsed once, here (`special_vocab`, `_RawTokenizer._spec_vocab` and
+    `_merges` take that parse)."""
+    folder = Path(folder).resolve()
+    if hf_config is None:
+        hf_config = _read_config(folder)
     tokenizer_json = folder / "tokenizer.json"
-    try:
-        text = tokenizer_json.read_text(encoding="utf-8")
-        spec = json.loads(text)
-        model = spec["model"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInputError(f"no readable tokenizer.json ({type(e).__name__}: {e})", path=tokenizer_json,
-                            fix="ship the tokenizer files with the merged checkpoint") from None
-    byte_level = '"ByteLevel"' in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
-        raise BadInputError(f"tokenizer is {model.get('type')} (byte_fallback={model.get('byte_fallback')}); GGUF "
-                            "output writes byte-level BPE tokenizers only (tokenizer.ggml.model = gpt2); "
-                            "sentencepiece/llama vocabularies are not written", path=tokenizer_json,
-                            fix="convert with llama.cpp's convert_hf_to_gguf.py")
-    tokenizer = source_tokenizer(folder, text, hf_config.get("model_type"), spec=spec)
-    vocab_size = int(hf_config.get("vocab_size") or len(tokenizer.vocab))
-    if max(tokenizer.vocab.values()) >= vocab_size:
-        raise BadInputError(f"the tokenizer has ids up to {max(tokenizer.vocab.values())}, the model's vocab_size is "
-                            f"{vocab_size}", path=folder, fix="the tokenizer does not belong to this model")
-    tokens, types, chkhsh = vocab_fields(tokenizer, vocab_size)
-    pre = PRE_TOKENIZERS.get(chkhsh)
-    if pre is None:
-        raise BadInputError(f"unknown BPE pre-tokenizer (llama.cpp check hash {chkhsh})", path=tokenizer_json,
-                            fix="convert with llama.cpp's convert_hf_to_gguf.py, which knows more pre-tokenizers "
-                                f"(qmerge knows: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    merges = _merges(spec)
-    special = special_vocab(folder, spec, merges, vocab_size)
-    if not special.merges:
-        raise BadInputError("tokenizer.json has no merges", path=tokenizer_json, fix="a BPE tokenizer needs its merges")
-    special.add_to_gguf(writer, quiet=True)
-    # Always state add_bos/add_eos (llama.cpp's own default for a gpt2 vocab differs by version): what the source
-    # tokenizer does to plain text.
-    probe = tokenizer.encode("a")
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    if "bos" not in special.add_special_token:
-        writer.add_add_bos_token(len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id)
-    if "eos" not in special.add_special_token:
-        writer.add_add_eos_token(len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id)
-    return pre
+    with _gc_paused():
+        try:
+            text = tokenizer_json.read_bytes()  # json and `tokenizers` decode UTF-8 themselves
+            spec = json.loads(text)
+            model = spec["model"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BadInputError(f"no readable tokenizer.json ({type(e).__name__}: {e})", path=tokenizer_json,
+                                fix="ship the tokenizer files with the merged checkpoint") from None
+        byte_level = '"ByteLevel"' in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+        if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
+            raise BadInputError(f"tokenizer is {model.get('type')} (byte_fallback={model.get('byte_fallback')}); "
+                                "GGUF output writes byte-level BPE tokenizers only (tokenizer.ggml.model = gpt2); "
+                                "sentencepiece/llama vocabularies are not written", path=tokenizer_json,
+                                fix="convert with llama.cpp's convert_hf_to_gguf.py")
+        tokenizer = source_tokenizer(folder, text, hf_config.get("model_type"), spec=spec)
+        vocab_size = int(hf_config.get("vocab_size") or len(tokenizer.vocab))
+        if max(tokenizer.vocab.values()) >= vocab_size:
+            raise BadInputError(f"the tokenizer has ids up to {max(tokenizer.vocab.values())}, the model's "
+                                f"vocab_size is {vocab_size}", path=folder,
+                                fix="the tokenizer does not belong to this model")
+        tokens, types, chkhsh = vocab_fields(tokenizer, vocab_size)
+        pre = PRE_TOKENIZERS.get(chkhsh)
+        if pre is None:
+            raise BadInputError(f"unknown BPE pre-tokenizer (llama.cpp check hash {chkhsh})", path=tokenizer_json,
+                                fix="convert with llama.cpp's convert_hf_to_gguf.py, which knows more "
+                                    f"pre-tokenizers (qmerge knows: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})")
+        special = special_vocab(folder, spec, _merges(spec), vocab_size)
+        if not special.merges:
+            raise BadInputError("tokenizer.json has no merges", path=tokenizer_json,
+                                fix="a BPE tokenizer needs its merges")
+        if not isinstance(special.merges, StringArray):  # converted by gguf itself
+            special.merges = StringArray(list(special.merges))
+        # Always state add_bos/add_eos (llama.cpp's own default for a gpt2 vocab differs by version): what the
+        # source tokenizer does to plain text.
+        probe = tokenizer.encode("a")
+        plain = tokenizer.encode("a", add_special_tokens=False)
+        adds = len(probe) > len(plain)
+        return GGUFVocab(folder, pre, StringArray(tokens), types, special,
+                         None if "bos" in special.add_special_token else adds and probe[0] == tokenizer.bos_token_id,
+                         None if "eos" in special.add_special_token else adds and probe[-1] == tokenizer.eos_token_id)
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
@@ -584,21 +663,35 @@ _INT_FORMATS = {"UINT8": "<u1", "INT8": "<i1", "UINT16": "<u2", "INT16": "<i2", 
 
 def _length_prefixed(items: list) -> bytes:
     """Each item's UTF-8 bytes after its length as a little-endian uint64, all concatenated (a GGUF string array's
-    body), by one join and two numpy scatters instead of an item-by-item build."""
-    if set(map(type, items)) == {str}:
-        encoded = list(map(str.encode, items))  # UTF-8
-    else:
-        encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in items]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    starts = np.arange(len(encoded), dtype=np.int64) * 8  # where each length goes: 8 bytes per earlier item ...
-    starts[1:] += np.cumsum(lengths[:-1])                 # ... plus the earlier items' bytes
-    out = np.empty(8 * len(encoded) + int(lengths.sum()), dtype=np.uint8)
-    heads = (starts[:, None] + np.arange(8)).reshape(-1)
-    out[heads] = lengths.astype("<u8").view(np.uint8)
-    body = np.ones(out.size, dtype=bool)
-    body[heads] = False
-    out[body] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    body), without an item-by-item build: strings are joined with NULs and encoded in one call where none holds a
+    NUL (no per-item `encode`), other items are encoded one by one and joined the same way."""
+    if set(map(type, items)) == {str} and (data := _nul_joined(items, len(items))) is not None:
+        return _framed(data, np.flatnonzero(data == 0))
+    encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in items]
+    ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1)[:-1] - 1
+    return _framed(np.frombuffer(b"\0".join(encoded), dtype=np.uint8), ends)
+
+
+def _framed(data: np.ndarray, ends: np.ndarray) -> bytes:
+    """The string array body of the items `data` holds one after another, item i ending at `ends[i]` (a separator
+    byte there; the last item ends with `data`). Each separator (and one put before the first item) becomes the
+    next item's 8-byte length: one `repeat` lays the bytes out, one scatter writes the lengths."""
+    lengths = np.diff(ends, prepend=-1, append=data.size) - 1
+    nuls = np.concatenate([[0], ends + 1])  # each item's NUL in `data` with a NUL put first
+    repeats = np.ones(data.size + 1, dtype=np.intp)
+    repeats[nuls] = 8
+    out = np.repeat(np.concatenate([np.zeros(1, dtype=np.uint8), data]), repeats)
+    heads = nuls + 7 * np.arange(len(nuls))  # 7 bytes more before each later item
+    out[(heads[:, None] + np.arange(8)).reshape(-1)] = lengths.astype("<u8").view(np.uint8)
     return out.tobytes()
+
+
+def _nul_joined(strings, count: int) -> np.ndarray | None:
+    """`count` strings joined with NULs, UTF-8, as a writable byte array; None where a string holds a NUL."""
+    joined = "\0".join(strings)
+    if joined.count("\0") != count - 1:
+        return None
+    return np.frombuffer(bytearray(joined.encode("utf-8")), dtype=np.uint8)
 
 
 @functools.cache
@@ -631,13 +724,15 @@ def _writer_class():
 
         def _pack_val(self, val, vtype, add_vtype, sub_type=None):
             if (vtype != GGUFValueType.ARRAY or self.endianess != GGUFEndian.LITTLE
-                    or not isinstance(val, (list, tuple)) or not val):
+                    or not isinstance(val, (list, tuple, StringArray)) or not val):
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
             ltype = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
-            samples = dict(zip(map(type, val), val))  # one item per Python type
+            samples = {str: val[0]} if isinstance(val, StringArray) else dict(zip(map(type, val), val))  # per type
             if sub_type is None and any(GGUFValueType.get_type(item) is not ltype for item in samples.values()):
                 return super()._pack_val(val, vtype, add_vtype, sub_type)  # as the stock per-item check decides
-            if ltype == GGUFValueType.STRING and all(issubclass(kind, (str, bytes)) for kind in samples):
+            if ltype == GGUFValueType.STRING and isinstance(val, StringArray):
+                body = val.body  # packed once for every file it goes into
+            elif ltype == GGUFValueType.STRING and all(issubclass(kind, (str, bytes)) for kind in samples):
                 body = _length_prefixed(val)
             elif ltype.name in _INT_FORMATS and all(issubclass(kind, int) for kind in samples):
                 try:
@@ -669,34 +764,43 @@ def _gc_paused():
             gc.enable()
 
 
-def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, name: str | None = None) -> dict:
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read config.json ({type(e).__name__}: {e})", path=folder / "config.json") from None
+
+
+def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, name: str | None = None,
+               vocab: GGUFVocab | None = None) -> dict:
     """Writes the dense HF checkpoint in `folder` as one GGUF file `out_file` of type `qtype` (module doc).
 
     `name` (general.name) defaults to `out_file`'s stem, so the bytes depend on the inputs and the file name only.
+    `vocab`: the tokenizer's metadata made by `gguf_vocab(folder)` for an earlier file (made here if None).
     Returns {"qtype", "file", "bytes", "seconds", "tensor_types", "sha256", "pre_tokenizer", "tensors"}."""
     import gguf
     from gguf.gguf_writer import WriterState
 
     start = time.perf_counter()
     folder, out_file = Path(folder), Path(out_file)
-    try:
-        hf_config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read config.json ({type(e).__name__}: {e})", path=folder / "config.json") from None
+    hf_config = _read_config(folder)
     validate_gguf_target(hf_config, qtype)
     if (hf_config.get("quantization_config") or {}):
         raise BadInputError("is a quantized checkpoint; GGUF output reads dense checkpoints", path=folder,
                             fix="write the GGUF from the merged (dense) checkpoint")
     arch = ARCHITECTURES[_model_type(hf_config)]
+    if vocab is None:
+        vocab = gguf_vocab(folder, hf_config)
+    elif vocab.folder != folder.resolve():
+        raise ValueError(f"the vocabulary was made from {vocab.folder}, not from {folder}")
     reader = CheckpointReader(folder)
     planned = plan_tensors(hf_config, reader, qtype, folder)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out_file)
     writer = _writer_class()(path=None, arch=arch)
     try:
-        with _gc_paused():
-            _add_hparams(writer, hf_config, arch, qtype, name or out_file.stem)
-            pre = _add_vocab(writer, folder, hf_config)
+        _add_hparams(writer, hf_config, arch, qtype, name or out_file.stem)
+        vocab.add_to(writer)
         for p in planned:
             writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes,
                                    raw_dtype=gguf.GGMLQuantizationType[p.qtype])
@@ -723,5 +827,5 @@ def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, nam
     return {"qtype": qtype, "file": str(out_file), "bytes": out_file.stat().st_size,
             "seconds": round(time.perf_counter() - start, 3),
             "tensor_types": dict(sorted(Counter(p.qtype for p in planned).items())),
-            "sha256": sha256_file(out_file, progress=False), "pre_tokenizer": pre, "tensors": len(planned),
+            "sha256": sha256_file(out_file, progress=False), "pre_tokenizer": vocab.pre, "tensors": len(planned),
             "rules": TENSOR_RULES}

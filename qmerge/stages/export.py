@@ -3,7 +3,8 @@ and scored by evaluate from those written bytes (read back by a reader that is n
 
 - `gguf-<type>` (qmerge/io/gguf_writer.py): from the dense merge, quantized by the `gguf` package; the folder is
   an HF view of the file (config.json + tokenizer built from the GGUF by transformers) so evaluate streams it
-  layer by layer from the GGUF itself.
+  layer by layer from the GGUF itself. The tokenizer's metadata is made once and shared by every GGUF type
+  (`GGUFVocab`): the first file's time includes it, the others' do not.
 - `compressed-tensors` (qmerge/io/ct_checkpoint.py): the GPTQ result repacked, not re-quantized.
 """
 
@@ -16,17 +17,18 @@ from qmerge.io.sources import artifact_bytes
 
 
 def run_export(ctx: StageContext) -> dict:
-    artifacts = {}
+    artifacts, vocab = {}, None
     for artifact in ctx.cfg.exports:
         out = ctx.out / artifact
         start = time.perf_counter()
         if artifact.startswith("gguf-"):
             from qmerge.io.gguf_reader import write_folder_view
-            from qmerge.io.gguf_writer import write_gguf
+            from qmerge.io.gguf_writer import gguf_vocab, write_gguf
 
+            vocab = vocab or gguf_vocab(ctx.inputs["merge"])
             out.mkdir()
             report = write_gguf(ctx.inputs["merge"], out / "model.gguf", artifact[5:], quiet=ctx.quiet,
-                                name=ctx.cfg.name)
+                                name=ctx.cfg.name, vocab=vocab)
             write_folder_view(out / "model.gguf", out)
         else:
             from qmerge.io.ct_checkpoint import write_compressed_tensors
