@@ -1,4 +1,4 @@
-"""Two loops in C, for passes numpy and torch cannot fuse well on CPU:
+"""Loops in C, for passes numpy and torch cannot fuse well on CPU:
 
 - TIES' bracket pass over a delta's magnitudes (ops/combine.py `_count_and_gather`: how many |x| exceed the
   bracket, and the |x| inside it, in order). numpy makes it six passes over each block (abs, two comparisons, an
@@ -7,6 +7,10 @@
   register), taken where the CPU has AVX-512F. Where ΔW's top-k threshold is found from the factors' product
   (ops/combine.py `scaled_threshold`), the pass scales each entry in a register and counts the product: ΔW itself
   is never written out.
+- The NF4 merge of one weight (`qmerge_nf4_merge`: ops/merge_kernel.py `nf4_merge`, and the round trip alone for
+  ops/nf4.py `nf4_weight`): dequantize, the trained model's casts, + ΔW, the storage cast and the retention sums in
+  one read of the weight and of BA, the op-by-op twin's float32 roundings. It replaced an inductor kernel of the
+  same speed whose dynamo start-up cost every merging process 4-8 s.
 - One block of a multi-adapter combination (`combine_block`: TIES' trim or DARE's drop and rescale, then the
   election and disjoint mean or the weighted sum), the same float32 operations in the same order as ops/combine.py's
   op-by-op twin, so the same bits, each adapter's entries first scaled by its LoRA scale where given (ΔWᵢ =
@@ -238,6 +242,140 @@ int64_t qmerge_count_and_gather_portable(const float *x, int64_t n, const float 
                                          uint32_t *inside, int64_t *above) {
     return scalar(x, n, scale, lo, hi, inside, above);
 }
+
+/* ---- the NF4 merge (ops/merge_kernel.py `nf4_merge`, ops/nf4.py `nf4_roundtrip_fused`): per block of a weight,
+   W_nf4 = casts(code[#(midpoints < w·recip)] · absmax), merged = W_nf4 + ba·scale, stored = cast(merged), and the
+   retention sums in float64; the float32 operations of the op-by-op twin, each rounded on its own (no fused
+   multiply-add), so the same stored bits. The count of midpoints below x is exactly bucketize(x, midpoints)
+   (right=False), the op-by-op code's index; clamping x to [-1, 1] as it does cannot change the count (every
+   midpoint lies inside). Casts round to nearest even as torch does (c10's BFloat16 and
+   fp16_ieee_from_fp32_value); a merged value that is not finite stops the kernel (NaN bits are torch's business:
+   the caller takes the op-by-op twin). */
+
+enum { QM_F32 = 0, QM_F16 = 1, QM_BF16 = 2 };
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t f32_to_bf16(float f) {  /* finite or inf: round to nearest even */
+    uint32_t u = f32_bits(f);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t f32_to_f16(float f) {  /* fp16_ieee_from_fp32_value, for finite or inf values */
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w = f32_bits(f), shl1 = w + w, sign = w & 0x80000000u, bias = shl1 & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_f32((bias >> 1) + 0x07800000u) + base;
+    uint32_t bits = f32_bits(base);
+    return (uint16_t)((sign >> 16) | (((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu)));
+}
+
+static inline float f16_to_f32(uint16_t h) {  /* fp16_ieee_to_fp32_value */
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normalized = bits_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denormalized = bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+    uint32_t result = sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
+    return bits_f32(result);
+}
+
+static inline float cast_back(float v, int32_t kind) {
+    if (kind == QM_BF16) return bits_f32((uint32_t)f32_to_bf16(v) << 16);
+    if (kind == QM_F16) return f16_to_f32(f32_to_f16(v));
+    return v;
+}
+
+#define QM_MAX_BLOCK 4096
+
+static inline __attribute__((always_inline)) int32_t nf4_merge_body(
+        const void *w, int32_t wkind, int64_t n_blocks, int64_t bs, const float *recip, const float *absmax,
+        const float *code, const float *mid, const float *ba, float scale, const int32_t *chain, int32_t n_chain,
+        void *out, int32_t skind, double *sums) {
+    float v[QM_MAX_BLOCK], merged[QM_MAX_BLOCK];
+    double dd[8] = {0}, sd[8] = {0}, bb[8] = {0};  /* eight running sums each, entry j into sum j % 8 */
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const int64_t at = b * bs;
+        const float r = recip[b], am = absmax[b];
+        for (int64_t j = 0; j < bs; j++) {
+            float x;
+            if (wkind == QM_BF16) x = bits_f32((uint32_t)((const uint16_t *)w)[at + j] << 16);
+            else if (wkind == QM_F16) x = f16_to_f32(((const uint16_t *)w)[at + j]);
+            else x = ((const float *)w)[at + j];
+            x = x * r;
+            int32_t count = 0;
+            for (int k = 0; k < 15; k++) count += x > mid[k];
+            v[j] = code[count] * am;
+        }
+        for (int32_t c = 0; c < n_chain; c++)
+            for (int64_t j = 0; j < bs; j++) v[j] = cast_back(v[j], chain[c]);
+        if (ba == NULL) {  /* the round trip alone: W_nf4 as float32 */
+            memcpy((float *)out + at, v, (size_t)bs * sizeof(float));
+            continue;
+        }
+        int32_t finite = 1;
+        for (int64_t j = 0; j < bs; j++) {
+            const float d = ba[at + j] * scale;
+            merged[j] = v[j] + d;
+            finite &= (f32_bits(merged[j]) & 0x7F800000u) != 0x7F800000u;
+        }
+        if (!finite) return 1;
+        for (int64_t j = 0; j < bs; j++) {
+            float s;
+            if (skind == QM_BF16) {
+                const uint16_t h = f32_to_bf16(merged[j]);
+                ((uint16_t *)out)[at + j] = h;
+                s = bits_f32((uint32_t)h << 16);
+            } else if (skind == QM_F16) {
+                const uint16_t h = f32_to_f16(merged[j]);
+                ((uint16_t *)out)[at + j] = h;
+                s = f16_to_f32(h);
+            } else {
+                ((float *)out)[at + j] = s = merged[j];
+            }
+            const double delta = (double)(merged[j] - v[j]), base = (double)v[j];
+            dd[j & 7] += delta * delta;
+            sd[j & 7] += ((double)s - base) * delta;
+            bb[j & 7] += base * base;
+        }
+    }
+    if (sums != NULL) {
+        double t[3] = {0, 0, 0};
+        for (int l = 0; l < 8; l++) { t[0] += dd[l]; t[1] += sd[l]; t[2] += bb[l]; }
+        sums[0] = t[0]; sums[1] = t[1]; sums[2] = t[2];
+    }
+    return 0;
+}
+
+#define QM_NF4_ARGS const void *w, int32_t wkind, int64_t n_blocks, int64_t bs, const float *recip, \
+    const float *absmax, const float *code, const float *mid, const float *ba, float scale, const int32_t *chain, \
+    int32_t n_chain, void *out, int32_t skind, double *sums
+#define QM_NF4_PASS w, wkind, n_blocks, bs, recip, absmax, code, mid, ba, scale, chain, n_chain, out, skind, sums
+
+static int32_t nf4_plain(QM_NF4_ARGS) { return nf4_merge_body(QM_NF4_PASS); }
+#ifdef HAVE_AVX512
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+static int32_t nf4_avx512(QM_NF4_ARGS) { return nf4_merge_body(QM_NF4_PASS); }
+__attribute__((target("avx2")))
+static int32_t nf4_avx2(QM_NF4_ARGS) { return nf4_merge_body(QM_NF4_PASS); }
+#endif
+
+/* 0: done; 1: a merged value is not finite; -1: a block longer than QM_MAX_BLOCK (the caller takes its other path) */
+int32_t qmerge_nf4_merge(QM_NF4_ARGS) {
+    if (bs < 1 || bs > QM_MAX_BLOCK) return -1;
+#ifdef HAVE_AVX512
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl"))
+        return nf4_avx512(QM_NF4_PASS);
+    if (__builtin_cpu_supports("avx2")) return nf4_avx2(QM_NF4_PASS);
+#endif
+    return nf4_plain(QM_NF4_PASS);
+}
+
+int32_t qmerge_nf4_merge_portable(QM_NF4_ARGS) {
+    if (bs < 1 || bs > QM_MAX_BLOCK) return -1;
+    return nf4_plain(QM_NF4_PASS);
+}
 #ifdef __cplusplus
 }
 #endif
@@ -288,6 +426,7 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
         gather = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
         combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_portable)
+        nf4 = (lib.qmerge_nf4_merge, lib.qmerge_nf4_merge_portable)
     except (OSError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: a symbol missing
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
@@ -303,6 +442,11 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
                        ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    for fn in nf4:
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                       ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
     return lib
 
 

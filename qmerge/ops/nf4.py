@@ -141,19 +141,6 @@ def dequantize_nf4_bnb(state: NF4State, dtype: torch.dtype | None = None) -> tor
     return out if dtype is None else out.to(dtype)
 
 
-def _roundtrip_kernel(blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.Tensor,
-                      code: torch.Tensor) -> torch.Tensor:
-    """code[#(midpoints < w·(1/absmax))] · absmax_dequantized, per block row. The count of midpoints below x
-    is exactly `bucketize(x, NF4_MIDPOINTS)` (right=False); comparisons and single products round the same
-    in any fused order, and clamping to [-1, 1] cannot change the count (all midpoints lie inside)."""
-    x = blocks.float() * recip
-    count = (x > NF4_MIDPOINTS_LIST[0]).to(torch.int32)
-    for m in NF4_MIDPOINTS_LIST[1:]:
-        count = count + (x > m).to(torch.int32)
-    return code[count] * absmax
-
-
-NF4_MIDPOINTS_LIST = NF4_MIDPOINTS.tolist()
 
 
 # Graphs one kernel may build: each (weight dtype, cast chain, storage dtype) is its own. A merge needs a few, the
@@ -211,7 +198,58 @@ class CompiledKernel:
         return out
 
 
-ROUNDTRIP = CompiledKernel(_roundtrip_kernel)
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # qmerge_nf4_merge's QM_F32, QM_F16, QM_BF16
+NATIVE_CHUNK = 1 << 20  # entries per C call, in whole blocks; each call's sums are added in order
+
+
+class NativeNF4:
+    """The fused NF4 pass: ops/merge_kernel.py's merge (`ba` given: stored weight and retention sums) or the round
+    trip dequantize_nf4(quantize_nf4(w)) as float32 (`ba` None), by ops/native.py `qmerge_nf4_merge` on chunks of
+    blocks on torch's threads (the sums added chunk by chunk in order, whatever the thread count). Returns (out,
+    (dd, sd, bb)) or None where it does not apply (no C helper, a dtype it does not know, a merged value that is not
+    finite): the caller takes its op-by-op twin, which gives the same bits. `ran` counts the calls it answered."""
+
+    def __init__(self):
+        self.ran = 0
+
+    def __call__(self, blocks: torch.Tensor, recip: torch.Tensor, absmax: torch.Tensor, ba: torch.Tensor | None,
+                 scale: float, chain: tuple[torch.dtype, ...], storage: torch.dtype):
+        import numpy as np
+
+        from qmerge.ops import native  # imports this module
+        from qmerge.runtime import map_on_threads
+
+        lib = native._helper()
+        if lib is None or any(d not in _KINDS for d in (blocks.dtype, storage, *chain)):
+            return None
+        n_blocks, bs = blocks.shape
+        blocks = blocks.contiguous()
+        recip, absmax = (t.reshape(-1).to(torch.float32).contiguous() for t in (recip, absmax))
+        code, mid = NF4_CODE.to(torch.float32).contiguous(), NF4_MIDPOINTS.to(torch.float32).contiguous()
+        if ba is not None:
+            ba = ba.to(torch.float32).reshape(n_blocks, bs).contiguous()
+        out = torch.empty((n_blocks, bs), dtype=storage if ba is not None else torch.float32)
+        kinds = np.array([_KINDS[d] for d in chain] or [0], dtype=np.int32)
+        step = max(1, NATIVE_CHUNK // bs)
+        starts = range(0, n_blocks, step)
+        sums = np.zeros((len(starts), 3))
+
+        def chunk(i: int) -> int:
+            start = starts[i]
+            count = min(step, n_blocks - start)
+            return lib.qmerge_nf4_merge(
+                blocks[start].data_ptr(), _KINDS[blocks.dtype], count, bs, recip[start:].data_ptr(),
+                absmax[start:].data_ptr(), code.data_ptr(), mid.data_ptr(),
+                ba[start].data_ptr() if ba is not None else None, scale, kinds.ctypes.data, len(chain),
+                out[start].data_ptr(), _KINDS[out.dtype], sums[i].ctypes.data if ba is not None else None)
+
+        if any(map_on_threads(chunk, range(len(starts)), "qmerge-nf4")):
+            return None
+        self.ran += 1
+        return out, tuple(float(sum(sums[:, k].tolist())) for k in range(3))
+
+
+ROUNDTRIP = NativeNF4()  # nf4_roundtrip_fused's; ops/merge_kernel.py has its own (`ran` apart)
 
 
 @dataclass(frozen=True)
@@ -251,10 +289,10 @@ def nf4_roundtrip_fused(w: torch.Tensor, blocksize: int = 64, double_quant: bool
     """float32 dequantize_nf4(quantize_nf4(w)) in one fused pass on CPU; falls back to exactly that when the
     size is not a whole number of blocks, an absmax is not finite, or no kernel could be compiled."""
     scales = block_scales(w, blocksize, double_quant)
-    out = ROUNDTRIP(scales.blocks, scales.recip, scales.absmax, NF4_CODE) if scales is not None else None
+    out = None if scales is None else ROUNDTRIP(scales.blocks, scales.recip, scales.absmax, None, 1.0, (), torch.float32)
     if out is None:
         return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
-    return out.reshape(w.shape)
+    return out[0].reshape(w.shape)
 
 
 def nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,

@@ -1,6 +1,6 @@
 """NF4 reproduction: the torch path equals bitsandbytes bit for bit, and both equal what transformers +
 bitsandbytes hold after loading a model with BitsAndBytesConfig(nf4, double quant). The fused round trip's tests
-check that compiled code answered (`ROUNDTRIP.ran`), not its eager twin."""
+check that the C loop answered (`ROUNDTRIP.ran`), not its op-by-op twin."""
 
 from __future__ import annotations
 
