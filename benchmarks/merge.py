@@ -101,10 +101,11 @@ def run_paths(w: Workload, paths: list[str], run: Path, dtype: str, device: str,
                 if measure(key, [PY, str(HERE / "children.py"), key, str(w.base), str(w.adapter), str(out), dtype,
                                  dev])["rc"] == 0 and last:
                     outputs[key] = out
-    if "qmerge" in paths:  # once with an empty inductor cache: a fresh machine's first run builds the kernel's C++
-        cfg = qmerge_config(w, fresh(run / "qmerge-cold-build"), dtype, device)
+    if "qmerge" in paths:  # once with empty inductor and qmerge caches: a fresh machine's first run builds the C
+        cfg = qmerge_config(w, fresh(run / "qmerge-cold-build"), dtype, device)  # helper (and any inductor kernel)
         measure("qmerge-cold-build", [PY, "-m", "qmerge", "pipeline", str(cfg), "--quiet"],
-                {**_env(), "TORCHINDUCTOR_CACHE_DIR": str(fresh(run / "inductor-empty"))})
+                {**_env(), "TORCHINDUCTOR_CACHE_DIR": str(fresh(run / "inductor-empty")),
+                 "QMERGE_CACHE": str(fresh(run / "qmerge-cache-empty"))})
         shutil.rmtree(run / "qmerge-cold-build" / "work", ignore_errors=True)
     if split and "qmerge" in paths:  # one more cold run with outside timers, for the time split
         cfg2 = qmerge_config(w, fresh(run / "qmerge-split"), dtype, device)
