@@ -522,7 +522,8 @@ def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]
     import gguf
 
     chkhsh = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
-    # One pass over the vocabulary (ids past vocab_size are refused before), then the few added and missing ids.
+    # The vocabulary by id (ids past vocab_size are refused before): as it is where its ids run 0, 1, 2, ..., else
+    # placed one by one; then the few missing and added ids.
     vocab = tokenizer.vocab  # a property that rebuilds the dict on transformers' tokenizers: read once
     ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
     if np.array_equal(ids, np.arange(len(vocab))):  # the usual order: ids 0, 1, 2, ... (no per-token pass)
