@@ -372,9 +372,18 @@ int32_t qmerge_nf4_merge(QM_NF4_ARGS) {
     return nf4_plain(QM_NF4_PASS);
 }
 
-int32_t qmerge_nf4_merge_portable(QM_NF4_ARGS) {
+/* the loop built for one CPU kind (tests): 0 plain, 1 AVX2, 2 AVX-512; -2 where this build or CPU has no such loop */
+int32_t qmerge_nf4_merge_kind(int32_t kind, QM_NF4_ARGS) {
     if (bs < 1 || bs > QM_MAX_BLOCK) return -1;
-    return nf4_plain(QM_NF4_PASS);
+    if (kind == 0) return nf4_plain(QM_NF4_PASS);
+#ifdef HAVE_AVX512
+    __builtin_cpu_init();
+    if (kind == 1 && __builtin_cpu_supports("avx2")) return nf4_avx2(QM_NF4_PASS);
+    if (kind == 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        return nf4_avx512(QM_NF4_PASS);
+#endif
+    return -2;
 }
 #ifdef __cplusplus
 }
@@ -426,7 +435,7 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
         gather = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
         combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_portable)
-        nf4 = (lib.qmerge_nf4_merge, lib.qmerge_nf4_merge_portable)
+        nf4 = (lib.qmerge_nf4_merge, lib.qmerge_nf4_merge_kind)
     except (OSError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: a symbol missing
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
         if compile_strict():
@@ -442,11 +451,12 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
                        ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
-    for fn in nf4:
+    nf4_args = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32,
+                ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+    for fn, kind in zip(nf4, ([], [ctypes.c_int32])):
         fn.restype = ctypes.c_int32
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                       ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+        fn.argtypes = kind + nf4_args
     return lib
 
 
