@@ -490,7 +490,7 @@ class MergePairs(StringArray):
 
     @functools.cached_property
     def body(self) -> bytes:
-        data = np.frombuffer(bytearray(self.joined.encode("utf-8")), dtype=np.uint8)
+        data = _utf8_array(self.joined)
         nuls = np.flatnonzero(data == 0)
         data[nuls[0::2]] = ord(" ")  # between a pair's parts
         return _framed(data, nuls[1::2])
@@ -690,9 +690,12 @@ def _framed(data: np.ndarray, ends: np.ndarray) -> bytes:
 def _nul_joined(strings, count: int) -> np.ndarray | None:
     """`count` strings joined with NULs, UTF-8, as a writable byte array; None where a string holds a NUL."""
     joined = "\0".join(strings)
-    if joined.count("\0") != count - 1:
-        return None
-    return np.frombuffer(bytearray(joined.encode("utf-8")), dtype=np.uint8)
+    return _utf8_array(joined) if joined.count("\0") == count - 1 else None
+
+
+def _utf8_array(text: str) -> np.ndarray:
+    """`text`'s UTF-8 bytes as a writable uint8 array."""
+    return np.frombuffer(bytearray(text.encode("utf-8")), dtype=np.uint8)
 
 
 @functools.cache

@@ -141,9 +141,7 @@ def dequantize_nf4_bnb(state: NF4State, dtype: torch.dtype | None = None) -> tor
     return out if dtype is None else out.to(dtype)
 
 
-
-
-# Graphs one kernel may build: each (weight dtype, cast chain, storage dtype) is its own. A merge needs a few, the
+# Graphs one kernel may build: each set of input dtypes and flags is its own. A multi-adapter merge needs a few, the
 # test suite a few dozen; past dynamo's default of 8 the rest would run as plain Python, without a word.
 RECOMPILE_LIMIT = 64
 
@@ -225,7 +223,6 @@ class NativeNF4:
         n_blocks, bs = blocks.shape
         blocks = blocks.contiguous()
         recip, absmax = (t.reshape(-1).to(torch.float32).contiguous() for t in (recip, absmax))
-        code, mid = NF4_CODE.to(torch.float32).contiguous(), NF4_MIDPOINTS.to(torch.float32).contiguous()
         if ba is not None:
             ba = ba.to(torch.float32).reshape(n_blocks, bs).contiguous()
         out = torch.empty((n_blocks, bs), dtype=storage if ba is not None else torch.float32)
@@ -239,7 +236,7 @@ class NativeNF4:
             count = min(step, n_blocks - start)
             return lib.qmerge_nf4_merge(
                 blocks[start].data_ptr(), _KINDS[blocks.dtype], count, bs, recip[start:].data_ptr(),
-                absmax[start:].data_ptr(), code.data_ptr(), mid.data_ptr(),
+                absmax[start:].data_ptr(), NF4_CODE.data_ptr(), NF4_MIDPOINTS.data_ptr(),
                 ba[start].data_ptr() if ba is not None else None, scale, kinds.ctypes.data, len(chain),
                 out[start].data_ptr(), _KINDS[out.dtype], sums[i].ctypes.data if ba is not None else None)
 
@@ -287,9 +284,10 @@ def block_scales(w: torch.Tensor, blocksize: int, double_quant: bool) -> BlockSc
 
 def nf4_roundtrip_fused(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
     """float32 dequantize_nf4(quantize_nf4(w)) in one fused pass on CPU; falls back to exactly that when the
-    size is not a whole number of blocks, an absmax is not finite, or no kernel could be compiled."""
+    size is not a whole number of blocks, an absmax is not finite, or the C helper is unavailable."""
     scales = block_scales(w, blocksize, double_quant)
-    out = None if scales is None else ROUNDTRIP(scales.blocks, scales.recip, scales.absmax, None, 1.0, (), torch.float32)
+    out = None if scales is None else ROUNDTRIP(scales.blocks, scales.recip, scales.absmax, None, 1.0, (),
+                                                 torch.float32)
     if out is None:
         return dequantize_nf4(quantize_nf4(w, blocksize, double_quant), torch.float32)
     return out[0].reshape(w.shape)
