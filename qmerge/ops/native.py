@@ -223,10 +223,26 @@ int32_t qmerge_combine_block(QM_COMBINE_ARGS) {
     return 0;
 }
 
-int32_t qmerge_combine_block_portable(QM_COMBINE_ARGS) {
+/* the loop built for one CPU kind (tests): 0 plain, 1 AVX2, 2 AVX-512; -2 where this build or CPU has no such loop */
+int32_t qmerge_combine_block_kind(int32_t kind, QM_COMBINE_ARGS) {
     if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
-    combine_plain(QM_COMBINE_PASS);
-    return 0;
+    if (kind == 0) {
+        combine_plain(QM_COMBINE_PASS);
+        return 0;
+    }
+#ifdef HAVE_AVX512
+    __builtin_cpu_init();
+    if (kind == 1 && __builtin_cpu_supports("avx2")) {
+        combine_avx2(QM_COMBINE_PASS);
+        return 0;
+    }
+    if (kind == 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+        combine_avx512(QM_COMBINE_PASS);
+        return 0;
+    }
+#endif
+    return -2;
 }
 
 int64_t qmerge_count_and_gather(const float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
@@ -434,7 +450,7 @@ def _load() -> ctypes.CDLL | None:
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
         gather = (lib.qmerge_count_and_gather, lib.qmerge_count_and_gather_portable)
-        combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_portable)
+        combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_kind)
         nf4 = (lib.qmerge_nf4_merge, lib.qmerge_nf4_merge_kind)
     except (OSError, AttributeError, subprocess.SubprocessError) as e:  # AttributeError: a symbol missing
         why = f"{e}: {e.stderr.decode(errors='replace').strip()[:500]}" if getattr(e, "stderr", None) else str(e)
@@ -446,11 +462,12 @@ def _load() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_uint32,
                        ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
-    for fn in combine:
+    combine_args = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                    ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    for fn, kind in zip(combine, ([], [ctypes.c_int32])):
         fn.restype = ctypes.c_int32
-        fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64,
-                       ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+        fn.argtypes = kind + combine_args
     nf4_args = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32,
                 ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
@@ -504,14 +521,15 @@ def combine_available() -> bool:
 def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: np.ndarray, elect: bool,
                   frequency: bool, thresholds: np.ndarray | None = None, take_equal: np.ndarray | None = None,
                   keys: np.ndarray | None = None, keep_below: int = 0, start: int = 0, density: float = 1.0,
-                  scales: np.ndarray | None = None, portable: bool = False) -> None:
+                  scales: np.ndarray | None = None, kind: int | None = None) -> None:
     """One block of ops/combine.py's combination, written into `out` (float32, contiguous, the raws' length; it may
     be one of them: each chunk is read whole before it is written). `mode`: "magnitude" (TIES' trim: `thresholds`
     float32 and `take_equal` per adapter), "dare" (drop by `keys` (uint32 [k, 2]) and `keep_below` for the flat
     indices from `start`, rescale by 1/`density`) or "keep_all"; then the election (`elect`, `frequency`) or the
     weighted sum. `scales` (float32 per adapter): raw i is the product BᵢAᵢ and ΔWᵢ = scales[i]·raw, formed in the
     loop (torch's `mul_` bits); None: the raws are the ΔWᵢ. The caller checks `combine_available()` first.
-    `portable`: the plain loop (tests)."""
+    `kind` (tests): the loop built for one CPU kind, 0 plain, 1 AVX2, 2 AVX-512 (LookupError where this CPU has none);
+    None: the one this CPU takes."""
     lib = _helper()
     k = len(raws)
     if not 1 <= k <= MAX_ADAPTERS or any(r.dtype != np.float32 or not r.flags.c_contiguous or r.size != out.size
@@ -525,9 +543,11 @@ def combine_block(raws: list[np.ndarray], out: np.ndarray, mode: str, weights: n
     scales = np.ascontiguousarray(scales, dtype=np.float32) if scales is not None else None
     if scales is not None and scales.size != k:
         raise ValueError("combine_block takes one scale per block")
-    fn = lib.qmerge_combine_block_portable if portable else lib.qmerge_combine_block
+    fn = lib.qmerge_combine_block if kind is None else functools.partial(lib.qmerge_combine_block_kind, kind)
     status = fn(k, pointers, scales.ctypes.data if scales is not None else None, out.size, out.ctypes.data,
                 COMBINE_MODES[mode], thresholds.ctypes.data, take_equal.ctypes.data, keys.ctypes.data, keep_below,
                 start, density, weights.ctypes.data, int(elect), int(frequency))
+    if status == -2:
+        raise LookupError(f"this CPU has no {('plain', 'AVX2', 'AVX-512')[kind]} form of the combination loop")
     if status != 0:
         raise ValueError(f"qmerge_combine_block refused {k} adapters")

@@ -4,6 +4,8 @@ generalized task arithmetic where the two coincide, and the degenerate cases."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -237,9 +239,27 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_combination_in_c_gives_the_op_by_op_bits_on_every_kind_of_float(portable):
-    """The C helper's block (ops/native.py, each form: the vectorized one this CPU takes and the plain loop) against
+KINDS = pytest.mark.parametrize("kind", [None, 0, 1, 2], ids=["this-cpu", "plain", "avx2", "avx512"])
+
+
+def combine_block_of_kind(kind: int | None):
+    """native.combine_block on one CPU kind's loop; the test is skipped where this CPU has no such loop."""
+    import numpy as np
+
+    from qmerge.ops import native
+
+    try:
+        native.combine_block([np.zeros(1, np.float32)], np.zeros(1, np.float32), "keep_all", np.ones(1), False, False,
+                             kind=kind)
+    except LookupError as e:
+        pytest.skip(str(e))
+    return functools.partial(native.combine_block, kind=kind)
+
+
+@KINDS
+def test_combination_in_c_gives_the_op_by_op_bits_on_every_kind_of_float(kind):
+    """The C helper's block (ops/native.py, each form: the one this CPU takes, the plain, AVX2 and AVX-512 loops
+    where the CPU has them) against
     the op-by-op kernels it replaces, bit for bit: zeros of both signs, subnormals, infinities and NaNs in the
     deltas, entries equal to a threshold, 1, 3 and 5 adapters, both sign methods and the weighted sum, lengths that
     are not whole chunks or vector steps, and DARE's flat indices past 2³² (the hash's high word) with densities
@@ -249,6 +269,7 @@ def test_combination_in_c_gives_the_op_by_op_bits_on_every_kind_of_float(portabl
     from qmerge.ops import native
 
     assert native.combine_available()  # the suite runs with QMERGE_COMPILE_STRICT=1: a failed build raises
+    combine_block = combine_block_of_kind(kind)
     g = torch.Generator().manual_seed(8)
     specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, float("inf"), -float("inf"), float("nan"), 1.0, -1.0,
                              0.5, -0.5, 3.4e38, -3.4e38])
@@ -273,22 +294,20 @@ def test_combination_in_c_gives_the_op_by_op_bits_on_every_kind_of_float(portabl
                                                                   density, weights, elect, frequency)))
                 for mode, how, want in cases:
                     out = np.full(n, 7.0, dtype=np.float32)
-                    native.combine_block([r.numpy() for r in raws], out, mode, weights.numpy(), elect, frequency,
-                                         portable=portable, **how)
+                    combine_block([r.numpy() for r in raws], out, mode, weights.numpy(), elect, frequency, **how)
                     assert np.array_equal(out.view(np.int32), want.numpy().view(np.int32)), (k, n, mode, how, elect,
                                                                                                frequency)
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_combination_in_c_forms_each_delta_from_its_product_as_mul_does(portable):
+@KINDS
+def test_combination_in_c_forms_each_delta_from_its_product_as_mul_does(kind):
     """Given the products BᵢAᵢ and their scales, the C block forms ΔWᵢ = scaleᵢ·BᵢAᵢ as it reads them: the same
     bits as the block given the ΔWᵢ that torch's `mul_` makes (which the test above holds to the op-by-op
     kernels), with scales float32 holds exactly and ones it rounds (rsLoRA's α/√r), one that makes subnormals and
     one that overflows to infinity; the products are only read."""
     import numpy as np
 
-    from qmerge.ops import native
-
+    combine_block = combine_block_of_kind(kind)
     g = torch.Generator().manual_seed(13)
     specials = torch.tensor([0.0, -0.0, 1e-45, -1e-40, float("inf"), 1.0, -1.0, 0.5, 3.4e38])
     for k in (1, 3):
@@ -304,11 +323,10 @@ def test_combination_in_c_forms_each_delta_from_its_product_as_mul_does(portable
             for mode, how in hows:
                 for elect, frequency in ((True, False), (False, False)):
                     want = np.full(n, 7.0, dtype=np.float32)
-                    native.combine_block([d.numpy() for d in deltas], want, mode, weights, elect, frequency,
-                                         portable=portable, **how)
+                    combine_block([d.numpy() for d in deltas], want, mode, weights, elect, frequency, **how)
                     out, before = np.full(n, 7.0, dtype=np.float32), [p.clone() for p in products]
-                    native.combine_block([p.numpy() for p in products], out, mode, weights, elect, frequency,
-                                         scales=scales.numpy(), portable=portable, **how)
+                    combine_block([p.numpy() for p in products], out, mode, weights, elect, frequency,
+                                  scales=scales.numpy(), **how)
                     assert np.array_equal(out.view(np.int32), want.view(np.int32)), (k, n, mode, elect)
                     assert all(torch.equal(p.view(torch.int32), b.view(torch.int32)) for p, b in zip(products, before))
 
