@@ -108,6 +108,11 @@ static int64_t avx512(const float *x, int64_t n, const float *scale, uint32_t lo
     return j;
 }
 #define HAVE_AVX512 1
+static int has_avx512(void) {  /* the AVX-512 subsets the vector forms below are built for */
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+           && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
 #endif
 
 /* ---- one block of a multi-adapter combination (ops/combine.py `_magnitude_kernel`, `_dare_kernel`,
@@ -208,9 +213,7 @@ static void combine_avx2(QM_COMBINE_ARGS) { combine_body(QM_COMBINE_PASS); }
 int32_t qmerge_combine_block(QM_COMBINE_ARGS) {
     if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
 #ifdef HAVE_AVX512
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl")) {
+    if (has_avx512()) {
         combine_avx512(QM_COMBINE_PASS);
         return 0;
     }
@@ -236,8 +239,7 @@ int32_t qmerge_combine_block_kind(int32_t kind, QM_COMBINE_ARGS) {
         combine_avx2(QM_COMBINE_PASS);
         return 0;
     }
-    if (kind == 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
-            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    if (kind == 2 && has_avx512()) {
         combine_avx512(QM_COMBINE_PASS);
         return 0;
     }
@@ -379,10 +381,7 @@ static int32_t nf4_avx2(QM_NF4_ARGS) { return nf4_merge_body(QM_NF4_PASS); }
 int32_t qmerge_nf4_merge(QM_NF4_ARGS) {
     if (bs < 1 || bs > QM_MAX_BLOCK) return -1;
 #ifdef HAVE_AVX512
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl"))
-        return nf4_avx512(QM_NF4_PASS);
+    if (has_avx512()) return nf4_avx512(QM_NF4_PASS);
     if (__builtin_cpu_supports("avx2")) return nf4_avx2(QM_NF4_PASS);
 #endif
     return nf4_plain(QM_NF4_PASS);
@@ -395,9 +394,7 @@ int32_t qmerge_nf4_merge_kind(int32_t kind, QM_NF4_ARGS) {
 #ifdef HAVE_AVX512
     __builtin_cpu_init();
     if (kind == 1 && __builtin_cpu_supports("avx2")) return nf4_avx2(QM_NF4_PASS);
-    if (kind == 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
-            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-        return nf4_avx512(QM_NF4_PASS);
+    if (kind == 2 && has_avx512()) return nf4_avx512(QM_NF4_PASS);
 #endif
     return -2;
 }
