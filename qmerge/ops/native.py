@@ -115,6 +115,15 @@ static int has_avx512(void) {  /* the AVX-512 subsets the vector forms below are
 }
 #endif
 
+/* the CPU kind whose loop the dispatchers below take: 2 AVX-512, 1 AVX2, 0 plain (the `_kind` entries' numbering) */
+static int32_t best_kind(void) {
+#ifdef HAVE_AVX512
+    if (has_avx512()) return 2;
+    if (__builtin_cpu_supports("avx2")) return 1;
+#endif
+    return 0;
+}
+
 /* ---- one block of a multi-adapter combination (ops/combine.py `_magnitude_kernel`, `_dare_kernel`,
    `_masked_kernel`): the same float32 operations in the same order as the op-by-op twin, so the same bits (built
    with -ffp-contract=off: no fused multiply-add). Entries go through in chunks: each step below is a plain loop
@@ -209,24 +218,8 @@ __attribute__((target("avx2")))
 static void combine_avx2(QM_COMBINE_ARGS) { combine_body(QM_COMBINE_PASS); }
 #endif
 
-/* 0: done; -1: more adapters than the chunk buffers hold (the caller takes its other path) */
-int32_t qmerge_combine_block(QM_COMBINE_ARGS) {
-    if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
-#ifdef HAVE_AVX512
-    if (has_avx512()) {
-        combine_avx512(QM_COMBINE_PASS);
-        return 0;
-    }
-    if (__builtin_cpu_supports("avx2")) {
-        combine_avx2(QM_COMBINE_PASS);
-        return 0;
-    }
-#endif
-    combine_plain(QM_COMBINE_PASS);
-    return 0;
-}
-
-/* the loop built for one CPU kind (tests): 0 plain, 1 AVX2, 2 AVX-512; -2 where this build or CPU has no such loop */
+/* the loop built for one CPU kind (tests): 0 plain, 1 AVX2, 2 AVX-512; 0: done; -1: more adapters than the chunk
+   buffers hold (the caller takes its other path); -2: this build or CPU has no such loop */
 int32_t qmerge_combine_block_kind(int32_t kind, QM_COMBINE_ARGS) {
     if (k < 1 || k > QM_MAX_ADAPTERS) return -1;
     if (kind == 0) {
@@ -246,6 +239,9 @@ int32_t qmerge_combine_block_kind(int32_t kind, QM_COMBINE_ARGS) {
 #endif
     return -2;
 }
+
+/* the loop of this CPU's kind; returns as above */
+int32_t qmerge_combine_block(QM_COMBINE_ARGS) { return qmerge_combine_block_kind(best_kind(), QM_COMBINE_PASS); }
 
 int64_t qmerge_count_and_gather(const float *x, int64_t n, const float *scale, uint32_t lo, uint32_t hi,
                                 uint32_t *inside, int64_t *above) {
@@ -377,17 +373,8 @@ __attribute__((target("avx2")))
 static int32_t nf4_avx2(QM_NF4_ARGS) { return nf4_merge_body(QM_NF4_PASS); }
 #endif
 
-/* 0: done; 1: a merged value is not finite; -1: a block longer than QM_MAX_BLOCK (the caller takes its other path) */
-int32_t qmerge_nf4_merge(QM_NF4_ARGS) {
-    if (bs < 1 || bs > QM_MAX_BLOCK) return -1;
-#ifdef HAVE_AVX512
-    if (has_avx512()) return nf4_avx512(QM_NF4_PASS);
-    if (__builtin_cpu_supports("avx2")) return nf4_avx2(QM_NF4_PASS);
-#endif
-    return nf4_plain(QM_NF4_PASS);
-}
-
-/* the loop built for one CPU kind (tests): 0 plain, 1 AVX2, 2 AVX-512; -2 where this build or CPU has no such loop */
+/* the loop built for one CPU kind (tests): 0 plain, 1 AVX2, 2 AVX-512; 0: done; 1: a merged value is not finite;
+   -1: a block longer than QM_MAX_BLOCK (the caller takes its other path); -2: this build or CPU has no such loop */
 int32_t qmerge_nf4_merge_kind(int32_t kind, QM_NF4_ARGS) {
     if (bs < 1 || bs > QM_MAX_BLOCK) return -1;
     if (kind == 0) return nf4_plain(QM_NF4_PASS);
@@ -398,6 +385,9 @@ int32_t qmerge_nf4_merge_kind(int32_t kind, QM_NF4_ARGS) {
 #endif
     return -2;
 }
+
+/* the loop of this CPU's kind; returns as above */
+int32_t qmerge_nf4_merge(QM_NF4_ARGS) { return qmerge_nf4_merge_kind(best_kind(), QM_NF4_PASS); }
 #ifdef __cplusplus
 }
 #endif
