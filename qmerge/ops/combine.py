@@ -107,16 +107,17 @@ def _threshold(delta: torch.Tensor, density: float, scale: float | None = None) 
     # no bracket: the whole tensor is "inside"
     above, inside, lengths = bracket or (0, (flat * scale if scale is not None else flat).abs(), None)
     rank = k - above  # the threshold is the rank-th largest magnitude inside the bracket
-    if bracket is not None and inside.device.type == "cpu":  # no NaN inside a bracket (comparisons exclude it):
-        at = inside.numel() - rank                             # numpy's selection, ~10x torch.kthvalue on CPU
-        threshold = float(np.partition(inside.numpy(), at)[at])
-    else:
-        threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
     # every entry equal to the threshold lies inside the bracket: their count is the whole tensor's, and where only
     # some of them are kept, the bracket's blocks (in flat order) say which block holds how many
-    equal = inside == threshold
-    kept, total = rank - int(torch.count_nonzero(inside > threshold)), int(torch.count_nonzero(equal))
-    by_block = tuple(int(torch.count_nonzero(part)) for part in equal.split(lengths)) \
+    if bracket is not None and inside.device.type == "cpu":  # no NaN inside a bracket (comparisons exclude it):
+        at, values = inside.numel() - rank, inside.numpy()     # numpy's selection (~10x torch.kthvalue on CPU)
+        threshold = float(np.partition(values, at)[at])        # and counts (~3x torch's on these sizes)
+        greater, total = int(np.count_nonzero(values > threshold)), int(np.count_nonzero(values == threshold))
+    else:
+        threshold = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
+        greater, total = int(torch.count_nonzero(inside > threshold)), int(torch.count_nonzero(inside == threshold))
+    kept = rank - greater
+    by_block = tuple(int(torch.count_nonzero(part)) for part in (inside == threshold).split(lengths)) \
         if lengths is not None and 0 < kept < total else None
     return TopK(threshold, kept, total, by_block)
 
@@ -157,20 +158,31 @@ def _bracket(flat: torch.Tensor, k: int, scale: float | None = None
 
 def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, scale: float | None = None
                       ) -> tuple[int, torch.Tensor, list[int]]:
-    """`_bracket`'s pass, block by block: how many |x| > hi, the |x| in [lo, hi] (in flat order), and how many of
-    those each BLOCK holds. A numpy array (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py),
-    else numpy's ops, on as many threads as torch uses (both run on one and release the GIL); a tensor (any other
-    device) torch's. The same exact comparisons every way, but on CPU numpy's take half the time of torch's per 2^20
-    entries (boolean indexing 0.95 vs 2.1 ms, counting 0.22 vs 0.48 ms) and the C loop a half to a quarter of
-    numpy's; this pass is most of TIES' cost over a plain sum. `scale` (a numpy `flat` only): the magnitudes of
-    scale·x, each entry scaled as it is read (in the C loop; else a scaled copy of each block, by torch's `mul`)."""
+    """`_bracket`'s pass: how many |x| > hi, the |x| in [lo, hi] (in flat order), and how many of those each BLOCK
+    holds. A numpy array (what `_bracket` passes on CPU) takes qmerge's C loop (ops/native.py), one call per thread
+    over a whole run of blocks, else numpy's ops block by block, on as many threads as torch uses (both run on one
+    and release the GIL); a tensor (any other device) torch's. The same exact comparisons every way, but on CPU
+    numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95 vs 2.1 ms, counting 0.22 vs
+    0.48 ms) and the C loop a half to a quarter of numpy's. One C call per 2^20-entry block, each handed to a
+    thread with a fresh result array, took 20-24 ms per 45M-entry delta where the loop itself reads it in 13-15 ms
+    (the pass is bound by memory bandwidth); a thread's run of blocks in one call does not pay the difference.
+    `scale` (a numpy `flat` only): the magnitudes of scale·x, each entry scaled as it is read (in the C loop; else
+    a scaled copy of each block, by torch's `mul`)."""
     numpy = isinstance(flat, np.ndarray)
+    if numpy and len(flat):
+        blocks = -(-len(flat) // BLOCK)
+        share = -(-blocks // min(torch.get_num_threads(), blocks)) * BLOCK  # whole blocks per thread
+        runs = map_on_threads(lambda start: count_and_gather(flat[start:start + share], lo, hi, scale=scale,
+                                                             block=BLOCK),
+                              range(0, len(flat), share), "qmerge-bracket")
+        if all(run is not None for run in runs):  # else no helper (or not float32): numpy's ops below
+            return (sum(above for above, _, _ in runs),
+                    torch.from_numpy(np.concatenate([part for _, part, _ in runs])),
+                    [n for _, _, lengths in runs for n in lengths])
     count = np.count_nonzero if numpy else torch.count_nonzero
 
     def block(start: int) -> tuple[int, np.ndarray | torch.Tensor]:
         part = flat[start:start + BLOCK]
-        if numpy and (native := count_and_gather(part, lo, hi, scale=scale)) is not None:
-            return native  # one C loop instead of numpy's six passes (ops/native.py)
         if scale is not None:
             part = torch.from_numpy(part).mul(scale).numpy()  # torch's scaling, as `lora_delta` scales
         magnitude = abs(part)

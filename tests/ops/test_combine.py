@@ -190,8 +190,9 @@ def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypa
 
 
 def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
-    """On CPU the bracket's counting pass runs in numpy (faster there); elsewhere in torch. Both count and gather
-    the same entries, in the same order, over blocks that entries equal to either bound straddle."""
+    """On CPU the bracket's counting pass runs in qmerge's C loop (one call per thread over a run of blocks; numpy
+    where the helper is missing); elsewhere in torch. Each counts and gathers the same entries, in the same order,
+    and the same count per block, over blocks that entries equal to either bound straddle."""
     monkeypatch.setattr(combine_module, "BLOCK", 1000)
     g = torch.Generator().manual_seed(3)
     flat = torch.randint(-40, 41, (25_000,), generator=g).float() / 8  # many exact ties, zeros, both signs
@@ -231,11 +232,17 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
                 unfused = combine_module._count_and_gather(part.copy(), lo, hi, scale)  # numpy scales a copy
                 assert unfused[0] == want_above and torch.equal(unfused[1], want_inside)
                 for portable in (False, True):
-                    mine = part.copy()
-                    above, inside = native.count_and_gather(mine, lo, hi, portable=portable, scale=scale)
-                    assert above == want_above and np.array_equal(inside, want_inside.numpy()), (lo, hi, size,
-                                                                                               portable, scale)
-                    assert np.array_equal(mine.view(np.int32), part.view(np.int32)), (size, portable, scale)
+                    for per in (None, 16, 37):  # one call over runs of blocks: each block's count, in order
+                        mine = part.copy()
+                        above, inside, lengths = native.count_and_gather(mine, lo, hi, portable=portable,
+                                                                         scale=scale, block=per)
+                        assert above == want_above and np.array_equal(inside, want_inside.numpy()), (
+                            lo, hi, size, portable, scale, per)
+                        magnitude = np.abs(scaled)
+                        within = (magnitude >= lo) & (magnitude <= hi)
+                        step = per or size
+                        assert lengths == [int(within[i:i + step].sum()) for i in range(0, size, step)], per
+                        assert np.array_equal(mine.view(np.int32), part.view(np.int32)), (size, portable, scale)
     assert native.count_and_gather(block.astype(np.float64), 0.0, 1.0) is None  # float64: numpy's exact path
 
 
