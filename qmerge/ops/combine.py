@@ -164,8 +164,8 @@ def _count_and_gather(flat: torch.Tensor | np.ndarray, lo: float, hi: float, sca
     and release the GIL); a tensor (any other device) torch's. The same exact comparisons every way, but on CPU
     numpy's take half the time of torch's per 2^20 entries (boolean indexing 0.95 vs 2.1 ms, counting 0.22 vs
     0.48 ms) and the C loop a half to a quarter of numpy's. One C call per 2^20-entry block, each handed to a
-    thread with a fresh result array, took 20-24 ms per 45M-entry delta where the loop itself reads it in 13-15 ms
-    (the pass is bound by memory bandwidth); a thread's run of blocks in one call does not pay the difference.
+    thread with a fresh result array, took 20-24 ms per 45M-entry delta where one call per thread took 14-17 ms
+    (10-12 reading ahead, ops/native.py): the pass is bound by memory, and the per-block calls added to it.
     `scale` (a numpy `flat` only): the magnitudes of scale·x, each entry scaled as it is read (in the C loop; else
     a scaled copy of each block, by torch's `mul`)."""
     numpy = isinstance(flat, np.ndarray)

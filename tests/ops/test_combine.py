@@ -189,7 +189,7 @@ def test_threshold_found_while_scaling_equals_scaling_then_thresholding(monkeypa
     assert (16 / 8**0.5, with_c) in calls and (16 / 8**0.5, not with_c) not in calls  # the fused pass scaled
 
 
-def test_bracket_pass_in_numpy_equals_the_torch_pass(monkeypatch):
+def test_bracket_pass_on_cpu_equals_the_torch_pass(monkeypatch):
     """On CPU the bracket's counting pass runs in qmerge's C loop (one call per thread over a run of blocks; numpy
     where the helper is missing); elsewhere in torch. Each counts and gathers the same entries, in the same order,
     and the same count per block, over blocks that entries equal to either bound straddle."""
