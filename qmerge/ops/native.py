@@ -335,63 +335,81 @@ static inline float f16_to_f32(uint16_t h) {  /* fp16_ieee_to_fp32_value */
     return bits_f32(result);
 }
 
-static inline float cast_back(float v, int32_t kind) {
-    if (kind == QM_BF16) return bits_f32((uint32_t)f32_to_bf16(v) << 16);
-    if (kind == QM_F16) return f16_to_f32(f32_to_f16(v));
-    return v;
-}
-
 #define QM_MAX_BLOCK 4096
 
+/* the NF4 code of x = w·recip: code[#(midpoints < x)] */
+static inline float nf4_level(float x, const float *code, const float *mid) {
+    int32_t count = 0;
+    for (int k = 0; k < 15; k++) count += x > mid[k];
+    return code[count];
+}
+
+/* Each step below is its own loop over the block with the weight's and the storage's kinds fixed outside it (a
+   switch inside the loop kept gcc from vectorizing the store loop at all), and the float64 sums go in steps of 8
+   entries, entry j into running sum j % 8 as before: the same additions in the same order, so the same bits. */
 static inline __attribute__((always_inline)) int32_t nf4_merge_body(
         const void *w, int32_t wkind, int64_t n_blocks, int64_t bs, const float *recip, const float *absmax,
         const float *code, const float *mid, const float *ba, float scale, const int32_t *chain, int32_t n_chain,
         void *out, int32_t skind, double *sums) {
-    float v[QM_MAX_BLOCK], merged[QM_MAX_BLOCK];
+    float v[QM_MAX_BLOCK], merged[QM_MAX_BLOCK], stored[QM_MAX_BLOCK];
     double dd[8] = {0}, sd[8] = {0}, bb[8] = {0};  /* eight running sums each, entry j into sum j % 8 */
     for (int64_t b = 0; b < n_blocks; b++) {
         const int64_t at = b * bs;
         const float r = recip[b], am = absmax[b];
-        for (int64_t j = 0; j < bs; j++) {
-            float x;
-            if (wkind == QM_BF16) x = bits_f32((uint32_t)((const uint16_t *)w)[at + j] << 16);
-            else if (wkind == QM_F16) x = f16_to_f32(((const uint16_t *)w)[at + j]);
-            else x = ((const float *)w)[at + j];
-            x = x * r;
-            int32_t count = 0;
-            for (int k = 0; k < 15; k++) count += x > mid[k];
-            v[j] = code[count] * am;
+        if (wkind == QM_BF16) {
+            const uint16_t *wb = (const uint16_t *)w + at;
+            for (int64_t j = 0; j < bs; j++) v[j] = nf4_level(bits_f32((uint32_t)wb[j] << 16) * r, code, mid) * am;
+        } else if (wkind == QM_F16) {
+            const uint16_t *wb = (const uint16_t *)w + at;
+            for (int64_t j = 0; j < bs; j++) v[j] = nf4_level(f16_to_f32(wb[j]) * r, code, mid) * am;
+        } else {
+            const float *wb = (const float *)w + at;
+            for (int64_t j = 0; j < bs; j++) v[j] = nf4_level(wb[j] * r, code, mid) * am;
         }
-        for (int32_t c = 0; c < n_chain; c++)
-            for (int64_t j = 0; j < bs; j++) v[j] = cast_back(v[j], chain[c]);
+        for (int32_t c = 0; c < n_chain; c++) {
+            if (chain[c] == QM_BF16)
+                for (int64_t j = 0; j < bs; j++) v[j] = bits_f32((uint32_t)f32_to_bf16(v[j]) << 16);
+            else if (chain[c] == QM_F16)
+                for (int64_t j = 0; j < bs; j++) v[j] = f16_to_f32(f32_to_f16(v[j]));
+        }
         if (ba == NULL) {  /* the round trip alone: W_nf4 as float32 */
             memcpy((float *)out + at, v, (size_t)bs * sizeof(float));
             continue;
         }
-        int32_t finite = 1;
+        uint32_t bad = 0;
         for (int64_t j = 0; j < bs; j++) {
             const float d = ba[at + j] * scale;
             merged[j] = v[j] + d;
-            finite &= (f32_bits(merged[j]) & 0x7F800000u) != 0x7F800000u;
+            bad |= (f32_bits(merged[j]) & 0x7F800000u) == 0x7F800000u;
         }
-        if (!finite) return 1;
-        for (int64_t j = 0; j < bs; j++) {
-            float s;
-            if (skind == QM_BF16) {
+        if (bad) return 1;
+        if (skind == QM_BF16) {
+            uint16_t *o = (uint16_t *)out + at;
+            for (int64_t j = 0; j < bs; j++) {
                 const uint16_t h = f32_to_bf16(merged[j]);
-                ((uint16_t *)out)[at + j] = h;
-                s = bits_f32((uint32_t)h << 16);
-            } else if (skind == QM_F16) {
-                const uint16_t h = f32_to_f16(merged[j]);
-                ((uint16_t *)out)[at + j] = h;
-                s = f16_to_f32(h);
-            } else {
-                ((float *)out)[at + j] = s = merged[j];
+                o[j] = h;
+                stored[j] = bits_f32((uint32_t)h << 16);
             }
-            const double delta = (double)(merged[j] - v[j]), base = (double)v[j];
-            dd[j & 7] += delta * delta;
-            sd[j & 7] += ((double)s - base) * delta;
-            bb[j & 7] += base * base;
+        } else if (skind == QM_F16) {
+            uint16_t *o = (uint16_t *)out + at;
+            for (int64_t j = 0; j < bs; j++) {
+                const uint16_t h = f32_to_f16(merged[j]);
+                o[j] = h;
+                stored[j] = f16_to_f32(h);
+            }
+        } else {
+            memcpy((float *)out + at, merged, (size_t)bs * sizeof(float));
+            memcpy(stored, merged, (size_t)bs * sizeof(float));
+        }
+        for (int64_t j0 = 0; j0 < bs; j0 += 8) {
+            const int64_t m = bs - j0 < 8 ? bs - j0 : 8;
+            for (int64_t l = 0; l < m; l++) {
+                const int64_t j = j0 + l;
+                const double delta = (double)(merged[j] - v[j]), base = (double)v[j];
+                dd[l] += delta * delta;
+                sd[l] += ((double)stored[j] - base) * delta;
+                bb[l] += base * base;
+            }
         }
     }
     if (sums != NULL) {
