@@ -11,7 +11,9 @@
 - The NF4 merge of one weight (`qmerge_nf4_merge`: ops/merge_kernel.py `nf4_merge`, and the round trip alone for
   ops/nf4.py `nf4_weight`): dequantize, the trained model's casts, + ΔW, the storage cast and the retention sums in
   one read of the weight and of BA, the op-by-op twin's float32 roundings. It replaced an inductor kernel of the
-  same speed whose dynamo start-up cost every merging process 4-8 s.
+  same speed whose dynamo start-up cost every merging process 4-8 s; written as one loop per step with the weight's
+  and storage's kinds fixed outside it, so that the compiler vectorizes each, it takes half that time (an
+  11008x4096 weight on two threads: 211-249 -> 117-133 ms).
 - One block of a multi-adapter combination (`combine_block`: TIES' trim or DARE's drop and rescale, then the
   election and disjoint mean or the weighted sum), the same float32 operations in the same order as ops/combine.py's
   op-by-op twin, so the same bits, each adapter's entries first scaled by its LoRA scale where given (ΔWᵢ =
