@@ -385,6 +385,7 @@ static inline __attribute__((always_inline)) int32_t nf4_merge_body(
             bad |= (f32_bits(merged[j]) & 0x7F800000u) == 0x7F800000u;
         }
         if (bad) return 1;
+        const float *kept = stored;  /* the stored values as float32 */
         if (skind == QM_BF16) {
             uint16_t *o = (uint16_t *)out + at;
             for (int64_t j = 0; j < bs; j++) {
@@ -401,7 +402,7 @@ static inline __attribute__((always_inline)) int32_t nf4_merge_body(
             }
         } else {
             memcpy((float *)out + at, merged, (size_t)bs * sizeof(float));
-            memcpy(stored, merged, (size_t)bs * sizeof(float));
+            kept = merged;
         }
         for (int64_t j0 = 0; j0 < bs; j0 += 8) {
             const int64_t m = bs - j0 < 8 ? bs - j0 : 8;
@@ -409,7 +410,7 @@ static inline __attribute__((always_inline)) int32_t nf4_merge_body(
                 const int64_t j = j0 + l;
                 const double delta = (double)(merged[j] - v[j]), base = (double)v[j];
                 dd[l] += delta * delta;
-                sd[l] += ((double)stored[j] - base) * delta;
+                sd[l] += ((double)kept[j] - base) * delta;
                 bb[l] += base * base;
             }
         }

@@ -231,6 +231,7 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
                 want_above, want_inside, _ = combine_module._count_and_gather(scaled.copy(), lo, hi)
                 unfused = combine_module._count_and_gather(part.copy(), lo, hi, scale)  # numpy scales a copy
                 assert unfused[0] == want_above and torch.equal(unfused[1], want_inside)
+                within = (np.abs(scaled) >= lo) & (np.abs(scaled) <= hi)
                 for portable in (False, True):
                     for per in (None, 16, 37):  # one call over runs of blocks: each block's count, in order
                         mine = part.copy()
@@ -238,8 +239,6 @@ def test_bracket_pass_in_c_equals_numpy_on_every_kind_of_float(monkeypatch):
                                                                          scale=scale, block=per)
                         assert above == want_above and np.array_equal(inside, want_inside.numpy()), (
                             lo, hi, size, portable, scale, per)
-                        magnitude = np.abs(scaled)
-                        within = (magnitude >= lo) & (magnitude <= hi)
                         step = per or size
                         assert lengths == [int(within[i:i + step].sum()) for i in range(0, size, step)], per
                         assert np.array_equal(mine.view(np.int32), part.view(np.int32)), (size, portable, scale)
