@@ -7,7 +7,7 @@ import hashlib
 import importlib.util
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -121,9 +121,11 @@ def memoized_hashes() -> Iterator[None]:
         _memo = outer
 
 
-def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None = None) -> str:
+def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None = None,
+                read: Callable[[int], object] | None = None) -> str:
     """Hex sha256 of a file, read in 8 MiB chunks (hashlib releases the GIL on each: other threads run on);
-    raises `Cancelled` between chunks once `stop` is set."""
+    raises `Cancelled` between chunks once `stop` is set. `read`: called with each chunk's size (a caller's own
+    progress bar over several files; this one's then stays off)."""
     path = Path(path)
     st = path.stat()
     memo = _memo
@@ -133,12 +135,14 @@ def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None
     h = hashlib.sha256()
     size = st.st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                     disable=not progress or size < 64 * 2**20) as bar:
+                                     disable=not progress or read is not None or size < 64 * 2**20) as bar:
         while chunk := f.read(CHUNK):
             if stop is not None and stop.is_set():
                 raise Cancelled(str(path))
             h.update(chunk)
             bar.update(len(chunk))
+            if read is not None:
+                read(len(chunk))
     if memo is not None:
         memo[ident] = h.hexdigest()
     return h.hexdigest()

