@@ -89,7 +89,11 @@ def files_digest(files: list[Path], progress: bool, stop: threading.Event | None
                 raise
 
         futures = [pool.submit(one, f) for f in ordered]
-        errors = [e for e in (future.exception() for future in futures) if e is not None]
+        try:
+            errors = [e for e in (future.exception() for future in futures) if e is not None]
+        except BaseException:  # interrupted while waiting (Ctrl-C): the threads stop at their next chunk
+            halt.set()
+            raise
         if errors:  # the error that stopped the others, not their `Cancelled`
             raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
         digests = [future.result() for future in futures]
