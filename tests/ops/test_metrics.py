@@ -127,3 +127,27 @@ def test_gate_verdicts_from_a_report():
     assert "  reject: mean KL" in printed
     # A failure anywhere outranks an inconclusive check elsewhere.
     assert decide(report(0.88, 0.05, 0.2), gate).verdict == "reject"
+
+
+def test_weight_retention_is_gated_for_every_dense_artifact():
+    """A delta rounded away in the weights rejects every artifact that stores the weights as casts (the merged
+    safetensors, GGUF F32/F16/BF16), not only the first, while quantized artifacts report it without gating it."""
+    from qmerge.config import GateSettings
+    from qmerge.scores import EvalReport
+    from qmerge.stages.gate import decide
+
+    good = {"ppl_ratio": {"value": 1.0, "stderr": 0.001},
+            "retention": {"value": 0.99, "stderr": 0.01, "defined": True, "reason": None},
+            "kl": {"mean": {"value": 0.001, "stderr": 0.0001}}}
+    names = ("merged", "gguf-BF16", "gguf-F16", "gguf-F32", "gguf-Q8_0", "quantized", "compressed-tensors")
+    report = EvalReport.from_json({
+        "protocol": {}, "final": "merged", "into": "nf4", "artifacts": list(names),
+        "weight_retention": {name: {"aggregate": 0.0865, "vanished": ["model.layers.0.mlp.up_proj"]} for name in names},
+        "eval": {"tokens": {"windows": 24}, "ppl": {}, "nll": {}, "per_window": {},
+                 "candidates": {name: good for name in names}}})
+    gate = GateSettings(eval="x")
+    for name in names:
+        verdict = decide(report, gate, candidate=name)
+        gated = "weight_retention" in [c.name for c in verdict.checks]
+        assert gated == (name in ("merged", "gguf-BF16", "gguf-F16", "gguf-F32")), name
+        assert verdict.verdict == ("reject" if gated else "pass"), (name, verdict.reasons)
