@@ -93,7 +93,9 @@ def _register_slice(cfg: Config) -> dict:
 
 
 def _export_slice(cfg: Config) -> dict:
-    return {"formats": list(cfg.exports)}
+    # A GGUF file holds the config's name (general.name): a renamed build writes other bytes
+    gguf = any(artifact.startswith("gguf-") for artifact in cfg.exports)
+    return {"formats": list(cfg.exports)} | ({"name": cfg.name} if gguf else {})
 
 
 def _exporting(cfg: Config) -> bool:

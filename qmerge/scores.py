@@ -57,7 +57,9 @@ class EvalReport:
     # task -> its own eval text, against the NF4 base + that adapter alone (a multi-adapter release)
     tasks: dict[str, TextScores] = field(default_factory=dict)
     combination: dict | None = None  # merge.method and its parameters when not "linear"
-    shipped: tuple[str, ...] = ()  # the candidates the release ships (output.formats), `final` first
+    # the candidates the release would ship (output.formats order); `final`: the first of them in evaluate's report,
+    # the first that passed in the gate's (the first where none did)
+    shipped: tuple[str, ...] = ()
 
     @property
     def artifacts(self) -> tuple[str, ...]:

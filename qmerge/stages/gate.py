@@ -204,12 +204,15 @@ def run_gate(ctx: StageContext) -> dict:
     parsed = EvalReport.from_json(report)
     required = tuple(a.task for a in ctx.cfg.tasks if a.required)
     verdicts = {artifact: decide(parsed, ctx.cfg.gate, required, artifact) for artifact in parsed.artifacts}
-    primary = verdicts[parsed.artifacts[0]]
+    # The release's final artifact (its card's figures, report.json's top level, the registry's metrics): the first
+    # one in output.formats order that passed, so that a rejected artifact left out of the release is not the one
+    # the release describes; the first one where none passed
+    primary = next((v for v in verdicts.values() if v.passed), verdicts[parsed.artifacts[0]])
     verdict = overall(verdicts)
     sizes = ctx.results.get("evaluate", {}).get("bytes", {})
     artifacts = {a: {"verdict": v.verdict, "bytes": sizes.get(a), "reasons": list(v.reasons)}
                  for a, v in verdicts.items()}
-    payload = {**report, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
+    payload = {**report, "final": primary.candidate, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
                                   "required_tasks": list(required), **asdict(primary), "verdict": verdict,
                                   "passed": primary.passed,
                                   "artifacts": {a: asdict(v) | {"verdict": v.verdict, "bytes": sizes.get(a)}

@@ -54,10 +54,6 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def final_artifact(ctx: StageContext) -> Path:
-    return artifact_folder(ctx, ctx.cfg.artifacts[0])
-
-
 def artifact_folder(ctx: StageContext, artifact: str) -> Path:
     """The finished stage folder holding `artifact` (the bytes evaluate read back and the gate decided on)."""
     if artifact == "merged":

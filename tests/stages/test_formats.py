@@ -79,6 +79,29 @@ def test_every_format_is_gated_on_its_written_bytes_and_ships_only_if_it_passed(
     names = {m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
     assert "kl_divergence (gguf-Q8_0)" in names and "kl_divergence (gguf-Q4_0)" not in names
 
+    # Renamed, nothing else changed: a GGUF file holds the name (general.name), so the export runs again and the
+    # release's files carry the new one
+    from qmerge.io.gguf_reader import open_gguf
+
+    cfg.write_text(cfg.read_text().replace('name = "tiny"', 'name = "renamed"'))
+    assert run_cli(cfg) == 3
+    release = (tmp_path / "open" / "releases" / "renamed" / "latest").resolve()
+    assert open_gguf(release / "gguf-Q8_0" / "model.gguf").fields["general.name"].contents() == "renamed"
+    assert len(list((tmp_path / "open" / "work" / "export").glob("*/done.json"))) == 2
+
+    # The rejected Q4_0 listed first: the release's final artifact (its card, report.json's top level, the
+    # manifest) is the first listed that passed, not the one left out
+    text = cfg.read_text().replace(json.dumps(formats), json.dumps(["gguf-q4_0", "safetensors", "gguf-q8_0"]))
+    cfg.write_text(text)
+    assert run_cli(cfg) == 3
+    report = _gate_report(tmp_path / "open")
+    assert report["final"] == "merged" and report["gate"]["candidate"] == "merged" and report["gate"]["passed"]
+    assert report["gate"]["verdict"] == "partial" and report["gate"]["artifacts"]["gguf-Q4_0"]["verdict"] != "pass"
+    release = (tmp_path / "open" / "releases" / "renamed" / "latest").resolve()
+    assert json.loads((release / "manifest.json").read_text())["final"] == "merged"
+    card = (release / "README.md").read_text()
+    assert "final artifact: merged." in card and "final artifact: gguf-Q4_0" not in card
+
 
 @pytest.mark.parametrize("formats,quantize,message", [
     (["compressed-tensors"], "", "needs a [quantize] section"),
