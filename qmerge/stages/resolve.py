@@ -169,11 +169,19 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
                                 fix="remove [quantize]")
         check_group_size({n: base.tensors[n][1] for n in names}, names, cfg.quantize.group_size, cfg.quantize.bits,
                          cfg.source)
-    for artifact in cfg.exports:  # a GGUF type or architecture llama.cpp cannot take fails before the merge
-        if artifact.startswith("gguf-"):
-            from qmerge.io.gguf_writer import validate_gguf_target
+    gguf = [artifact[5:] for artifact in cfg.exports if artifact.startswith("gguf-")]
+    if gguf:  # a GGUF type, architecture or tokenizer the writer cannot take fails before the merge
+        from qmerge.io.gguf_writer import gguf_vocab, validate_gguf_target
 
-            validate_gguf_target(base.hf_config, artifact[5:])
+        for qtype in gguf:
+            validate_gguf_target(base.hf_config, qtype)
+        # the tokenizer the merged checkpoint will hold (merging.write_model_files: the first adapter's that ships
+        # one, else the base's), checked as the export will check it; its vocabulary's size against the model's
+        # is checked there (an adapter may resize the embeddings)
+        source = next((Path(a["path"]) for a in adapters if (Path(a["path"]) / "tokenizer_config.json").is_file()),
+                      folder)
+        if source != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
+            gguf_vocab(source, {**base.hf_config, "vocab_size": None})
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')

@@ -117,6 +117,26 @@ def test_impossible_combinations_are_exit_2_before_anything_runs(tmp_path, smol,
     assert not (tmp_path / "work" / "merge").exists()
 
 
+def test_a_tokenizer_the_gguf_writer_cannot_take_is_exit_2_before_the_merge(tmp_path, smol, capsys):
+    """A character-level (WordLevel) tokenizer: GGUF output writes byte-level BPE vocabularies only. resolve checks
+    the tokenizer the merged checkpoint will hold, as the export would, before anything runs."""
+    import shutil
+
+    from tests.conftest import save_char_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(smol["base"], base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    save_char_tokenizer(base)
+    cfg = _config(tmp_path / "run", {**smol, "base": base}, ["safetensors", "gguf-q8_0"])
+    assert run_cli(cfg) == 2
+    err = capsys.readouterr().err
+    assert "byte-level BPE tokenizers only" in err and str(base / "tokenizer.json") in err
+    assert not (tmp_path / "run" / "work" / "merge").exists()
+    assert run_cli(_config(tmp_path / "plain", {**smol, "base": base}, ["safetensors"]), "--dry-run") == 0
+
+
 def test_act_order_with_static_groups_can_ship_compressed_tensors(tmp_path, smol):
     from qmerge.config import load_config
 
