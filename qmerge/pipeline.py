@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qmerge.config import Config
-from qmerge.dag import Stage
+from qmerge.dag import Stage, package_versions
 
 
 def text_digest(cfg: Config, value: str, what: str) -> dict:
@@ -92,10 +92,16 @@ def _register_slice(cfg: Config) -> dict:
     return {"uri": cfg.registry_uri, "registered_model": cfg.registered_model, "alias": cfg.output.alias}
 
 
+EXPORT_WRITERS = ("gguf", "compressed-tensors")  # the packages whose code makes the export's bytes
+
+
 def _export_slice(cfg: Config) -> dict:
-    # A GGUF file holds the config's name (general.name): a renamed build writes other bytes
+    # A GGUF file holds the config's name (general.name): a renamed build writes other bytes. The writers' versions
+    # too (the stage keys' packages are qmerge's own and the model stack's): an upgraded `gguf` re-exports, so the
+    # release's provenance names the versions that wrote its files
     gguf = any(artifact.startswith("gguf-") for artifact in cfg.exports)
-    return {"formats": list(cfg.exports)} | ({"name": cfg.name} if gguf else {})
+    return {"formats": list(cfg.exports), "writers": package_versions(EXPORT_WRITERS)} | \
+        ({"name": cfg.name} if gguf else {})
 
 
 def _exporting(cfg: Config) -> bool:

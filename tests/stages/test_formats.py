@@ -143,3 +143,21 @@ def test_act_order_with_static_groups_can_ship_compressed_tensors(tmp_path, smol
     quantize = "[quantize]\ncalibration = \"x.toml\"\ndesc_act = true\ngroup_size = 32\nstatic_groups = true"
     cfg = load_config(_config(tmp_path, smol, ["compressed-tensors"], quantize=quantize))
     assert cfg.quantize.desc_act and cfg.quantize.static_groups
+
+
+def test_the_export_key_follows_the_name_in_a_gguf_and_the_writers_versions(monkeypatch):
+    """The export stage's config slice: the config's name where a GGUF (whose general.name holds it) is written,
+    and the versions of the packages that write the files (an upgraded `gguf` exports again)."""
+    from types import SimpleNamespace
+
+    from qmerge import pipeline
+
+    def key(exports, name="a"):
+        return pipeline._export_slice(SimpleNamespace(exports=exports, name=name))
+
+    assert key(("gguf-Q8_0",), "a") != key(("gguf-Q8_0",), "b")
+    assert key(("compressed-tensors",), "a") == key(("compressed-tensors",), "b")
+    before = key(("gguf-Q8_0",))
+    monkeypatch.setattr(pipeline, "package_versions",
+                        lambda names: {n: "9.9" for n in names})
+    assert key(("gguf-Q8_0",)) != before
