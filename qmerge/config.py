@@ -43,7 +43,7 @@ class BaseSettings(Strict):
 
 class AdapterSettings(Strict):
     path: str
-    weight: float = 1.0
+    weight: float = Field(default=1.0, allow_inf_nan=False)
     sha256: str | None = None
     # A task of a multi-adapter release: its own eval text, scored against the NF4 base + this adapter alone.
     name: str | None = None  # the task's name in the report (default: the adapter folder's name)
@@ -249,6 +249,10 @@ class Config(Strict):
             raise ValueError(f"adapters with an eval text need distinct names (got {tasks}); set adapters.name")
         if self.gate is not None and self.gate.eval is None and not tasks:
             raise ValueError("gate needs an eval text: set gate.eval, or adapters.eval for each task")
+        if self.gate is not None and self.gate.eval is None and not any(a.required for a in self.adapters if a.eval):
+            raise ValueError("gate has no eval text to decide on: every task is required = false and gate.eval is "
+                             "not set (the tasks would be reported, nothing checked); set gate.eval, or make a task "
+                             "required")
         if self.merge.method != "linear" and any(a.weight < 0 for a in self.adapters):
             raise ValueError(f'merge.method = "{self.merge.method}" needs non-negative adapter weights '
                              '(negation is defined for "linear" only)')

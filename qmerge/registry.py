@@ -47,18 +47,22 @@ class Outcome:
 def gate_metrics(report: dict) -> dict[str, float]:
     """The gate report's figures as flat MLflow metrics (None and non-finite values left out)."""
     ev = EvalReport.from_json(report)
-    cand = ev.final_scores
-    out = {f"ppl.{name}": est.value for name, est in ev.eval.ppl.items()}
-    out["ppl_ratio"] = cand.ppl_ratio.value
-    if cand.retention.defined:
-        out["delta_retention"] = cand.retention.value
-    for k in ("mean", "top1_agreement", "mean_dp_correct"):
-        if k in cand.kl:
-            out[f"kl.{k}"] = cand.kl[k].value
+    out = {}
+    # the gate's eval text unprefixed; each task's own text (a multi-adapter release) as task.<name>.<metric>
+    sections = ([("", ev.eval)] if ev.eval is not None else []) + [(f"task.{t}.", sec) for t, sec in ev.tasks.items()]
+    for prefix, section in sections:
+        cand = section.candidates[ev.final]
+        out |= {f"{prefix}ppl.{name}": est.value for name, est in section.ppl.items()}
+        out[f"{prefix}ppl_ratio"] = cand.ppl_ratio.value
+        if cand.retention.defined:
+            out[f"{prefix}delta_retention"] = cand.retention.value
+        for k in ("mean", "top1_agreement", "mean_dp_correct"):
+            if k in cand.kl:
+                out[f"{prefix}kl.{k}"] = cand.kl[k].value
+        out[f"{prefix}eval_windows"] = float(section.windows)
     weights = ev.weight_retention.get(ev.final) or {}
     if weights.get("aggregate") is not None:
         out["weight_retention"] = weights["aggregate"]
-    out["eval_windows"] = float(ev.eval.windows)
     return {k: float(v) for k, v in out.items() if v is not None and abs(float(v)) != float("inf") and v == v}
 
 
@@ -71,7 +75,10 @@ def outcome_tags(name: str, verdict: str, reasons: tuple[str, ...], keys: dict[s
     tags["qmerge.sha256.base"] = plan["base"]["sha256"]
     for i, adapter in enumerate(plan["adapters"]):
         tags[f"qmerge.sha256.adapter.{i}"] = adapter["sha256"]
-    tags["qmerge.sha256.eval_token_ids"] = report["eval"]["tokens"]["sha256"]
+    if report.get("eval") is not None:
+        tags["qmerge.sha256.eval_token_ids"] = report["eval"]["tokens"]["sha256"]
+    for task, section in report.get("tasks", {}).items():
+        tags[f"qmerge.sha256.task_token_ids.{task}"] = section["tokens"]["sha256"]
     if calibration_sha256:
         tags["qmerge.sha256.calibration_token_ids"] = calibration_sha256
     return tags

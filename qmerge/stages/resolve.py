@@ -214,9 +214,10 @@ def _hashed_base(folder: Path, recipe: NF4Recipe, skip, progress: bool) -> tuple
 
 
 def _check_combination(cfg: Config, adapters: list[dict]) -> None:
-    if any(a["dora"] for a in adapters) and (len(adapters) > 1 or adapters[0]["weight"] != 1.0):
-        raise UnsupportedAdapterError("DoRA is not additive: it cannot be combined with other adapters or a "
-                                      "weight other than 1.0", path=cfg.source)
+    dora = [a["path"] for a in adapters if a["dora"]]
+    if dora and (len(adapters) > 1 or adapters[0]["weight"] != 1.0):
+        raise UnsupportedAdapterError(f"adapter {dora[0]} is DoRA, which is not additive: it cannot be combined "
+                                      "with other adapters or a weight other than 1.0", path=cfg.source)
     seen: dict[str, str] = {}
     for a in adapters:
         for t in a["replaced_tensors"]:

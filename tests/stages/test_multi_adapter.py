@@ -165,7 +165,8 @@ def test_refused_combinations(tmp_path, tiny_llama, three, capsys):
     dora = make_adapter(tiny_llama, tmp_path / "dora", use_dora=True)
     cfg = write_config(tmp_path / "d", tiny_llama, [(three[0], 1.0), (dora, 1.0)])
     assert run_cli(cfg) == 2
-    assert "DoRA" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "DoRA" in err and str(dora) in err  # names the adapter
     saved = make_adapter(tiny_llama, tmp_path / "saved", modules_to_save=["lm_head"])
     cfg = write_config(tmp_path / "s", tiny_llama, [(three[0], 1.0), (saved, 1.0)], merge={"method": "ties",
                                                                                            "density": 0.5})
@@ -175,6 +176,13 @@ def test_refused_combinations(tmp_path, tiny_llama, three, capsys):
     cfg = write_config(tmp_path / "n", tiny_llama, [(three[0], 1.0), (three[1], -1.0)], merge={"method": "ties"})
     assert run_cli(cfg) == 2
     assert "non-negative" in capsys.readouterr().err
+    for weight in ("nan", "inf", "-inf"):  # a weight that is not a number would write non-finite weights
+        (tmp_path / weight).mkdir()
+        cfg = write_config(tmp_path / weight, tiny_llama, [(three[0], 1.0), (three[1], weight)])
+        assert run_cli(cfg) == 2
+        err = capsys.readouterr().err
+        assert "weight" in err and str(cfg) in err and "finite" in err
+        assert not (tmp_path / weight / "work" / "merge").exists()
 
 
 # --- the per-task gate ------------------------------------------------------------------------------------------
@@ -226,3 +234,33 @@ def test_a_task_not_required_is_reported_not_gated(tmp_path, gated):
     assert any(n.startswith("not required: task strong:") and n.endswith("fail") for n in report["gate"]["notes"])
     manifest = json.loads((tmp_path / "rel" / "tasks" / "latest" / "manifest.json").read_text())
     assert set(manifest["tasks"]) == {"strong", "faint"}
+
+
+def test_a_gate_with_no_required_task_and_no_eval_text_is_exit_2(tmp_path, gated, capsys):
+    """Every task reported only and no gate.eval: nothing on eval text would decide (the merge's own weight-space
+    retention is exact by construction), so the config is refused before anything runs."""
+    cfg = _tasks_config(tmp_path, gated, 1.0, strong_required=False)
+    text = cfg.read_text().replace('name = "faint"', 'name = "faint"\nrequired = false')
+    cfg.write_text(text)
+    assert run_cli(cfg) == 2
+    err = capsys.readouterr().err
+    assert "every task is required = false" in err and str(cfg) in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_release_gated_on_its_tasks_alone_is_registered_with_each_tasks_figures(tmp_path, gated):
+    """No gate.eval, every figure on the tasks' own texts: the registry records the run with each task's figures
+    (task.<name>.<metric>) and its token ids' sha256."""
+    from mlflow import MlflowClient
+
+    cfg = _tasks_config(tmp_path, gated, 1.0)
+    cfg.write_text(cfg.read_text().replace("[output]\n", '[output]\nregistry = "mlflow"\n'))
+    assert run_cli(cfg) in (0, 3)
+    uri = f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("qmerge/tasks").experiment_id])
+    report = _report(tmp_path)
+    strong = report["tasks"]["strong"]["candidates"]["merged"]
+    assert run.data.metrics["task.strong.kl.mean"] == pytest.approx(strong["kl"]["mean"]["value"])
+    assert {"task.faint.ppl_ratio", "task.strong.eval_windows", "weight_retention"} <= set(run.data.metrics)
+    assert run.data.tags["qmerge.sha256.task_token_ids.faint"] == report["tasks"]["faint"]["tokens"]["sha256"]
