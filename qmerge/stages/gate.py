@@ -212,11 +212,12 @@ def run_gate(ctx: StageContext) -> dict:
     sizes = ctx.results.get("evaluate", {}).get("bytes", {})
     artifacts = {a: {"verdict": v.verdict, "bytes": sizes.get(a), "reasons": list(v.reasons)}
                  for a, v in verdicts.items()}
-    payload = {**report, "final": primary.candidate, "gate": {"thresholds": ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"}),
-                                  "required_tasks": list(required), **asdict(primary), "verdict": verdict,
-                                  "passed": primary.passed,
-                                  "artifacts": {a: asdict(v) | {"verdict": v.verdict, "bytes": sizes.get(a)}
-                                                for a, v in verdicts.items()}}}
+    thresholds = ctx.cfg.gate.model_dump(include={*DEFAULT_GATE, "confidence"})
+    payload = {**report, "final": primary.candidate,
+               "gate": {"thresholds": thresholds, "required_tasks": list(required), **asdict(primary),
+                        "verdict": verdict, "passed": primary.passed,
+                        "artifacts": {a: asdict(v) | {"verdict": v.verdict, "bytes": sizes.get(a)}
+                                      for a, v in verdicts.items()}}}
     write_json(ctx.out / "report.json", payload)
     for v in verdicts.values():
         print(format_verdict(v), file=sys.stdout, flush=True)
