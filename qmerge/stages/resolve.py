@@ -218,6 +218,10 @@ def _check_combination(cfg: Config, adapters: list[dict]) -> None:
     if dora and (len(adapters) > 1 or adapters[0]["weight"] != 1.0):
         raise UnsupportedAdapterError(f"adapter {dora[0]} is DoRA, which is not additive: it cannot be combined "
                                       "with other adapters or a weight other than 1.0", path=cfg.source)
+    if dora and cfg.merge.method != "linear":
+        raise UnsupportedAdapterError(f'adapter {dora[0]} is DoRA: merge.method = "{cfg.merge.method}" would prune '
+                                      "its ΔW under a magnitude trained against the whole ΔW (no exact meaning)",
+                                      path=cfg.source, fix='use merge.method = "linear"')
     seen: dict[str, str] = {}
     for a in adapters:
         for t in a["replaced_tensors"]:

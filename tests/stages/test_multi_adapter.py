@@ -167,6 +167,11 @@ def test_refused_combinations(tmp_path, tiny_llama, three, capsys):
     assert run_cli(cfg) == 2
     err = capsys.readouterr().err
     assert "DoRA" in err and str(dora) in err  # names the adapter
+    (tmp_path / "dp").mkdir()
+    cfg = write_config(tmp_path / "dp", tiny_llama, [(dora, 1.0)], merge={"method": "ties", "density": 0.5})
+    assert run_cli(cfg) == 2  # one DoRA adapter, pruned: no exact meaning either
+    err = capsys.readouterr().err
+    assert "DoRA" in err and str(dora) in err and "prune" in err
     saved = make_adapter(tiny_llama, tmp_path / "saved", modules_to_save=["lm_head"])
     cfg = write_config(tmp_path / "s", tiny_llama, [(three[0], 1.0), (saved, 1.0)], merge={"method": "ties",
                                                                                            "density": 0.5})
