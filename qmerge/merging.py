@@ -310,6 +310,8 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
                 stored = merged.to(storage) if merged.is_floating_point() else merged
                 metrics = delta_metrics(stored, merged, w_base) if w_base is not None and \
                     w_base.shape == merged.shape else None
+            if metrics is not None and not all(math.isfinite(v) for v in metrics):  # ‖ΔW‖² or its sums: inf/NaN
+                _not_finite(inputs, name)
             if metrics is not None:
                 layers[name] = {"retention": metrics[0], "relative_delta_norm": metrics[1], "delta_sq": metrics[2]}
             writer.add(name, stored.contiguous())
@@ -317,6 +319,16 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
     combination = {} if inputs.combination == LINEAR else {"combination": asdict(inputs.combination)}
     return {"into": inputs.into, "dtype": dtype, "tensors": len(names), "changed_tensors": len(layers),
             "untied": sorted(untied(inputs)), **combination, "layers": layers}
+
+
+def _not_finite(inputs: MergeInputs, name: str) -> None:
+    """A merged weight that is not finite, from finite factors (`_checked` refuses others): their product, scaled
+    and weighted, overflows float32. Nothing exact can be stored: exit 2 naming the tensor and the adapters."""
+    module = name.rsplit(".", 1)[0]
+    paths = [str(a.path) for a, _ in inputs.adapters if module in a.modules] or [str(inputs.base.folder)]
+    raise BadInputError(f"merging {name} gives values that are not finite: ΔW = scale·B@A (weighted, with the base "
+                        "weight) overflows float32 although every factor is finite", path=", ".join(paths),
+                        fix="check the adapter's factors and its scale (lora_alpha / r) for values out of range")
 
 
 def embedding_rows(inputs: MergeInputs) -> int | None:

@@ -86,6 +86,20 @@ def test_nan_in_adapter(tmp_path, tiny_llama, adapter, capsys):
     assert_exit_2(cfg, capsys, "adapter_model.safetensors", "NaN or Inf")
 
 
+def test_finite_factors_whose_product_overflows(tmp_path, tiny_llama, adapter, capsys):
+    """Every factor finite, their product out of float32's range: the merged weight cannot be stored, exit 2 naming
+    the tensor and the adapter (it wrote inf and NaN weights)."""
+    prefix = "base_model.model.model.layers.1.mlp.down_proj"
+
+    def overflow(t):
+        t[f"{prefix}.lora_A.weight"][:, 0] = 3e38
+        t[f"{prefix}.lora_B.weight"].fill_(1.0)
+
+    _rewrite_adapter(adapter, overflow)
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, str(adapter), "model.layers.1.mlp.down_proj.weight", "not finite")
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("peft_type", "IA3", "peft_type 'IA3' is not supported"),
     ("use_qalora", True, "use_qalora"),
