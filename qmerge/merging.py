@@ -323,12 +323,14 @@ def run_merge(inputs: MergeInputs, out_dir: Path, dtype: str, max_shard_size: in
 
 def _not_finite(inputs: MergeInputs, name: str) -> None:
     """A merged weight that is not finite, from finite factors (`_checked` refuses others): their product, scaled
-    and weighted, overflows float32. Nothing exact can be stored: exit 2 naming the tensor and the adapters."""
+    and weighted, overflows float32, or the merged value overflows the storage dtype (float16's ±65504). Nothing
+    exact can be stored: exit 2 naming the tensor and the adapters."""
     module = name.rsplit(".", 1)[0]
     paths = [str(a.path) for a, _ in inputs.adapters if module in a.modules] or [str(inputs.base.folder)]
-    raise BadInputError(f"merging {name} gives values that are not finite: ΔW = scale·B@A (weighted, with the base "
-                        "weight) overflows float32 although every factor is finite", path=", ".join(paths),
-                        fix="check the adapter's factors and its scale (lora_alpha / r) for values out of range")
+    raise BadInputError(f"merging {name} gives values that are not finite: W + ΔW (ΔW = scale·B@A, weighted) "
+                        "overflows float32 or merge.dtype although every factor is finite", path=", ".join(paths),
+                        fix="check the adapter's factors and its scale (lora_alpha / r) for values out of range, "
+                            "or store in a dtype with a wider range")
 
 
 def embedding_rows(inputs: MergeInputs) -> int | None:
