@@ -546,9 +546,20 @@ def vocab_fields(tokenizer, vocab_size: int) -> tuple[list[str], list[int], str]
             continue
         if not decoder[i].normalized:
             token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-        special = decoder[i].special or (token.startswith("<|") and token.endswith("|>"))
-        tokens[i], types[i] = token, int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        if decoder[i].special or looks_special(token):
+            tokens[i], types[i] = token, int(gguf.TokenType.CONTROL)
+        else:  # llama.cpp pre-normalizes a user-defined token's spaces (added for Gemma)
+            tokens[i], types[i] = token.replace("\u2581", " "), int(gguf.TokenType.USER_DEFINED)
     return tokens, types, chkhsh
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's `does_token_look_special` (convert_hf_to_gguf.py): added tokens that some models leave
+    non-special but that are control tokens (deepseek-coder's <pad> and <｜…｜>, gemma's <mask>, <2mass>, [@BOS@] and
+    <unused…>, every <|…|>)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 # What gguf's SpecialVocab reads besides tokenizer.json (gguf as pinned), and the keys of tokenizer.json it reads

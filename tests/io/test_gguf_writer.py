@@ -688,3 +688,27 @@ def test_nan_check_finds_a_nan_behind_a_finite_or_overflowing_sum() -> None:
         t = torch.randn(1000)
         t[position] = float("nan")
         assert _has_nan(t)
+
+
+def test_added_tokens_get_llama_cpp_s_token_types(tiny, tmp_path) -> None:
+    """An added token that is special, or that llama.cpp's converter takes for a control token though it is not
+    marked special (<pad>, <｜…｜>, <unused…>, <|…|>), is CONTROL; any other added token is USER_DEFINED, its U+2581
+    written as a space, as llama.cpp's converter writes it."""
+    import gguf
+    from transformers import AddedToken, AutoTokenizer
+
+    import qmerge.io.gguf_writer as gw
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    plain = {"<pad>": True, "<\uff5cfim\uff5c>": True, "<unused7>": True, "<|tool|>": True, "a\u2581b": False,
+             "<mine>": False}
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    tok.add_tokens([AddedToken("<really>", special=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tokens, types, _ = gw.vocab_fields(tok, len(tok))
+    by_id = {t: tok.convert_tokens_to_ids(t) for t in [*plain, "<really>"]}
+    for token, control in [*plain.items(), ("<really>", True)]:
+        want = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
+        assert types[by_id[token]] == want, token
+    assert tokens[by_id["a\u2581b"]] == "a b" and tokens[by_id["<pad>"]] == "<pad>"
