@@ -216,8 +216,8 @@ def _hashed_base(folder: Path, recipe: NF4Recipe, skip, progress: bool) -> tuple
 def _check_combination(cfg: Config, adapters: list[dict]) -> None:
     dora = [a["path"] for a in adapters if a["dora"]]
     if dora and (len(adapters) > 1 or adapters[0]["weight"] != 1.0):
-        raise UnsupportedAdapterError(f"adapter {dora[0]} is DoRA, which is not additive: it cannot be combined "
-                                      "with other adapters or a weight other than 1.0", path=cfg.source)
+        raise UnsupportedAdapterError(f"DoRA is not additive: adapter {dora[0]} (DoRA) cannot be combined with "
+                                      "other adapters or a weight other than 1.0", path=cfg.source)
     if dora and cfg.merge.method != "linear":
         raise UnsupportedAdapterError(f'adapter {dora[0]} is DoRA: merge.method = "{cfg.merge.method}" would prune '
                                       "its ΔW under a magnitude trained against the whole ΔW (no exact meaning)",

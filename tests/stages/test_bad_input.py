@@ -180,7 +180,7 @@ def test_dora_with_two_adapters(tmp_path, tiny_llama, capsys):
     a1 = make_adapter(tiny_llama, tmp_path / "a1", use_dora=True)
     a2 = make_adapter(tiny_llama, tmp_path / "a2")
     cfg = write_config(tmp_path, tiny_llama, [(a1, 1.0), (a2, 1.0)])
-    assert_exit_2(cfg, capsys, "DoRA is not additive")
+    assert_exit_2(cfg, capsys, "DoRA is not additive", str(a1))
 
 
 def test_lora_bias_on_layer_without_bias(tmp_path, tiny_llama, capsys):
