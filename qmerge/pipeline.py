@@ -46,8 +46,12 @@ def _calibrate_slice(cfg: Config) -> dict:
 
 
 def _evaluate_slice(cfg: Config) -> dict:
+    # The artifacts the release would ship (output.formats): evaluate scores each of them and names them in its
+    # report; a list it was not run for must not be read from its cache (left out at the default, keeping the keys
+    # configs without output.formats always had)
+    shipped = {"artifacts": list(cfg.artifacts)} if cfg.output.formats is not None else {}
     return {**cfg.gate.model_dump(exclude={"max_ppl_increase", "min_delta_retention", "max_kl", "confidence"}),
-            "texts": _eval_texts(cfg)}
+            "texts": _eval_texts(cfg)} | shipped
 
 
 def _gate_slice(cfg: Config) -> dict | None:

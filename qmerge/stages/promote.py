@@ -75,13 +75,16 @@ def _place(src: Path, dst: Path) -> bool:
     Safe because a finished stage artifact is immutable: qmerge never writes into a file after its stage
     published it (a rerun with --force builds a new directory and renames it over the old one, which leaves the
     linked inodes alone). The release's bytes are therefore exactly what the gate scored, without a second copy."""
+    if dst.exists() or dst.is_symlink():  # never onto a name already placed: it may be another release's inode
+        raise FileExistsError(f"{dst}: two artifacts of one release place the same file")
     if src.stat().st_dev == dst.parent.stat().st_dev:
         try:
             os.link(src, dst)
             return True
         except OSError:  # a filesystem without hardlinks, or a link limit: copy instead
             pass
-    shutil.copyfile(src, dst)
+    with open(src, "rb") as fin, open(dst, "xb") as fout:  # "x": a new file, never one that appeared meanwhile
+        shutil.copyfileobj(fin, fout, 16 * 2**20)
     return False
 
 

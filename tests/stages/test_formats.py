@@ -161,3 +161,32 @@ def test_the_export_key_follows_the_name_in_a_gguf_and_the_writers_versions(monk
     monkeypatch.setattr(pipeline, "package_versions",
                         lambda names: {n: "9.9" for n in names})
     assert key(("gguf-Q8_0",)) != before
+
+
+def test_the_evaluate_key_follows_the_artifacts_it_scores(tmp_path, smol):
+    """Evaluate scores the artifacts output.formats lists and names them in its report: another list is another
+    evaluate (with [quantize] and no export stage, nothing upstream of it changes). A cached evaluate of
+    ["gptq"] gated for ["safetensors", "gptq"] shipped one artifact, and the reverse placed two into one folder."""
+    from qmerge import pipeline
+    from qmerge.config import load_config
+
+    quantize = '[quantize]\ncalibration = "x.toml"'
+    keys = {tuple(f): pipeline._evaluate_slice(load_config(_config(tmp_path / "-".join(f), smol, f, quantize=quantize)))
+            for f in (["gptq"], ["safetensors", "gptq"], ["gptq", "safetensors"])}
+    assert len({json.dumps(k, sort_keys=True, default=str) for k in keys.values()}) == 3
+
+
+def test_a_release_file_is_never_placed_onto_an_existing_name(tmp_path):
+    """`_place` hardlinks or copies a gated file into a release; a name that exists already (another artifact's
+    file, or a hardlink to an earlier release's inode) is an error, never overwritten."""
+    from qmerge.stages.promote import _place
+
+    src, dst = tmp_path / "src.bin", tmp_path / "rel" / "model.bin"
+    dst.parent.mkdir()
+    src.write_bytes(b"new")
+    dst.write_bytes(b"published")
+    with pytest.raises(FileExistsError, match="same file"):
+        _place(src, dst)
+    assert dst.read_bytes() == b"published"
+    other = tmp_path / "rel" / "fresh.bin"
+    assert _place(src, other) and other.read_bytes() == b"new"  # same filesystem: a hardlink
