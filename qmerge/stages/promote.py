@@ -21,7 +21,7 @@ from pathlib import Path
 from qmerge import __version__
 from qmerge.dag import StageContext, package_versions
 from qmerge.errors import BadInputError
-from qmerge.io.atomic import atomic_dir, file_lock, swap_symlink, write_json
+from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, swap_symlink, write_json
 from qmerge.io.safetensors_io import TEST_THROTTLE
 from qmerge.io.compensation import FOLDER, compensation_folder
 from qmerge.io.sources import artifact_bytes, artifact_files
@@ -257,6 +257,7 @@ def run_promote(ctx: StageContext) -> dict:
     root = ctx.cfg.output_path(ctx.cfg.output.dir) / ctx.cfg.name
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / ".lock"):
+        clean_stale_temps(root)  # a killed promotion's half-written release (the lock says none is running)
         latest = root / "latest"
         unchanged = unchanged_release(ctx)
         if unchanged is not None:
@@ -264,11 +265,16 @@ def run_promote(ctx: StageContext) -> dict:
             return unchanged
         version = release_version(ctx, key)
         target = root / version
+        ships = shipped(ctx)
+        if target.exists() and _published_key(target) == key:  # published by a run stopped before `latest` moved
+            swap_symlink(latest, version)
+            log.info("release %s was published with key %s; latest now points to it", target, key)
+            return {"release": str(target), "status": "promoted", "key": key, "version": version, "artifacts": ships,
+                    "bytes_linked": 0, "bytes_copied": 0, "resumed": True, **_left_out(ctx)}
         if target.exists():
             raise BadInputError(f"release {target} already exists and is never overwritten",
                                 fix="pass --release-version with a new version")
         dense = ctx.cfg.output.keep_dense and "quantize" in ctx.inputs and "merged" not in ctx.cfg.artifacts
-        ships = shipped(ctx)
         check_free_space([artifact_folder(ctx, a) for a in ships] + ([ctx.inputs["merge"]] if dense else []), root)
         placed = {"linked": 0, "copied": 0}
         with atomic_dir(target) as tmp:
@@ -288,6 +294,14 @@ def run_promote(ctx: StageContext) -> dict:
     log.info("promoted %s", target)
     return {"release": str(target), "status": "promoted", "key": key, "version": version, "artifacts": ships,
             "bytes_linked": placed["linked"], "bytes_copied": placed["copied"], **_left_out(ctx)}
+
+
+def _published_key(release: Path) -> str | None:
+    """The release key in `release`'s manifest (None where it has none it can read)."""
+    try:
+        return json.loads((release / "manifest.json").read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _left_out(ctx: StageContext) -> dict:

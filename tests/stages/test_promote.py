@@ -152,6 +152,32 @@ def test_interrupted_promotion_keeps_previous_latest(gated, tmp_path):
     assert run_cli(cfg, "--release-version", "v2") == 0
     assert visible(root) == {"v1", "v2", "latest"}
     assert assert_complete(root / "latest")["version"] == "v2"
+    assert not [p.name for p in root.iterdir() if ".tmp-" in p.name]  # the killed run's half release is gone
+
+
+def test_a_promotion_stopped_before_latest_moved_is_finished_by_a_rerun(gated, tmp_path, monkeypatch):
+    """The release folder published, then the run stopped before `latest` was swapped: a rerun with the same inputs
+    (the default version, which names the key) finishes the swap instead of refusing the existing version."""
+    from qmerge.stages import promote
+
+    cfg = gate_config(tmp_path, gated)
+    assert run_cli(cfg) == 0
+    root = tmp_path / "releases" / "tiny"
+    first = (root / "latest").resolve().name
+    cfg.write_text(cfg.read_text().replace(str(gated["adapter"]), str(gated["fragile"])))
+    real = promote.swap_symlink
+
+    def stop(*args):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(promote, "swap_symlink", stop)
+    assert run_cli(cfg) == 1
+    (published,) = visible(root) - {first, "latest"}
+    assert (root / "latest").resolve().name == first
+    monkeypatch.setattr(promote, "swap_symlink", real)
+    assert run_cli(cfg) == 0
+    assert (root / "latest").resolve().name == published
+    assert assert_complete(root / "latest")["version"] == published
 
 
 def test_existing_version_is_never_overwritten(gated, tmp_path, capsys):
