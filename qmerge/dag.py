@@ -142,6 +142,11 @@ class Runner:
         for flag, value in (("--from", opts.from_stage), ("--only", opts.only)):
             if value is not None and value not in names:
                 raise BadInputError(f"{flag} {value}: no such stage; stages are {', '.join(names)}")
+        enabled = [s.name for s in stages if s.enabled(cfg)]
+        for flag, value in (("--from", opts.from_stage), ("--only", opts.only)):
+            if value is not None and value not in enabled:  # else nothing would run, and exit 0 would say it did
+                raise BadInputError(f"{flag} {value}: this config does not run stage {value} (it runs "
+                                    f"{', '.join(enabled)})", path=cfg.source)
         self.work = cfg.output_path(cfg.work_dir)
         self.versions = package_versions()
         self.records: list[StageRecord] = []  # the last run's, so far

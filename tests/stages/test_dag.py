@@ -137,6 +137,9 @@ def test_only_redoes_one_stage_and_stops(tmp_path, tiny_llama):
     before = merge_dir(tmp_path / "work").stat().st_mtime_ns
     assert run_cli(cfg, "--only", "merge") == 0  # redone, even though finished
     assert merge_dir(tmp_path / "work").stat().st_mtime_ns != before
+    for flag in ("--only", "--from"):  # a stage this config does not run: exit 2, not exit 0 having done nothing
+        assert run_cli(cfg, flag, "quantize") == 2
+    assert not (tmp_path / "work" / "quantize").exists()
 
 
 def _stage_status(stdout: str, stage: str) -> tuple[str, str]:
