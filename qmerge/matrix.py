@@ -146,6 +146,14 @@ def expand(path: Path) -> tuple[Path, list[tuple[str, dict, str]]]:
                            "adapters": [{k: v for k, v in adapter.items() if k not in ("name", "bases")}]}
                 absolute_paths(config, folder)
                 builds.append((name, config, f"{base['name']}/{adapter['name']}"))
+    # a build's name is its config file, its release folder and its row: two that join to one name would share them
+    seen: dict[str, str] = {}
+    for name, _, shares in builds:
+        if name in seen:
+            raise ConfigError(f"builds {seen[name]} and {shares} are both named {name!r} (names join base, adapter "
+                              "and target names with '-')", path=path, fix="rename an adapter or target so that "
+                              "the joined names differ")
+        seen[name] = shares
     return work, builds
 
 

@@ -214,3 +214,30 @@ quantize = { calibration = "cal.toml" }
     assert cfg["adapters"] == [{"path": str(tmp_path / "ad")}]
     assert cfg["gate"]["eval"] == str(tmp_path / "eval.toml")
     assert cfg["quantize"]["calibration"] == str(tmp_path / "cal.toml")
+
+
+def test_builds_whose_names_join_to_one_are_exit_2(tmp_path):
+    """Adapters "a-x" and "a" with targets "dense" and "x-dense" both give "a-x-dense": one config file, one release
+    folder and one row for two builds (one of them silently never ran). Refused, naming both."""
+    from qmerge.errors import ConfigError
+    from qmerge.matrix import expand
+
+    (tmp_path / "m.toml").write_text("""
+work_dir = "w"
+[[bases]]
+name = "b"
+path = "base"
+[[adapters]]
+name = "a-x"
+path = "ad1"
+[[adapters]]
+name = "a"
+path = "ad2"
+[[targets]]
+name = "dense"
+[[targets]]
+name = "x-dense"
+""")
+    with pytest.raises(ConfigError, match="'a-x-dense'") as e:
+        expand(tmp_path / "m.toml")
+    assert "b/a-x" in str(e.value) and "b/a" in str(e.value) and str(tmp_path / "m.toml") in str(e.value)
