@@ -63,8 +63,11 @@ def _gate_slice(cfg: Config) -> dict | None:
 
 
 def _resolve_slice(cfg: Config) -> dict:
-    return {"base": cfg.base.model_dump(),
-            "adapters": [a.model_dump(exclude={"name", "eval", "required"}) for a in cfg.adapters]}
+    # A sha256 pin verifies the inputs, whose hashes resolve's result holds (the key is made from both): it changes
+    # no byte, so adding the pins that --dry-run prints keeps every key (it re-ran every stage and published the
+    # same model again). Left as None, the key of a config that never had pins.
+    return {"base": cfg.base.model_dump() | {"sha256": None},
+            "adapters": [a.model_dump(exclude={"name", "eval", "required"}) | {"sha256": None} for a in cfg.adapters]}
 
 
 def _quantize_slice(cfg: Config) -> dict:

@@ -156,6 +156,24 @@ def test_pins_are_the_combined_digests(tmp_path, tiny_llama, adapter):
     assert (plan.base.sha256, plan.adapters[0].sha256) == pins
 
 
+def test_adding_the_pins_keeps_every_stage_key(tmp_path, tiny_llama, adapter, capsys):
+    """A pin verifies inputs (resolve hashes them on every run); it changes no byte. Adding the pins --dry-run
+    prints to a finished run's config reuses every stage; a wrong pin is still exit 2 with every stage cached."""
+    base_files = [p for p in tiny_llama.iterdir() if p.suffix in (".json", ".safetensors")]
+    pins = (_combined(*base_files), _combined(adapter / "adapter_model.safetensors", adapter / "adapter_config.json"))
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert run_cli(cfg) == 0
+    capsys.readouterr()
+    text = cfg.read_text()
+    _pinned(cfg, *pins)
+    assert run_cli(cfg) == 0
+    out = capsys.readouterr().out
+    assert "merge " in out and not [ln for ln in out.splitlines() if " ran " in ln and not ln.split()[0] == "resolve"]
+    cfg.write_text(text)
+    assert run_cli(_pinned(cfg, base_pin="0" * 64)) == 2  # a wrong pin is still refused, cache or not
+    assert "sha256 mismatch" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("pin", ["model.safetensors", "config.json"])
 def test_base_pin_of_one_file_is_refused(tmp_path, tiny_llama, adapter, capsys, pin):
     """A pin must cover every file: one of them alone would let the rest change unnoticed."""
