@@ -290,6 +290,8 @@ def run_promote(ctx: StageContext) -> dict:
             manifest = build_manifest(ctx, key, version, files)
             (tmp / "README.md").write_text(model_card(manifest))
             write_json(tmp / "manifest.json", manifest)
+            for name in ("README.md", "manifest.json"):  # read-only like the model files: the release is immutable
+                os.chmod(tmp / name, (tmp / name).stat().st_mode & ~0o222)
         swap_symlink(latest, version)
     log.info("promoted %s", target)
     return {"release": str(target), "status": "promoted", "key": key, "version": version, "artifacts": ships,

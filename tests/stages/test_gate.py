@@ -47,6 +47,8 @@ def test_honest_float32_merge_passes_and_promotes(honest, capsys):
     manifest = json.loads((latest / "manifest.json").read_text())
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((latest / name).read_bytes()).hexdigest() == digest
+    for name in [*manifest["files"], "manifest.json", "README.md"]:  # every file of the release is read-only
+        assert not (latest / name).stat().st_mode & 0o222, name
     assert manifest["provenance"]["eval_token_ids_sha256"] == rep["eval"]["tokens"]["sha256"]
     assert manifest["provenance"]["adapters"][0]["sha256"]
     assert (latest / "README.md").read_text().count("| reference |") == 1
