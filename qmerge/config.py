@@ -168,6 +168,15 @@ class GateSettings(Strict):
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # what the `gguf` package quantizes
 
 
+QUANTIZED = ("quantized", "compressed-tensors", "gguf-Q")  # artifact name prefixes of quantized weights
+
+
+def is_quantized(artifact: str) -> bool:
+    """Whether `artifact` (evaluate's candidate name) stores quantized weights (GPTQ, compressed-tensors, GGUF block
+    types); the others (the merged safetensors, GGUF F32/F16/BF16) store the merged weights as casts."""
+    return artifact.startswith(QUANTIZED)
+
+
 def artifact_of(fmt: str) -> str:
     """The artifact (evaluate's candidate name) an `output.formats` entry ships."""
     fmt = fmt.lower()

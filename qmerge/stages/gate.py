@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 
-from qmerge.config import GateSettings
+from qmerge.config import GateSettings, is_quantized
 from qmerge.dag import StageContext
 from qmerge.errors import EXIT_GATE_REJECTED, EXIT_OK
 from qmerge.scores import CandidateScores, EvalReport
@@ -123,17 +123,6 @@ def text_checks(cand: CandidateScores, gate: GateSettings, into: str, final: str
     return checks, notes
 
 
-DENSE_GGUF = ("gguf-F32", "gguf-F16", "gguf-BF16")  # GGUF artifacts whose weights are casts, not quantizations
-
-
-def is_dense(candidate: str) -> bool:
-    """Whether `candidate` stores the merged weights as floating-point casts (the merged safetensors, GGUF
-    F32/F16/BF16), whose weight-space retention is gated: a cast that rounds the delta away loses it as a bf16 merge
-    does. Quantized artifacts (GPTQ, compressed-tensors, GGUF block types) report it only: their grids move every
-    weight by more than a small delta by design, and their eval-text checks decide."""
-    return candidate == "merged" or candidate in DENSE_GGUF
-
-
 def decide(report: EvalReport, gate: GateSettings, required: tuple[str, ...] | None = None,
            candidate: str | None = None) -> GateVerdict:
     """The verdict on `candidate` (default: the report's final one). `required`: the tasks whose failure rejects
@@ -158,7 +147,9 @@ def decide(report: EvalReport, gate: GateSettings, required: tuple[str, ...] | N
         else:
             notes += n + [f"not required: {check.detail}: {check.outcome}" for check in c]
     weights = report.weight_retention.get(final)
-    if weights and weights.get("aggregate") is not None and is_dense(final):
+    # gated where the weights are casts (a cast that rounds the delta away loses it as a bf16 merge does); reported
+    # only for quantized artifacts, whose grids move every weight by more than a small delta by design
+    if weights and weights.get("aggregate") is not None and not is_quantized(final):
         agg = weights["aggregate"]
         vanished = ", ".join(weights.get("vanished", [])[:5]) or "none"
         checks.append(Check("weight_retention", agg, gate.min_delta_retention,

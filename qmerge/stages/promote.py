@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from qmerge import __version__
+from qmerge.config import is_quantized
 from qmerge.dag import StageContext, package_versions
 from qmerge.errors import BadInputError
 from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, swap_symlink, write_json
@@ -169,9 +170,6 @@ def _card_section(title: str, ev: dict, final: str) -> list[str]:
             ""]
 
 
-QUANTIZED = ("quantized", "compressed-tensors", "gguf-Q")  # artifact name prefixes of quantized weights
-
-
 def _base_model(manifest: dict) -> str:
     """The base's Hub-style id when an adapter names one ("org/name"), else the base's file or folder name."""
     prov = manifest["provenance"]
@@ -187,7 +185,7 @@ def front_matter(manifest: dict) -> list[str]:
     """The Hub's model-card metadata (YAML; JSON scalars are valid YAML): base model and relation, who quantized,
     and `model-index` with the gate's figures of every shipped artifact on every eval text."""
     shipped = [a for a, v in manifest.get("artifacts", {}).items() if v["shipped"]] or [manifest["final"]]
-    relation = "quantized" if any(a.startswith(QUANTIZED) for a in shipped) else \
+    relation = "quantized" if any(map(is_quantized, shipped)) else \
         "merge" if len(manifest["provenance"]["adapters"]) > 1 else "finetune"
     q = json.dumps
     lines = ["---", f"base_model: {q(_base_model(manifest))}", f"base_model_relation: {relation}",
