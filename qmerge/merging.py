@@ -21,7 +21,7 @@ from tqdm import tqdm
 from qmerge.errors import BadInputError
 from qmerge.io.adapter import Adapter, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
-from qmerge.io.paths import MODEL_FILES
+from qmerge.io.paths import MODEL_FILES, tokenizer_source
 from qmerge.numerics import DTYPES, MATH_DTYPE
 from qmerge.plan import Plan
 from qmerge.io.safetensors_io import ShardWriter
@@ -358,8 +358,7 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: str) -> None:
             if isinstance(section, dict) and "vocab_size" in section:
                 section["vocab_size"] = rows
     write_json(out_dir / "config.json", config)
-    tokenizer_src = next((a.path for a, _ in inputs.adapters if (a.path / "tokenizer_config.json").is_file()),
-                         inputs.base.folder)
+    tokenizer_src = tokenizer_source([a.path for a, _ in inputs.adapters], inputs.base.folder)
     for fname in MODEL_FILES:
         src = (inputs.base.folder if fname == "generation_config.json" else tokenizer_src) / fname
         if src.is_file():

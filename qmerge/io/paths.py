@@ -102,6 +102,12 @@ MODEL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.jso
                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
+def tokenizer_source(adapter_folders, base_folder: Path) -> Path:
+    """The folder whose tokenizer files a merged checkpoint holds: the first adapter's that ships a tokenizer
+    (tokenizer_config.json), else the base's."""
+    return next((Path(a) for a in adapter_folders if (Path(a) / "tokenizer_config.json").is_file()), Path(base_folder))
+
+
 # (path, size, mtime, inode, device) -> sha256 while `memoized_hashes` is active, else None
 _memo: dict[tuple, str] | None = None
 

@@ -20,7 +20,7 @@ from qmerge.config import Config
 from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
-from qmerge.io.paths import MODEL_FILES, Cancelled, sha256_file
+from qmerge.io.paths import MODEL_FILES, Cancelled, sha256_file, tokenizer_source
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
 def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
@@ -175,11 +175,9 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
 
         for qtype in gguf:
             validate_gguf_target(base.hf_config, qtype)
-        # the tokenizer the merged checkpoint will hold (merging.write_model_files: the first adapter's that ships
-        # one, else the base's), checked as the export will check it; its vocabulary's size against the model's
-        # is checked there (an adapter may resize the embeddings)
-        source = next((Path(a["path"]) for a in adapters if (Path(a["path"]) / "tokenizer_config.json").is_file()),
-                      folder)
+        # the tokenizer the merged checkpoint will hold, checked as the export will check it; its vocabulary's size
+        # against the model's is checked there (an adapter may resize the embeddings)
+        source = tokenizer_source([a["path"] for a in adapters], folder)
         if source != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
             gguf_vocab(source, {**base.hf_config, "vocab_size": None})
     if cfg.merge.into == "original" and base.prequantized:

@@ -73,3 +73,18 @@ def test_files_digest_hashes_files_at_once_and_keeps_the_pin(tmp_path, monkeypat
     with pytest.raises(PermissionError, match="model-3.bin"):
         resolve.files_digest(files, progress=False)
     assert stopped and all(stopped)  # the others saw the stop
+
+
+def test_tokenizer_source_is_the_first_adapter_that_ships_one_else_the_base(tmp_path):
+    """The merged checkpoint's tokenizer (merge writes it, resolve checks it for GGUF): the first adapter folder with
+    a tokenizer_config.json, else the base folder."""
+    from qmerge.io.paths import tokenizer_source
+
+    a, b, c, base = (tmp_path / n for n in ("a", "b", "c", "base"))
+    for folder in (a, b, c, base):
+        folder.mkdir()
+    for folder in (b, c):
+        (folder / "tokenizer_config.json").write_text("{}")
+    assert tokenizer_source([a, b, c], base) == b
+    assert tokenizer_source([str(c), str(b)], base) == c
+    assert tokenizer_source([a], base) == base and tokenizer_source([], base) == base
