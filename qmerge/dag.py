@@ -139,11 +139,10 @@ class Runner:
     def __init__(self, cfg: Config, stages: list[Stage], opts: Options):
         self.cfg, self.stages, self.opts = cfg, stages, opts
         names = [s.name for s in stages]
+        enabled = [s.name for s in stages if s.enabled(cfg)]
         for flag, value in (("--from", opts.from_stage), ("--only", opts.only)):
             if value is not None and value not in names:
                 raise BadInputError(f"{flag} {value}: no such stage; stages are {', '.join(names)}")
-        enabled = [s.name for s in stages if s.enabled(cfg)]
-        for flag, value in (("--from", opts.from_stage), ("--only", opts.only)):
             if value is not None and value not in enabled:  # else nothing would run, and exit 0 would say it did
                 raise BadInputError(f"{flag} {value}: this config does not run stage {value} (it runs "
                                     f"{', '.join(enabled)})", path=cfg.source)

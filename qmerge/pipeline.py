@@ -45,21 +45,23 @@ def _calibrate_slice(cfg: Config) -> dict:
             "text": text_digest(cfg, q.calibration, "quantize.calibration"), "eval_texts": _eval_texts(cfg)}
 
 
+def _shipped(cfg: Config) -> dict:
+    """The artifacts the release would ship (output.formats), for the keys of the stages that score and decide each
+    of them: a list they were not run for must not be read from their cache. Left out at the default, keeping the
+    keys configs without output.formats always had."""
+    return {"artifacts": list(cfg.artifacts)} if cfg.output.formats is not None else {}
+
+
 def _evaluate_slice(cfg: Config) -> dict:
-    # The artifacts the release would ship (output.formats): evaluate scores each of them and names them in its
-    # report; a list it was not run for must not be read from its cache (left out at the default, keeping the keys
-    # configs without output.formats always had)
-    shipped = {"artifacts": list(cfg.artifacts)} if cfg.output.formats is not None else {}
     return {**cfg.gate.model_dump(exclude={"max_ppl_increase", "min_delta_retention", "max_kl", "confidence"}),
-            "texts": _eval_texts(cfg)} | shipped
+            "texts": _eval_texts(cfg)} | _shipped(cfg)
 
 
 def _gate_slice(cfg: Config) -> dict | None:
     if cfg.gate is None:
         return None
     required = {"required_tasks": [a.task for a in cfg.tasks if a.required]} if cfg.tasks else {}
-    shipped = {"artifacts": list(cfg.artifacts)} if cfg.output.formats is not None else {}
-    return cfg.gate.model_dump() | required | shipped
+    return cfg.gate.model_dump() | required | _shipped(cfg)
 
 
 def _resolve_slice(cfg: Config) -> dict:

@@ -71,9 +71,10 @@ def files_digest(files: list[Path], progress: bool, stop: threading.Event | None
     The digests do not depend on the order the threads finish in."""
     ordered = sorted(files, key=lambda f: f.name.encode())
     sizes = [f.stat().st_size for f in ordered]
+    total = sum(sizes)
     workers = max(1, min(len(ordered), os.cpu_count() or 1, HASH_THREADS))
-    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"sha256 ({len(ordered)} files)",
-              disable=not progress or sum(sizes) < 64 * 2**20) as bar, \
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 ({len(ordered)} files)",
+              disable=not progress or total < 64 * 2**20) as bar, \
             ThreadPoolExecutor(workers, thread_name_prefix="qmerge-sha256") as pool:
         lock, halt = threading.Lock(), stop if stop is not None else threading.Event()
 
