@@ -267,8 +267,7 @@ def run_promote(ctx: StageContext) -> dict:
         if target.exists() and _published_key(target) == key:  # published by a run stopped before `latest` moved
             swap_symlink(latest, version)
             log.info("release %s was published with key %s; latest now points to it", target, key)
-            return {"release": str(target), "status": "promoted", "key": key, "version": version, "artifacts": ships,
-                    "bytes_linked": 0, "bytes_copied": 0, "resumed": True, **_left_out(ctx)}
+            return _promoted(ctx, target, key, ships, {"linked": 0, "copied": 0}) | {"resumed": True}
         if target.exists():
             raise BadInputError(f"release {target} already exists and is never overwritten",
                                 fix="pass --release-version with a new version")
@@ -292,7 +291,12 @@ def run_promote(ctx: StageContext) -> dict:
                 os.chmod(tmp / name, (tmp / name).stat().st_mode & ~0o222)
         swap_symlink(latest, version)
     log.info("promoted %s", target)
-    return {"release": str(target), "status": "promoted", "key": key, "version": version, "artifacts": ships,
+    return _promoted(ctx, target, key, ships, placed)
+
+
+def _promoted(ctx: StageContext, target: Path, key: str, ships: list[str], placed: dict[str, int]) -> dict:
+    """Promote's result for the release `target` now behind `latest`."""
+    return {"release": str(target), "status": "promoted", "key": key, "version": target.name, "artifacts": ships,
             "bytes_linked": placed["linked"], "bytes_copied": placed["copied"], **_left_out(ctx)}
 
 
