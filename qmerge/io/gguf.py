@@ -24,7 +24,7 @@ from qmerge.io.paths import default_cache_root, package_version, sha256_file
 from qmerge.io.safetensors_io import TensorInfo
 
 PROVENANCE = "qmerge_provenance.json"
-FORMAT = 1  # bump when the folder's contents change; older folders under the key are rebuilt
+FORMAT = 2  # bump when the folder's contents change; older folders under the key are rebuilt (2: llama3 rope)
 UNQUANTIZED_TYPES = {"F32", "F16", "BF16", "F64"}
 NOTE = ("the base's 'original' (pre-NF4) weights are the GGUF's values dequantized to float32 by transformers' GGUF "
         "loader: when the GGUF is quantized, so are they (the converted folder's provenance lists its types)")
@@ -119,11 +119,35 @@ def header_view(gguf_path: Path, out: Path) -> dict[str, TensorInfo]:
     except Exception as e:
         raise BadInputError(f"transformers cannot read this GGUF's config ({type(e).__name__}: {e})", path=gguf_path,
                             fix="use an architecture transformers' GGUF loader supports, or an HF folder") from None
+    _set_rope(config, rope_scaling(gguf_path))
     model = meta_model(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     write_json(out / "config.json", _folder_config(model))
     return {name: TensorInfo(name, "F32", tuple(t.shape), gguf_path, t.numel() * 4)
             for name, t in model.state_dict().items() if name not in tied}
+
+
+def rope_scaling(gguf_path: Path) -> dict:
+    """The rope scaling transformers' GGUF loader leaves out: Llama 3.x's, which a GGUF holds as
+    `rope_freqs.weight` (the loader skips that tensor and builds the unscaled rope, silently). {} when the file
+    has no such tensor; the parameters `gguf_reader.llama3_rope` finds behind it (checked to give those factors),
+    or exit 2."""
+    from qmerge.io.gguf_reader import GGUFTensorSource, open_gguf
+
+    reader = open_gguf(gguf_path)
+    if not any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        return {}
+    arch = reader.fields.get("general.architecture")
+    if arch is None or arch.contents() != "llama":
+        raise BadInputError("rope_freqs.weight (rope frequency factors) is read for llama GGUFs only",
+                            path=gguf_path, fix="use the model's HF folder")
+    rope = GGUFTensorSource(gguf_path).hf_config()["rope_parameters"]
+    return {k: v for k, v in rope.items() if k not in ("rope_theta",)} if rope.get("rope_type") == "llama3" else {}
+
+
+def _set_rope(config, scaling: dict) -> None:
+    if scaling:
+        config.rope_parameters = {**(config.rope_parameters or {}), **scaling}
 
 
 def _folder_config(model) -> dict:
@@ -186,6 +210,13 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     from qmerge.io.safetensors_io import ShardWriter
 
     model, tokenizer = _load_gguf(gguf_path, progress)
+    scaling = rope_scaling(gguf_path)
+    if scaling:  # the rotary tables are computed from the config: made again from the scaled one
+        _set_rope(model.config, scaling)
+        for name, module in list(model.named_modules()):
+            if name.endswith("rotary_emb"):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, type(module)(config=model.config))
     # save_pretrained refuses GGUF-"quantized" models; the weights are plain float32 now, so write them
     # ourselves (each tied weight once, under its source name, as transformers does).
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})

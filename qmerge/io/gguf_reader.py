@@ -56,6 +56,63 @@ def hf_name(gguf_name: str) -> str | None:
     return f"{_GLOBAL[stem]}.{suffix}" if stem in _GLOBAL else None
 
 
+# YaRN keys of llama.cpp that transformers' YaRN has no counterpart for, with the values that change nothing
+# (ext_factor: -1 is llama.cpp's "1 for YaRN"); any other value is refused
+YARN_NOT_READ = {"yarn_ext_factor": (-1.0, 1.0), "yarn_attn_factor": (1.0,), "yarn_log_multiplier": (0.0,)}
+
+
+def llama3_rope(factors: np.ndarray, theta: float, head_dim: int, path: Path | None = None) -> dict:
+    """Llama 3.x's rope parameters (`rope_type = "llama3"`) behind a GGUF's `rope_freqs.weight`, the factor llama.cpp
+    divides each rotary frequency by. The factors fix the scaling, not its four numbers (orig/low and orig/high
+    matter, not orig): low_freq_factor is taken as 1, `factor` is the largest, and the original context length and
+    high_freq_factor follow from the smoothly scaled frequencies, whose smoothing is linear in 1/wavelength. The
+    parameters are checked to give transformers' frequencies the factors give (within 1e-5); factors of no llama3
+    scaling are refused. All factors 1: no scaling ({})."""
+    import math
+
+    f = factors.astype(np.float64)
+    if f.size != head_dim // 2 or not np.all(np.isfinite(f)) or np.any(f < 1):
+        raise BadInputError(f"rope_freqs.weight holds {f.size} factors, not the {head_dim // 2} positive llama3 "
+                            f"scaling factors of a head of {head_dim}", path=path)
+    if np.all(f == 1):
+        return {}
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / inv
+    factor = float(f.max())
+    smooth = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    params = None
+    if smooth.sum() >= 2:  # s = (orig/wavelen - low)/(high - low) with low = 1: s = a/wavelen + b
+        s = (1 / f[smooth] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(1 / wavelen[smooth], s, 1)
+        if b < 0:
+            high, orig = 1 - 1 / b, -a / b
+            params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(f"{high:.6g}"),
+                      "original_max_position_embeddings": int(round(orig))}
+    if params is not None:
+        want = torch.from_numpy(inv / f)
+        got = _llama3_inv_freq(theta, head_dim, **params)
+        if torch.allclose(got, want, rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", **params}
+    raise BadInputError("rope_freqs.weight is not a llama3 rope scaling qmerge can read back (it needs two or more "
+                        "smoothly scaled frequencies)", path=path)
+
+
+def _llama3_inv_freq(theta: float, head_dim: int, factor: float, low_freq_factor: float, high_freq_factor: float,
+                     original_max_position_embeddings: int) -> torch.Tensor:
+    """transformers' llama3 rope frequencies (`modeling_rope_utils._compute_llama3_parameters`), in float64."""
+    import math
+
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 def unpermute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     """GGUF -> HF rows of a llama Q/K projection: llama.cpp stores each head's rotary pairs interleaved
     ([x0, y0, x1, y1, ...]); HF keeps the halves apart ([x0, x1, ... | y0, y1, ...])."""
@@ -144,7 +201,11 @@ class GGUFTensorSource:
         self.n_kv = int(_field(self.reader, f"{self.arch}.attention.head_count_kv", self.n_head))
         self._tensors = {}
         self.types: dict[str, str] = {}
+        self._rope_freqs = None  # llama3 rope's frequency factors: part of the config, not a weight
         for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight" and self.arch == "llama":
+                self._rope_freqs = t
+                continue
             name = hf_name(t.name)
             if name is None:
                 raise BadInputError(f"tensor {t.name!r} has no HF counterpart in a {self.arch} model", path=self.path)
@@ -210,8 +271,24 @@ class GGUFTensorSource:
             rope["factor"] = float(_field(r, f"{a}.rope.scaling.factor"))
             if scaling == "yarn":
                 rope["original_max_position_embeddings"] = int(_field(r, f"{a}.rope.scaling.original_context_length"))
+                for key in ("beta_fast", "beta_slow"):
+                    if _field(r, f"{a}.rope.scaling.yarn_{key}") is not None:
+                        rope[key] = float(_field(r, f"{a}.rope.scaling.yarn_{key}"))
+                odd = [key for key, neutral in YARN_NOT_READ.items()
+                       if _field(r, f"{a}.rope.scaling.{key}", neutral[0]) not in neutral]
+                if odd:
+                    raise BadInputError(f"YaRN's {', '.join(odd)} are not read back", path=self.path)
         elif scaling not in (None, "none"):
             raise BadInputError(f"rope scaling {scaling!r} is not read back", path=self.path)
+        if self._rope_freqs is not None:
+            if rope["rope_type"] != "default":
+                raise BadInputError(f"rope_freqs.weight beside {rope['rope_type']} rope scaling is not read back",
+                                    path=self.path)
+            from gguf.quants import dequantize
+
+            t = self._rope_freqs
+            factors = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+            rope.update(llama3_rope(factors, rope["rope_theta"], config["head_dim"], self.path))
         config["rope_parameters"] = rope
         if a == "qwen2":
             config["use_sliding_window"] = False

@@ -5,7 +5,9 @@ differs, the comment says so.
 
 What is written:
 - tensors under llama.cpp's names (`gguf.get_tensor_name_map`), llama attention Q/K rows permuted HF -> GGUF
-  (`LlamaModel.permute`: HF keeps each head's rotary halves apart, llama.cpp interleaves them);
+  (`LlamaModel.permute`: HF keeps each head's rotary halves apart, llama.cpp interleaves them); for Llama 3.x's
+  rope scaling (`rope_type = "llama3"`) the `rope_freqs.weight` llama.cpp scales each frequency by
+  (`LlamaModel.generate_extra_tensors`);
 - the metadata llama.cpp reads for the architecture, and the byte-level BPE tokenizer (`tokenizer.ggml.model =
   "gpt2"`), its pre-tokenizer named by llama.cpp's hash of a test string's token ids.
 
@@ -55,7 +57,9 @@ QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # what 
 # registered for MistralForCausalLM); qwen2 is llama's tensor names without the Q/K permutation, plus q/k/v biases.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 PERMUTED = {"llama"}  # GGUF architectures whose attention Q/K rows llama.cpp permutes (NORM rope)
-ROPE_TYPES = ("default", "linear", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+YARN_UNWRITTEN = ("attention_factor", "mscale", "mscale_all_dim")  # transformers' YaRN keys no llama GGUF holds
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope: a factor per rotary frequency, which llama.cpp divides it by
 TENSOR_RULES = ("1-D tensors and *_norm.weight: F32; other weights: the requested type, F16 where a row is not "
                 "a multiple of its block size (llama.cpp convert_hf_to_gguf.py prepare_tensors)")
 # llama.cpp's pre-tokenizer check (convert_hf_to_gguf.py `get_vocab_base_pre`): the sha256 of str(token ids of
@@ -79,7 +83,7 @@ _SKIPPED = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    hf_name: str
+    hf_name: str | None  # None: made from the config (ROPE_FREQS)
     gguf_name: str
     shape: tuple[int, ...]  # numpy order, as in the HF checkpoint
     qtype: str
@@ -112,9 +116,22 @@ def validate_gguf_target(hf_config: dict, qtype: str) -> None:
                                                and hf_config["sliding_window"] < hf_config.get("max_position_embeddings", 0)):
         problems.append(f"sliding-window attention ({hf_config.get('sliding_window')}): llama.cpp's llama/qwen2 "
                         "graphs attend to the whole context")
-    rope_type = _rope(hf_config).get("rope_type", "default")
+    rope = _rope(hf_config)
+    rope_type = rope.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         problems.append(f"rope type {rope_type!r} (written: {', '.join(ROPE_TYPES)})")
+    elif rope_type == "llama3" and ARCHITECTURES.get(model_type) != "llama":
+        problems.append(f"llama3 rope scaling on a {model_type} model (llama.cpp reads its frequency factors for "
+                        "llama only)")
+    elif rope_type == "yarn":
+        odd = [key for key in YARN_UNWRITTEN if rope.get(key) is not None] + \
+            (["truncate = false"] if rope.get("truncate") is False else [])
+        if odd:
+            problems.append(f"YaRN's {', '.join(odd)} (llama.cpp computes its attention scale and correction range "
+                            "itself; only factor, original_max_position_embeddings, beta_fast and beta_slow are "
+                            "written)")
+    if float(rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor")) or 1.0) != 1.0:
+        problems.append("partial rotary embeddings (llama.cpp's llama/qwen2 graphs rotate the whole head)")
     if problems:
         raise BadInputError(f"cannot write this {model_type} model as GGUF: " + "; ".join(problems),
                             fix="convert it with llama.cpp's convert_hf_to_gguf.py, or drop the GGUF output")
@@ -128,6 +145,39 @@ def _rope(hf_config: dict) -> dict:
     if "rope_theta" not in params and hf_config.get("rope_theta") is not None:
         params["rope_theta"] = hf_config["rope_theta"]
     return params
+
+
+def rope_freqs(hf_config: dict) -> torch.Tensor | None:
+    """The llama3 rope's frequency factors as llama.cpp writes them (convert_hf_to_gguf.py
+    `LlamaModel.generate_extra_tensors`, the same float32 steps), None for any other rope. One difference: the
+    original context length comes from the rope parameters, where transformers reads it (llama.cpp reads a top-level
+    key that Llama 3.x configs do not have and falls back to 8192, their value)."""
+    import math
+
+    rope = _rope(hf_config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    base = float(rope.get("rope_theta", 10000.0))
+    dim = hf_config.get("head_dim") or int(hf_config["hidden_size"]) // int(hf_config["num_attention_heads"])
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope.get("original_max_position_embeddings",
+                               hf_config.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 def tensor_qtype(gguf_name: str, shape: tuple[int, ...], qtype: str) -> str:
@@ -180,8 +230,13 @@ def plan_tensors(hf_config: dict, reader: CheckpointReader, qtype: str, folder: 
         planned.append(PlannedTensor(hf_name, gguf_name, shape, t, _nbytes(shape, t), permute))
     if tied and "lm_head.weight" not in reader.tensors and "model.embed_tokens.weight" not in reader.tensors:
         raise BadInputError("no model.embed_tokens.weight", path=folder, fix="the checkpoint is incomplete")
+    factors = rope_freqs(hf_config)
+    if factors is not None:  # made from the config, not read (hf_name None); llama.cpp writes it first
+        planned.append(PlannedTensor(None, ROPE_FREQS, tuple(factors.shape), "F32", factors.numel() * 4, None))
 
     def order(p: PlannedTensor) -> tuple:
+        if p.hf_name is None:
+            return (-1, 0, p.gguf_name)
         m = _LAYER.match(p.hf_name)
         if m:
             return (1, int(m.group(1)), p.gguf_name)
@@ -252,9 +307,10 @@ def _has_nan(tensor: torch.Tensor) -> bool:
     return not bool(torch.isfinite(tensor.sum())) and bool(torch.isnan(tensor).any())
 
 
-def _write_one(writer, reader: CheckpointReader, p: PlannedTensor) -> None:
-    """One tensor: read, float32, permute, encode, write. Every intermediate dies on return."""
-    tensor = reader.get(p.hf_name).to(torch.float32)
+def _write_one(writer, reader: CheckpointReader, p: PlannedTensor, hf_config: dict) -> None:
+    """One tensor: read (or made from the config), float32, permute, encode, write. Every intermediate dies on
+    return."""
+    tensor = reader.get(p.hf_name).to(torch.float32) if p.hf_name is not None else rope_freqs(hf_config)
     if p.permute_heads is not None:
         tensor = permute_qk(tensor, p.permute_heads).contiguous()
     data = _encode(tensor, p.qtype)
@@ -287,6 +343,10 @@ def _add_hparams(writer, hf_config: dict, arch: str, qtype: str, name: str) -> N
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope.get("beta_fast") is not None:  # as convert_hf_to_gguf.py writes them (transformers: 32 and 1)
+            writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow") is not None:
+            writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(hf_config["rms_norm_eps"]))
     head_dim = hf_config.get("head_dim") or int(hf_config["hidden_size"]) // n_head
@@ -826,7 +886,7 @@ def write_gguf(folder: Path, out_file: Path, qtype: str, quiet: bool = True, nam
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in planned:
-            _write_one(writer, reader, p)
+            _write_one(writer, reader, p, hf_config)
         out.finish()
         writer.close()
         os.replace(tmp, out_file)

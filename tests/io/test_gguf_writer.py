@@ -37,12 +37,12 @@ def smol_tokenizer() -> Path:
     return gguf_to_hf(GGUF, progress=False)
 
 
-def _tiny_smol(folder: Path, tokenizer: Path, tied: bool = True, arch: str = "llama") -> Path:
+def _tiny_smol(folder: Path, tokenizer: Path, tied: bool = True, arch: str = "llama", **extra) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
-                  max_position_embeddings=256)
+                  max_position_embeddings=256, **extra)
     config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -315,8 +315,16 @@ def test_bad_targets_are_refused(tiny, tmp_path) -> None:
     assert "llama, mistral, qwen2" in str(e.value) and e.value.exit_code == 2
     with pytest.raises(BadInputError, match="attention_bias"):
         validate_gguf_target({**config, "attention_bias": True}, "F16")
-    with pytest.raises(BadInputError, match="llama3"):
-        validate_gguf_target({**config, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "F16")
+    with pytest.raises(BadInputError, match="longrope"):
+        validate_gguf_target({**config, "rope_parameters": {"rope_type": "longrope", "factor": 8.0}}, "F16")
+    with pytest.raises(BadInputError, match="llama3 rope scaling on a qwen2 model"):
+        validate_gguf_target({**config, "model_type": "qwen2", "rope_parameters": {"rope_type": "llama3"}}, "F16")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    validate_gguf_target({**config, "rope_parameters": {**yarn, "beta_fast": 16.0}}, "F16")
+    with pytest.raises(BadInputError, match="YaRN's attention_factor"):
+        validate_gguf_target({**config, "rope_parameters": {**yarn, "attention_factor": 1.2}}, "F16")
+    with pytest.raises(BadInputError, match="partial rotary"):
+        validate_gguf_target({**config, "partial_rotary_factor": 0.5}, "F16")
     with pytest.raises(BadInputError, match="sliding"):
         validate_gguf_target({**config, "model_type": "mistral", "sliding_window": 128}, "F16")
     validate_gguf_target({**config, "model_type": "mistral", "sliding_window": None}, "F16")
@@ -712,3 +720,111 @@ def test_added_tokens_get_llama_cpp_s_token_types(tiny, tmp_path) -> None:
         want = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
         assert types[by_id[token]] == want, token
     assert tokens[by_id["a\u2581b"]] == "a b" and tokens[by_id["<pad>"]] == "<pad>"
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
+def _llama_cpp_rope_factors(dim: int, rope: dict) -> list[float]:
+    """convert_hf_to_gguf.py's llama3 factors, transcribed in float64 from its loop."""
+    import math
+
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * rope["rope_theta"] ** (i / dim)
+        orig, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+        if wavelen < orig / high:
+            factors.append(1.0)
+        elif wavelen > orig / low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return factors
+
+
+def _inv_freq(config: dict) -> torch.Tensor:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from qmerge.io.architecture import hf_config
+
+    c = hf_config(config)
+    kind = c.rope_parameters.get("rope_type", "default")
+    return ROPE_INIT_FUNCTIONS[kind](c, "cpu")[0] if kind != "default" else \
+        1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+
+
+@torch.no_grad()
+def test_llama3_rope_is_written_as_llama_cpp_writes_it_and_read_back(tmp_path, smol_tokenizer) -> None:
+    """Llama 3.x's rope scaling: the file holds llama.cpp's `rope_freqs.weight` (F32, a factor per frequency, first
+    in the file), and the readback finds llama3 parameters that give transformers' frequencies and the source
+    model's logits. Without the scaling, the logits differ (the check can fail)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _tiny_smol(tmp_path / "llama3", smol_tokenizer, head_dim=32, rope_parameters=dict(LLAMA3))
+    report = write_gguf(folder, tmp_path / "out" / "m.gguf", "F32")
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(tmp_path / "out" / "m.gguf").tensors
+    assert tensors[0].name == "rope_freqs.weight" and tensors[0].tensor_type.name == "F32"
+    factors = np.asarray(tensors[0].data, dtype=np.float64)
+    assert 1.0 < factors[3] < 8.0 and factors[0] == 1.0 and factors[-1] == 8.0  # all three regions
+    np.testing.assert_allclose(factors, _llama_cpp_rope_factors(32, LLAMA3), rtol=1e-6)
+    assert report["tensors"] == 1 + len(CheckpointReader(folder).names)  # the checkpoint's tensors + rope_freqs
+    source = GGUFTensorSource(tmp_path / "out" / "m.gguf")
+    config = source.hf_config()
+    assert config["rope_parameters"]["rope_type"] == "llama3" and "rope_freqs.weight" not in source.names
+    source_config = json.loads((folder / "config.json").read_text())
+    torch.testing.assert_close(_inv_freq(config), _inv_freq(source_config), rtol=1e-6, atol=0)
+    ids = (torch.arange(1, 200) * 37 % 49152).unsqueeze(0)  # positions well past the original context (64)
+    want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(_model_from(source)(ids).logits, want, rtol=0, atol=2e-5)
+    unscaled = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    assert (unscaled.eval()(ids).logits - want).abs().max() > 1e-3
+
+
+def test_rope_freqs_of_no_llama3_scaling_are_refused(tmp_path) -> None:
+    from qmerge.io.gguf_reader import llama3_rope
+
+    rope = llama3_rope(np.array(_llama_cpp_rope_factors(32, LLAMA3), dtype=np.float32), 10000.0, 32)
+    assert rope["rope_type"] == "llama3" and rope["original_max_position_embeddings"] == 64
+    assert llama3_rope(np.ones(16, dtype=np.float32), 10000.0, 32) == {}
+    with pytest.raises(BadInputError, match="not a llama3 rope scaling"):
+        llama3_rope(np.linspace(1, 8, 16, dtype=np.float32)[::-1].copy(), 10000.0, 32)  # scales the fast ones
+    with pytest.raises(BadInputError, match="holds 8 factors"):
+        llama3_rope(np.ones(8, dtype=np.float32), 10000.0, 32)
+
+
+@torch.no_grad()
+def test_a_llama3_gguf_base_converts_with_its_rope_scaling(tmp_path, smol_tokenizer) -> None:
+    """transformers' GGUF loader skips `rope_freqs.weight` and builds the unscaled rope: the base qmerge converts
+    from such a GGUF (and its dry run's header view) gets the llama3 scaling back, and the source model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.io.gguf import gguf_to_hf, header_view
+
+    folder = _tiny_smol(tmp_path / "llama3", smol_tokenizer, head_dim=32, rope_parameters=dict(LLAMA3))
+    gguf_file = tmp_path / "g" / "m.gguf"
+    write_gguf(folder, gguf_file, "F32")
+    out = gguf_to_hf(gguf_file, tmp_path / "cache", progress=False)
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    (tmp_path / "view").mkdir()
+    header_view(gguf_file, tmp_path / "view")
+    assert json.loads((tmp_path / "view" / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    ids = (torch.arange(1, 200) * 37 % 49152).unsqueeze(0)
+    want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
+    got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    plain = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    assert (plain.eval()(ids).logits - want).abs().max() > 1e-3  # what the loader alone gives
+
+
+def test_yarn_betas_are_written_and_read_back(tmp_path, smol_tokenizer) -> None:
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+            "beta_slow": 2.0, "rope_theta": 10000.0}
+    folder = _tiny_smol(tmp_path / "yarn", smol_tokenizer, rope_parameters=yarn)
+    write_gguf(folder, tmp_path / "out" / "m.gguf", "F16")
+    rope = GGUFTensorSource(tmp_path / "out" / "m.gguf").hf_config()["rope_parameters"]
+    assert rope == yarn
