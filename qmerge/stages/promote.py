@@ -170,15 +170,22 @@ def _card_section(title: str, ev: dict, final: str) -> list[str]:
             ""]
 
 
-def _base_model(manifest: dict) -> str:
-    """The base's Hub-style id when an adapter names one ("org/name"), else the base's file or folder name."""
+def _base_model(manifest: dict) -> str | None:
+    """The base's Hub id when an adapter names one ("org/name"), else None: the Hub takes `base_model` for a
+    repository id only (a file or folder name there is an invalid card), and the card's text names the base."""
     prov = manifest["provenance"]
     for adapter in prov["adapters"]:
         cfg_file = Path(adapter["path"]) / "adapter_config.json"
         name = json.loads(cfg_file.read_text()).get("base_model_name_or_path") if cfg_file.is_file() else None
         if isinstance(name, str) and name.count("/") == 1 and ":" not in name and not Path(name).exists():
             return name
-    return Path(prov["base_gguf"] or prov["base"]["folder"]).name
+    return None
+
+
+def _base_name(manifest: dict) -> str:
+    """The Hub id of the base where known, else its file or folder name."""
+    prov = manifest["provenance"]
+    return _base_model(manifest) or Path(prov["base_gguf"] or prov["base"]["folder"]).name
 
 
 def front_matter(manifest: dict) -> list[str]:
@@ -188,7 +195,8 @@ def front_matter(manifest: dict) -> list[str]:
     relation = "quantized" if any(map(is_quantized, shipped)) else \
         "merge" if len(manifest["provenance"]["adapters"]) > 1 else "finetune"
     q = json.dumps
-    lines = ["---", f"base_model: {q(_base_model(manifest))}", f"base_model_relation: {relation}",
+    base = _base_model(manifest)
+    lines = ["---", f"base_model: {q(base)}" if base else None, f"base_model_relation: {relation}" if base else None,
              f"quantized_by: {q('qmerge ' + manifest['qmerge_version'])}" if relation == "quantized" else None,
              "library_name: transformers", "tags: [qmerge" + "".join(f", {q(a)}" for a in shipped) + "]",
              "model-index:", f"- name: {q(manifest['name'])}", "  results:"]
@@ -217,7 +225,7 @@ def model_card(manifest: dict) -> str:
     how = f" (merge.method = {combination['method']}, density {combination['density']})" if combination else ""
     lines = [*front_matter(manifest), f"# {manifest['name']} {manifest['version']}", "",
              f"Built by qmerge {manifest['qmerge_version']}: the adapter(s) merged in float32 into the "
-             f"`{manifest['into']}` base weights{how}; final artifact: {final}.", "",
+             f"`{manifest['into']}` weights of the base `{_base_name(manifest)}`{how}; final artifact: {final}.", "",
              f"Gate: **{manifest['gate']['verdict']}**.", ""]
     artifacts = manifest.get("artifacts", {})
     if len(artifacts) > 1:

@@ -75,7 +75,8 @@ def test_every_format_is_gated_on_its_written_bytes_and_ships_only_if_it_passed(
     assert (release / "gguf-Q8_0" / "model.gguf").is_file()
     card = (release / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model_relation"] == "quantized" and meta["quantized_by"].startswith("qmerge")
+    assert meta["quantized_by"].startswith("qmerge")
+    assert "base_model" not in meta and "base_model_relation" not in meta  # no adapter names a Hub id: none given
     names = {m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
     assert "kl_divergence (gguf-Q8_0)" in names and "kl_divergence (gguf-Q4_0)" not in names
 

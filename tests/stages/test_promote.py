@@ -295,3 +295,26 @@ def test_release_without_room_is_exit_2_and_publishes_nothing(gated, tmp_path, m
     err = capsys.readouterr().err
     assert "GiB free" in err and "fix:" in err
     assert not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+def test_card_names_a_hub_base_only_where_an_adapter_gives_one(tmp_path: Path) -> None:
+    """The Hub takes `base_model` for a repository id only: an adapter's "org/name" goes there; a base known by
+    its file or folder alone is named in the card's text, not in its metadata (an invalid card otherwise)."""
+    import yaml
+
+    from qmerge.stages.promote import front_matter, model_card
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    manifest = {"artifacts": {}, "final": "merged", "qmerge_version": "0.1.0", "name": "rel", "version": "v1",
+                "into": "nf4", "gate": {"verdict": "pass"},
+                "provenance": {"adapters": [{"path": str(adapter)}], "base_gguf": None,
+                               "base": {"folder": str(tmp_path / "Llama-3.1-8B")}}}
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/data/llama-3.1-8b"}))
+    meta = yaml.safe_load("\n".join(front_matter(manifest)).split("---")[1])
+    assert "base_model" not in meta and "base_model_relation" not in meta and meta["library_name"] == "transformers"
+    assert "base `Llama-3.1-8B`" in model_card(manifest)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-3.1-8B"}))
+    meta = yaml.safe_load("\n".join(front_matter(manifest)).split("---")[1])
+    assert meta["base_model"] == "meta-llama/Llama-3.1-8B" and meta["base_model_relation"] == "finetune"
+    assert "base `meta-llama/Llama-3.1-8B`" in model_card(manifest)
