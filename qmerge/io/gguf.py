@@ -91,7 +91,11 @@ def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool =
     if current:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{sha[:16]}.lock"):
+    def waiting(holder: str) -> None:
+        print(f"qmerge: {gguf_path.name} is being converted by process {holder}; waiting for it", file=sys.stderr)
+
+    # no timeout: converting a 70B GGUF can outlast any, and flock is released if the converting process dies
+    with file_lock(target.parent / f".{sha[:16]}.lock", timeout=None, on_wait=waiting):
         if _is_current(target):  # another process converted it while we waited
             return target
         clean_stale_temps(target.parent)

@@ -258,11 +258,21 @@ def unchanged_release(ctx: StageContext) -> dict | None:
     return {"release": str(latest.resolve()), "status": "unchanged", "key": key, **_left_out(ctx)}
 
 
+def release_lock(root: Path):
+    """The lock of one release name's folder. It waits as long as another promotion of the name takes: flock is
+    released when its holder dies, so a wait never outlives a crashed holder, and copying a large model across
+    filesystems can take longer than any fixed timeout (which made the waiting run exit 1)."""
+    def waiting(holder: str) -> None:
+        log.info("release %s is being promoted by process %s; waiting for it", root.name, holder)
+
+    return file_lock(root / ".lock", timeout=None, on_wait=waiting)
+
+
 def run_promote(ctx: StageContext) -> dict:
     key = release_key(ctx)
     root = ctx.cfg.output_path(ctx.cfg.output.dir) / ctx.cfg.name
     root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / ".lock"):
+    with release_lock(root):
         clean_stale_temps(root)  # a killed promotion's half-written release (the lock says none is running)
         latest = root / "latest"
         unchanged = unchanged_release(ctx)

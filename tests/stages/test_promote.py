@@ -318,3 +318,25 @@ def test_card_names_a_hub_base_only_where_an_adapter_gives_one(tmp_path: Path) -
     meta = yaml.safe_load("\n".join(front_matter(manifest)).split("---")[1])
     assert meta["base_model"] == "meta-llama/Llama-3.1-8B" and meta["base_model_relation"] == "finetune"
     assert "base `meta-llama/Llama-3.1-8B`" in model_card(manifest)
+
+
+def test_a_promotion_waits_for_another_of_the_name_however_long_it_takes(tmp_path: Path, monkeypatch) -> None:
+    """No deadline on the release lock (a 600 s one made a run that waited behind a long cross-filesystem copy exit
+    1): the waiter takes the lock when the holder lets go, and a holder that dies lets go (flock)."""
+    import qmerge.io.atomic as atomic
+    from qmerge.stages.promote import release_lock
+
+    def deadline(*args):
+        raise AssertionError("the release lock waited with a deadline")
+
+    monkeypatch.setattr(atomic, "_flock_with_deadline", deadline)
+    root = tmp_path / "rel"
+    root.mkdir()
+    hold = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\ntime.sleep(1.5)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with release_lock(root):
+        waited = time.monotonic() - start
+    assert holder.wait(timeout=10) == 0 and waited > 1.0
