@@ -80,6 +80,9 @@ def bounded_check(name: str, est: Estimate | Retention, limit: float, upper_limi
     """Decides `est` (value ± stderr) against `limit` on its one-sided bounds (see the module docstring).
     `upper_limit`: the value must stay at or below `limit` (else at or above)."""
     value, se = est.value, est.stderr
+    if value is None or not math.isfinite(value):  # inf/NaN logits somewhere: no number of windows settles that
+        return Check(name, value, limit, FAIL, f"{what} = {value}: not finite (the candidate's logits or NLL hold "
+                                               "inf or NaN on some position)")
     if se is None or not math.isfinite(se):
         return Check(name, value, limit, INCONCLUSIVE, f"{what}: no standard error (one window?)")
     low, high = value - z * se, value + z * se

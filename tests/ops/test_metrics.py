@@ -92,6 +92,44 @@ def test_lower_limit_decisions(value, se, outcome):
     assert _check(value, se, 0.9, upper=False).outcome == outcome
 
 
+@pytest.mark.parametrize("value,se,upper", [
+    (math.inf, math.nan, True),     # a -inf log-probability of a target token: ppl ratio / KL inf
+    (math.nan, math.nan, True),     # NaN logits somewhere
+    (-math.inf, math.nan, False),   # retention of a candidate with an inf NLL
+    (math.nan, 0.01, False),
+])
+def test_non_finite_figures_are_a_reject_not_a_call_for_more_windows(value, se, upper):
+    check = _check(value, se, 1.02 if upper else 0.9, upper=upper)
+    assert check.outcome == "fail" and "not finite" in check.detail
+
+
+def test_non_finite_logits_reject_the_candidate_through_score_and_decide():
+    """One -inf target logit (or one NaN position) in one window: evaluate's figures turn inf/NaN with a NaN
+    standard error; the gate rejects (it had called that inconclusive: "more windows needed")."""
+    from qmerge.config import GateSettings
+    from qmerge.evaluation import score, summarize
+    from qmerge.scores import EvalReport
+    from qmerge.stages.gate import decide
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (24, 32), generator=g)
+    batches = list(torch.split(ids, 4))
+    ref = [torch.randn(b.shape[0], 32, 50, generator=g) * 2 for b in batches]
+    base = [r + torch.randn(r.shape, generator=g) * 0.7 for r in ref]
+    for poison in ("inf", "nan"):
+        cand = [r + torch.randn(r.shape, generator=g) * 0.01 for r in ref]
+        if poison == "inf":
+            cand[0][0, 3, ids[0, 4]] = float("-inf")
+        else:
+            cand[0][0, 3, :] = float("nan")
+        logits = {"reference": ref, "base": base, "merged": cand}
+        scores = score(batches, lambda name, i: logits[name][i], ("base", "merged"), ("merged",))
+        section = summarize(scores, ("merged",), {"windows": 24})
+        verdict = decide(EvalReport({}, "nf4", "merged", None, section, (), {}), GateSettings(eval="x"))
+        assert verdict.verdict == "reject", poison
+        assert all(c.outcome == "fail" for c in verdict.checks if c.name in ("ppl_ratio", "kl")), poison
+
+
 def test_windows_to_decide_shrinks_the_interval_past_the_limit():
     from qmerge.stages.gate import windows_to_decide
 
