@@ -62,8 +62,9 @@ class WeightRetention:
     yet (embeddings, head) by re-deriving it, and reports. `finish` alone is the whole computation (the twin)."""
 
     def __init__(self, plan: Plan, candidates: dict[str, Path], nf4_device: str = "cpu",
-                 combination: Combination = LINEAR, tasks: dict[int, str] | None = None):
-        self.inputs = open_inputs(plan, "nf4", nf4_device, combination)
+                 combination: Combination = LINEAR, tasks: dict[int, str] | None = None, into: str = "nf4"):
+        # W_base is the base the merge added ΔW to (`into`): W_nf4, or the original weights
+        self.inputs = open_inputs(plan, into, nf4_device, combination)
         # each candidate's stored weights, read back from its written files (qmerge/io/sources.py)
         self.stored = {name: tensor_source(path, compensation=name != ALONE) for name, path in candidates.items()}
         self.names = output_names(self.inputs)
@@ -257,7 +258,7 @@ def run_evaluate(ctx: StageContext) -> dict:
     device = pick_device("auto")  # where the layers run; float32 (TF32 off) on either
     cfg = ctx.cfg
     retention = WeightRetention(ctx.plan, candidates, pick_device(cfg.merge.device), Combination.of(cfg.merge),
-                                {cfg.adapters.index(a): a.task for a in cfg.tasks})
+                                {cfg.adapters.index(a): a.task for a in cfg.tasks}, into=merge_result["into"])
     reused: dict[str, dict] = {}
     with no_tf32():
         sections, tasks = evaluate_candidates(ctx, candidates, device, retention, state_cache(ctx), reused)

@@ -206,6 +206,10 @@ def test_into_original_reports_kl_but_gates_on_ppl_and_retention(gated, tmp_path
     assert "kl" not in names and "ppl_ratio" in names
     assert report["eval"]["candidates"]["merged"]["kl"]["mean"]["value"] > 0
     assert any("different model by design" in n for n in report["gate"]["notes"])
+    # weight-space retention against the base the merge added ΔW to (the original weights here, not W_nf4, which
+    # moved every tensor's figure by ⟨W_orig − W_nf4, ΔW⟩/‖ΔW‖²): only the bf16 storage rounding is left
+    per_tensor = report["weight_retention"]["merged"]["layers"].values()
+    assert per_tensor and max(abs(r - 1) for r in per_tensor) < 2e-4, sorted(per_tensor)[:3]
     # The adapter is strong (‖ΔW‖/‖W‖ ≈ 1.5): NF4's error costs ~1 % perplexity against a 2 % limit (measured
     # 1.009, upper bound 1.012) and retention stays ~0.99. So the gate passes and the release is published.
     assert report["gate"]["passed"], report["gate"]
