@@ -234,3 +234,27 @@ def test_score_takes_each_log_softmax_once_and_gives_the_textbook_bits():
             assert torch.equal(got.agree[name][i], (logp.argmax(-1) == ref_logp.argmax(-1)).float())
             assert torch.equal(got.p_cand[name][i], logp.gather(-1, targets).squeeze(-1).exp())
     assert "base" not in got.kl
+
+
+def test_weight_retention_does_not_depend_on_the_order_tensors_come_in(tmp_path):
+    """The streamed pass feeds tensors layer by layer, cached states in checkpoint-name order (layers.10 before
+    layers.2): the report must be the same bytes either way, so the sums run in one fixed order."""
+    from qmerge.plan import Plan
+    from qmerge.stages.evaluate import WeightRetention
+
+    base = make_base(tmp_path / "b", dtype="float32")
+    adapter = make_adapter(base, tmp_path / "a", b_std=1e-3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                             "gate_proj", "up_proj", "down_proj"])
+    merged = merged_candidate(tmp_path, base, [(adapter, 1.0)], dtype="bfloat16")
+    (resolve_dir,) = [d for d in (tmp_path / "work" / "resolve").iterdir() if d.is_dir()]
+    plan = Plan.from_json(__import__("json").loads((resolve_dir / "done.json").read_text())["result"])
+    forward, backward = WeightRetention(plan, {"merged": merged}), WeightRetention(plan, {"merged": merged})
+    for tensor in forward.names:
+        forward.add(tensor)
+    for tensor in reversed(backward.names):
+        backward.add(tensor)
+    got, want = backward.finish(), forward.finish()
+    import json
+
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert len(want["merged"]["layers"]) == 14 and abs(want["merged"]["aggregate"] - 1) > 1e-6

@@ -72,8 +72,10 @@ class WeightRetention:
         self.tasks = tasks or {}
         self.seen: set[str] = set()
         self.layers: dict[str, dict[str, float]] = {name: {} for name in candidates}
-        self.sums = {name: [0.0, 0.0] for name in candidates}
-        self.task_sums = {name: {task: [0.0, 0.0] for task in self.tasks.values()} for name in candidates}
+        # per tensor (r·‖ΔW‖², ‖ΔW‖²), and each task's projection sums: added up in `names` order by `finish`,
+        # whatever order the tensors came in (layer by layer while streaming, name order from cached states)
+        self.parts: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in candidates}
+        self.task_parts = {name: {task: {} for task in self.tasks.values()} for name in candidates}
 
     def add(self, tensor: str, w_nf4=None) -> None:
         self.seen.add(tensor)
@@ -89,15 +91,12 @@ class WeightRetention:
             # chunked float64 sums (ops/metrics.py; twin of weight_retention): no whole-tensor float64 copies
             metrics = delta_metrics(stored, exact, w_base)
             for task, delta in own:
-                sums = projection_sums(stored, w_base, delta)
-                self.task_sums[name][task][0] += sums[0]
-                self.task_sums[name][task][1] += sums[1]
+                self.task_parts[name][task][tensor] = tuple(projection_sums(stored, w_base, delta)[:2])
             if metrics is None:  # ΔW = 0 for this tensor
                 continue
             r, _, norm2 = metrics
             self.layers[name][tensor] = r
-            self.sums[name][0] += r * norm2
-            self.sums[name][1] += norm2
+            self.parts[name][tensor] = (r * norm2, norm2)
 
     def add_layer(self, model: LayerwiseModel, index: int, layer: torch.nn.Module) -> None:
         """Layer `index` of the reference, real right now: its base weights are W_nf4 (replaced tensors aside)."""
@@ -121,14 +120,21 @@ class WeightRetention:
         for tensor in self.names:
             if tensor not in self.seen:
                 self.add(tensor)
+        def ratio(parts: dict[str, tuple[float, float]]) -> float | None:
+            num = den = 0.0
+            for tensor in self.names:
+                if tensor in parts:
+                    num, den = num + parts[tensor][0], den + parts[tensor][1]
+            return num / den if den else None
+
         out = {}
         for name, per_layer in self.layers.items():
-            num, den = self.sums[name]
+            per_layer = {t: per_layer[t] for t in self.names if t in per_layer}
             worst = sorted(per_layer.items(), key=lambda kv: kv[1])[:10]
-            out[name] = {"aggregate": num / den if den else None, "worst": worst,
+            out[name] = {"aggregate": ratio(self.parts[name]), "worst": worst,
                          "vanished": [n for n, r in worst if r < VANISHED], "layers": per_layer}
             if self.tasks:
-                out[name]["tasks"] = {task: (sd / dd if dd else None) for task, (sd, dd) in self.task_sums[name].items()}
+                out[name]["tasks"] = {task: ratio(parts) for task, parts in self.task_parts[name].items()}
         return out
 
 
