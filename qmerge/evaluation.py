@@ -101,7 +101,7 @@ class StreamedLogits:
                     view = views[name]
                     if view.model is model:
                         with model.adapters(view.adapters):
-                            self.states[name] = [LayerBatch(run_layer(layer, b), b.kwargs) for b in self.states[name]]
+                            self.states[name] = [b.with_hidden(run_layer(layer, b)) for b in self.states[name]]
                 if on_layer is not None:
                     on_layer(model, index, layer)
                 model.free_layer(index)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -47,12 +47,25 @@ class Overlay(Protocol):
     def enabled(self, on: bool) -> contextlib.AbstractContextManager: ...
 
 
+LAYER_KIND = "_qmerge_layer_kind"  # set on each decoder layer: its entry of config.layer_types, where they differ
+
+
 @dataclass
 class LayerBatch:
-    """What one decoder layer receives for one batch of windows."""
+    """What one decoder layer receives for one batch of windows: the hidden states, and the keyword arguments
+    (masks, position embeddings) layer 0 gets; `by_kind`, where the model's layers are of several kinds
+    (`config.layer_types`: sliding-window and full attention, local and global rope), those of each other kind."""
 
     hidden: torch.Tensor
     kwargs: dict
+    by_kind: dict[str, dict] = field(default_factory=dict)
+
+    def kwargs_for(self, layer: torch.nn.Module) -> dict:
+        """The keyword arguments `layer` gets in the model's own forward."""
+        return self.by_kind.get(getattr(layer, LAYER_KIND, None), self.kwargs)
+
+    def with_hidden(self, hidden: torch.Tensor) -> LayerBatch:
+        return LayerBatch(hidden, self.kwargs, self.by_kind)
 
 
 class _Caught(Exception):
@@ -79,6 +92,24 @@ class _Catcher(torch.nn.Module):
         raise _Caught
 
 
+class _PassOn(torch.nn.Module):
+    """Stands in for a layer before a catcher: hands its hidden states on untouched (what the catcher records
+    of them is not used; the masks and position embeddings are computed before the first layer)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+
 def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> str:
     return next(name for name, m in root.named_modules() if m is target)
 
@@ -103,6 +134,7 @@ class LayerwiseModel:
         self.model = (overlay.wrap(inner) if overlay else inner).eval()
         inner_prefix = _module_path(self.model, inner)
         self._strip = f"{inner_prefix}." if inner_prefix else ""
+        self._init_weights = inner._init_weights  # how the model computes its non-persistent buffers
         self.decoder = inner.get_decoder()
         self.layers = self._find_layers()
         self.layers_prefix = _module_path(self.model, self.layers)
@@ -115,6 +147,11 @@ class LayerwiseModel:
             self.aliases[name] = first.setdefault(id(p), name)
         self.alive: set[int] = set()
         self.max_layers_alive = 0
+        # the kind of each layer where they differ: the decoder picks each layer's mask and rope by it
+        kinds = list(getattr(self.config.get_text_config(), "layer_types", None) or [])
+        self.kinds = kinds if len(kinds) == len(self.layers) and len(set(kinds)) > 1 else []
+        for layer, kind in zip(self.layers, self.kinds):
+            setattr(layer, LAYER_KIND, kind)
 
     @classmethod
     def from_folder(cls, folder: Path, device: str = "cpu") -> LayerwiseModel:
@@ -161,8 +198,9 @@ class LayerwiseModel:
     def _materialize(self, module: torch.nn.Module, prefix: str) -> None:
         """Makes `module` real on the device with its tensors from the source (and overlay), in float32."""
         module.to_empty(device=self.device)
+        computed = self._compute_buffers(module)
         tensors = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers()])
-        full = {f"{prefix}.{n}" if prefix else n: t for n, t in tensors.items()}
+        full = {f"{prefix}.{n}" if prefix else n: t for n, t in tensors.items() if n not in computed}
         tied = []
         with torch.no_grad():
             for name, tensor in full.items():
@@ -175,6 +213,31 @@ class LayerwiseModel:
                 self.overlay.fill(self.model, set(full))
             for name in tied:
                 full[name].copy_(self._tied_value(self.aliases[name]))
+
+    def _compute_buffers(self, module: torch.nn.Module) -> set[str]:
+        """Computes `module`'s non-persistent buffers (never stored, e.g. Gemma's embedding scale) as transformers
+        does when it loads a model: the model's `_init_weights` on the modules holding them, every other tensor
+        marked as initialised so that it is left alone (the source fills those). Returns their names (relative to
+        `module`); one the model's init leaves unset is refused."""
+        computed = set()
+        for sub_name, sub in module.named_modules():
+            kept = [n for n in getattr(sub, "_non_persistent_buffers_set", ()) if getattr(sub, n, None) is not None]
+            if not kept:
+                continue
+            for name, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                t._is_hf_initialized = name not in kept
+            with torch.no_grad():
+                for n in kept:
+                    getattr(sub, n).fill_(float("nan") if getattr(sub, n).is_floating_point() else 0)
+                self._init_weights(sub)
+            for n in kept:
+                value = getattr(sub, n)
+                if value.is_floating_point() and bool(torch.isnan(value).any()):
+                    raise BadInputError(f"{type(sub).__name__}.{n} is computed, not stored, and this model's init "
+                                        "does not compute it", path=self.where,
+                                        fix="this architecture is not supported layer-wise")
+                computed.add(f"{sub_name}.{n}" if sub_name else n)
+        return computed
 
     def _tied_value(self, name: str) -> torch.Tensor:
         """The value parameter `name` gets when its module is materialised (for a tie into another module)."""
@@ -203,8 +266,23 @@ class LayerwiseModel:
 
     def layer_inputs_of(self, batches: list[torch.Tensor]) -> list[LayerBatch]:
         self._prepare_stack()
-        catcher = _Catcher(self.layers[0])
-        self.layers[0] = catcher
+        seen = self._catch(0, batches)
+        for kind in dict.fromkeys(self.kinds):  # each other kind's arguments, caught at its first layer
+            if kind != self.kinds[0]:
+                for batch, other in zip(seen, self._catch(self.kinds.index(kind), batches)):
+                    batch.by_kind[kind] = other.kwargs
+        for child in self.decoder.children():  # the embedding is not needed any more
+            if child is not self.layers and _is_embedding(child):
+                child.to_empty(device="meta")
+        return seen
+
+    def _catch(self, index: int, batches: list[torch.Tensor]) -> list[LayerBatch]:
+        """What layer `index` receives for each batch, the layers before it handing their input on."""
+        originals = [self.layers[i] for i in range(index + 1)]
+        catcher = _Catcher(originals[index])
+        for i in range(index):
+            self.layers[i] = _PassOn(originals[i])
+        self.layers[index] = catcher
         try:
             for batch in batches:
                 try:
@@ -213,10 +291,11 @@ class LayerwiseModel:
                 except _Caught:
                     pass
         finally:
-            self.layers[0] = catcher.layer
-        for child in self.decoder.children():  # the embedding is not needed any more
-            if child is not self.layers and _is_embedding(child):
-                child.to_empty(device="meta")
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        if len(catcher.seen) != len(batches):
+            raise BadInputError(f"the decoder of {type(self.decoder).__name__} never reached layer {index}",
+                                path=self.where, fix="this architecture is not supported layer-wise")
         return catcher.seen
 
     def load_layer(self, index: int) -> torch.nn.Module:
@@ -277,7 +356,7 @@ def run_layer(layer: torch.nn.Module, batch: LayerBatch, dtype: torch.dtype | No
     autocast = (torch.autocast(batch.hidden.device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     with torch.no_grad(), autocast:
-        out = layer(batch.hidden, **batch.kwargs)
+        out = layer(batch.hidden, **batch.kwargs_for(layer))
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -32,7 +32,7 @@ import torch
 from qmerge.io.atomic import TargetExistsError, atomic_dir, clean_stale_temps, write_json
 
 log = logging.getLogger("qmerge")
-FORMAT = "final-hidden-v1"  # what an entry holds; a new meaning is a new key
+FORMAT = "final-hidden-v2"  # what an entry holds; a new meaning is a new key (v2: each layer kind's own masks)
 # Besides the stage keys' packages: the readers and writers of the artifacts a candidate is read back from.
 READERS = ("gguf", "compressed-tensors", "safetensors", "numpy")
 STATES, META = "states.safetensors", "meta.json"

@@ -99,7 +99,8 @@ def _windows(batch: LayerBatch, start: int, stop: int) -> LayerBatch:
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and n > 1:
             return v[start:stop]
         return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
-    return LayerBatch(batch.hidden[start:stop], {k: cut(v) for k, v in batch.kwargs.items()})
+    return LayerBatch(batch.hidden[start:stop], {k: cut(v) for k, v in batch.kwargs.items()},
+                      {kind: {k: cut(v) for k, v in kwargs.items()} for kind, kwargs in batch.by_kind.items()})
 
 
 def input_of(layer: torch.nn.Module, module: torch.nn.Module, batch: LayerBatch,
@@ -366,7 +367,7 @@ def train_compensation(layer: torch.nn.Module, linears: dict, served: dict[str, 
 
     def error(i: int, start: int) -> torch.Tensor:
         batch = _windows(batches[i], start, start + t.windows)
-        out = layer(batch.hidden, **batch.kwargs)
+        out = layer(batch.hidden, **batch.kwargs_for(layer))
         out = out[0] if isinstance(out, tuple) else out
         return (out.float() - targets[i][start:start + t.windows].float()).square().mean()
 
@@ -464,9 +465,9 @@ def run_qmerge_backend(merged: Path, out: Path, ids: torch.Tensor, q, device: st
                 raise QmergeError(f"GPTQ left {missing} unpacked although they are quantized linears; refusing to "
                                   "write a GPTQ checkpoint that holds them dense")
             _write_layer(writer, reader, prefix, packed)
-            batches = [LayerBatch(out, b.kwargs) for out, b in zip(outputs, batches)]
+            batches = [b.with_hidden(out) for out, b in zip(outputs, batches)]
             if unquantized is not None:
-                unquantized = [LayerBatch(out, b.kwargs) for out, b in zip(unquantized_outputs, unquantized)]
+                unquantized = [b.with_hidden(out) for out, b in zip(unquantized_outputs, unquantized)]
             del outputs, unquantized_outputs
             runner.free_layer(index)
             layers_report[prefix] = report

@@ -75,12 +75,54 @@ def test_layerwise_runner_matches_whole_model(setup, tmp_path):
     batches = runner.layer_inputs(ids, 2)
     for i in range(len(runner.layers)):
         layer = runner.load_layer(i)
-        batches = [type(b)(run_layer(layer, b), b.kwargs) for b in batches]
+        batches = [b.with_hidden(run_layer(layer, b)) for b in batches]
         runner.free_layer(i)
     hidden = torch.cat([b.hidden for b in batches])
     with torch.no_grad():
         want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         got = model.model.norm(hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _kinds_and_computed_buffers(name: str):
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=3)
+    return {"llama": lambda: LlamaConfig(**common),
+            # sliding-window layers after the first, a window shorter than the text
+            "qwen2-sliding": lambda: Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                                 **common),
+            "gemma": lambda: GemmaConfig(head_dim=16, **common),  # embed_scale: a buffer computed, never stored
+            "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=8, **common),
+            # local and global rope by layer kind, and the scaled embedding
+            "gemma3": lambda: Gemma3TextConfig(head_dim=16, sliding_window=8, **common)}[name]()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2-sliding", "gemma", "gemma2", "gemma3"])
+def test_layerwise_runner_gives_each_layer_kind_its_own_mask_and_rope(arch, tmp_path):
+    """Models whose layers differ in kind (`config.layer_types`: sliding-window vs full attention, local vs global
+    rope) get each layer's own masks and position embeddings; Gemma's computed embedding scale is rebuilt. The
+    runner gave every layer layer 0's (logits off by ~1.5 on 48 tokens) and refused every Gemma."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_kinds_and_computed_buffers(arch)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / arch)
+    ids = torch.randint(1, 96, (3, 48), generator=torch.Generator().manual_seed(1))
+    runner = LayerwiseModel.from_folder(tmp_path / arch, "cpu")
+    batches = runner.layer_inputs(ids, 2)
+    for i in range(len(runner.layers)):
+        layer = runner.load_layer(i)
+        batches = [b.with_hidden(run_layer(layer, b)) for b in batches]
+        runner.free_layer(i)
+    runner.load_head()
+    got = torch.cat([runner.logits(b.hidden) for b in batches])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
