@@ -20,6 +20,7 @@ class Architecture:
     skipped: tuple[str, ...]  # transformers' modules_to_not_convert for this architecture
     tied: dict[str, str]  # tied parameter -> its source, e.g. {"lm_head.weight": "model.embed_tokens.weight"}
     layouts: dict[str, str]  # module name -> "linear" | "conv1d" | "embedding"
+    parameters: tuple[str, ...] = ()  # every parameter a checkpoint of it stores (tied copies aside)
 
 
 def hf_config(config: dict):
@@ -74,6 +75,7 @@ def describe_architecture(folder: Path, skip_modules: tuple[str, ...] | None = N
         elif isinstance(module, torch.nn.Linear):
             layouts[name] = "linear"
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    parameters = tuple(n for n, _ in model.named_parameters() if n not in tied)
     quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=quantization_config is not None)
     skipped = quantizer.get_modules_to_not_convert(model, bnb_config.llm_int8_skip_modules,
                                                    model._keep_in_fp32_modules)
@@ -82,4 +84,4 @@ def describe_architecture(folder: Path, skip_modules: tuple[str, ...] | None = N
         model = replace_with_bnb_linear(model, modules_to_not_convert=skipped, quantization_config=bnb_config,
                                         pre_quantized=quantization_config is not None)
     quantized = frozenset(n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
-    return Architecture(config.model_type, quantized, tuple(sorted(skipped)), tied, layouts)
+    return Architecture(config.model_type, quantized, tuple(sorted(skipped)), tied, layouts, parameters)

@@ -129,6 +129,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         base_entries, base_sha = origin.pop("files"), origin["gguf_sha256"]
     else:
         base, base_entries, base_sha = _hashed_base(folder, nf4_recipe(cfg), skip, progress)
+    _check_complete(base, folder)
     pinned = cfg.base.sha256
     # One digest over everything that changes the result: a pin of config.json or of one shard of many would
     # let the other files change unnoticed.
@@ -194,6 +195,17 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         tied=base.arch.tied,
         estimate=_estimate(cfg, base),
     )
+
+
+def _check_complete(base: BaseCheckpoint, folder: Path) -> None:
+    """Every parameter of the architecture is in the checkpoint (tied copies aside): a tensor a shard index leaves
+    out, or a shard that lacks it, would otherwise be merged as absent and the release would load it freshly
+    initialised."""
+    missing = [n for n in base.arch.parameters if n not in base.tensors]
+    if missing and len(missing) < len(base.arch.parameters):  # none at all: names of another scheme, refused later
+        raise BadInputError(f"the checkpoint lacks {len(missing)} of the {len(base.arch.parameters)} parameters its "
+                            f"config.json describes: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
+                            path=folder, fix="re-download the model (an incomplete shard or index)")
 
 
 def _hashed_base(folder: Path, recipe: NF4Recipe, skip, progress: bool) -> tuple[BaseCheckpoint, list[dict], str]:

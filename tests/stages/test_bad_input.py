@@ -276,3 +276,17 @@ def test_empty_skip_modules_means_no_default_skips(tmp_path, tiny_llama):
     assert "lm_head" in want
     assert set(describe_architecture(untied, ()).quantized) == want
     assert "lm_head" not in describe_architecture(untied, None).quantized
+
+
+def test_a_base_missing_a_parameter_is_refused_before_the_merge(tmp_path, tiny_llama, adapter, capsys):
+    """A shard without model.norm.weight (or an index that leaves it out) was merged without it, exit 0: the
+    release then loaded a freshly initialised norm."""
+    import shutil
+
+    base = tmp_path / "incomplete"
+    shutil.copytree(tiny_llama, base)
+    tensors = load_file(base / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(tmp_path, base, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, str(base), "lacks 1 of the", "model.norm.weight", "re-download")
