@@ -271,12 +271,34 @@ def match_adapter(adapter: Adapter, base: BaseCheckpoint) -> dict:
     tensors = base.tensors
     for mod in adapter.modules.values():
         _match_module(mod, adapter, base)
-    for target in adapter.replacements:
+    for target, stored in adapter.replacements.items():
+        if not _saved_whole_by_peft(target, stored, adapter, base):
+            raise BadInputError(f"adapter holds {stored} whole, which nothing in its adapter_config.json explains "
+                                "(modules_to_save, bias = \"all\"/\"lora_only\", a saved embedding): PEFT would not "
+                                "load it, and qmerge will not guess", path=adapter.weights_file,
+                                fix="remove the tensor, or save the adapter with PEFT's save_pretrained")
         if target not in tensors and target not in base.arch.tied:
             raise BadInputError(f"adapter replaces {target}, which the base does not have", path=adapter.weights_file,
                                 fix="this adapter was trained on another base model")
     quantized = sum(1 for m in adapter.modules if m in base.arch.quantized)
     return {"lora_modules": len(adapter.modules), "on_quantized_linears": quantized}
+
+
+def _saved_whole_by_peft(target: str, stored: str, adapter: Adapter, base: BaseCheckpoint) -> bool:
+    """Whether PEFT saves base tensor `target` whole in an adapter of this config (as `stored`): a module of
+    `modules_to_save` (PEFT matches names by suffix), a bias under bias = "all"/"lora_only", or an input or output
+    embedding (`save_embedding_layers`, also a LoRA embedding's own base_layer). Anything else in the file is a
+    tensor PEFT's loader ignores, which qmerge would otherwise have merged as a replacement."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    module, _, param = target.rpartition(".")
+    config = adapter.config
+    if any(module.endswith(m) for m in config.get("modules_to_save") or []):
+        return True
+    if param == "bias" and config.get("bias") in ("all", "lora_only"):
+        return True
+    return (".base_layer." in stored or base.arch.layouts.get(module) == "embedding"
+            or module.rpartition(".")[2] in EMBEDDING_LAYER_NAMES or target in base.arch.tied)
 
 
 def _match_module(mod: LoraModule, adapter: Adapter, base: BaseCheckpoint) -> None:

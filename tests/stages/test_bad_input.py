@@ -290,3 +290,14 @@ def test_a_base_missing_a_parameter_is_refused_before_the_merge(tmp_path, tiny_l
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     cfg = write_config(tmp_path, base, [(adapter, 1.0)])
     assert_exit_2(cfg, capsys, str(base), "lacks 1 of the", "model.norm.weight", "re-download")
+
+
+@pytest.mark.parametrize("stray", ["base_model.model.model.layers.0.self_attn.q_proj.weight",
+                                   "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"])
+def test_a_whole_tensor_no_adapter_setting_explains_is_refused(tmp_path, tiny_llama, adapter, capsys, stray):
+    """A stray q_proj.weight in the adapter file replaced the base's q_proj (PEFT's loader ignores it: its merge
+    keeps the base's); a raw state_dict's `.lora_A.default.weight` was taken for a replacement too."""
+    _rewrite_adapter(adapter, lambda t: t.__setitem__(stray, torch.zeros(64, 64) if "lora" not in stray
+                                                      else torch.zeros(4, 64)))
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "adapter_model.safetensors", f"holds {stray} whole", "modules_to_save")
