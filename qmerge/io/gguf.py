@@ -162,11 +162,33 @@ def _folder_config(model) -> dict:
     return config
 
 
+VERSIONED = ("transformers", "gguf", "torch")  # what the conversion's bytes depend on besides the GGUF
+
+
 def _is_current(target: Path) -> bool:
+    """Whether `target` holds a conversion to reuse: this format, made by the installed converter's versions, and
+    every file still the bytes it was written with (the provenance holds their sha256, checked on each use: a
+    cache damaged on disk would be the base of every later merge and of the gate's reference alike, so nothing
+    downstream could notice it)."""
     try:
-        return json.loads((target / PROVENANCE).read_text()).get("format") == FORMAT
+        provenance = json.loads((target / PROVENANCE).read_text())
     except (OSError, ValueError):
         return False
+    versions = provenance.get("versions") or {}
+    if provenance.get("format") != FORMAT or any(versions.get(p) != package_version(p) for p in VERSIONED):
+        return False
+    recorded = provenance.get("files")
+    present = {p.name for p in target.iterdir() if p.is_file() and p.name != PROVENANCE}
+    if not isinstance(recorded, dict) or set(recorded) != present:
+        return False
+    from qmerge.stages.resolve import files_digest
+
+    entries, _ = files_digest([target / name for name in recorded], progress=False)
+    if any(recorded[Path(e["path"]).name] != e["sha256"] for e in entries):
+        print(f"qmerge: the cached conversion {target} does not hold the bytes it was written with; converting "
+              "again", file=sys.stderr)
+        return False
+    return True
 
 
 def _write_provenance(out: Path, gguf_path: Path, sha: str, header: dict) -> None:
@@ -183,8 +205,16 @@ def _write_provenance(out: Path, gguf_path: Path, sha: str, header: dict) -> Non
                  "float32 by transformers' GGUF loader: this base's 'original' (pre-NF4) weights are themselves "
                  "quantized, not the float checkpoint the GGUF was made from"),
         "versions": {p: package_version(p) for p in ("transformers", "gguf", "torch", "qmerge")},
+        "files": _digests(out),
     }
     (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    from qmerge.stages.resolve import files_digest
+
+    entries, _ = files_digest([p for p in folder.iterdir() if p.is_file() and p.name != PROVENANCE], progress=False)
+    return {Path(e["path"]).name: e["sha256"] for e in entries}
 
 
 def _load_gguf(gguf_path: Path, progress: bool):

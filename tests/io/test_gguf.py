@@ -203,3 +203,25 @@ def test_dry_run_reads_the_header_only_and_plans_what_the_real_run_does(converte
     after, out = planned_keys()
     assert "not converted yet" not in out
     assert before == after and [name for name, _ in before][:2] == ["resolve", "merge"]
+
+
+def test_a_damaged_cached_conversion_is_converted_again(converted: Path, tmp_path: Path, monkeypatch) -> None:
+    """The cache records each file's sha256 and resolve checks them on each use: one overwritten KiB of weights in
+    the cached folder was used as the base (merge and gate's reference alike, so nothing downstream could tell).
+    (Rebuild stubbed, as above.)"""
+    import shutil
+
+    import qmerge.io.gguf as mod
+
+    copy = tmp_path / "gguf" / converted.name
+    shutil.copytree(converted, copy)
+    assert mod.cache_folder(GGUF, tmp_path, progress=False)[2]  # an intact copy is current
+    weights = copy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(weights.stat().st_size // 2)
+        f.write(b"\x7f" * 1024)
+    assert not mod.cache_folder(GGUF, tmp_path, progress=False)[2]
+    calls = []
+    monkeypatch.setattr(mod, "_convert", lambda src, out, progress: calls.append(out))
+    gguf_to_hf(GGUF, tmp_path, progress=False)
+    assert len(calls) == 1
