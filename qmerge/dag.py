@@ -160,6 +160,7 @@ class Runner:
     def run(self) -> tuple[list[StageRecord], int | None]:
         """The stage records and the exit code; with `reuse_only`, exit code None when a stage has work to do.
         `self.records` holds the stages done so far, also when a stage raises."""
+        self._preflight()
         keys: dict[str, str] = {}
         dirs: dict[str, Path] = {}
         results: dict[str, dict] = {}
@@ -209,6 +210,22 @@ class Runner:
             if exit_code != EXIT_OK:
                 final = exit_code
         return records, final
+
+    def _preflight(self) -> None:
+        """What can be checked from the config alone, before any stage runs (else a missing eval text or a bad
+        release name surfaced hours later, after the merge and the quantization): every enabled stage's config
+        slice (it reads and hashes the text specs it names), the folders qmerge writes into, the release's name."""
+        for what, path in (("work_dir", self.work), ("output.dir", self.cfg.output_path(self.cfg.output.dir))):
+            if path.exists() and not path.is_dir():
+                raise BadInputError(f"{what} {path} is a file, not a folder", path=self.cfg.source,
+                                    fix=f"point {what} at a folder (it is created if missing)")
+        for stage in self.stages:
+            if stage.enabled(self.cfg):
+                stage.config_slice(self.cfg)
+        if any(s.name == "promote" and s.enabled(self.cfg) for s in self.stages):
+            from qmerge.stages.promote import version_name
+
+            version_name(self.opts.release_version or self.cfg.output.version, "0" * 12, self.cfg)
 
     def lock_path(self, stage: str, key: str) -> Path:
         """The lock a stage key is built under, kept out of the stage folders (which hold only artifacts)."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from qmerge.config import load_config
+from qmerge.errors import BadInputError
 from qmerge.dag import Options, Runner, StageRecord
 
 
@@ -93,6 +94,9 @@ def run_pipeline_command(args) -> int:
     from qmerge.pipeline import STAGES
 
     cfg = load_config(args.config)
+    summary = getattr(args, "summary_json", None)
+    if summary and not Path(summary).expanduser().resolve().parent.is_dir():  # found out only after the whole run
+        raise BadInputError(f"--summary-json {summary}: its folder does not exist", fix="create the folder first")
     opts = Options(dry_run=args.dry_run, force=args.force, from_stage=args.from_stage, only=args.only,
                    quiet=args.quiet, release_version=args.release_version)
     runner = Runner(cfg, STAGES, opts)

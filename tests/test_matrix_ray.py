@@ -34,7 +34,8 @@ def ray_address():
 
 def small_matrix(folder: Path, g: dict) -> Path:
     """One adapter, three targets sharing its merge and evaluate: a pass, a reject (a retention bar no model
-    reaches) and a build that fails at run time, in promote (a bad version placeholder), after its gate passed.
+    reaches) and a build that fails at run time, in promote (its release version is taken by a folder already
+    there, which nothing before promote looks at), after its gate passed.
     Every build records itself in the default SQLite registry."""
     folder.mkdir()
     path = folder / "releases.toml"
@@ -48,8 +49,9 @@ gate = { min_delta_retention = 1.5 }
 
 [[targets]]
 name = "badver"
-output = { version = "{nope}" }
+output = { version = "taken" }
 """)
+    (folder / "releases" / "strong-badver" / "taken").mkdir(parents=True)
     return path
 
 
@@ -82,7 +84,7 @@ def test_ray_builds_match_the_local_scheduler(gated, tmp_path, ray_address):
     ray_rows = rows[1]
     assert ray_rows["strong-dense"]["exit_code"] == EXIT_OK and ray_rows["strong-dense"]["verdict"] == "pass"
     assert ray_rows["strong-strict"]["exit_code"] == EXIT_GATE_REJECTED
-    assert ray_rows["strong-badver"]["exit_code"] == EXIT_BAD_INPUT and "placeholder" in ray_rows["strong-badver"]["error"]
+    assert ray_rows["strong-badver"]["exit_code"] == EXIT_BAD_INPUT and "never overwritten" in ray_rows["strong-badver"]["error"]
     assert done_local.returncode == done_ray.returncode == reports[1]["exit_code"] == EXIT_BAD_INPUT
     # The same release bytes, hashed by the manifest and by us, whichever scheduler built them.
     hashes = [release_bytes(p.parent, "strong-dense") for p in (local, on_ray)]
@@ -104,7 +106,7 @@ def test_ray_builds_match_the_local_scheduler(gated, tmp_path, ray_address):
     for name, row in ray_rows.items():
         assert (row["exit_code"], row["verdict"], row["release"]) == \
                (rows[name]["exit_code"], rows[name]["verdict"], rows[name]["release"]), (name, again.stderr)
-    assert "placeholder" in rows["strong-badver"]["error"]
+    assert "never overwritten" in rows["strong-badver"]["error"]
 
 
 def test_a_raising_or_crashing_task_fails_its_build_only(ray_address, tmp_path):

@@ -108,7 +108,12 @@ def check_adapter_config(config: dict, path: Path) -> None:
             continue
         why = "changes the adapter math" if key in MATH_FIELDS else "is not in qmerge's allowlist"
         raise UnsupportedAdapterError(f"field `{key}` = {value!r} {why}; qmerge cannot merge it exactly", path=path)
-    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise BadInputError(f"`{key}` is {type(config[key]).__name__}, not an object of module pattern -> value",
+                                path=path, fix="rewrite adapter_config.json with PEFT's save_pretrained")
+    if not isinstance(config.get("init_lora_weights", True), (bool, str)) or \
+            config.get("init_lora_weights", True) not in PLAIN_INITS:
         raise UnsupportedAdapterError(
             f"init_lora_weights = {config['init_lora_weights']!r} rewrites the base weights during init; "
             "qmerge cannot reproduce that base", path=path,

@@ -37,7 +37,12 @@ def meta_model(config) -> torch.nn.Module:
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, dtype=MATH_DTYPE)
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=MATH_DTYPE)
+        except ValueError as e:  # "Unrecognized configuration class ...": not a causal LM transformers knows
+            raise BadInputError(f"model_type {getattr(config, 'model_type', None)!r} is not a causal language model "
+                                f"transformers can build ({str(e).splitlines()[0][:200]})",
+                                fix="qmerge merges adapters of decoder-only causal LMs (AutoModelForCausalLM)") from None
 
 
 def load_hf_config(folder: Path):

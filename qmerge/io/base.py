@@ -62,13 +62,21 @@ class BaseCheckpoint:
             self.hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadInputError(f"cannot read config.json: {e}", path=folder / "config.json") from None
+        if not isinstance(self.hf_config, dict):
+            raise BadInputError("config.json is not a JSON object", path=folder / "config.json")
         qc = self.hf_config.get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise BadInputError("quantization_config is not an object", path=folder / "config.json")
         if qc is not None and qc.get("quant_method") != "bitsandbytes":
             raise BadInputError(f"quantization_config.quant_method = {qc.get('quant_method')!r}; qmerge reads 16/32-bit "
                                 "bases and bitsandbytes 4-bit bases", path=folder / "config.json")
         if qc is not None and not qc.get("load_in_4bit"):
             raise BadInputError("bitsandbytes 8-bit bases are not supported (the adapter must be trained on NF4)",
                                 path=folder / "config.json")
+        if qc is not None and qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+            raise BadInputError(f"bnb_4bit_quant_type = {qc.get('bnb_4bit_quant_type', 'fp4')!r}: qmerge reproduces "
+                                "NF4 bases (QLoRA's) only", path=folder / "config.json",
+                                fix="use the full-precision base, or one quantized with bnb_4bit_quant_type = nf4")
         self.prequantized = qc is not None
         self.reader = CheckpointReader(folder) if headers is None else HeadersOnly(headers)
         self.arch: Architecture = describe_architecture(folder, skip_modules, qc)

@@ -23,7 +23,10 @@ def resolve_path(value: str, relative_to: Path, *, what: str, config_file: Path 
     where = config_file or relative_to
     if value.startswith(PACKAGE_PREFIX):
         package, _, inner = value[len(PACKAGE_PREFIX):].partition("/")
-        spec = importlib.util.find_spec(package) if package else None
+        try:  # find_spec imports a dotted name's parent package
+            spec = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise BadInputError(f"`{what}` = {value!r}: package {package!r} is not installed", path=where,
                                 fix=f"pip install {package} (or give a file path)")
@@ -164,5 +167,9 @@ def package_version(dist_name: str) -> str | None:
 
 
 def default_cache_root() -> Path:
-    """`$QMERGE_CACHE`, else `~/.cache/qmerge`."""
-    return Path(os.environ.get("QMERGE_CACHE") or Path.home() / ".cache" / "qmerge")
+    """`$QMERGE_CACHE`, else `~/.cache/qmerge` (exit 2 where that is a file)."""
+    root = Path(os.environ.get("QMERGE_CACHE") or Path.home() / ".cache" / "qmerge")
+    if root.exists() and not root.is_dir():
+        raise BadInputError(f"qmerge's cache {root} is a file, not a folder",
+                            fix="point $QMERGE_CACHE at a folder (it is created if missing)")
+    return root

@@ -37,15 +37,19 @@ def release_key(ctx: StageContext) -> str:
 
 
 def release_version(ctx: StageContext, key: str) -> str:
-    template = ctx.release_version or ctx.cfg.output.version
+    return version_name(ctx.release_version or ctx.cfg.output.version, key, ctx.cfg)
+
+
+def version_name(template: str, key: str, cfg) -> str:
+    """The release folder's name from the version template (also checked before a pipeline runs anything)."""
     try:
         version = template.format(date=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d"), key=key[:8],
-                                  name=ctx.cfg.name)
+                                  name=cfg.name)
     except (KeyError, ValueError, IndexError) as e:
         raise BadInputError(f"release version {template!r}: bad placeholder ({type(e).__name__}: {e}); "
-                            "the placeholders are {date}, {key} and {name}", path=ctx.cfg.source) from None
+                            "the placeholders are {date}, {key} and {name}", path=cfg.source) from None
     if not version or "/" in version or version.startswith(".") or version == "latest":
-        raise BadInputError(f"release version {version!r} is not a plain folder name", path=ctx.cfg.source)
+        raise BadInputError(f"release version {version!r} is not a plain folder name", path=cfg.source)
     return version
 
 

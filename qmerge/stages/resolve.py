@@ -104,9 +104,19 @@ def files_digest(files: list[Path], progress: bool, stop: threading.Event | None
 
 
 def _base_files(folder: Path) -> list[Path]:
-    # tokenizer and generation files (MODEL_FILES) end up in the output too
-    return [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")
-            or p.name == "config.json" or p.name in MODEL_FILES]
+    """What the base is made of: config.json, the weights the checkpoint reads (the index and the shards it names,
+    or model.safetensors; not other .safetensors beside them, such as a repository's consolidated.safetensors),
+    and the tokenizer and generation files (MODEL_FILES), which end up in the output too."""
+    from qmerge.io.safetensors_io import INDEX_NAME, SINGLE_NAME, read_index
+
+    index = folder / INDEX_NAME
+    weights = [index, *(folder / s for s in sorted(set(read_index(index).values())))] if index.is_file() else \
+        [folder / SINGLE_NAME] if (folder / SINGLE_NAME).is_file() else []
+    files = [*weights, *(p for p in folder.iterdir() if p.name == "config.json" or p.name in MODEL_FILES)]
+    for p in files:
+        if not p.is_file():
+            raise BadInputError("is not a readable file (a dangling link?)", path=p, fix="restore the model's files")
+    return files
 
 
 def run_resolve(ctx) -> dict:
@@ -182,6 +192,8 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         source = tokenizer_source([a["path"] for a in adapters], folder)
         if source != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
             gguf_vocab(source, {**base.hf_config, "vocab_size": None})
+    if headers is None:  # (a dry run's stand-in for a GGUF not converted yet has no tokenizer to check with)
+        _check_texts(cfg, tokenizer_source([a["path"] for a in adapters], folder), base.hf_config)
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
@@ -195,6 +207,33 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         tied=base.arch.tied,
         estimate=_estimate(cfg, base),
     )
+
+
+def _check_texts(cfg: Config, tokenizer_folder: Path, hf_config: dict) -> None:
+    """The texts evaluate and calibrate will cut into windows, checked as they will check them, before the merge:
+    the tokenizer loads, each text gives its windows, the calibration shares no documents with an eval text, and
+    no window is longer than the model's context (each of these was found only after the merge)."""
+    from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
+    from qmerge.stages.evaluate import load_tokenizer
+
+    texts, q = cfg.eval_texts(), cfg.quantize
+    if not texts and q is None:
+        return
+    context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
+    lengths = ([("gate.seq_len", cfg.gate.seq_len)] if texts else []) + ([("quantize.seq_len", q.seq_len)] if q else [])
+    for what, seq_len in lengths:
+        if isinstance(context, int) and seq_len > context:
+            raise BadInputError(f"{what} = {seq_len} is longer than the model's context ({context} positions)",
+                                path=cfg.source, fix=f"set {what} to {context} or less")
+    tokenizer = load_tokenizer(tokenizer_folder)
+    specs = [(load_text_spec(cfg.path(spec, what)), what) for spec, what in texts]
+    for spec, _ in specs:
+        build_windows(tokenizer, spec, cfg.gate.seq_len, cfg.gate.windows)
+    if q is not None:
+        calibration = load_text_spec(cfg.path(q.calibration, "quantize.calibration"))
+        for spec, what in specs:
+            check_disjoint(calibration, spec, "quantize.calibration", what)
+        build_windows(tokenizer, calibration, q.seq_len, q.samples)
 
 
 def _check_complete(base: BaseCheckpoint, folder: Path) -> None:

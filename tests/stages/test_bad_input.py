@@ -301,3 +301,95 @@ def test_a_whole_tensor_no_adapter_setting_explains_is_refused(tmp_path, tiny_ll
                                                       else torch.zeros(4, 64)))
     cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
     assert_exit_2(cfg, capsys, "adapter_model.safetensors", f"holds {stray} whole", "modules_to_save")
+
+
+def _edited_base(tmp_path, tiny_llama, edit) -> Path:
+    import shutil
+
+    base = tmp_path / "edited"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(edit(config)))
+    return base
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: [c], "config.json is not a JSON object"),
+    (lambda c: {**c, "quantization_config": "nf4"}, "quantization_config is not an object"),
+    (lambda c: {**c, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                             "bnb_4bit_quant_type": "fp4"}}, "bnb_4bit_quant_type = 'fp4'"),
+    (lambda c: {**c, "model_type": "t5", "architectures": ["T5ForConditionalGeneration"]},
+     "not a causal language model"),
+])
+def test_a_malformed_or_unsupported_base_config_is_exit_2(tmp_path, tiny_llama, adapter, capsys, edit, needle):
+    """Each was a traceback (exit 1): a list for config.json, a string quantization_config, an FP4 bnb base
+    (read as NF4 until a quant-state key was missing), a model transformers cannot build as a causal LM."""
+    cfg = write_config(tmp_path, _edited_base(tmp_path, tiny_llama, edit), [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, needle)
+
+
+def test_only_the_files_the_checkpoint_reads_are_hashed(tmp_path, tiny_llama, adapter):
+    """A repository's other .safetensors (consolidated.safetensors beside the shards; here a dangling link) was
+    hashed too: a traceback, and for a real one twice the hashing."""
+    base = _edited_base(tmp_path, tiny_llama, lambda c: c)
+    (base / "consolidated.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    cfg = write_config(tmp_path, base, [(adapter, 1.0)])
+    assert run_cli(cfg, "--dry-run") == 0
+
+
+@pytest.mark.parametrize("field,value", [("rank_pattern", ["q_proj"]), ("alpha_pattern", 8),
+                                         ("init_lora_weights", ["gaussian"])])
+def test_a_mistyped_adapter_config_field_is_exit_2(tmp_path, tiny_llama, adapter, capsys, field, value):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, "adapter_config.json", f"{field}")
+
+
+def test_a_package_path_under_a_missing_package_is_exit_2(tmp_path, adapter, capsys):
+    cfg = write_config(tmp_path, Path("package:no_such_pkg_qm.sub/model"), [(adapter, 1.0)])
+    cfg.write_text(cfg.read_text().replace(f'path = "{Path("package:no_such_pkg_qm.sub/model")}"',
+                                           'path = "package:no_such_pkg_qm.sub/model"'))
+    assert_exit_2(cfg, capsys, "no_such_pkg_qm.sub", "not installed")
+
+
+@pytest.mark.parametrize("which", ["work_dir", "output.dir"])
+def test_a_file_where_qmerge_writes_a_folder_is_exit_2_before_anything_runs(tmp_path, tiny_llama, adapter, capsys,
+                                                                            which):
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    (tmp_path / ("work" if which == "work_dir" else "releases")).write_text("a file")
+    assert run_cli(cfg) == 2
+    assert f"{which} " in capsys.readouterr().err and not list(tmp_path.glob("work/*/*/done.json"))
+
+
+def test_summary_json_into_a_missing_folder_is_exit_2_before_the_run(tmp_path, tiny_llama, adapter, capsys):
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert run_cli(cfg, "--summary-json", tmp_path / "nope" / "s.json") == 2
+    assert "--summary-json" in capsys.readouterr().err and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("gate,needle", [
+    ('eval = "missing.toml"', "missing.toml"),                  # was found after the merge
+    ("seq_len = 4096", "longer than the model's context"),     # an IndexError in evaluate
+    ("windows = 100000", "100000 are needed"),                  # found after the merge
+])
+def test_eval_text_problems_are_exit_2_before_the_merge(tmp_path, gated, capsys, gate, needle):
+    from tests.conftest import gate_config
+
+    cfg = gate_config(tmp_path, gated)
+    text = cfg.read_text()
+    key = gate.split(" = ")[0]
+    lines = [line for line in text.splitlines() if not line.startswith(f"{key} = ")]
+    cfg.write_text("\n".join(lines).replace("[gate]", f"[gate]\n{gate}") + "\n")
+    if key == "seq_len":  # a context the tiny llama has: 2048 by default
+        base = json.loads((gated["base"] / "config.json").read_text())
+        assert base["max_position_embeddings"] < 4096
+    assert_exit_2(cfg, capsys, needle)
+
+
+def test_a_bad_release_name_is_exit_2_before_the_merge(tmp_path, gated, capsys):
+    from tests.conftest import gate_config
+
+    cfg = gate_config(tmp_path, gated)
+    cfg.write_text(cfg.read_text().replace("[output]", '[output]\nversion = "nightly/{date}"'))
+    assert_exit_2(cfg, capsys, "not a plain folder name")

@@ -124,6 +124,14 @@ def test_bf16_storage_reports_lost_tiny_delta(tmp_path):
 
 
 def test_only_redoes_one_stage_and_stops(tmp_path, tiny_llama):
+    import shutil
+
+    from tests.conftest import save_char_tokenizer
+
+    base = tmp_path / "base"  # a tokenizer: resolve checks the gate's text can be cut into windows
+    shutil.copytree(tiny_llama, base)
+    save_char_tokenizer(base)
+    tiny_llama = base
     adapter = make_adapter(tiny_llama, tmp_path / "a")
     text = ('[gate]\neval = "heldout.toml"\nwindows = 2\nseq_len = 16\n')
     (tmp_path / "heldout.toml").write_text('[source]\npath = "package:gensim/test/test_data/lee_background.cor"\n'
