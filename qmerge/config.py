@@ -19,8 +19,47 @@ from qmerge.errors import ConfigError
 DType = Literal["float32", "float16", "bfloat16"]
 
 
+_SCALARS = (bool, int, float)
+
+
+def _scalar_types(annotation) -> set[type]:
+    """The bool/int/float types a field's annotation admits (through `X | None` and the like)."""
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return set().union(*(_scalar_types(a) for a in args))
+    return {annotation} & set(_SCALARS)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors; so are a string where a number or a flag goes ("24", "no": pydantic would read
+    them as 24 and False), a flag where a number goes (`seed = true`), and NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_coercion(cls, data):
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            kinds = _scalar_types(field.annotation)
+            value = data.get(name)
+            if not kinds or value is None:
+                continue
+            if isinstance(value, str) and str not in _all_types(field.annotation):
+                raise ValueError(f"`{name}` = {value!r} is a string; write it without quotes")
+            if isinstance(value, bool) and bool not in kinds:
+                raise ValueError(f"`{name}` = {str(value).lower()} is a flag, not a number")
+        return data
+
+
+def _all_types(annotation) -> set:
+    import typing
+
+    args = typing.get_args(annotation)
+    return set().union(*(_all_types(a) for a in args)) if args else {annotation}
 
 
 class NF4Settings(Strict):

@@ -393,3 +393,19 @@ def test_a_bad_release_name_is_exit_2_before_the_merge(tmp_path, gated, capsys):
     cfg = gate_config(tmp_path, gated)
     cfg.write_text(cfg.read_text().replace("[output]", '[output]\nversion = "nightly/{date}"'))
     assert_exit_2(cfg, capsys, "not a plain folder name")
+
+
+@pytest.mark.parametrize("section,line,needle", [
+    ("[gate]", 'windows = "24"', "`windows` = '24' is a string"),
+    ("[base.nf4]", 'double_quant = "no"', "`double_quant` = 'no' is a string"),
+    ("[gate]", "min_delta_retention = nan", "min_delta_retention"),
+    ("[merge]", "seed = true", "`seed` = true is a flag"),
+])
+def test_a_value_of_the_wrong_kind_is_not_coerced(tmp_path, tiny_llama, adapter, capsys, section, line, needle):
+    """pydantic's lax mode read "no" as False, "24" as 24, true as 1, and took NaN (after which no gate passes)."""
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    text = cfg.read_text()
+    if section not in text:
+        text += f"{section}\neval = 'x.toml'\n"
+    cfg.write_text(text.replace(section, f"{section}\n{line}", 1))
+    assert_exit_2(cfg, capsys, str(cfg), needle)
