@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -19,17 +21,17 @@ from qmerge.errors import ConfigError
 DType = Literal["float32", "float16", "bfloat16"]
 
 
-_SCALARS = (bool, int, float)
-
-
 def _scalar_types(annotation) -> set[type]:
     """The bool/int/float types a field's annotation admits (through `X | None` and the like)."""
-    import typing
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in typing.get_args(annotation)))
+    return {annotation} & {bool, int, float}
 
+
+def _all_types(annotation) -> set:
+    """Every type (and Literal value) an annotation names, nested ones included."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return set().union(*(_scalar_types(a) for a in args))
-    return {annotation} & set(_SCALARS)
+    return set().union(*(_all_types(a) for a in args)) if args else {annotation}
 
 
 class Strict(BaseModel):
@@ -53,13 +55,6 @@ class Strict(BaseModel):
             if isinstance(value, bool) and bool not in kinds:
                 raise ValueError(f"`{name}` = {str(value).lower()} is a flag, not a number")
         return data
-
-
-def _all_types(annotation) -> set:
-    import typing
-
-    args = typing.get_args(annotation)
-    return set().union(*(_all_types(a) for a in args)) if args else {annotation}
 
 
 class NF4Settings(Strict):
