@@ -12,7 +12,7 @@ import traceback
 import warnings
 
 from qmerge import __version__
-from qmerge.errors import EXIT_INTERNAL, QmergeError
+from qmerge.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, QmergeError
 
 log = logging.getLogger("qmerge")
 
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except QmergeError as e:
         print(f"qmerge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except PermissionError as e:  # a file or folder this user may not read or write: theirs to fix, not a bug
+        print(f"qmerge: error: {e.filename or ''}: permission denied ({e.strerror})\n  fix: make it readable "
+              "(inputs) or writable (work_dir, output.dir, the cache) by this user", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("qmerge: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130

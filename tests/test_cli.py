@@ -78,3 +78,18 @@ def test_quiet_import_of_gptqmodel_is_deferred_silent_and_leaves_no_handler_on_a
     assert not [marker for marker in NOISE if marker in done.stdout + done.stderr], done.stdout + done.stderr
     loud = subprocess.run([sys.executable, "-c", "import gptqmodel"], capture_output=True, text=True, timeout=300)
     assert "GPT-QModel" in loud.stdout + loud.stderr  # without --quiet the banner is there: the check above can fail
+
+
+def test_a_permission_error_is_bad_input_naming_the_path(monkeypatch, capsys, tmp_path):
+    """A file or folder this user may not read or write (an unreadable shard, a read-only output folder) is exit 2
+    naming it, not an internal error with a traceback (exit 1)."""
+    import qmerge.report
+    from qmerge.cli import main
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "model-00001-of-00002.safetensors"))
+
+    monkeypatch.setattr(qmerge.report, "run_pipeline_command", denied)
+    assert main(["pipeline", str(tmp_path / "qmerge.toml"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model-00001-of-00002.safetensors: permission denied" in err and "Traceback" not in err
