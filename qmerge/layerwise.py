@@ -72,29 +72,9 @@ class _Caught(Exception):
     pass
 
 
-class _Catcher(torch.nn.Module):
-    """Stands in for layer 0: records its inputs and stops the forward."""
-
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.seen: list[LayerBatch] = []
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # the stack may read attributes of its layers (e.g. attention_type)
-            return getattr(self._modules["layer"], name)
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.seen.append(LayerBatch(hidden, kwargs))
-        raise _Caught
-
-
-class _PassOn(torch.nn.Module):
-    """Stands in for a layer before a catcher: hands its hidden states on untouched (what the catcher records
-    of them is not used; the masks and position embeddings are computed before the first layer)."""
+class _StandIn(torch.nn.Module):
+    """Stands in for a decoder layer during a catch, answering for it any attribute the stack reads of its layers
+    (e.g. attention_type)."""
 
     def __init__(self, layer: torch.nn.Module):
         super().__init__()
@@ -105,6 +85,24 @@ class _PassOn(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["layer"], name)
+
+
+class _Catcher(_StandIn):
+    """Records the layer's inputs and stops the forward."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__(layer)
+        self.seen: list[LayerBatch] = []
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.seen.append(LayerBatch(hidden, kwargs))
+        raise _Caught
+
+
+class _PassOn(_StandIn):
+    """Stands in for a layer before a catcher: hands its hidden states on untouched (what the catcher records
+    of them is not used; the masks and position embeddings are computed before the first layer)."""
 
     def forward(self, *args, **kwargs):
         return args[0] if args else kwargs["hidden_states"]
