@@ -181,6 +181,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
                                 fix="remove [quantize]")
         check_group_size({n: base.tensors[n][1] for n in names}, names, cfg.quantize.group_size, cfg.quantize.bits,
                          cfg.source)
+    tokenizer = tokenizer_source([a["path"] for a in adapters], folder)  # the one the merged checkpoint will hold
     gguf = [artifact[5:] for artifact in cfg.exports if artifact.startswith("gguf-")]
     if gguf:  # a GGUF type, architecture or tokenizer the writer cannot take fails before the merge
         from qmerge.io.gguf_writer import gguf_vocab, validate_gguf_target
@@ -189,11 +190,10 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
             validate_gguf_target(base.hf_config, qtype)
         # the tokenizer the merged checkpoint will hold, checked as the export will check it; its vocabulary's size
         # against the model's is checked there (an adapter may resize the embeddings)
-        source = tokenizer_source([a["path"] for a in adapters], folder)
-        if source != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
-            gguf_vocab(source, {**base.hf_config, "vocab_size": None})
+        if tokenizer != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
+            gguf_vocab(tokenizer, {**base.hf_config, "vocab_size": None})
     if headers is None:  # (a dry run's stand-in for a GGUF not converted yet has no tokenizer to check with)
-        _check_texts(cfg, tokenizer_source([a["path"] for a in adapters], folder), base.hf_config)
+        _check_texts(cfg, tokenizer, base.hf_config)
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
