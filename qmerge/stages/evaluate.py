@@ -91,7 +91,7 @@ class WeightRetention:
             # chunked float64 sums (ops/metrics.py; twin of weight_retention): no whole-tensor float64 copies
             metrics = delta_metrics(stored, exact, w_base)
             for task, delta in own:
-                self.task_parts[name][task][tensor] = tuple(projection_sums(stored, w_base, delta)[:2])
+                self.task_parts[name][task][tensor] = projection_sums(stored, w_base, delta)
             if metrics is None:  # ΔW = 0 for this tensor
                 continue
             r, _, norm2 = metrics
@@ -120,6 +120,7 @@ class WeightRetention:
         for tensor in self.names:
             if tensor not in self.seen:
                 self.add(tensor)
+
         def ratio(parts: dict[str, tuple[float, float]]) -> float | None:
             num = den = 0.0
             for tensor in self.names:
