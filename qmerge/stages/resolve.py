@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qmerge.config import Config
+from qmerge.config import Config, NF4Settings
 from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
@@ -52,7 +53,10 @@ def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
 
 
 def nf4_recipe(cfg: Config) -> NF4Recipe:
-    nf4 = cfg.base.nf4
+    return _recipe(cfg.base.nf4)
+
+
+def _recipe(nf4: NF4Settings) -> NF4Recipe:
     load = None if nf4.load_dtype == "auto" else nf4.load_dtype
     deq = None if nf4.dequant_dtype == "auto" else nf4.dequant_dtype
     return NF4Recipe(nf4.blocksize, nf4.double_quant, load, nf4.compute_dtype, deq)
@@ -159,6 +163,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
             raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {sha} (combined over "
                                 f"{', '.join(Path(e['path']).name for e in entries)})", path=apath,
                                 fix="update the pin (--dry-run prints it) or use the pinned adapter")
+        _check_training_record(cfg, apath, origin, base)
         matches = match_adapter(adapter, base)
         parsed.append((apath, a.weight, adapter))
         adapters.append({"path": str(apath), "weight": a.weight, "files": entries, "sha256": sha,
@@ -207,6 +212,70 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         tied=base.arch.tied,
         estimate=_estimate(cfg, base),
     )
+
+
+TRAINING_RECORD = "qmerge_training.json"  # written beside an adapter by scripts/train_demo_adapter.py
+
+
+def _check_training_record(cfg: Config, apath: Path, origin: dict, base: BaseCheckpoint) -> None:
+    """An adapter that records how its base was quantized for training must be merged onto that same W_nf4:
+    another blocksize, double quant or dtype chain is another base, and the merge would be off by it silently.
+    Settings that differ in name only ("auto" loading a float32 checkpoint as float32) agree."""
+    path = apath / TRAINING_RECORD
+    if not path.is_file() or base.prequantized:  # a pre-quantized base brings its own W_nf4; [base.nf4] is ignored
+        return
+    unreadable = dict(path=path, fix="restore the file written at training time, or delete it")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"cannot read the adapter's training record: {e}", **unreadable) from None
+    nf4 = record.get("nf4") if isinstance(record, dict) else None
+    if not isinstance(nf4, dict):
+        raise BadInputError('the adapter\'s training record has no "nf4" table', **unreadable)
+    ours = cfg.base.nf4
+    fields = ("quant_type", "blocksize", "double_quant", "load_dtype", "compute_dtype", "dequant_dtype")
+    try:
+        theirs = NF4Settings(**(ours.model_dump(include=set(fields)) | {f: nf4[f] for f in fields if f in nf4}))
+    except ValueError as e:
+        raise BadInputError(f"the adapter's training record has an invalid nf4 table: {e}", **unreadable) from None
+    stored = {ST_DTYPES[d] for d, _ in base.tensors.values() if d in ST_DTYPES}
+    if _weights_seen(theirs, stored) != _weights_seen(ours, stored):
+        differ = [(f, json.dumps(getattr(theirs, f)), json.dumps(getattr(ours, f))) for f in fields
+                  if getattr(theirs, f) != getattr(ours, f)]
+        raise BadInputError(
+            "the adapter was trained on a base quantized otherwise: "
+            + ", ".join(f"{f} = {trained} (config: {configured})" for f, trained, configured in differ)
+            + "; the merge would start from another W_nf4 than the one the adapter learned against", path=cfg.source,
+            fix="set " + ", ".join(f"[base.nf4] {f} = {trained}" for f, trained, _ in differ) + f" as {path} records")
+    trained_on = record.get("base", {}).get("sha256") if isinstance(record.get("base"), dict) else None
+    if origin["kind"] == "gguf" and isinstance(trained_on, str) and trained_on.lower() != origin["gguf_sha256"]:
+        raise BadInputError(f"the adapter was trained on the GGUF with sha256 {trained_on}, but base.path hashes to "
+                            f"{origin['gguf_sha256']}", path=cfg.source,
+                            fix=f"point base.path at the GGUF that {path} records")
+
+
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _weights_seen(nf4: NF4Settings, stored: set[str]) -> tuple:
+    """What fixes W_nf4 and the other weights the trained model saw, per stored float dtype: the NF4 layout, the
+    roundings of the stored value before quantization, and those of the dequantized product. A float32 step
+    changes no value here (every input is float32 or narrower) and is left out, as is a repeated rounding."""
+    recipe = _recipe(nf4)
+
+    def roundings(chain) -> tuple:
+        out = []
+        for d in chain:
+            if d != "float32" and (not out or out[-1] != d):
+                out.append(d)
+        return tuple(out)
+
+    per_dtype = []
+    for s in sorted(stored):
+        load = recipe.load_dtype or s
+        product = [recipe.dequant_dtype] if recipe.dequant_dtype else [load, recipe.compute_dtype]
+        per_dtype.append((s, roundings([s, load]), roundings(product)))
+    return nf4.quant_type, recipe.blocksize, recipe.double_quant, tuple(per_dtype)
 
 
 def _check_texts(cfg: Config, tokenizer_folder: Path, hf_config: dict) -> None:

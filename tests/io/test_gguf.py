@@ -225,3 +225,21 @@ def test_a_damaged_cached_conversion_is_converted_again(converted: Path, tmp_pat
     monkeypatch.setattr(mod, "_convert", lambda src, out, progress: calls.append(out))
     gguf_to_hf(GGUF, tmp_path, progress=False)
     assert len(calls) == 1
+
+
+def test_an_adapter_trained_on_another_gguf_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The demo adapters record the sha256 of the GGUF they were trained on; another GGUF is another base."""
+    import shutil
+
+    from tests.conftest import run_cli, write_config
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(__file__).parents[2] / "adapters" / "demo-r8", adapter)
+    record = json.loads((adapter / "qmerge_training.json").read_text())
+    record["base"]["sha256"] = "0" * 64
+    (adapter / "qmerge_training.json").write_text(json.dumps(record))
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    nf4 = {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
+    assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4), "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert "trained on the GGUF with sha256 " + "0" * 64 in err and str(adapter / "qmerge_training.json") in err

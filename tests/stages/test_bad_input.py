@@ -409,3 +409,40 @@ def test_a_value_of_the_wrong_kind_is_not_coerced(tmp_path, tiny_llama, adapter,
         text += f"{section}\neval = 'x.toml'\n"
     cfg.write_text(text.replace(section, f"{section}\n{line}", 1))
     assert_exit_2(cfg, capsys, str(cfg), needle)
+
+
+def _record(adapter: Path, nf4: dict) -> None:
+    (adapter / "qmerge_training.json").write_text(json.dumps({"nf4": nf4}))
+
+
+TRAINED = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "load_dtype": "auto", "compute_dtype": "float32"}
+
+
+@pytest.mark.parametrize("field,trained", [("blocksize", 128), ("double_quant", False), ("load_dtype", "float32")])
+def test_a_config_unlike_the_adapters_training_record_is_exit_2(tmp_path, tiny_llama, adapter, capsys, field, trained):
+    """The record beside an adapter says which W_nf4 it learned against; a config that quantizes the base otherwise
+    merges onto another base, silently, unless it is refused."""
+    _record(adapter, TRAINED | {field: trained})
+    cfg = write_config(tmp_path, tiny_llama, [(adapter, 1.0)])
+    assert_exit_2(cfg, capsys, f"[base.nf4] {field} = {json.dumps(trained)}", "qmerge_training.json")
+
+
+@pytest.mark.parametrize("named", [{}, {"load_dtype": "bfloat16"}, {"dequant_dtype": "bfloat16"}])
+def test_a_config_matching_the_training_record_merges(tmp_path, tiny_llama, adapter, named):
+    """Matching means the same W_nf4: on this bfloat16 checkpoint, "auto" loads bfloat16, and the product cast to
+    bfloat16 then float32 is the product cast to bfloat16."""
+    _record(adapter, TRAINED | named)
+    assert run_cli(write_config(tmp_path, tiny_llama, [(adapter, 1.0)])) == 0
+    (tmp_path / "spelled").mkdir()
+    assert run_cli(write_config(tmp_path / "spelled", tiny_llama, [(adapter, 1.0)], nf4=TRAINED | named)) == 0
+
+    def merged(root: Path) -> list[bytes]:
+        return [f.read_bytes() for f in sorted((root / "work" / "merge").glob("*/*.safetensors"))]
+
+    assert merged(tmp_path) and merged(tmp_path) == merged(tmp_path / "spelled")
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"recipe": {}}'])
+def test_an_unreadable_training_record_is_exit_2(tmp_path, tiny_llama, adapter, capsys, text):
+    (adapter / "qmerge_training.json").write_text(text)
+    assert_exit_2(write_config(tmp_path, tiny_llama, [(adapter, 1.0)]), capsys, "qmerge_training.json")
