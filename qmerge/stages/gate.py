@@ -184,11 +184,14 @@ def format_verdict(v: GateVerdict) -> str:
 
 
 def overall(verdicts: dict[str, GateVerdict]) -> str:
-    """"pass" when every shipped artifact passed, "partial" when some did, else the first one's verdict."""
+    """"pass" when every shipped artifact passed, "partial" when some did; when none did, "reject" if any was
+    rejected (more eval windows would not save that one), else "inconclusive"."""
     passed = [a for a, v in verdicts.items() if v.passed]
     if len(passed) == len(verdicts):
         return "pass"
-    return "partial" if passed else next(iter(verdicts.values())).verdict
+    if passed:
+        return "partial"
+    return "reject" if any(v.verdict == "reject" for v in verdicts.values()) else INCONCLUSIVE
 
 
 def run_gate(ctx: StageContext) -> dict:

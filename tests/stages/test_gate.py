@@ -163,3 +163,15 @@ def test_gate_rejects_dropped_delta(gated, tmp_path):
     # Asking for promote alone after that rejection must not publish the rejected candidate.
     assert run_cli(tmp_path / "qmerge.toml", "--only", "promote") == 3
     assert not any((tmp_path / "releases").glob("*/*"))
+
+
+@pytest.mark.parametrize("outcomes,want", [
+    (["pass", "pass"], "pass"), (["fail", "pass"], "partial"), (["inconclusive", "fail"], "reject"),
+    (["inconclusive", "inconclusive"], "inconclusive"), (["fail", "inconclusive"], "reject")])
+def test_the_release_verdict_when_artifacts_disagree(outcomes, want):
+    """None passed: a rejected artifact makes the release a reject, whichever comes first (it read
+    "inconclusive" when the first artifact was, as if more windows could save the release)."""
+    from qmerge.stages.gate import Check, GateVerdict, overall
+
+    verdicts = {f"a{i}": GateVerdict(f"a{i}", (Check("kl", 0.1, 0.05, o, ""),)) for i, o in enumerate(outcomes)}
+    assert overall(verdicts) == want
