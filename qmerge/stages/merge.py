@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 
+from qmerge.config import Config
 from qmerge.dag import StageContext
 from qmerge.evaluation import StreamedLogits, View, score
 from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
@@ -35,20 +36,19 @@ def run_merge_stage(ctx: StageContext) -> dict:
     return {k: v for k, v in report.items() if k != "layers"}
 
 
-def _select_spec(ctx: StageContext):
-    cfg = ctx.cfg
+def select_windows(cfg: Config, tokenizer):
+    """The `merge.select` windows `into = "auto"` chooses on (resolve cuts them too, to fail before the merges)."""
     spec = load_text_spec(cfg.path(cfg.merge.select, "merge.select"))
     for other, what in cfg.eval_texts():
         # Choosing on the gate's own text would bias the gate in favour of the chosen candidate.
         check_disjoint(spec, load_text_spec(cfg.path(other, what)), "merge.select", what)
-    return spec
+    return build_windows(tokenizer, spec, cfg.gate.seq_len if cfg.gate else 256, cfg.merge.select_windows)
 
 
 def _merge_and_select(ctx: StageContext, plan: Plan) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    spec = _select_spec(ctx)
     device = pick_device(ctx.cfg.merge.device)
     reports, folders = {}, {}
     for into in ("nf4", "original"):
@@ -57,8 +57,7 @@ def _merge_and_select(ctx: StageContext, plan: Plan) -> dict:
         reports[into] = run_merge(open_inputs(plan, into, device, Combination.of(ctx.cfg.merge)), folders[into], ctx.cfg.merge.dtype,
                                   ctx.cfg.merge.max_shard_size, ctx.quiet)
     tokenizer = AutoTokenizer.from_pretrained(folders["nf4"])
-    windows = build_windows(tokenizer, spec, ctx.cfg.gate.seq_len if ctx.cfg.gate else 256,
-                            ctx.cfg.merge.select_windows)
+    windows = select_windows(ctx.cfg, tokenizer)
     batch_size = ctx.cfg.gate.batch_size if ctx.cfg.gate else 4
     batches = list(torch.split(windows.ids, batch_size))
     reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, plan.adapter_weights, device, device)

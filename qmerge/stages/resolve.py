@@ -285,8 +285,8 @@ def _check_texts(cfg: Config, tokenizer_folder: Path, hf_config: dict) -> None:
     from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
     from qmerge.stages.evaluate import load_tokenizer
 
-    texts, q = cfg.eval_texts(), cfg.quantize
-    if not texts and q is None:
+    texts, q, select = cfg.eval_texts(), cfg.quantize, cfg.merge.select if cfg.merge.into == "auto" else None
+    if not texts and q is None and select is None:
         return
     context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
     lengths = ([("gate.seq_len", cfg.gate.seq_len)] if texts else []) + ([("quantize.seq_len", q.seq_len)] if q else [])
@@ -303,6 +303,10 @@ def _check_texts(cfg: Config, tokenizer_folder: Path, hf_config: dict) -> None:
         for spec, what in specs:
             check_disjoint(calibration, spec, "quantize.calibration", what)
         build_windows(tokenizer, calibration, q.seq_len, q.samples)
+    if select is not None:  # merge.into = "auto" chooses on it only after both merges
+        from qmerge.stages.merge import select_windows
+
+        select_windows(cfg, tokenizer)
 
 
 def _check_complete(base: BaseCheckpoint, folder: Path) -> None:

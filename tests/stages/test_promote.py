@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from qmerge.io.atomic import TEMP_MARK
 from tests.conftest import gate_config, run_cli, write_config
 
@@ -232,10 +234,13 @@ def test_into_auto_scores_both_on_the_select_split(gated, tmp_path):
     assert code == 0
 
 
-def test_auto_refuses_the_gates_own_eval_split(gated, tmp_path, capsys):
-    cfg = gate_config(tmp_path, gated, merge={"into": "auto", "select": str(gated["heldout"])})
-    assert run_cli(cfg) == 2
-    assert "share documents" in capsys.readouterr().err
+@pytest.mark.parametrize("select,windows,needle", [("heldout", 8, "share documents"), ("select", 100000, "are needed")])
+def test_auto_refuses_a_select_text_it_cannot_use_before_merging(gated, tmp_path, capsys, select, windows, needle):
+    """The gate's own eval split, or too few windows: exit 2 from resolve (both were found after the two merges)."""
+    merge = {"into": "auto", "select": str(gated[select]), "select_windows": windows}
+    assert run_cli(gate_config(tmp_path, gated, merge=merge)) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "work" / "merge").exists()
 
 
 def test_original_on_prequantized_base_is_bad_input(tmp_path, tiny_llama, capsys):
