@@ -222,15 +222,20 @@ GRAM_BLOCK = 256
 def add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
     """h += xᵀx, in place, h symmetric: each block of GRAM_BLOCK rows is computed from the diagonal rightwards in
     one matmul and mirrored below it, so the product costs about half of the full xᵀx. The mirrored entries are
-    the same float as their transposes (the full product does not promise that)."""
+    the same float as their transposes (the full product does not promise that, nor does a diagonal block's own
+    matmul on every BLAS: AVX2 kernels on AMD EPYC leave it off by an ulp, so its lower half is mirrored too)."""
     n = x.shape[1]
-    if n <= GRAM_BLOCK:
-        h.addmm_(x.T, x)
-        return
     for i in range(0, n, GRAM_BLOCK):
         j = min(i + GRAM_BLOCK, n)
         h[i:j, i:].addmm_(x[:, i:j].T, x[:, i:])
         h[j:, i:j] = h[i:j, j:].T
+        _mirror_upper(h[i:j, i:j])
+
+
+def _mirror_upper(block: torch.Tensor) -> None:
+    """A square block's strict lower triangle := its upper one, transposed, in place."""
+    rows, cols = torch.tril_indices(*block.shape, offset=-1)
+    block[rows, cols] = block[cols, rows]
 
 
 # ---- the solver (paper Alg. 1) ----
