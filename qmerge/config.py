@@ -177,6 +177,12 @@ class QuantizeSettings(Strict):
                                     ("compensate", self.compensate is not None)) if on]
             if used:
                 raise ValueError(f"quantize.{', '.join(used)} needs quantize.backend = \"qmerge\"")
+            if not self.sym:
+                # GPTQModel's asymmetric grid gives some groups zero point 0, which a GPTQ v1 file stores as −1 with
+                # a borrow from the next zero in its word: GPTQModel's kernels undo it word-wise, vLLM's and qmerge's
+                # readers field by field, so the file is served as two different models. qmerge's grid avoids zero 0.
+                raise ValueError('quantize.sym = false needs quantize.backend = "qmerge": GPTQModel\'s asymmetric '
+                                 "checkpoints hold zero points that runtimes read differently")
         return self
 
     @field_validator("group_size")

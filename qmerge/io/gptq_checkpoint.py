@@ -98,9 +98,13 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                 bits: int) -> dict[str, torch.Tensor]:
-    """codes [O, I], scales/zeros [G, O] (zeros in [1, 2^bits]), g_idx [I] -> the four stored tensors."""
-    if zeros.min() < 1 or zeros.max() > 2**bits:
-        raise ValueError(f"v1 zero points must lie in [1, {2**bits}]")
+    """codes [O, I], scales/zeros [G, O] (zeros in [1, 2^bits − 1]), g_idx [I] -> the four stored tensors.
+
+    v1 stores zero − 1. Zero 0 (stored −1) borrows from its neighbour and zero 2^bits (stored 2^bits − 1) carries
+    into it once GPTQModel adds 1 to every field word-wise, while vLLM's kernels and `unpack_linear` read field by
+    field: outside [1, 2^bits − 1] the runtimes would serve different weights."""
+    if zeros.min() < 1 or zeros.max() > 2**bits - 1:
+        raise ValueError(f"v1 zero points must lie in [1, {2**bits - 1}], where every runtime reads them alike")
     scales16 = scales.to(torch.float16)
     if not torch.equal(scales16.to(scales.dtype), scales):
         raise ValueError("scales must be exactly representable in fp16 (the solver rounds them before use)")

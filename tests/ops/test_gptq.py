@@ -220,6 +220,17 @@ def test_v1_zero_convention():
     assert (stored["qzeros"] == 0x77777777).all()
 
 
+@pytest.mark.parametrize("zero", [0, 16])
+def test_a_zero_point_runtimes_read_differently_is_not_packed(zero):
+    """Stored as −1 or 15 + 1, a 4-bit zero of 0 or 16 borrows from or carries into its neighbour under GPTQModel's
+    word-wise +0x11111111, and not under field-by-field readers."""
+    zeros = torch.full((2, 16), 8, dtype=torch.int32)
+    zeros[0, 3] = zero
+    with pytest.raises(ValueError, match="every runtime reads them alike"):
+        pack_linear(torch.zeros(16, 32, dtype=torch.int32), torch.ones(2, 16), zeros,
+                    torch.zeros(32, dtype=torch.int32), 4)
+
+
 def test_three_bit_packing_is_autogptq_layout():
     """AutoGPTQ packs 32 3-bit codes into 3 words, codes 10 and 21 straddling words."""
     values = torch.arange(32, dtype=torch.int32).remainder(8).reshape(32, 1)

@@ -306,6 +306,8 @@ def test_gptaq_is_an_option_with_its_own_key(setup, quantized, tmp_path, capsys)
     (tmp_path / "e").mkdir()
     assert run_cli(quantize_config(tmp_path / "e", setup, gptaq={}, backend="gptqmodel")) == 2
     assert "gptaq" in capsys.readouterr().err
+    assert run_cli(quantize_config(tmp_path / "e", setup, sym=False, backend="gptqmodel")) == 2
+    assert 'sym = false needs quantize.backend = "qmerge"' in capsys.readouterr().err
     (tmp_path / "f").mkdir()
     assert run_cli(quantize_config(tmp_path / "f", setup, gptaq={"alpha": 1.5})) == 2
     (tmp_path / "g").mkdir()  # with a compensation adapter, fitted to GPTAQ's target (tests/ops/test_compensation.py)
