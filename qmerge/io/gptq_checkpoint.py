@@ -165,8 +165,9 @@ def read_quantization_config(folder: Path) -> dict:
 
 class DequantizedReader:
     """A GPTQ v1 checkpoint seen as float32 tensors, one at a time: `<m>.weight` of a quantized linear is qmerge's
-    dequantization of its stored codes, as the serving kernels compute it (fp16, `served`); every other tensor is
-    read as stored (floats widened to float32)."""
+    dequantization of its stored codes, as the serving kernels compute it (fp16, `served`), and so is its bias (the
+    kernels hold it in fp16 whatever the model's dtype); every other tensor is read as stored (floats widened to
+    float32)."""
 
     def __init__(self, folder: Path, served: bool = True):
         self.served = served
@@ -182,6 +183,8 @@ class DequantizedReader:
             parts = {s: self.reader.get(f"{module}.{s}") for s in QUANTIZED_SUFFIXES}
             return dequantize_linear(parts, self.bits, self.served).to(device)
         t = self.reader.get(name, device)
+        if self.served and name.endswith(".bias") and module in self.quantized:
+            t = t.to(torch.float16)
         return t.to(torch.float32) if t.is_floating_point() else t
 
 

@@ -484,3 +484,24 @@ def test_in_place_reversal_and_triangular_inverse(monkeypatch, n):
     got = gptq._lower_inverse_(lower.clone())
     torch.testing.assert_close(got, torch.linalg.inv(lower), rtol=0, atol=1e-12)
     assert torch.equal(got, got.tril())
+
+
+def test_a_quantized_linears_bias_is_read_as_the_kernels_hold_it(tmp_path):
+    """GPTQ kernels keep a quantized linear's bias in fp16 whatever the model's dtype (GPTQModel's TorchLinear
+    does), so evaluate scores it so; other tensors stay as stored."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from qmerge.io.gptq_checkpoint import DequantizedReader, quantization_config
+
+    bias = torch.full((16,), 1.0 + 2.0**-15)  # float32, between two fp16 values
+    stored = pack_linear(torch.zeros(16, 32, dtype=torch.int32), torch.ones(2, 16), torch.full((2, 16), 8),
+                         torch.arange(32, dtype=torch.int32) // 16, 4)
+    save_file({**{f"l.{k}": v for k, v in stored.items()}, "l.bias": bias, "norm.weight": bias.clone()},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quantization_config(4, 16, True, False,
+                                                                                                  0.01)}))
+    assert DequantizedReader(tmp_path).get("l.bias").eq(1.0).all()
+    assert torch.equal(DequantizedReader(tmp_path, served=False).get("l.bias"), bias)
+    assert torch.equal(DequantizedReader(tmp_path).get("norm.weight"), bias)
