@@ -8,6 +8,7 @@ under a key, and a rerun resumes after the last finished stage.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -104,6 +105,9 @@ class StageRecord:
 
 
 def package_versions(packages: tuple[str, ...] = KEYED_PACKAGES) -> dict[str, str]:
+    """Each package's version; qmerge's with its source digest appended (`0.1.0+src.<12 hex>`), since a change
+    to its code changes bytes without a new version number, and an artifact built by other code must not be
+    reused."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -112,7 +116,19 @@ def package_versions(packages: tuple[str, ...] = KEYED_PACKAGES) -> dict[str, st
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "absent"
+        if pkg == "qmerge":
+            out[pkg] += f"+src.{source_digest()[:12]}"
     return out
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 over qmerge's Python files (the native helper's C source among them), by path in the package."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def digest(obj: object) -> str:

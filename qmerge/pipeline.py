@@ -40,9 +40,11 @@ def _merge_slice(cfg: Config) -> dict:
 
 
 def _calibrate_slice(cfg: Config) -> dict:
+    # The eval texts are only checked against the calibration (resolve does it on every run): they change no byte
+    # of the windows, so a report-only text added to the gate must not rerun GPTQ.
     q = cfg.quantize
     return {**q.model_dump(include={"calibration", "samples", "seq_len"}),
-            "text": text_digest(cfg, q.calibration, "quantize.calibration"), "eval_texts": _eval_texts(cfg)}
+            "text": text_digest(cfg, q.calibration, "quantize.calibration")}
 
 
 def _shipped(cfg: Config) -> dict:
@@ -84,9 +86,11 @@ def _quantize_slice(cfg: Config) -> dict:
     defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None, "gptaq": None,
                 "static_groups": False}
     exclude: dict = {k: True for k, v in defaults.items() if getattr(q, k) == v}
+    # GPTQModel's solver and writer make this stage's bytes on its backend
+    out = {"gptqmodel": package_versions(("gptqmodel",))["gptqmodel"]} if q.backend == "gptqmodel" else {}
     if q.compensate is not None and q.compensate.train is None:
         exclude["compensate"] = {"train"}  # untrained compensation keeps the key it had before training existed
-    return q.model_dump(exclude=exclude)
+    return q.model_dump(exclude=exclude) | out
 
 
 REGISTRY_KEYS = {"registry", "registry_uri", "registered_model", "alias"}

@@ -526,3 +526,33 @@ def test_a_quantized_linear_left_unpacked_is_an_error(setup, tmp_path, monkeypat
     monkeypatch.setattr(stage, "quantize_layer", drops_one)
     assert run_cli(quantize_config(tmp_path, setup)) == 1
     assert not list((tmp_path / "work" / "quantize").glob("*/done.json"))
+
+
+def test_keys_follow_qmerge_code_and_gptqmodel_but_not_report_only_texts(setup, tmp_path, monkeypatch):
+    """qmerge's version never moved while its code changed bytes: its source digest is in every key. GPTQModel
+    writes the gptqmodel backend's checkpoint: its version is in that quantize key. An eval text changes no
+    calibration window: adding one to the gate must not rerun GPTQ."""
+    import importlib.metadata
+
+    import qmerge.dag as dag
+    from qmerge.dag import package_versions, source_digest
+
+    assert package_versions()["qmerge"].endswith(f"+src.{source_digest()[:12]}")
+    cfg = quantize_config(tmp_path, setup)
+    key = quantize_key(cfg)
+    monkeypatch.setattr(dag, "source_digest", lambda: "f" * 64)
+    assert quantize_key(cfg) != key
+    monkeypatch.undo()
+
+    text = cfg.read_text()
+    spec, more = write_text_spec(tmp_path, "extra", "200:230"), write_text_spec(tmp_path, "more", "230:260")
+    cfg.write_text(text + f'[gate]\neval = "{spec}"\nextra_eval = ["{more}"]\nwindows = 4\nseq_len = 64\n')
+    assert quantize_key(cfg) == key
+
+    cfg.write_text(text.replace("[quantize]\n", '[quantize]\nbackend = "gptqmodel"\n'))
+    real = importlib.metadata.version
+    keys = []
+    for fake in ("7.6.0", "7.7.0"):
+        monkeypatch.setattr(importlib.metadata, "version", lambda p, v=fake: v if p == "gptqmodel" else real(p))
+        keys.append(quantize_key(cfg))
+    assert keys[0] != keys[1]
