@@ -295,11 +295,13 @@ def _row(b: Build) -> dict:
     gate, ev, promote = results.get("gate", {}), results.get("evaluate", {}), results.get("promote", {})
     verdict = gate.get("verdict") or ("error" if b.exit_code not in (EXIT_OK,) else "no gate")
     merge = stages.get("merge", {})
+    final = gate.get("candidate") or ev.get("final", "")  # the artifact the release describes: the first that passed
+    figures = ev.get("artifacts", {}).get(final, ev)
     return {"build": b.name, "exit_code": b.exit_code, "verdict": verdict, "seconds": round(b.seconds, 1),
             "merge": f"{merge.get('key', '?')} {merge.get('status', '')}".strip(),
             "ran": [n for n, s in stages.items() if s["status"] == "ran"],
-            "retention": ev.get("retention"), "kl_mean": ev.get("kl_mean"),
-            "ppl": ev.get("ppl", {}).get(ev.get("final", "")),
+            "artifact": final or None, "retention": figures.get("retention"), "kl_mean": figures.get("kl_mean"),
+            "ppl": ev.get("ppl", {}).get(final),
             "release": promote.get("release"), "release_status": promote.get("status"),
             "registry": _registry(results.get("register")),
             "reasons": gate.get("reasons", []), "error": b.error, "config": str(b.config), "log": str(b.log)}

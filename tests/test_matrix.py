@@ -241,3 +241,16 @@ name = "x-dense"
     with pytest.raises(ConfigError, match="'a-x-dense'") as e:
         expand(tmp_path / "m.toml")
     assert "b/a-x" in str(e.value) and "b/a" in str(e.value) and str(tmp_path / "m.toml") in str(e.value)
+
+
+def test_a_partial_builds_row_shows_the_shipped_artifacts_figures(tmp_path):
+    """GPTQ rejected, the merged model shipped: the row had taken evaluate's first artifact (the rejected one)."""
+    from qmerge.matrix import Build, _row
+
+    evaluate = {"final": "quantized", "retention": 0.4, "kl_mean": 0.3, "ppl": {"quantized": 40.0, "merged": 31.0},
+                "artifacts": {"quantized": {"retention": 0.4, "kl_mean": 0.3},
+                              "merged": {"retention": 0.99, "kl_mean": 0.001}}}
+    gate = {"verdict": "partial", "candidate": "merged", "reasons": ["quantized: KL too high"]}
+    row = _row(Build("b", tmp_path / "b.toml", exit_code=3,
+                     summary={"results": {"evaluate": evaluate, "gate": gate}}))
+    assert (row["artifact"], row["retention"], row["kl_mean"], row["ppl"]) == ("merged", 0.99, 0.001, 31.0)

@@ -291,7 +291,10 @@ def run_evaluate(ctx: StageContext) -> dict:
     if report.eval is not None:
         scores = report.final_scores
         out |= {"ppl": {k: v.value for k, v in report.eval.ppl.items()}, "retention": scores.retention.value,
-                "kl_mean": scores.kl["mean"].value}
+                "kl_mean": scores.kl["mean"].value,
+                # each artifact's, for whoever reports the one the release ships (the first that passes the gate)
+                "artifacts": {a: {"retention": report.eval.candidates[a].retention.value,
+                                  "kl_mean": report.eval.candidates[a].kl["mean"].value} for a in shipped}}
     for task, section in tasks.items():
         c = section.candidates[final]
         out.setdefault("tasks", {})[task] = {"ppl": section.ppl[final].value, "retention": c.retention.value,
