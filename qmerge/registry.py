@@ -3,9 +3,10 @@
 Every gated build is an MLflow run in the experiment `qmerge/<registered model>`: the gate's figures as metrics
 (perplexities, ppl ratio, delta retention, KL, weight-space retention), the verdict, the reasons, every stage key
 and every input sha256 as tags, and the gate's `report.json` as the run's one artifact (kilobytes). A promoted
-release is also a version of the registered model whose source is the release folder, with the same tags, linked
-to that run; the alias (default "champion") is moved to it. A rejected or inconclusive build is a run only: it
-never becomes a version, so nothing in the registry can alias it. The weights are not copied into MLflow: the
+release (a pass, or a partial one that ships the artifacts that passed) is also a version of the registered model
+whose source is the release folder, with the same tags, linked to that run; the alias (default "champion") is moved
+to it, as `latest` is. A rejected or inconclusive build is a run only: it never becomes a version, so nothing in the
+registry can alias it. The weights are not copied into MLflow: the
 release folder is already immutable and hashed in its manifest, and a second copy of a large checkpoint is not
 cheap.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from qmerge.scores import EvalReport
 
 log = logging.getLogger("qmerge")
+PROMOTED = ("pass", "partial")  # verdicts whose release promote publishes (partial: the artifacts that passed)
 TAG_LIMIT = 4000  # MLflow caps tag values (5000 characters for model versions); reasons are cut to fit
 
 
@@ -187,7 +189,7 @@ def recorded(uri: str, model: str, alias: str, outcome: Outcome, work: Path) -> 
         if run_id is None:
             return None
         out = _result(uri, model, outcome, run_id)
-        if outcome.verdict != "pass" or outcome.release is None:
+        if outcome.verdict not in PROMOTED or outcome.release is None:
             return out | {"status": "unchanged"}
         version = _find_version(client, model, outcome)
         try:
@@ -204,9 +206,9 @@ def record(uri: str, model: str, alias: str, outcome: Outcome, report_file: Path
         experiment = _experiment(client, model, uri)
         run_id, run_created = _run(client, experiment, outcome, report_file)
         out = _result(uri, model, outcome, run_id)
-        if outcome.verdict != "pass" or outcome.release is None:
+        if outcome.verdict not in PROMOTED or outcome.release is None:
             return out | {"status": "recorded" if run_created else "unchanged"}
         version, created = _version(client, model, outcome, run_id)
-        client.set_registered_model_alias(model, alias, version)  # pass only: the alias follows the newest pass
+        client.set_registered_model_alias(model, alias, version)  # the alias follows `latest`: the newest promoted
     log.info("registered %s version %s (%s) in %s", model, version, alias, uri)
     return out | {"version": version, "alias": alias, "status": "registered" if created else "unchanged"}

@@ -1,7 +1,8 @@
 """register: record the gate's outcome in the model registry (`[output] registry = "mlflow"`), after promote.
 
 Runs after a passing promote and after a rejected or inconclusive gate alike (the stage runner lets it follow a
-stop): a pass becomes a model version whose source is the release folder, and the alias moves to it; a reject is
+stop): a promoted release (pass or partial) becomes a model version whose source is the release folder, and the
+alias moves to it; a reject is
 recorded as a run with its reasons and never aliased (qmerge/registry.py says what is recorded and why).
 
 A registry failure does not undo anything: the release stays published and `latest` stays swapped. The stage then

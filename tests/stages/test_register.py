@@ -138,3 +138,21 @@ def test_registry_needs_a_gate_and_the_mlflow_extra(gated, tmp_path, monkeypatch
     assert "pip install 'qmerge[mlflow]'" in str(e.value) and e.value.exit_code == EXIT_BAD_INPUT
     assert run_cli(cfg) == EXIT_BAD_INPUT
     assert not (tmp_path / "work").exists()  # refused before anything ran
+
+
+def test_a_partial_release_is_a_version_and_takes_the_alias_as_latest_does(gated, tmp_path):
+    """2-bit GPTQ rejected, the merged model passed: promote ships the merged model and moves `latest`; the
+    registry had recorded a run only, so `latest` and the alias named different releases."""
+    quantize = f'[quantize]\nbits = 2\ngroup_size = 32\ncalibration = "{gated["select"]}"\nsamples = 8\nseq_len = 64\n'
+    cfg = registry_config(tmp_path, gated, gate="max_kl = 0.0001\nmax_ppl_increase = 0.001\n",
+                          output='registry = "mlflow"\nformats = ["gptq", "safetensors"]\n')
+    cfg.write_text(cfg.read_text() + quantize)
+    assert run_cli(cfg) == EXIT_GATE_REJECTED
+    result = register_result(tmp_path)
+    assert result["verdict"] == "partial" and result["status"] == "registered", result
+    c = client(tmp_path)
+    (version,) = c.search_model_versions("name = 'tiny'")
+    assert version.source == str((tmp_path / "releases" / "tiny" / "latest").resolve())
+    assert str(c.get_model_version_by_alias("tiny", "champion").version) == str(version.version)
+    assert run_cli(cfg) == EXIT_GATE_REJECTED  # nothing new the second time
+    assert len(c.search_model_versions("name = 'tiny'")) == 1 and register_result(tmp_path)["status"] == "unchanged"
