@@ -1,16 +1,19 @@
 """Atomic publishing: build in a temp dir on the same filesystem, fsync, rename. Nothing is ever written in
 place, so a crash leaves either the old state or the new one, never half of either. rename(2) is atomic only
-within one filesystem, hence temp names are siblings of their target: `.<name>.tmp-<pid>-<random>`."""
+within one filesystem, hence temp names are siblings of their target: `.<name>.tmp-h<host>-<pid>-<random>`."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +22,18 @@ from pathlib import Path
 from qmerge.errors import BadInputError, QmergeError
 
 TEMP_MARK = ".tmp-"
-_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
+# .<name>.tmp-h<host>-<pid>-<hex>; names without h<host> come from before hosts were named (taken as this host's)
+_TEMP_RE = re.compile(r"^\..+\.tmp-(?:h([0-9a-f]{8})-)?(\d+)-[0-9a-f]+$")
+
+
+@functools.cache
+def host_id() -> str:
+    """8 hex naming this host and pid namespace (a container, a pod): where a temp name's pid means something."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:8]
 
 
 class LockTimeout(QmergeError):
@@ -32,7 +46,7 @@ class TargetExistsError(BadInputError, FileExistsError):
 
 def temp_sibling(path: Path, tag: str = "") -> Path:
     """A fresh hidden name next to `path`, recognisable (and reclaimable) by `clean_stale_temps`."""
-    return path.parent / f".{path.name}{tag}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    return path.parent / f".{path.name}{tag}{TEMP_MARK}h{host_id()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def fsync_file(path: Path | str) -> None:
@@ -216,15 +230,16 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(parent: Path | str) -> list[Path]:
-    """Removes `.*.tmp-<pid>-<hex>` entries in `parent` whose pid is dead (left by a crashed process).
-    Pids are only meaningful on this host and pid namespace: do not share a work dir across machines."""
+    """Removes this host's temp entries in `parent` (`temp_sibling` names) whose process is dead (a crash left
+    them). Another host's or container's are left alone: their pids mean nothing here, and a work dir shared by
+    several machines (a Ray cluster) must not lose a build in progress elsewhere."""
     removed: list[Path] = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():
         m = _TEMP_RE.match(p.name)
-        if m is None or pid_alive(int(m.group(1))):
+        if m is None or m.group(1) not in (None, host_id()) or pid_alive(int(m.group(2))):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -166,3 +166,19 @@ def test_clean_stale_temps(tmp_path):
     assert sorted(removed) == sorted([stale, stale_file])
     assert sorted(os.listdir(tmp_path)) == sorted([mine.name, ".hidden", f"release.tmp-{dead.pid}-ab"])
     assert clean_stale_temps(tmp_path / "absent") == []
+
+
+def test_stale_temps_of_another_host_are_left_alone(tmp_path):
+    """A work dir shared by several machines (or pid namespaces): a pid dead here may be a live build there."""
+    from qmerge.io.atomic import host_id, temp_sibling
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fresh = temp_sibling(tmp_path / "merge")
+    assert fresh.name.startswith(f".merge.tmp-h{host_id()}-{os.getpid()}-")
+    here = tmp_path / f".merge.tmp-h{host_id()}-{dead.pid}-abcd1234"
+    other = "0" * 8 if host_id() != "0" * 8 else "1" * 8
+    elsewhere = tmp_path / f".merge.tmp-h{other}-{dead.pid}-abcd1234"
+    here.mkdir(), elsewhere.mkdir()
+    assert clean_stale_temps(tmp_path) == [here]
+    assert elsewhere.is_dir()
