@@ -290,6 +290,7 @@ class Config(Strict):
     output: OutputSettings = OutputSettings()
     # Where the TOML came from; relative paths resolve against its folder. Not a TOML key.
     source: Path = Field(default=Path("."), exclude=True)
+    source_sha256: str | None = Field(default=None, exclude=True)  # of the bytes read: provenance, even if edited later
 
     @model_validator(mode="after")
     def _check_tasks(self) -> Config:
@@ -439,13 +440,14 @@ def _format_validation_error(err: ValidationError, path: Path) -> str:
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    from qmerge.io.paths import read_toml
+    from qmerge.io.paths import read_toml_and_digest
 
-    raw = read_toml(path, "config file")
-    if "source" in raw:
-        raise ConfigError("unknown key `source`", path=path)
+    raw, sha = read_toml_and_digest(path, "config file")
+    for injected in ("source", "source_sha256"):
+        if injected in raw:
+            raise ConfigError(f"unknown key `{injected}`", path=path)
     try:
-        cfg = Config.model_validate({**raw, "source": path.resolve()})
+        cfg = Config.model_validate({**raw, "source": path.resolve(), "source_sha256": sha})
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, path)) from None
     if cfg.output.registry is not None and cfg.gate is None:

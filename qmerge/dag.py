@@ -78,7 +78,7 @@ def _function(ref: str | Callable) -> Callable:
 # Result fields of a keyed-by-result stage that describe the run rather than determine what later stages compute
 # (the plan's memory estimates depend on every section of the config): left out of its key, so configs that
 # differ only in later stages (a dense and a GPTQ target of one adapter) share the plan and everything after it.
-DESCRIPTIVE = ("estimate",)
+DESCRIPTIVE = ("estimate", "input_stamps")
 
 
 @dataclass
@@ -139,6 +139,24 @@ def stage_key(stage: Stage, cfg: Config, upstream: dict[str, str], versions: dic
     payload = {"stage": stage.name, "config": stage.config_slice(cfg),
                "inputs": {n: upstream[n] for n in stage.needs if n in upstream}, "versions": versions}
     return digest(payload)[:16]
+
+
+def _check_inputs_unchanged(results: dict[str, dict]) -> None:
+    """Every input file an upstream stage hashed (its result's `input_stamps`) is as it was then: one rewritten or
+    replaced since (a training job saving the adapter again) was read by this stage under the old file's hash, and
+    what it built must not be published under that key."""
+    from qmerge.io.paths import file_stamp
+
+    for result in results.values():
+        for path, stamp in (result.get("input_stamps") or {}).items():
+            try:
+                now = file_stamp(path)
+            except OSError:
+                now = None
+            if now != stamp:
+                raise BadInputError("changed while this run was using it (it was hashed at the start): what was "
+                                    "built from it is discarded", path=Path(path),
+                                    fix="rerun once whatever writes the file has finished")
 
 
 def _load_done(path: Path) -> dict | None:
@@ -310,6 +328,7 @@ class Runner:
             ctx = StageContext(self.cfg, tmp, inputs, dict(results), dict(keys), self.opts.quiet,
                                self.opts.release_version, forced=forced)
             result = stage.entry()(ctx)
+            _check_inputs_unchanged(results)
             seconds = time.perf_counter() - start
             self._write_done(tmp, stage.name, keys[stage.name], seconds, result)
         return StageRecord(stage.name, keys[stage.name], "ran", seconds, result)

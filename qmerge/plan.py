@@ -3,7 +3,7 @@ so stages read `plan.base.folder`, not nested dict keys, and a misspelt field fa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
@@ -43,6 +43,10 @@ class Plan:
     skipped_modules: tuple[str, ...]
     tied: dict
     estimate: dict
+    # path -> file_stamp of every input file resolve hashed, taken as it hashed them: the stage runner checks them
+    # after each stage, so a file replaced mid-run fails the run instead of mixing into artifacts keyed by the old
+    # hash (descriptive: not in any key)
+    input_stamps: dict = field(default_factory=dict)
 
     @property
     def adapter_weights(self) -> list[tuple[Path, float]]:
@@ -60,7 +64,7 @@ class Plan:
         return cls(base=_typed(BasePlan, data["base"]), adapters=tuple(_typed(AdapterPlan, a) for a in data["adapters"]),
                    nf4=dict(data["nf4"]), quantized_modules=tuple(data["quantized_modules"]),
                    skipped_modules=tuple(data["skipped_modules"]), tied=dict(data["tied"]),
-                   estimate=dict(data["estimate"]))
+                   estimate=dict(data["estimate"]), input_stamps=dict(data.get("input_stamps", {})))
 
 
 def _typed(cls, data: dict):

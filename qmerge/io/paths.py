@@ -43,6 +43,11 @@ def resolve_path(value: str, relative_to: Path, *, what: str, config_file: Path 
 
 def read_toml(path: Path, what: str = "config file") -> dict:
     """A TOML file as a dict; a missing, unreadable or invalid file is a ConfigError naming it (exit 2)."""
+    return read_toml_and_digest(path, what)[0]
+
+
+def read_toml_and_digest(path: Path, what: str = "config file") -> tuple[dict, str]:
+    """`read_toml`, and the sha256 of the very bytes it parsed."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -51,7 +56,8 @@ def read_toml(path: Path, what: str = "config file") -> dict:
     from qmerge.errors import ConfigError
 
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        data = Path(path).read_bytes()
+        return tomllib.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
     except FileNotFoundError:
         raise ConfigError(f"{what} not found", path=path) from None
     except (OSError, UnicodeDecodeError) as e:
@@ -128,6 +134,12 @@ def memoized_hashes() -> Iterator[None]:
         yield
     finally:
         _memo = outer
+
+
+def file_stamp(path: Path | str) -> list[int]:
+    """[size, mtime in ns, inode]: what changes when a file is rewritten or replaced (cheaper than its sha256)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def sha256_file(path: Path, progress: bool = False, stop: threading.Event | None = None,

@@ -151,7 +151,7 @@ def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, s
             "task_token_ids_sha256": {t: sec["tokens"]["sha256"] for t, sec in report.get("tasks", {}).items()},
             "calibration_token_ids_sha256": ctx.results.get("calibrate", {}).get("sha256"),
             "config": ctx.cfg.model_dump(mode="json"),
-            "config_sha256": hashlib.sha256(ctx.cfg.source.read_bytes()).hexdigest(),
+            "config_sha256": ctx.cfg.source_sha256 or hashlib.sha256(ctx.cfg.source.read_bytes()).hexdigest(),
             "stage_keys": ctx.keys, "packages": package_versions(),
         },
         "metrics": report.get("eval"), "extra_eval": report.get("extra_eval", []), "tasks": report.get("tasks", {}),

@@ -21,7 +21,7 @@ from qmerge.config import Config, NF4Settings
 from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
-from qmerge.io.paths import MODEL_FILES, Cancelled, sha256_file, tokenizer_source
+from qmerge.io.paths import MODEL_FILES, Cancelled, file_stamp, sha256_file, tokenizer_source
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
 def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
@@ -65,14 +65,16 @@ def _recipe(nf4: NF4Settings) -> NF4Recipe:
 HASH_THREADS = 8  # files hashed at once at most: past a few, the disk rather than the cores sets the pace
 
 
-def files_digest(files: list[Path], progress: bool, stop: threading.Event | None = None) -> tuple[list[dict], str]:
+def files_digest(files: list[Path], progress: bool, stop: threading.Event | None = None,
+                 stamps: dict[str, list[int]] | None = None) -> tuple[list[dict], str]:
     """Each file's sha256, and the pin: the sha256 of their hex digests concatenated in file-name order (what
     `sha256sum FILES | LC_ALL=C sort -k2 | cut -c1-64 | tr -d '\\n' | sha256sum` prints in the folder).
 
     One sha256 runs on one core (~1.1 GB/s here): a model's shards are hashed on up to one thread per core
     (HASH_THREADS at most; hashlib releases the GIL), one progress bar over all their bytes. A 2.1 GB two-shard
     base on 2 cores: 2.4 -> 1.4 s; a 70B's 140 GB in 30 shards, ~2 min on one core, is bound by the disk instead.
-    The digests do not depend on the order the threads finish in."""
+    The digests do not depend on the order the threads finish in. `stamps` receives each file's `file_stamp` as
+    it was hashed; a file that changes while it is hashed is exit 2."""
     ordered = sorted(files, key=lambda f: f.name.encode())
     sizes = [f.stat().st_size for f in ordered]
     total = sum(sizes)
@@ -88,7 +90,15 @@ def files_digest(files: list[Path], progress: bool, stop: threading.Event | None
 
         def one(f: Path) -> str:
             try:
-                return sha256_file(f, stop=halt, read=read)
+                before = file_stamp(f)
+                digest = sha256_file(f, stop=halt, read=read)
+                if file_stamp(f) != before:
+                    raise BadInputError("changed while qmerge hashed it", path=f,
+                                        fix="rerun once whatever writes the file has finished")
+                if stamps is not None:
+                    with lock:
+                        stamps[str(f)] = before
+                return digest
             except BaseException:
                 halt.set()  # the other files stop at their next chunk
                 raise
@@ -137,12 +147,13 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Pla
 
 def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, progress: bool) -> Plan:
     skip = None if cfg.base.nf4.skip_modules == "auto" else cfg.base.nf4.skip_modules
+    stamps: dict[str, list[int]] = {}  # every input file hashed here, for the runner's unchanged-since check
     plan_folder = origin.pop("folder", str(folder))
     if origin["kind"] == "gguf":  # the GGUF is the input, hashed already; its conversion is a pure function of it
         base = BaseCheckpoint(folder, nf4_recipe(cfg), skip, headers)
         base_entries, base_sha = origin.pop("files"), origin["gguf_sha256"]
     else:
-        base, base_entries, base_sha = _hashed_base(folder, nf4_recipe(cfg), skip, progress)
+        base, base_entries, base_sha = _hashed_base(folder, nf4_recipe(cfg), skip, progress, stamps)
     _check_complete(base, folder)
     pinned = cfg.base.sha256
     # One digest over everything that changes the result: a pin of config.json or of one shard of many would
@@ -157,7 +168,8 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         apath = cfg.path(a.path, f"adapters[{i}].path")
         adapter = read_adapter(apath)
         extra = [apath / f for f in MODEL_FILES if (apath / f).is_file()]  # a tokenizer shipped with the adapter
-        entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json", *extra], progress)
+        entries, sha = files_digest([adapter.weights_file, apath / "adapter_config.json", *extra], progress,
+                                    stamps=stamps)
         # adapter_config.json is in the pin: alpha, r, rslora and the patterns change the merge as much as the weights
         if a.sha256 and a.sha256.lower() != sha:
             raise BadInputError(f"sha256 mismatch for adapters[{i}]: pinned {a.sha256}, found {sha} (combined over "
@@ -211,6 +223,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         skipped_modules=tuple(base.arch.skipped),
         tied=base.arch.tied,
         estimate=_estimate(cfg, base),
+        input_stamps=dict(sorted(stamps.items())),
     )
 
 
@@ -320,13 +333,14 @@ def _check_complete(base: BaseCheckpoint, folder: Path) -> None:
                             path=folder, fix="re-download the model (an incomplete shard or index)")
 
 
-def _hashed_base(folder: Path, recipe: NF4Recipe, skip, progress: bool) -> tuple[BaseCheckpoint, list[dict], str]:
+def _hashed_base(folder: Path, recipe: NF4Recipe, skip, progress: bool,
+                 stamps: dict[str, list[int]]) -> tuple[BaseCheckpoint, list[dict], str]:
     # The base files are hashed on a thread while this one imports transformers and bitsandbytes and builds the
     # meta model (hashing releases the GIL): on a 7B-shaped slice that hides the ~1.5 s of hashing. A failure
     # here stops the hash at its next chunk instead of waiting for it.
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmerge-sha256") as pool:
-        digest = pool.submit(files_digest, _base_files(folder), progress, stop)
+        digest = pool.submit(files_digest, _base_files(folder), progress, stop, stamps)
         try:
             base = BaseCheckpoint(folder, recipe, skip)
         except BaseException:

@@ -193,3 +193,60 @@ def test_runs_sharing_a_work_dir_build_each_key_once(tmp_path, tiny_llama):
     assert any("is being built by process" in err for _, err in outs)
     finished = sorted(d.name for d in (tmp_path / "work" / "merge").iterdir() if (d / "done.json").is_file())
     assert len(finished) == 2 and key in finished  # this key once, and the other config's key
+
+
+def test_an_input_replaced_during_the_run_fails_it_and_publishes_nothing(tmp_path, tiny_llama, monkeypatch, capsys):
+    """The adapter swapped after resolve hashed it (a training job saving again): the merge read the new file under
+    the old hash's key; the release named one adapter and held another, and the key kept the wrong merge."""
+    import qmerge.stages.merge as merge_stage
+    from tests.conftest import make_adapter, run_cli, write_config
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    other = make_adapter(tiny_llama, tmp_path / "other", seed=7)
+    real = merge_stage.run_merge
+
+    def swapped_first(*args, **kwargs):
+        (adapter / "adapter_model.safetensors").write_bytes((other / "adapter_model.safetensors").read_bytes())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_stage, "run_merge", swapped_first)
+    assert run_cli(write_config(tmp_path, tiny_llama, [(adapter, 1.0)])) == 2
+    err = capsys.readouterr().err
+    assert "changed while this run was using it" in err and "adapter_model.safetensors" in err
+    assert not list((tmp_path / "work" / "merge").glob("*/done.json"))
+    assert not (tmp_path / "releases").exists() or not any((tmp_path / "releases").rglob("manifest.json"))
+
+
+def test_a_file_changing_while_it_is_hashed_is_exit_2(tmp_path, tiny_llama, monkeypatch, capsys):
+    import qmerge.stages.resolve as resolve
+    from tests.conftest import make_adapter, run_cli, write_config
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    real = resolve.sha256_file
+
+    def appended_meanwhile(path, *args, **kwargs):
+        digest = real(path, *args, **kwargs)
+        if path.name == "adapter_config.json":
+            with open(path, "a") as f:
+                f.write("\n")
+        return digest
+
+    monkeypatch.setattr(resolve, "sha256_file", appended_meanwhile)
+    assert run_cli(write_config(tmp_path, tiny_llama, [(adapter, 1.0)])) == 2
+    assert "changed while qmerge hashed it" in capsys.readouterr().err
+
+
+def test_the_configs_digest_is_of_the_bytes_the_run_read(tmp_path, tiny_llama):
+    """The manifest's config_sha256 was read from the file at promote time: a config edited mid-run was recorded
+    as the one the release was built from."""
+    import hashlib
+
+    from qmerge.config import load_config
+    from tests.conftest import make_adapter, write_config
+
+    path = write_config(tmp_path, tiny_llama, [(make_adapter(tiny_llama, tmp_path / "adapter"), 1.0)])
+    read = path.read_bytes()
+    cfg = load_config(path)
+    path.write_text(path.read_text().replace('dtype = "float32"', 'dtype = "bfloat16"'))
+    assert path.read_bytes() != read and cfg.source_sha256 == hashlib.sha256(read).hexdigest()
+    assert "source_sha256" not in cfg.model_dump()  # not a key's input
