@@ -251,13 +251,16 @@ def model_card(manifest: dict) -> str:
 
 def unchanged_release(ctx: StageContext) -> dict | None:
     """Promote's result when `latest` already holds this release (nothing new to promote), else None. Reads only:
-    a reuse-only run (the matrix's check) asks it without the lock."""
+    a reuse-only run (the matrix's check) asks it without the lock. A version asked for by --release-version is
+    published even then, under that name (a deploy step waits for it), unless `latest` is that version already."""
     key = release_key(ctx)
     latest = ctx.cfg.output_path(ctx.cfg.output.dir) / ctx.cfg.name / "latest"
     if not (latest / "manifest.json").is_file():
         return None
     current = json.loads((latest / "manifest.json").read_text())
     if current.get("key") != key:
+        return None
+    if ctx.release_version is not None and latest.resolve().name != release_version(ctx, key):
         return None
     return {"release": str(latest.resolve()), "status": "unchanged", "key": key, **_left_out(ctx)}
 

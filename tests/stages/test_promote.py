@@ -52,13 +52,30 @@ def test_two_processes_promote_the_same_name(gated, tmp_path):
     codes = [p.wait(timeout=300) for p in procs]
     errors = [p.stderr.read().decode() for p in procs]
     root = releases / "tiny"
-    # Both runs hold the same inputs, so they have the same key: one publishes, the other finds the key in
-    # `latest` (after waiting for the lock) and says nothing is new. Neither may corrupt the other.
+    # Both runs hold the same inputs, so they have the same key; each asked for its own version by name, so each
+    # publishes it (a deploy step waits for that name), one after the other under the lock. Neither may corrupt
+    # the other, and `latest` ends on a complete one.
     assert codes == [0, 0], errors
-    assert visible(root) in ({"v1", "latest"}, {"v2", "latest"}), visible(root)
+    assert visible(root) == {"v1", "v2", "latest"}, visible(root)
+    manifests = [assert_complete(root / v) for v in ("v1", "v2")]
+    assert manifests[0]["key"] == manifests[1]["key"]
     manifest = assert_complete(root / "latest")
     assert (root / "latest").resolve().name == manifest["version"]
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+
+
+def test_an_asked_for_version_is_published_even_when_nothing_changed(gated, tmp_path):
+    """--release-version V on unchanged inputs: V was not created (exit 0, "unchanged"), and a deploy step waiting
+    for V broke. Without the flag an unchanged rerun still publishes nothing."""
+    cfg = gate_config(tmp_path, gated)
+    root = tmp_path / "releases" / "tiny"
+    assert run_cli(cfg) == 0
+    first = visible(root)
+    assert run_cli(cfg) == 0 and visible(root) == first
+    assert run_cli(cfg, "--release-version", "1.4.0") == 0
+    assert visible(root) == first | {"1.4.0"} and (root / "latest").resolve().name == "1.4.0"
+    assert assert_complete(root / "1.4.0")["key"] == assert_complete(root / sorted(first - {"latest"})[0])["key"]
+    assert run_cli(cfg, "--release-version", "1.4.0") == 0 and visible(root) == first | {"1.4.0"}
 
 
 def _promoting(folder: Path) -> bool:
