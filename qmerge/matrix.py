@@ -191,8 +191,9 @@ def answer_unchanged(builds: list[Build], quiet: bool) -> None:
     """Sets each build's estimate from its plan, and answers each build that has nothing to do from its stored
     results, as its pipeline process would (the same summary JSON and log, the same row), without starting it:
     on a rerun with nothing changed, that process spends seconds importing torch and transformers and hashing
-    inputs to find only finished stages. Reads only (a reuse-only run: qmerge/dag.py). A build resolve refuses is
-    exit 2 before anything runs, as before; one that fails later is left to its own process, which says why."""
+    inputs to find only finished stages. Reads only (a reuse-only run: qmerge/dag.py). A build whose inputs resolve
+    refuses (a missing or broken adapter) is not started: it gets its exit code and message, and the others run; one
+    that fails later is left to its own process, which says why."""
     from qmerge.config import load_config
     from qmerge.dag import Options, Runner
     from qmerge.io.atomic import atomic_write_text
@@ -206,9 +207,12 @@ def answer_unchanged(builds: list[Build], quiet: bool) -> None:
             runner = Runner(load_config(b.config), STAGES, Options(quiet=True, reuse_only=True))
             try:
                 records, code = runner.run()
-            except QmergeError:
-                if not runner.records:
-                    raise
+            except QmergeError as e:
+                if not runner.records:  # refused before any stage answered: this build cannot run
+                    b.exit_code, b.error = e.exit_code, str(e)
+                    b.log.write_text(f"qmerge: {e}\n")
+                    print(f"qmerge matrix: {b.name} not started: {e}", file=sys.stderr, flush=True)
+                    continue
                 records, code = runner.records, None
             b.estimate_bytes = int(next(r for r in records if r.name == "resolve").result["estimate"]["peak_bytes"])
             if code is None:
@@ -359,7 +363,7 @@ def run_matrix_command(args) -> int:
         return EXIT_OK
     started = time.perf_counter()
     answer_unchanged(builds, args.quiet)
-    to_run = order_for_sharing([b for b in builds if not b.reused])
+    to_run = order_for_sharing([b for b in builds if b.exit_code is None])  # neither answered nor refused
     jobs = args.jobs or max(1, min(len(to_run), (os.cpu_count() or 1)))
     if ray:
         scheduler = f"ray {address or 'local'}"

@@ -170,6 +170,26 @@ gate = { min_delta_retention = 1.5 }
     assert third.returncode == EXIT_GATE_REJECTED
 
 
+def test_a_build_with_a_broken_adapter_is_not_started_and_the_others_run(gated, tmp_path):
+    """One adapter folder of the nightly is broken: its builds are exit 2 with resolve's message, the others build
+    and publish (every build had been stopped before anything ran), and the matrix exits 2."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gated["adapter"], broken)
+    (broken / "adapter_config.json").write_text("{ not json")
+    path = matrix_file(tmp_path, gated)
+    path.write_text(path.read_text() + f'\n[[adapters]]\nname = "broken"\npath = "{broken}"\n')
+    done = run_matrix(path)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    summary = json.loads((tmp_path / "work" / "matrix" / "matrix_report.json").read_text())
+    rows = {r["build"]: r for r in summary["builds"]}
+    assert {b for b, r in rows.items() if r["exit_code"] == EXIT_BAD_INPUT} == {"broken-dense", "broken-gptq"}
+    assert all("adapter_config.json" in rows[b]["error"] for b in ("broken-dense", "broken-gptq"))
+    assert all(r["exit_code"] == EXIT_OK for b, r in rows.items() if not b.startswith("broken")), rows
+    assert "broken-dense not started" in done.stderr
+
+
 def test_bad_target_is_exit_2_before_anything_runs(gated, tmp_path):
     path = matrix_file(tmp_path, gated, targets='\n[[targets]]\nname = "bad"\nmerge = { dtype = "float8" }\n')
     done = run_matrix(path)
