@@ -117,6 +117,16 @@ def _export_slice(cfg: Config) -> dict:
         ({"name": cfg.name} if gguf else {})
 
 
+def built_with(cfg: Config) -> dict[str, str]:
+    """Every package version some stage key of `cfg` holds: the release's provenance names them all."""
+    out = package_versions()
+    if cfg.exports:
+        out |= package_versions(EXPORT_WRITERS)
+    if cfg.quantize is not None and cfg.quantize.backend == "gptqmodel":
+        out |= package_versions(("gptqmodel",))
+    return out
+
+
 def _exporting(cfg: Config) -> bool:
     return bool(cfg.exports)
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from qmerge import __version__
 from qmerge.config import is_quantized
-from qmerge.dag import StageContext, package_versions
+from qmerge.dag import StageContext
 from qmerge.errors import BadInputError
 from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, swap_symlink, write_json
 from qmerge.io.safetensors_io import TEST_THROTTLE
 from qmerge.io.compensation import FOLDER, compensation_folder
 from qmerge.io.sources import artifact_bytes, artifact_files
+from qmerge.pipeline import built_with
 
 log = logging.getLogger("qmerge")
 FREE_MARGIN = 64 * 2**20
@@ -152,7 +153,7 @@ def build_manifest(ctx: StageContext, key: str, version: str, files: dict[str, s
             "calibration_token_ids_sha256": ctx.results.get("calibrate", {}).get("sha256"),
             "config": ctx.cfg.model_dump(mode="json"),
             "config_sha256": ctx.cfg.source_sha256 or hashlib.sha256(ctx.cfg.source.read_bytes()).hexdigest(),
-            "stage_keys": ctx.keys, "packages": package_versions(),
+            "stage_keys": ctx.keys, "packages": built_with(ctx.cfg),
         },
         "metrics": report.get("eval"), "extra_eval": report.get("extra_eval", []), "tasks": report.get("tasks", {}),
         "combination": report.get("combination"),

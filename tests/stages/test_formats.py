@@ -6,6 +6,7 @@ llama.cpp knows), a random adapter, lee news text."""
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,8 @@ def test_every_format_is_gated_on_its_written_bytes_and_ships_only_if_it_passed(
     release = tmp_path / "open" / "releases" / "tiny" / "latest"
     manifest = json.loads((release / "manifest.json").read_text())
     export = finished(tmp_path / "open" / "work", "export")
+    packages = manifest["provenance"]["packages"]  # the writers' versions, which are in the export key, too
+    assert packages["gguf"] == version("gguf") and packages["qmerge"].startswith(f"{version('qmerge')}+src.")
     for artifact in ("gguf-F16", "gguf-Q8_0", "gguf-Q4_0"):  # the release holds the very bytes evaluate read back
         assert sha256_file(release / artifact / "model.gguf") == sha256_file(export / artifact / "model.gguf")
         assert manifest["artifacts"][artifact]["verdict"] == "pass" and manifest["artifacts"][artifact]["shipped"]
