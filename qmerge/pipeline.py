@@ -7,13 +7,17 @@ from qmerge.dag import Stage, package_versions
 
 
 def text_digest(cfg: Config, value: str, what: str) -> dict:
-    """A text spec as its artifact keys see it: the spec's bytes and its source's bytes, so that editing
-    `split.documents` or the text itself never reuses windows built from the old ones."""
+    """A text spec as its artifact keys see it: the spec's bytes, its source's bytes and the versions of what
+    reads and tokenizes it, so that editing `split.documents`, the text itself or upgrading `tokenizers` never
+    reuses windows built from the old ones."""
     from qmerge.io.paths import sha256_file
     from qmerge.io.textset import load_text_spec
 
     spec = load_text_spec(cfg.path(value, what))
-    return {"spec": value, "spec_sha256": sha256_file(spec.spec_path), "source_sha256": sha256_file(spec.source_path)}
+    # the packages that turn the file into token ids: the tokenizer's, and the reader of its format
+    reader = {"jsonl": ("datasets",), "parquet": ("datasets",), "mediawiki": ("gensim",)}.get(spec.source.format, ())
+    return {"spec": value, "spec_sha256": sha256_file(spec.spec_path), "source_sha256": sha256_file(spec.source_path),
+            "readers": package_versions(("tokenizers", *reader))}
 
 
 def _eval_texts(cfg: Config) -> dict | None:
@@ -124,6 +128,8 @@ def built_with(cfg: Config) -> dict[str, str]:
         out |= package_versions(EXPORT_WRITERS)
     if cfg.quantize is not None and cfg.quantize.backend == "gptqmodel":
         out |= package_versions(("gptqmodel",))
+    if cfg.quantize is not None or cfg.gate is not None:  # texts read and tokenized (`text_digest`)
+        out |= package_versions(("tokenizers", "datasets", "gensim"))
     return out
 
 

@@ -530,8 +530,8 @@ def test_a_quantized_linear_left_unpacked_is_an_error(setup, tmp_path, monkeypat
 
 def test_keys_follow_qmerge_code_and_gptqmodel_but_not_report_only_texts(setup, tmp_path, monkeypatch):
     """qmerge's version never moved while its code changed bytes: its source digest is in every key. GPTQModel
-    writes the gptqmodel backend's checkpoint: its version is in that quantize key. An eval text changes no
-    calibration window: adding one to the gate must not rerun GPTQ."""
+    writes the gptqmodel backend's checkpoint, `tokenizers` the calibration windows' ids: their versions are in
+    the quantize key. An eval text changes no calibration window: adding one to the gate must not rerun GPTQ."""
     import importlib.metadata
 
     import qmerge.dag as dag
@@ -549,10 +549,11 @@ def test_keys_follow_qmerge_code_and_gptqmodel_but_not_report_only_texts(setup, 
     cfg.write_text(text + f'[gate]\neval = "{spec}"\nextra_eval = ["{more}"]\nwindows = 4\nseq_len = 64\n')
     assert quantize_key(cfg) == key
 
-    cfg.write_text(text.replace("[quantize]\n", '[quantize]\nbackend = "gptqmodel"\n'))
     real = importlib.metadata.version
-    keys = []
-    for fake in ("7.6.0", "7.7.0"):
-        monkeypatch.setattr(importlib.metadata, "version", lambda p, v=fake: v if p == "gptqmodel" else real(p))
-        keys.append(quantize_key(cfg))
-    assert keys[0] != keys[1]
+    for package, backend in (("gptqmodel", "gptqmodel"), ("tokenizers", "qmerge")):  # tokenizers: the windows' ids
+        cfg.write_text(text.replace("[quantize]\n", f'[quantize]\nbackend = "{backend}"\n'))
+        keys = []
+        for fake in ("7.6.0", "7.7.0"):
+            monkeypatch.setattr(importlib.metadata, "version", lambda p, v=fake, n=package: v if p == n else real(p))
+            keys.append(quantize_key(cfg))
+        assert keys[0] != keys[1], package
