@@ -43,13 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("matrix", help="build a release matrix: bases x adapters x targets, sharing stages")
     m.add_argument("matrix")
     m.add_argument("--dry-run", action="store_true", help="list the builds and their memory estimates; run nothing")
-    m.add_argument("--jobs", type=int, metavar="N", help="builds at once (default: CPU count, within memory)")
-    m.add_argument("--memory-gib", type=float, metavar="G", help="memory budget (default: 90%% of available)")
+    m.add_argument("--jobs", type=_positive(int), metavar="N",
+                   help="builds at once (default: CPU count, within memory)")
+    m.add_argument("--memory-gib", type=_positive(float), metavar="G",
+                   help="memory budget (default: 90%% of available)")
     m.add_argument("--quiet", action="store_true", help="no progress lines, warnings and errors only")
     m.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run the builds as Ray tasks on the cluster at ADDRESS (default: $RAY_ADDRESS, else a local "
                         "Ray instance started for this run); needs pip install 'qmerge[ray]'")
     return parser
+
+
+def _positive(kind):
+    """An argparse type: a number of `kind` above zero (argparse's error is exit 2, like any bad input)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

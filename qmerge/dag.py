@@ -217,7 +217,7 @@ class Runner:
             dirs[stage.name] = path
             done = _load_done(path)
             if self.opts.dry_run:
-                records.append(StageRecord(stage.name, key, "cached" if done else "planned"))
+                records.append(StageRecord(stage.name, key, "cached" if done and stage.cached else "planned"))
                 continue
             if self.opts.only and index > [s.name for s in self.stages].index(self.opts.only):
                 break  # --only: nothing after the stage that was asked for

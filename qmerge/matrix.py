@@ -287,10 +287,13 @@ def run_builds(builds: list[Build], jobs: int, budget: int, quiet: bool) -> None
 
 
 def aggregate_exit(codes: list[int]) -> int:
-    for code in (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_GATE_REJECTED):
-        if code in codes:
-            return code
-    return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_INTERNAL
+    """2 if any build had bad input, else 1 if any failed otherwise (an internal error, or a build killed: -9, 137,
+    130), else 3 if any was rejected, else 0."""
+    if EXIT_BAD_INPUT in codes:
+        return EXIT_BAD_INPUT
+    if any(c not in (EXIT_OK, EXIT_GATE_REJECTED) for c in codes):
+        return EXIT_INTERNAL
+    return EXIT_GATE_REJECTED if EXIT_GATE_REJECTED in codes else EXIT_OK
 
 
 def _row(b: Build) -> dict:

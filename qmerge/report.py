@@ -87,6 +87,12 @@ def print_summary(records: list[StageRecord], work: Path, exit_code: int, out=No
             print(f"  release: {r.result['release']} ({r.result.get('status', '')})", file=out)
         if r.name == "register" and r.result:
             print(f"  registry: {registry_line(r.result)}", file=out)
+    names = [r.name for r in records]
+    if exit_code == 0 and "gate" not in names and any(r.name == "merge" and r.status in ("ran", "cached")
+                                                      for r in records):
+        built = next(r for r in reversed(records) if r.name in ("export", "quantize", "merge"))
+        print(f"  no [gate]: nothing was evaluated or promoted; the {built.name} artifact is "
+              f"{work / built.name / built.key}", file=out)
     print(f"  exit code {exit_code}", file=out)
 
 

@@ -93,3 +93,23 @@ def test_a_permission_error_is_bad_input_naming_the_path(monkeypatch, capsys, tm
     assert main(["pipeline", str(tmp_path / "qmerge.toml"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "model-00001-of-00002.safetensors: permission denied" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value", [("--jobs", "-1"), ("--jobs", "0"), ("--memory-gib", "0"), ("--jobs", "x")])
+def test_a_matrix_count_that_cannot_work_is_exit_2(tmp_path, capsys, flag, value):
+    """--jobs -1 started no build and looped forever."""
+    from qmerge.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["matrix", str(tmp_path / "m.toml"), flag, value])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_run_without_a_gate_says_nothing_was_promoted_and_where_the_merge_is(tmp_path, tiny_llama, capsys):
+    from tests.conftest import make_adapter, run_cli, write_config
+
+    assert run_cli(write_config(tmp_path, tiny_llama, [(make_adapter(tiny_llama, tmp_path / "a"), 1.0)])) == 0
+    out = capsys.readouterr().out
+    (merged,) = (tmp_path / "work" / "merge").iterdir()
+    assert f"no [gate]: nothing was evaluated or promoted; the merge artifact is {merged}" in out
+    assert not (tmp_path / "releases").exists()

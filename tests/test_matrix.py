@@ -199,7 +199,8 @@ def test_bad_target_is_exit_2_before_anything_runs(gated, tmp_path):
 
 
 @pytest.mark.parametrize("codes,want", [([0, 0], EXIT_OK), ([0, 3], EXIT_GATE_REJECTED), ([3, 1], EXIT_INTERNAL),
-                                        ([1, 2, 3], EXIT_BAD_INPUT), ([0, 130], EXIT_INTERNAL)])
+                                        ([1, 2, 3], EXIT_BAD_INPUT), ([0, 130], EXIT_INTERNAL),
+                                        ([-9, 3], EXIT_INTERNAL), ([3, 137], EXIT_INTERNAL), ([3, 0], EXIT_GATE_REJECTED)])
 def test_aggregate_exit_code(codes, want):
     from qmerge.matrix import aggregate_exit
 
