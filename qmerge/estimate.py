@@ -104,6 +104,11 @@ def evaluate_peak(shape: Shape, models: int, views: int, windows: int, seq_len: 
     return IMPORTS + max(layers + nf4_transient + _batch_activations(shape, batch, seq_len), head) + hidden_states
 
 
+# GGUF file bytes per weight by type: the block's bytes over its 32 weights (F32/F16/BF16: the element's)
+GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32,
+                         "Q5_0": 22 / 32, "Q5_1": 24 / 32}
+
+
 def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str, dict[str, int]]:
     """{stage: {"peak_bytes": anonymous RSS, "disk_bytes": written}} for the stages this config runs."""
     out = {"merge": {"peak_bytes": merge_peak(shape), "disk_bytes": shape.output_bytes * (2 if cfg.merge.into == "auto"
@@ -138,9 +143,17 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
                 peak += shape.layer_elements * F32 + 3 * _batch_activations(shape, q.compensate.train.windows,
                                                                             q.seq_len)
         out["quantize"] = {"peak_bytes": peak, "disk_bytes": final_bytes}
+    if cfg.quantize is not None:  # the token ids, written once
+        out["calibrate"] = {"peak_bytes": LIGHT_IMPORTS, "disk_bytes": cfg.quantize.samples * cfg.quantize.seq_len * 8}
+    if cfg.exports:  # tensor by tensor: the largest in float32, its cast and its quantized copy
+        params = shape.layers * shape.layer_elements + shape.vocab * shape.hidden
+        files = sum(int(params * GGUF_BYTES_PER_WEIGHT[a[5:]]) if a.startswith("gguf-") else final_bytes
+                    for a in cfg.exports)  # compressed-tensors: the GPTQ weights again
+        out["export"] = {"peak_bytes": LIGHT_IMPORTS + 3 * shape.largest_elements * F32, "disk_bytes": files}
     if cfg.gate is not None:
         g = cfg.gate
-        models = 2 + (cfg.quantize is not None)
+        # every exported artifact is one more layer-wise model and one more scored view
+        models = 2 + (cfg.quantize is not None) + len(cfg.exports)
         texts = max((g.eval is not None) + len(g.extra_eval), 1)  # one pass per reference; a task's has one text
         views = models + 1 + (cfg.quantize is not None and cfg.quantize.compensate is not None)
         out["evaluate"] = {"peak_bytes": evaluate_peak(shape, models, views, g.windows * texts,

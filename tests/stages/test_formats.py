@@ -194,3 +194,26 @@ def test_a_release_file_is_never_placed_onto_an_existing_name(tmp_path):
     assert dst.read_bytes() == b"published"
     other = tmp_path / "rel" / "fresh.bin"
     assert _place(src, other) and other.read_bytes() == b"new"  # same filesystem: a hardlink
+
+
+def test_the_estimates_count_every_exported_artifact(tmp_path):
+    """Evaluate streams each exported artifact as one more model: its estimate grew with none of them; export and
+    calibrate had no estimate at all."""
+    from qmerge.config import load_config
+    from qmerge.estimate import Shape, stage_estimates
+
+    shape = Shape(hidden=4096, intermediate=11008, vocab=32000, layers=32, heads=32, layer_elements=202_383_360,
+                  largest_elements=45_088_768, largest_linear=(11008, 4096), max_in_features=11008,
+                  output_bytes=13_476_839_424, linear_widths=77_824)
+
+    def estimates(formats: list[str]) -> dict:
+        sections = '[gate]\neval = "e.toml"\n[quantize]\ncalibration = "c.toml"\nsamples = 16\nseq_len = 64\n'
+        cfg = write_config(tmp_path, tmp_path, [(tmp_path, 1.0)], extra=sections)
+        cfg.write_text(cfg.read_text().replace("[output]\n", f"[output]\nformats = {json.dumps(formats)}\n"))
+        return stage_estimates(load_config(cfg), shape)
+
+    alone, more = estimates(["gptq"]), estimates(["gptq", "gguf-q8_0", "gguf-q4_0"])
+    assert more["evaluate"]["peak_bytes"] > alone["evaluate"]["peak_bytes"] and "export" not in alone
+    params = 32 * 202_383_360 + 32000 * 4096
+    assert more["export"]["disk_bytes"] == int(params * 34 / 32) + int(params * 18 / 32)
+    assert alone["calibrate"]["disk_bytes"] == 16 * 64 * 8
