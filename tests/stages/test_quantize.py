@@ -513,18 +513,24 @@ def test_gpt2_conv1d_with_the_qmerge_backend_is_exit_2(setup, tmp_path, capsys):
 
 
 def test_a_quantized_linear_left_unpacked_is_an_error(setup, tmp_path, monkeypatch):
-    """The stage's own guard: if the solver skipped a linear the plan lists as quantized, nothing is written."""
+    """The stage's own guard: if the solver skipped a linear the plan lists as quantized, nothing is written. (The
+    guard's own error, not any exit 1: a stand-in of an older signature had passed on its TypeError.)"""
     import qmerge.stages.quantize as stage
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.errors import QmergeError
+    from qmerge.pipeline import STAGES
 
     real = stage.quantize_layer
 
-    def drops_one(layer, batches, q, name, lockstep=False, dtype=None):
-        packed, report, outputs = real(layer, batches, q, name, lockstep, dtype)
-        packed.pop("mlp.down_proj")
-        return packed, report, outputs
+    def drops_one(*args, **kwargs):
+        done = real(*args, **kwargs)
+        done.packed.pop("mlp.down_proj")
+        return done
 
     monkeypatch.setattr(stage, "quantize_layer", drops_one)
-    assert run_cli(quantize_config(tmp_path, setup)) == 1
+    with pytest.raises(QmergeError, match=r"GPTQ left \['model.layers.0.mlp.down_proj'\] unpacked"):
+        Runner(load_config(quantize_config(tmp_path, setup)), STAGES, Options(quiet=True)).run()
     assert not list((tmp_path / "work" / "quantize").glob("*/done.json"))
 
 
