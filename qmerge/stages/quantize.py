@@ -304,12 +304,13 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
         packed[module_name] = pack_linear(codes.cpu(), result.scales.cpu(), result.zeros.cpu(),
                                           result.g_idx.cpu(), q.bits)
         del codes
-        weight = result.weight
+        # the layer computes on from what the kernels serve (fp16 products, fp16 bias), as the release will: the
+        # next layer's inputs, Hessians and GPTAQ statistics come from those outputs
+        weight = as_served = _as_served(result.weight)
         if lower is not None:
             # with GPTAQ the compensation fits the same target as the solve (W's output on the unquantized inputs),
             # not W itself, which would undo the correction GPTAQ made
             target = w if cross is None else compensation.asymmetric_target(w, cross, lower, q.gptaq.alpha)
-            as_served = _as_served(weight)
             a, b = _compensate(target, as_served, lower, q.compensate)
             weight = _with_factors(as_served, a, b)
             factors[f"{name}.{module_name}"] = (a.cpu(), b.cpu())
@@ -320,6 +321,8 @@ def _quantize_group(layer, linears: dict, group: list[str], stats: GroupStatisti
         del rtn
         with torch.no_grad():
             linear.weight.copy_(weight)
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias.to(torch.float16))
 
 
 def _hessian_root(hessian: torch.Tensor, damp: float, q, name: str, group: list[str]) -> torch.Tensor:

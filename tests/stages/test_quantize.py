@@ -166,6 +166,30 @@ def test_lockstep_passes_give_the_bits_of_re_running_the_layer(setup, desc_act, 
     assert not any(t.name.startswith("qmerge-lockstep") for t in __import__("threading").enumerate())
 
 
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_the_outputs_handed_on_are_the_served_layers(setup, lockstep):
+    """The next layer is calibrated on what the release computes: the layer with its GPTQ weights as the kernels
+    serve them (fp16 products). It had computed on with the float32 products (a quarter of them not fp16 values)."""
+    from types import SimpleNamespace
+
+    from qmerge.io.gptq_checkpoint import dequantize_linear
+    from qmerge.stages.quantize import layer_linears, quantize_layer
+
+    q = SimpleNamespace(bits=4, group_size=32, sym=False, desc_act=True, damp=0.01, calibration="x",
+                        scale_search="minmax", compensate=None, static_groups=False, gptaq=None)
+    runner = LayerwiseModel.from_folder(setup["base"], "cpu")
+    batches = runner.layer_inputs(torch.randint(1, 96, (4, 32), generator=torch.Generator().manual_seed(3)), 2)
+    done = quantize_layer(runner.load_layer(0), batches, q, "layer0", lockstep=lockstep)
+    runner.free_layer(0)
+    layer = runner.load_layer(0)
+    with torch.no_grad():
+        for module, linear in layer_linears(layer).items():
+            float32 = dequantize_linear(done.packed[module], 4)
+            linear.weight.copy_(dequantize_linear(done.packed[module], 4, served=True))
+            assert not torch.equal(float32, linear.weight)  # the two differ here: the test can tell them apart
+    assert all(torch.equal(run_layer(layer, b), out) for b, out in zip(batches, done.outputs))
+
+
 def test_few_tokens_free_h_and_report_from_the_inputs(setup, monkeypatch):
     """Fewer calibration tokens (16) than input features (64, 128): the lockstep pass reports the errors from X
     and frees each group's H right after its inverse. Same packed bits as the re-run path (which keeps H and reports
