@@ -29,15 +29,17 @@ INERT = {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "lora_dropout", "megatron_core", "runtime_config", "qalora_group_size",
 }
-# Fields known to change the math; like any other field outside the two sets above, they are allowed
-# only at their empty defaults (None / False / {} / []).
+# Fields known to change the math; like any other field outside the two sets above, they are allowed only off:
+# None, False, [] or their LoraConfig default. Not `{}`: PEFT turns an empty sub-config (kasa_config, velora_config,
+# arrow_config, monteclora_config, ...) into a default config object, which switches that variant on.
 MATH_FIELDS = {
     "use_qalora", "alora_invocation_tokens", "layer_replication", "trainable_token_indices",
     "target_parameters", "megatron_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
 }
 # init_lora_weights values that only initialise A/B (the base is unchanged); pissa/olora/corda/loftq rewrite it.
-PLAIN_INITS = {True, False, "gaussian"}
+# PEFT lowercases the string ("Gaussian" is "gaussian").
+PLAIN_INITS = {True, False, "gaussian", "orthogonal", "eva"}
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,13 @@ def check_adapter_config(config: dict, path: Path) -> None:
     if peft_type != "LORA":
         raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported; qmerge merges LoRA adapters only",
                                       path=path)
-    known = set(LoraConfig.__dataclass_fields__)
+    fields = LoraConfig.__dataclass_fields__
     for key, value in config.items():
-        if key not in known:
+        if key not in fields:
             raise UnsupportedAdapterError(f"field `{key}` is unknown to the installed peft; qmerge cannot tell "
                                           "whether it changes the merge", path=path)
-        if key in HANDLED or key in INERT or value in (None, False, {}, []):
+        if key in HANDLED or key in INERT or value is None or value is False or value == [] or \
+                value == _default(fields[key]):
             continue
         why = "changes the adapter math" if key in MATH_FIELDS else "is not in qmerge's allowlist"
         raise UnsupportedAdapterError(f"field `{key}` = {value!r} {why}; qmerge cannot merge it exactly", path=path)
@@ -112,12 +115,21 @@ def check_adapter_config(config: dict, path: Path) -> None:
         if not isinstance(config.get(key) or {}, dict):
             raise BadInputError(f"`{key}` is {type(config[key]).__name__}, not an object of module pattern -> value",
                                 path=path, fix="rewrite adapter_config.json with PEFT's save_pretrained")
-    if not isinstance(config.get("init_lora_weights", True), (bool, str)) or \
-            config.get("init_lora_weights", True) not in PLAIN_INITS:
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)) or (init.lower() if isinstance(init, str) else init) not in PLAIN_INITS:
         raise UnsupportedAdapterError(
             f"init_lora_weights = {config['init_lora_weights']!r} rewrites the base weights during init; "
             "qmerge cannot reproduce that base", path=path,
             fix="convert the adapter to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)")
+
+
+def _default(f):
+    """A LoraConfig dataclass field's default value (None where it has none)."""
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -179,7 +191,44 @@ def _parse_tensors(shapes: dict, config: dict, file: Path) -> tuple[dict[str, Lo
             continue
         parts.setdefault(m["mod"], {})[m["part"].split(".")[0] + ("_bias" if m["part"] == "lora_B.bias" else "")] = name
     modules = {mod: _module(mod, p, shapes, config, file) for mod, p in parts.items()}
+    _check_flags_match_tensors(modules, config, file)
     return modules, replacements
+
+
+def _some(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+
+
+def _check_one_value(name: str, pattern: dict, module: str, file: Path) -> None:
+    """Several keys of a pattern matching one module with different values: PEFT takes the first in the file's
+    order, and it saves the file with sorted keys, so the model as trained may have taken another one."""
+    matching = [k for k in pattern if re.match(rf"(.*\.)?({k})$", module)]
+    if len({json.dumps(pattern[k]) for k in matching}) > 1:
+        raise UnsupportedAdapterError(
+            f"`{name}` keys {', '.join(repr(k) for k in matching)} all match {module} with different values; PEFT "
+            "takes the first in the file, whose keys save_pretrained sorts, so which one the model was trained with "
+            "is not known", path=file.parent / "adapter_config.json",
+            fix=f"make the `{name}` keys match disjoint modules")
+
+
+def _check_flags_match_tensors(modules: dict[str, LoraModule], config: dict, file: Path) -> None:
+    """PEFT follows `use_dora` and `lora_bias` and ignores tensors they do not expect (silently: no warning);
+    qmerge reads what the file holds. Where the two disagree the merge has no single meaning: refused."""
+    dora = bool(config.get("use_dora", False))
+    mismatched = [m.module for m in modules.values() if m.kind == "linear" and bool(m.magnitude) != dora]
+    if mismatched:
+        holds = "holds no" if dora else "holds"
+        raise UnsupportedAdapterError(
+            f"use_dora = {str(dora).lower()} in adapter_config.json but the adapter file {holds} DoRA magnitude "
+            f"vectors for {_some(mismatched)}; PEFT would run another model than the tensors describe",
+            path=file.parent / "adapter_config.json",
+            fix="save the adapter again with PEFT's save_pretrained, or correct use_dora")
+    stray = [m.module for m in modules.values() if m.lora_b_bias and not config.get("lora_bias", False)]
+    if stray:
+        raise UnsupportedAdapterError(
+            f"the adapter file holds lora_B biases ({_some(stray)}) but adapter_config.json has lora_bias = false, "
+            "so PEFT ignores them", path=file.parent / "adapter_config.json",
+            fix="save the adapter again with PEFT's save_pretrained, or set lora_bias = true if they were trained")
 
 
 def _module(mod: str, p: dict[str, str], shapes: dict, config: dict, file: Path) -> LoraModule:
@@ -188,6 +237,8 @@ def _module(mod: str, p: dict[str, str], shapes: dict, config: dict, file: Path)
     if a_key not in p or b_key not in p:
         raise BadInputError(f"module {mod}: {a_key}/{b_key} pair incomplete", path=file)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        _check_one_value(name, pattern, mod, file)
     r = int(rank_pattern.get(get_pattern_key(rank_pattern, mod), config["r"]))
     alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern, mod), config["lora_alpha"]))
     a_shape, b_shape = shapes[p[a_key]], shapes[p[b_key]]

@@ -106,6 +106,13 @@ def test_finite_factors_whose_product_overflows(tmp_path, tiny_llama, adapter, c
     ("layer_replication", [[0, 1]], "layer_replication"),
     ("init_lora_weights", "pissa", "pissa"),
     ("some_future_field", 1, "unknown to the installed peft"),
+    # PEFT reads an empty sub-config as a default one, which switches the variant on (KaSA also cuts the base)
+    ("kasa_config", {}, "kasa_config"),
+    ("velora_config", {}, "velora_config"),
+    # the flags PEFT follows, against the tensors the file holds (PEFT ignores the tensors, without a warning)
+    ("use_dora", True, "use_dora = true in adapter_config.json but the adapter file holds no DoRA magnitude"),
+    # two alpha_pattern keys on one module with other values: which one training took is not known
+    ("alpha_pattern", {"down_proj": 3, "layers.1.mlp.down_proj": 32}, "all match model.layers.1.mlp.down_proj"),
 ])
 def test_unsupported_peft_config(tmp_path, tiny_llama, adapter, capsys, field, value, needle):
     f = adapter / "adapter_config.json"
@@ -446,3 +453,23 @@ def test_a_config_matching_the_training_record_merges(tmp_path, tiny_llama, adap
 def test_an_unreadable_training_record_is_exit_2(tmp_path, tiny_llama, adapter, capsys, text):
     (adapter / "qmerge_training.json").write_text(text)
     assert_exit_2(write_config(tmp_path, tiny_llama, [(adapter, 1.0)]), capsys, "qmerge_training.json")
+
+
+def test_dora_or_lora_bias_tensors_the_config_turns_off_are_exit_2(tmp_path, tiny_llama, capsys):
+    """use_dora / lora_bias switched off in the config while the file holds their tensors: PEFT ignores the tensors,
+    qmerge had merged them (logits 0.1 and 0.9 relative off what PEFT runs)."""
+    for flag, needle in (("use_dora", "holds DoRA magnitude vectors"), ("lora_bias", "holds lora_B biases")):
+        folder = tmp_path / flag
+        folder.mkdir()
+        adapter = make_adapter(tiny_llama, folder / "adapter", **{flag: True})
+        f = adapter / "adapter_config.json"
+        f.write_text(json.dumps(json.loads(f.read_text()) | {flag: False}))
+        assert_exit_2(write_config(folder, tiny_llama, [(adapter, 1.0)]), capsys, needle)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "Gaussian", "eva"])
+def test_inits_that_only_set_a_and_b_merge(tmp_path, tiny_llama, adapter, init):
+    """They leave the base as it was; they had been refused as rewriting it."""
+    f = adapter / "adapter_config.json"
+    f.write_text(json.dumps(json.loads(f.read_text()) | {"init_lora_weights": init}))
+    assert run_cli(write_config(tmp_path, tiny_llama, [(adapter, 1.0)])) == 0
