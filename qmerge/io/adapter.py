@@ -132,12 +132,14 @@ def _default(f):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
+def _pattern_matches(key: str, module: str) -> bool:
+    """Whether a rank_pattern/alpha_pattern key names `module`, as PEFT matches them."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     """Exactly `peft.utils.other.get_pattern_key` (first matching key in dict order)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
+    return next((key for key in pattern_keys if _pattern_matches(key, key_to_match)), key_to_match)
 
 
 def read_adapter(path: Path) -> Adapter:
@@ -202,7 +204,7 @@ def _some(names: list[str]) -> str:
 def _check_one_value(name: str, pattern: dict, module: str, file: Path) -> None:
     """Several keys of a pattern matching one module with different values: PEFT takes the first in the file's
     order, and it saves the file with sorted keys, so the model as trained may have taken another one."""
-    matching = [k for k in pattern if re.match(rf"(.*\.)?({k})$", module)]
+    matching = [k for k in pattern if _pattern_matches(k, module)]
     if len({json.dumps(pattern[k]) for k in matching}) > 1:
         raise UnsupportedAdapterError(
             f"`{name}` keys {', '.join(repr(k) for k in matching)} all match {module} with different values; PEFT "

@@ -22,6 +22,8 @@ from qmerge.errors import BadInputError, UnsupportedAdapterError
 from qmerge.io.adapter import Adapter, LoraModule, read_adapter
 from qmerge.io.base import BaseCheckpoint, NF4Recipe
 from qmerge.io.paths import MODEL_FILES, Cancelled, file_stamp, sha256_file, tokenizer_source
+from qmerge.io.safetensors_io import ST_DTYPE_NAMES
+from qmerge.numerics import DTYPES
 from qmerge.plan import AdapterPlan, BasePlan, Plan
 
 def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
@@ -260,14 +262,15 @@ def _check_training_record(cfg: Config, apath: Path, origin: dict, base: BaseChe
             + ", ".join(f"{f} = {trained} (config: {configured})" for f, trained, configured in differ)
             + "; the merge would start from another W_nf4 than the one the adapter learned against", path=cfg.source,
             fix="set " + ", ".join(f"[base.nf4] {f} = {trained}" for f, trained, _ in differ) + f" as {path} records")
-    trained_on = record.get("base", {}).get("sha256") if isinstance(record.get("base"), dict) else None
+    trained = record.get("base")
+    trained_on = trained.get("sha256") if isinstance(trained, dict) else None
     if origin["kind"] == "gguf" and isinstance(trained_on, str) and trained_on.lower() != origin["gguf_sha256"]:
         raise BadInputError(f"the adapter was trained on the GGUF with sha256 {trained_on}, but base.path hashes to "
                             f"{origin['gguf_sha256']}", path=cfg.source,
                             fix=f"point base.path at the GGUF that {path} records")
 
 
-ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+ST_DTYPES = {ST_DTYPE_NAMES[dtype]: name for name, dtype in DTYPES.items()}  # "BF16" -> "bfloat16", ...
 
 
 def _weights_seen(nf4: NF4Settings, stored: set[str]) -> tuple:
