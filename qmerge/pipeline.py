@@ -6,6 +6,11 @@ from qmerge.config import Config
 from qmerge.dag import Stage, package_versions
 
 
+# The packages that turn a text spec's file into token ids: the tokenizer's, and its format's reader.
+TOKENIZER = "tokenizers"
+TEXT_READERS = {"jsonl": ("datasets",), "parquet": ("datasets",), "mediawiki": ("gensim",)}
+
+
 def text_digest(cfg: Config, value: str, what: str) -> dict:
     """A text spec as its artifact keys see it: the spec's bytes, its source's bytes and the versions of what
     reads and tokenizes it, so that editing `split.documents`, the text itself or upgrading `tokenizers` never
@@ -14,10 +19,9 @@ def text_digest(cfg: Config, value: str, what: str) -> dict:
     from qmerge.io.textset import load_text_spec
 
     spec = load_text_spec(cfg.path(value, what))
-    # the packages that turn the file into token ids: the tokenizer's, and the reader of its format
-    reader = {"jsonl": ("datasets",), "parquet": ("datasets",), "mediawiki": ("gensim",)}.get(spec.source.format, ())
+    readers = (TOKENIZER, *TEXT_READERS.get(spec.source.format, ()))
     return {"spec": value, "spec_sha256": sha256_file(spec.spec_path), "source_sha256": sha256_file(spec.source_path),
-            "readers": package_versions(("tokenizers", *reader))}
+            "readers": package_versions(readers)}
 
 
 def _eval_texts(cfg: Config) -> dict | None:
@@ -129,7 +133,7 @@ def built_with(cfg: Config) -> dict[str, str]:
     if cfg.quantize is not None and cfg.quantize.backend == "gptqmodel":
         out |= package_versions(("gptqmodel",))
     if cfg.quantize is not None or cfg.gate is not None:  # texts read and tokenized (`text_digest`)
-        out |= package_versions(("tokenizers", "datasets", "gensim"))
+        out |= package_versions((TOKENIZER, *sorted({p for ps in TEXT_READERS.values() for p in ps})))
     return out
 
 
