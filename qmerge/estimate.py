@@ -104,9 +104,12 @@ def evaluate_peak(shape: Shape, models: int, views: int, windows: int, seq_len: 
     return IMPORTS + max(layers + nf4_transient + _batch_activations(shape, batch, seq_len), head) + hidden_states
 
 
-# GGUF file bytes per weight by type: the block's bytes over its 32 weights (F32/F16/BF16: the element's)
-GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32,
-                         "Q5_0": 22 / 32, "Q5_1": 24 / 32}
+def gguf_bytes_per_weight(qtype: str) -> float:
+    """A GGUF type's bytes per weight: its block's bytes over the block's weights (the `gguf` package's table)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return size / block
 
 
 def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str, dict[str, int]]:
@@ -147,7 +150,7 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
         out["calibrate"] = {"peak_bytes": LIGHT_IMPORTS, "disk_bytes": cfg.quantize.samples * cfg.quantize.seq_len * 8}
     if cfg.exports:  # tensor by tensor: the largest in float32, its cast and its quantized copy
         params = shape.layers * shape.layer_elements + shape.vocab * shape.hidden
-        files = sum(int(params * GGUF_BYTES_PER_WEIGHT[a[5:]]) if a.startswith("gguf-") else final_bytes
+        files = sum(int(params * gguf_bytes_per_weight(a[5:])) if a.startswith("gguf-") else final_bytes
                     for a in cfg.exports)  # compressed-tensors: the GPTQ weights again
         out["export"] = {"peak_bytes": LIGHT_IMPORTS + 3 * shape.largest_elements * F32, "disk_bytes": files}
     if cfg.gate is not None:

@@ -42,7 +42,8 @@ def meta_model(config) -> torch.nn.Module:
         except ValueError as e:  # "Unrecognized configuration class ...": not a causal LM transformers knows
             raise BadInputError(f"model_type {getattr(config, 'model_type', None)!r} is not a causal language model "
                                 f"transformers can build ({str(e).splitlines()[0][:200]})",
-                                fix="qmerge merges adapters of decoder-only causal LMs (AutoModelForCausalLM)") from None
+                                fix="qmerge merges adapters of decoder-only causal LMs (AutoModelForCausalLM)",
+                                ) from None
 
 
 def load_hf_config(folder: Path):
