@@ -86,6 +86,8 @@ class StreamedLogits:
         if len(depth) != 1:
             raise BadInputError(f"the models to compare have different numbers of decoder layers: {sorted(depth)}",
                                 fix="every candidate must be the base's architecture")
+        for model in models:  # a head or stack the runner cannot rebuild is refused before any layer runs
+            model.logit_steps  # noqa: B018
         ready = ready or {}
         self.states = {name: [LayerBatch(h, {}) for h in states] for name, states in ready.items()}
         self.computed = tuple(name for name in views if name not in ready)

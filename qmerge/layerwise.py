@@ -14,8 +14,13 @@ fill the parameters it owns after the source has filled the rest.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import inspect
 import json
+import re
+import textwrap
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +113,82 @@ class _PassOn(_StandIn):
         return args[0] if args else kwargs["hidden_states"]
 
 
+class _Recorder(torch.nn.Module):
+    """Stands in for a child of the decoder while `_stack_order` traces the decoder's forward: notes that it was
+    called and hands its first input on (an embedding: zeros of its width, as no weights are real)."""
+
+    def __init__(self, name: str, calls: list[str], width: int | None = None):
+        super().__init__()
+        self.name, self.calls, self.width = name, calls, width
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(self.name)
+        x = args[0] if args else next(iter(kwargs.values()))
+        return torch.zeros(*x.shape, self.width) if self.width is not None else x
+
+
+class _LayerRecorder(_StandIn):
+    """A layer's recorder: hands its hidden states on as a tensor, or as `(hidden,)` for decoders that take
+    `outputs[0]` of each layer (Falcon, Bloom)."""
+
+    def __init__(self, layer: torch.nn.Module, calls: list[str], as_tuple: bool):
+        super().__init__(layer)
+        self.calls, self.as_tuple = calls, as_tuple
+
+    def forward(self, *args, **kwargs):
+        self.calls.append("")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self.as_tuple else hidden
+
+
+# How a causal LM's forward turns its head's output into logits: each line of transformers' forwards that assigns
+# the logits (comments, dtype casts and the `slice_indices` cut removed), and what it does. The final soft-capping
+# (Gemma 2/3) is applied from the config; a forward with any other line is refused rather than scored wrongly.
+_HEAD = "logits = self.lm_head(hidden_states)"
+_LOGIT_LINES: dict[str, tuple[str, str] | None] = {
+    _HEAD: None,
+    "logits = logits / self.config.final_logit_softcapping": None,
+    "logits = torch.tanh(logits)": None,
+    "logits = logits * self.config.final_logit_softcapping": None,
+    "logits = logits / self.config.logits_scaling": ("div", "logits_scaling"),  # Granite
+    "logits = logits * self.logit_scale": ("mul", "logit_scale"),  # Cohere
+    "logits = self.lm_head(hidden_states) * self.model.lm_head_multiplier": ("mul", "lm_head_multiplier"),  # Falcon-H1
+    "logits = self.lm_head(hidden_states) * self.config.logits_scaling": ("mul", "logits_scaling"),  # HyperCLOVA X
+}
+
+
+def _logit_lines(forward) -> list[str] | None:
+    """The statements of `forward` that assign its logits, normalised as `_LOGIT_LINES` writes them (None: no
+    source to read)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    lines = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        if any(isinstance(t, ast.Name) and t.id in ("logits", "lm_logits") for t in targets):
+            line = ast.unparse(node)
+            line = re.sub(r"\bhidden_states(\[:, slice_indices, :\]|\.to\([^()]*\))", "hidden_states", line)
+            line = re.sub(r"\.(float|contiguous)\(\)", "", line)
+            lines.append(re.sub(r"^lm_logits\b", "logits", line))
+    return lines
+
+
+def logit_steps(model_class: type, config) -> list[tuple[str, float]]:
+    """What `model_class.forward` does to its head's output besides soft-capping: [("mul" | "div", value)], in order.
+    Refuses a forward that assigns its logits in a line `_LOGIT_LINES` does not know."""
+    lines = _logit_lines(model_class.forward)
+    unknown = [t for t in lines or () if t not in _LOGIT_LINES]
+    if not lines or unknown or _HEAD not in lines:
+        what = f"computes its logits with `{unknown[0]}`" if unknown else "has a head qmerge does not recognise"
+        raise BadInputError(f"{model_class.__name__} {what}, which the layer-wise runner does not rebuild",
+                            fix="this architecture is not supported layer-wise")
+    text = config.get_text_config()
+    return [(step[0], float(getattr(text, step[1]))) for t in lines if (step := _LOGIT_LINES[t]) is not None]
+
+
 def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> str:
     return next(name for name, m in root.named_modules() if m is target)
 
@@ -127,6 +208,7 @@ class LayerwiseModel:
         self.source, self.device, self.overlay, self.where = source, torch.device(device), overlay, where
         self.config = hf_config(config)
         inner = meta_model(self.config)
+        self._model_class = type(inner)
         # eval(): from_config builds a model in training mode, whose dropout (GPT-2's embedding dropout) would
         # perturb every forward.
         self.model = (overlay.wrap(inner) if overlay else inner).eval()
@@ -246,17 +328,66 @@ class LayerwiseModel:
         owner.to_empty(device="meta")
         return value
 
-    def _prepare_stack(self) -> None:
-        """Makes every module of the decoder stack before the layers real (embeddings, rotary tables)."""
+    def _real_rotary(self) -> None:
+        """Rotary tables are computed from the config, not stored: rebuilt for real."""
         for name, child in self.decoder.named_children():
-            if child is self.layers:
-                continue
-            prefix = f"{self.decoder_prefix}.{name}"
-            if "rotary" in name:  # computed from the config, not stored: rebuild it for real
+            if "rotary" in name and any(t.is_meta for t in child.buffers()):
                 with torch.device(self.device):
                     setattr(self.decoder, name, type(child)(config=self.config.get_text_config()))
-            elif _is_embedding(child):
-                self._materialize(child, prefix)
+
+    @functools.cached_property
+    def _stack_order(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The decoder's children other than its layers and rotary tables that its forward calls before the first
+        layer and after the last one, each in call order: found by one forward of a 4-token window with every child
+        replaced by a recorder. (Which children hold parameters, or the order they were declared in, says neither:
+        OLMo's final LayerNorm has no parameters, and a module declared after the layers may run before them.)"""
+        children = {name: child for name, child in self.decoder.named_children() if "rotary" not in name}
+        originals = list(self.layers)
+        self._real_rotary()
+        for as_tuple in (False, True):
+            calls: list[str] = []
+            try:
+                for name, child in children.items():
+                    if child is not self.layers:
+                        inner = getattr(child, "base_layer", None) or getattr(child, "original_module", None) or child
+                        width = inner.embedding_dim if _is_embedding(child) else None
+                        setattr(self.decoder, name, _Recorder(name, calls, width))
+                for i, layer in enumerate(originals):
+                    self.layers[i] = _LayerRecorder(layer, calls, as_tuple)
+                with torch.no_grad():
+                    self.decoder(input_ids=torch.zeros(1, 4, dtype=torch.int64, device=self.device), use_cache=False)
+                break
+            except Exception as e:
+                if as_tuple:
+                    raise BadInputError(f"cannot trace the decoder of {type(self.decoder).__name__} "
+                                        f"({type(e).__name__}: {str(e)[:200]})", path=self.where,
+                                        fix="this architecture is not supported layer-wise") from None
+            finally:
+                for name, child in children.items():
+                    if child is not self.layers:
+                        setattr(self.decoder, name, child)
+                for i, layer in enumerate(originals):
+                    self.layers[i] = layer
+        if "" not in calls:
+            raise BadInputError(f"the decoder of {type(self.decoder).__name__} never calls its layers",
+                                path=self.where, fix="this architecture is not supported layer-wise")
+        first, last = calls.index(""), len(calls) - calls[::-1].index("")
+        between = [name for name in calls[first:last] if name]
+        if between:
+            raise BadInputError(f"the decoder of {type(self.decoder).__name__} calls {between[0]!r} between its "
+                                "layers", path=self.where, fix="this architecture is not supported layer-wise")
+        return tuple(dict.fromkeys(calls[:first])), tuple(dict.fromkeys(calls[last:]))
+
+    def _before_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """What the decoder applies before its layers and needs weights for (embeddings, an embedding norm)."""
+        return [(f"{self.decoder_prefix}.{name}", getattr(self.decoder, name)) for name in self._stack_order[0]
+                if any(True for _ in getattr(self.decoder, name).parameters())]
+
+    def _prepare_stack(self) -> None:
+        """Makes every module of the decoder stack before the layers real (embeddings, rotary tables)."""
+        self._real_rotary()
+        for prefix, child in self._before_modules():
+            self._materialize(child, prefix)
 
     def layer_inputs(self, ids: torch.Tensor, batch_size: int) -> list[LayerBatch]:
         """Hidden states and keyword arguments that layer 0 receives, batch by batch."""
@@ -269,9 +400,8 @@ class LayerwiseModel:
             if kind != self.kinds[0]:
                 for batch, other in zip(seen, self._catch(self.kinds.index(kind), batches)):
                     batch.by_kind[kind] = other.kwargs
-        for child in self.decoder.children():  # the embedding is not needed any more
-            if child is not self.layers and _is_embedding(child):
-                child.to_empty(device="meta")
+        for _, child in self._before_modules():  # the embedding is not needed any more
+            child.to_empty(device="meta")
         return seen
 
     def _catch(self, index: int, batches: list[torch.Tensor]) -> list[LayerBatch]:
@@ -315,14 +445,15 @@ class LayerwiseModel:
         return self.layer_prefix(index).removeprefix(self._strip)
 
     def _final_modules(self) -> list[tuple[str, torch.nn.Module]]:
-        """What the decoder applies after its layers (the final norm), in order."""
-        out = []
-        for name, child in self.decoder.named_children():
-            if child is self.layers or _is_embedding(child) or "rotary" in name:
-                continue
-            if any(True for _ in child.parameters()):
-                out.append((f"{self.decoder_prefix}.{name}", child))
-        return out
+        """What the decoder applies after its layers (the final norm), in call order."""
+        return [(f"{self.decoder_prefix}.{name}", getattr(self.decoder, name)) for name in self._stack_order[1]]
+
+    @functools.cached_property
+    def logit_steps(self) -> list[tuple[str, float]]:
+        """What the model's forward does to the head's output (see `logit_steps`); refuses a head it cannot rebuild,
+        so callers check it before streaming the layers."""
+        self._stack_order  # noqa: B018 - a decoder that cannot be traced is refused here too
+        return logit_steps(self._model_class, self.config)
 
     def load_head(self) -> None:
         """Makes the final norm and the output head real (after the last layer)."""
@@ -341,6 +472,8 @@ class LayerwiseModel:
             for _, module in self._final_modules():
                 hidden = module(hidden)
             out = self.head(hidden).float()
+            for op, value in self.logit_steps:
+                out = out * value if op == "mul" else out / value
             cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
             return torch.tanh(out / cap) * cap if cap else out
 

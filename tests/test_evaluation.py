@@ -258,3 +258,86 @@ def test_weight_retention_does_not_depend_on_the_order_tensors_come_in(tmp_path)
 
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
     assert len(want["merged"]["layers"]) == 14 and abs(want["merged"]["aggregate"] - 1) > 1e-6
+
+
+def _layerwise_vs_transformers(folder: Path, ids: torch.Tensor) -> tuple[float, float]:
+    """max |Δ| between the layer runner's logits and transformers' own forward of the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.layerwise import LayerwiseModel, run_layer
+
+    runner = LayerwiseModel.from_folder(folder)
+    runner.logit_steps  # noqa: B018 - what StreamedLogits checks first
+    states = runner.layer_inputs_of([ids])
+    for i in range(len(runner.layers)):
+        layer = runner.load_layer(i)
+        states = [b.with_hidden(run_layer(layer, b)) for b in states]
+        runner.free_layer(i)
+    runner.load_head()
+    got = runner.logits(states[0].hidden)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(input_ids=ids).logits.float()
+    return float((got - want).abs().max()), float(want.abs().max())
+
+
+def _random_checkpoint(folder: Path, config) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # norms and biases away from their 1 / 0 initialisation
+            p.copy_(1 + 0.3 * torch.randn_like(p) if p.dim() == 1 and "norm" in name else 0.3 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+_SHAPES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "olmo", "bloom"])
+def test_the_layer_runner_rebuilds_what_a_model_does_around_its_layers(tmp_path, kind):
+    """Granite divides its head's output by `logits_scaling`, Cohere multiplies it by `logit_scale`; OLMo's final
+    LayerNorm has no parameters; Bloom normalises its embeddings before the first layer. Each is transformers'
+    forward exactly (before: logits off by up to 8, or a crash on a weight left on the meta device)."""
+    import transformers
+
+    config = {"granite": lambda: transformers.GraniteConfig(**_SHAPES, logits_scaling=4.0, embedding_multiplier=3.0),
+              "cohere": lambda: transformers.CohereConfig(**_SHAPES, logit_scale=0.25),
+              "olmo": lambda: transformers.OlmoConfig(**_SHAPES),
+              "bloom": lambda: transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)}[kind]()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 128, (2, 16))
+    diff, scale = _layerwise_vs_transformers(_random_checkpoint(tmp_path / kind, config), ids)
+    assert scale > 1 and diff <= 1e-5 * scale
+
+
+def test_a_head_the_runner_cannot_rebuild_is_refused():
+    """A forward that changes its logits in a way the runner does not know is exit 2, not a silent mismatch."""
+    from qmerge.errors import BadInputError
+    from qmerge.layerwise import logit_steps
+
+    class Cut:
+        def forward(self, hidden_states, slice_indices):
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            logits = logits[..., :100]
+            return logits
+
+    class Scaled:
+        def forward(self, hidden_states, slice_indices):
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            logits = logits / self.config.logits_scaling  # the Granite line
+            return dict(logits=logits)
+
+    with pytest.raises(BadInputError, match=r"logits\[\.\.\., :100\]") as e:
+        logit_steps(Cut, None)
+    assert e.value.exit_code == 2
+
+    class Config:
+        logits_scaling = 8
+
+        def get_text_config(self):
+            return self
+
+    assert logit_steps(Scaled, Config()) == [("div", 8.0)]
