@@ -167,15 +167,35 @@ def build_windows(tokenizer, spec: TextSpec, seq_len: int, count: int | None) ->
                         document_range(spec, all_docs), seq_len)
 
 
+MIN_SHARED_CHARS = 64  # shorter documents (headings, boilerplate lines) are not counted as shared
+
+
+def document_digests(spec: TextSpec) -> dict[str, int]:
+    """Each document of the spec's split by its text with whitespace collapsed (its sha256), and its index in the
+    source; documents under MIN_SHARED_CHARS left out."""
+    docs = load_documents(spec.model_copy(update={"split": TextSplit()}))
+    start, stop = document_range(spec, len(docs))
+    keys: dict[str, int] = {}
+    for i in range(start, stop):
+        text = " ".join(docs[i].split())
+        if len(text) >= MIN_SHARED_CHARS:
+            keys.setdefault(hashlib.sha256(text.encode()).hexdigest(), i)
+    return keys
+
+
+def shared_documents(a: dict[str, int], b: dict[str, int]) -> list[tuple[int, int]]:
+    """(index in a, index in b) of each document two `document_digests` share, in a's order."""
+    return sorted((a[k], b[k]) for k in a.keys() & b.keys())
+
+
 def check_disjoint(a: TextSpec, b: TextSpec, what_a: str, what_b: str) -> None:
-    """Refuses two specs that share documents of the same source (calibration vs eval, select vs eval)."""
-    same = a.source_path == b.source_path or sha256_file(a.source_path) == sha256_file(b.source_path)
-    if not same or a.source.format != b.source.format:
-        return
-    total = len(load_documents(a.model_copy(update={"split": TextSplit()})))
-    (s1, e1), (s2, e2) = document_range(a, total), document_range(b, total)
-    lo, hi = max(s1, s2), min(e1, e2)
-    if lo < hi:
-        raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share documents {lo}:{hi} of "
-                            f"{a.source_path.name}", path=a.spec_path,
-                            fix="use disjoint split.documents ranges: measuring on calibration text flatters the model")
+    """Refuses two specs that share documents (calibration vs eval, select vs eval): compared by their text, so the
+    same document under another range, in a copy of the file, in another format or repeated inside a corpus counts."""
+    shared = shared_documents(document_digests(a), document_digests(b))
+    if shared:
+        (i, j), n = shared[0], len(shared)
+        raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share {n} document"
+                            f"{'s' if n > 1 else ''}: document {i} of {a.source_path.name} is document {j} of "
+                            f"{b.source_path.name}" + (f" (and {n - 1} more)" if n > 1 else ""), path=a.spec_path,
+                            fix="use documents the other text does not hold (split.documents): measuring on "
+                                "calibration or selection text flatters the model")

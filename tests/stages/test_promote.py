@@ -251,7 +251,7 @@ def test_into_auto_scores_both_on_the_select_split(gated, tmp_path):
     assert code == 0
 
 
-@pytest.mark.parametrize("select,windows,needle", [("heldout", 8, "share documents"), ("select", 100000, "are needed")])
+@pytest.mark.parametrize("select,windows,needle", [("heldout", 8, "is document 200 of lee_background.cor"), ("select", 100000, "are needed")])
 def test_auto_refuses_a_select_text_it_cannot_use_before_merging(gated, tmp_path, capsys, select, windows, needle):
     """The gate's own eval split, or too few windows: exit 2 from resolve (both were found after the two merges)."""
     merge = {"into": "auto", "select": str(gated[select]), "select_windows": windows}

@@ -1,0 +1,58 @@
+"""Text specs are kept apart by their documents' text, not by the ranges they name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qmerge.errors import BadInputError
+from qmerge.io.textset import check_disjoint, load_documents, load_text_spec
+from tests.conftest import write_text_spec
+
+
+def _spec(folder: Path, name: str, source: Path, documents: str, fmt: str = "text") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(f'[source]\npath = "{source}"\nformat = "{fmt}"\n[split]\ndocuments = "{documents}"\n')
+    return path
+
+
+def _lee(tmp_path: Path) -> list[str]:
+    return load_documents(load_text_spec(write_text_spec(tmp_path, "all", ":")))
+
+
+def _refused(a: Path, b: Path) -> str:
+    with pytest.raises(BadInputError) as e:
+        check_disjoint(load_text_spec(a), load_text_spec(b), "quantize.calibration", "gate.eval")
+    assert e.value.exit_code == 2
+    return str(e.value)
+
+
+def test_the_same_documents_in_a_copy_another_format_or_a_shifted_range_are_refused(tmp_path):
+    docs = _lee(tmp_path)
+    heldout = write_text_spec(tmp_path, "heldout", "265:300")
+    crlf = tmp_path / "copy.cor"  # a header line in front, CRLF line ends: the same documents one index later
+    crlf.write_bytes(("header line\r\n" + "\r\n".join(docs) + "\r\n").encode())
+    assert "share 34 documents" in _refused(_spec(tmp_path, "cal", crlf, "266:301"), heldout)
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"text": d + "  "}) + "\n" for d in docs[270:280]))
+    message = _refused(heldout, _spec(tmp_path, "j", rows, ":", "jsonl"))
+    assert "share 10 documents: document 270 of lee_background.cor is document 0 of docs.jsonl" in message
+
+
+def test_an_article_the_corpus_repeats_counts_as_shared(tmp_path):
+    """The lee corpus holds article 263 again as 271: ranges 250:265 and 265:300 do not overlap, but would have
+    put that article in both the selection and the gate's windows."""
+    message = _refused(write_text_spec(tmp_path, "select", "250:265"), write_text_spec(tmp_path, "heldout", "265:300"))
+    assert "share 1 document: document 263 of lee_background.cor is document 271" in message
+    # the shipped split stops before it
+    check_disjoint(load_text_spec(Path("calibration/news-select.toml")),
+                   load_text_spec(Path("calibration/news-heldout.toml")), "merge.select", "gate.eval")
+
+
+def test_short_lines_in_common_are_not_counted(tmp_path):
+    (tmp_path / "a.txt").write_text("Thank you.\n" + "a long first document " * 5 + "\n")
+    (tmp_path / "b.txt").write_text("Thank you.\n" + "another long document " * 5 + "\n")
+    check_disjoint(load_text_spec(_spec(tmp_path, "a", tmp_path / "a.txt", ":")),
+                   load_text_spec(_spec(tmp_path, "b", tmp_path / "b.txt", ":")), "quantize.calibration", "gate.eval")
