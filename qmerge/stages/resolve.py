@@ -211,8 +211,8 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         # against the model's is checked there (an adapter may resize the embeddings)
         if tokenizer != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
             gguf_vocab(tokenizer, {**base.hf_config, "vocab_size": None})
-    if headers is None:  # (a dry run's stand-in for a GGUF not converted yet has no tokenizer to check with)
-        _check_texts(cfg, tokenizer, base.hf_config)
+    # (a dry run's stand-in for a GGUF not converted yet has no tokenizer: its texts are checked but not cut)
+    _check_texts(cfg, tokenizer if headers is None else None, base.hf_config)
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
@@ -294,10 +294,11 @@ def _weights_seen(nf4: NF4Settings, stored: set[str]) -> tuple:
     return nf4.quant_type, recipe.blocksize, recipe.double_quant, tuple(per_dtype)
 
 
-def _check_texts(cfg: Config, tokenizer_folder: Path, hf_config: dict) -> None:
+def _check_texts(cfg: Config, tokenizer_folder: Path | None, hf_config: dict) -> None:
     """The texts evaluate and calibrate will cut into windows, checked as they will check them, before the merge:
-    the tokenizer loads, each text gives its windows, the calibration shares no documents with an eval text, and
-    no window is longer than the model's context (each of these was found only after the merge)."""
+    the specs load, the calibration and the selection share no documents with an eval text, no window is longer
+    than the model's context, and (given a tokenizer) each text gives its windows (each of these was found only
+    after the merge)."""
     from qmerge.io.textset import build_windows, check_disjoint, load_text_spec
     from qmerge.stages.evaluate import load_tokenizer
 
@@ -306,23 +307,33 @@ def _check_texts(cfg: Config, tokenizer_folder: Path, hf_config: dict) -> None:
         return
     context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
     lengths = ([("gate.seq_len", cfg.gate.seq_len)] if texts else []) + ([("quantize.seq_len", q.seq_len)] if q else [])
+    if select is not None:
+        from qmerge.stages.merge import select_seq_len
+
+        if cfg.gate is None:
+            lengths.append(("the selection windows' length (gate.seq_len; without [gate])", select_seq_len(cfg)))
     for what, seq_len in lengths:
         if isinstance(context, int) and seq_len > context:
             raise BadInputError(f"{what} = {seq_len} is longer than the model's context ({context} positions)",
-                                path=cfg.source, fix=f"set {what} to {context} or less")
-    tokenizer = load_tokenizer(tokenizer_folder)
+                                path=cfg.source, fix=f"set gate.seq_len to {context} or less" if "selection" in what
+                                else f"set {what} to {context} or less")
     specs = [(load_text_spec(cfg.path(spec, what)), what) for spec, what in texts]
+    calibration = load_text_spec(cfg.path(q.calibration, "quantize.calibration")) if q is not None else None
+    chosen_on = load_text_spec(cfg.path(select, "merge.select")) if select is not None else None
+    for spec, what in specs:
+        if calibration is not None:
+            check_disjoint(calibration, spec, "quantize.calibration", what)
+        if chosen_on is not None:  # merge.into = "auto" chooses on it only after both merges
+            check_disjoint(chosen_on, spec, "merge.select", what)
+    if tokenizer_folder is None:
+        return
+    tokenizer = load_tokenizer(tokenizer_folder)
     for spec, _ in specs:
         build_windows(tokenizer, spec, cfg.gate.seq_len, cfg.gate.windows)
-    if q is not None:
-        calibration = load_text_spec(cfg.path(q.calibration, "quantize.calibration"))
-        for spec, what in specs:
-            check_disjoint(calibration, spec, "quantize.calibration", what)
+    if calibration is not None:
         build_windows(tokenizer, calibration, q.seq_len, q.samples)
-    if select is not None:  # merge.into = "auto" chooses on it only after both merges
-        from qmerge.stages.merge import select_windows
-
-        select_windows(cfg, tokenizer)
+    if chosen_on is not None:
+        build_windows(tokenizer, chosen_on, select_seq_len(cfg), cfg.merge.select_windows)
 
 
 def _check_complete(base: BaseCheckpoint, folder: Path) -> None:

@@ -243,3 +243,20 @@ def test_an_adapter_trained_on_another_gguf_is_refused(tmp_path: Path, monkeypat
     assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4), "--dry-run") == 2
     err = capsys.readouterr().err
     assert "trained on the GGUF with sha256 " + "0" * 64 in err and str(adapter / "qmerge_training.json") in err
+
+
+def test_a_dry_run_before_the_conversion_still_checks_the_texts(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Only cutting windows needs the converted tokenizer: a calibration that is the gate's eval text is exit 2 from
+    a dry run on a fresh cache too (it printed a plan, and a matrix validated by dry runs failed build by build)."""
+    from tests.conftest import run_cli, write_config, write_text_spec
+
+    adapter = Path(__file__).parents[2] / "adapters" / "demo-r8"
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    heldout = write_text_spec(tmp_path, "heldout", "265:300")
+    record = json.loads((adapter / "qmerge_training.json").read_text())
+    nf4 = {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
+    extra = (f'[gate]\neval = "{heldout}"\nwindows = 2\nseq_len = 64\n'
+             f'[quantize]\ncalibration = "{heldout}"\nsamples = 2\nseq_len = 64\ngroup_size = 64\n')
+    assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4, extra=extra), "--dry-run") == 2
+    assert "share 34 documents" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "gguf").exists()  # refused before converting

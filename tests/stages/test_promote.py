@@ -260,6 +260,22 @@ def test_auto_refuses_a_select_text_it_cannot_use_before_merging(gated, tmp_path
     assert not (tmp_path / "work" / "merge").exists()
 
 
+def test_auto_without_a_gate_checks_its_selection_windows_fit_the_context(tmp_path, capsys):
+    """Without [gate] the selection windows are 256 tokens: a model of 64 positions is exit 2 from resolve (it
+    crashed in the position embedding after both merges, exit 1)."""
+    from tests.conftest import make_adapter, make_base, save_char_tokenizer, write_text_spec
+
+    base = make_base(tmp_path / "gpt2", arch="gpt2")
+    save_char_tokenizer(base)
+    adapter = make_adapter(base, tmp_path / "a", target_modules=["c_attn"], fan_in_fan_out=True)
+    merge = {"into": "auto", "select": str(write_text_spec(tmp_path, "select", "150:200"))}
+    assert run_cli(write_config(tmp_path, base, [(adapter, 1.0)], merge=merge)) == 2
+    err = capsys.readouterr().err
+    assert "the selection windows' length (gate.seq_len; without [gate]) = 256 is longer than the model's context " \
+           "(64 positions)" in err and "set gate.seq_len to 64 or less" in err
+    assert not (tmp_path / "work" / "merge").exists()
+
+
 def test_original_on_prequantized_base_is_bad_input(tmp_path, tiny_llama, capsys):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
