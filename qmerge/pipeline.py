@@ -12,16 +12,20 @@ TEXT_READERS = {"jsonl": ("datasets",), "parquet": ("datasets",), "mediawiki": (
 
 
 def text_digest(cfg: Config, value: str, what: str) -> dict:
-    """A text spec as its artifact keys see it: the spec's bytes, its source's bytes and the versions of what
-    reads and tokenizes it, so that editing `split.documents`, the text itself or upgrading `tokenizers` never
-    reuses windows built from the old ones."""
+    """A text spec as its artifact keys see it: what the spec says (how its source is read, which documents), its
+    source's bytes and the versions of what reads and tokenizes it, so that editing `split.documents`, the text
+    itself or upgrading `tokenizers` never reuses windows built from the old ones. Not the spec's path or bytes:
+    `cal.toml` and `./cal.toml`, a relative path and the absolute one a matrix build writes, or a comment added to
+    the spec give the same token ids, and must not rerun GPTQ."""
     from qmerge.io.paths import sha256_file
-    from qmerge.io.textset import load_text_spec
+    from qmerge.io.textset import load_text_spec, parse_slice
 
     spec = load_text_spec(cfg.path(value, what))
+    documents = parse_slice(spec.split.documents)
     readers = (TOKENIZER, *TEXT_READERS.get(spec.source.format, ()))
-    return {"spec": value, "spec_sha256": sha256_file(spec.spec_path), "source_sha256": sha256_file(spec.source_path),
-            "readers": package_versions(readers)}
+    return {"source": spec.source.model_dump(exclude={"path"}),
+            "documents": [documents.start, documents.stop, documents.step],
+            "source_sha256": sha256_file(spec.source_path), "readers": package_versions(readers)}
 
 
 def _eval_texts(cfg: Config) -> dict | None:
@@ -38,12 +42,14 @@ def _eval_texts(cfg: Config) -> dict | None:
 def _merge_slice(cfg: Config) -> dict:
     # linear's pruning parameters are inert: left out, so linear configs keep the keys they had before them
     inert = {"density", "majority_sign_method", "seed"} if cfg.merge.method == "linear" else set()
-    out = cfg.merge.model_dump(exclude={"device", *inert})
+    out = cfg.merge.model_dump(exclude={"device", "select", *inert})
     if cfg.merge.method.startswith("dare"):  # the keep masks' definition (ops/combine.py): a new one is new bytes
         out["dare_mask"] = "keep_hash-v2"
-    if cfg.merge.into == "auto":  # the choice is scored on `select` windows of gate.seq_len, disjoint from gate.eval
+    if cfg.merge.into == "auto":
+        # The choice is scored on `select` windows of gate.seq_len. The eval texts are only checked against them
+        # (resolve does it on every run), so a report-only text added to the gate does not redo both merges.
         out["select_text"] = text_digest(cfg, cfg.merge.select, "merge.select")
-        out["gate"] = {"seq_len": cfg.gate.seq_len if cfg.gate else None, "texts": _eval_texts(cfg)}
+        out["gate"] = {"seq_len": cfg.gate.seq_len if cfg.gate else None}
     return out
 
 
@@ -51,7 +57,7 @@ def _calibrate_slice(cfg: Config) -> dict:
     # The eval texts are only checked against the calibration (resolve does it on every run): they change no byte
     # of the windows, so a report-only text added to the gate must not rerun GPTQ.
     q = cfg.quantize
-    return {**q.model_dump(include={"calibration", "samples", "seq_len"}),
+    return {**q.model_dump(include={"samples", "seq_len"}),
             "text": text_digest(cfg, q.calibration, "quantize.calibration")}
 
 
@@ -62,16 +68,19 @@ def _shipped(cfg: Config) -> dict:
     return {"artifacts": list(cfg.artifacts)} if cfg.output.formats is not None else {}
 
 
+TEXT_PATHS = {"eval", "extra_eval"}  # the gate's text specs: in the keys by content (`text_digest`), not by path
+
+
 def _evaluate_slice(cfg: Config) -> dict:
-    return {**cfg.gate.model_dump(exclude={"max_ppl_increase", "min_delta_retention", "max_kl", "confidence"}),
-            "texts": _eval_texts(cfg)} | _shipped(cfg)
+    thresholds = {"max_ppl_increase", "min_delta_retention", "max_kl", "confidence"}
+    return {**cfg.gate.model_dump(exclude=thresholds | TEXT_PATHS), "texts": _eval_texts(cfg)} | _shipped(cfg)
 
 
 def _gate_slice(cfg: Config) -> dict | None:
     if cfg.gate is None:
         return None
     required = {"required_tasks": [a.task for a in cfg.tasks if a.required]} if cfg.tasks else {}
-    return cfg.gate.model_dump() | required | _shipped(cfg)
+    return cfg.gate.model_dump(exclude=TEXT_PATHS) | required | _shipped(cfg)
 
 
 def _resolve_slice(cfg: Config) -> dict:
@@ -94,6 +103,7 @@ def _quantize_slice(cfg: Config) -> dict:
     defaults = {"forward_dtype": "float32", "scale_search": "minmax", "compensate": None, "gptaq": None,
                 "static_groups": False}
     exclude: dict = {k: True for k, v in defaults.items() if getattr(q, k) == v}
+    exclude["calibration"] = True  # its windows come from calibrate, whose key holds the text by content
     # GPTQModel's solver and writer make this stage's bytes on its backend
     out = {"gptqmodel": package_versions(("gptqmodel",))["gptqmodel"]} if q.backend == "gptqmodel" else {}
     if q.compensate is not None and q.compensate.train is None:

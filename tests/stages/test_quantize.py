@@ -587,3 +587,42 @@ def test_keys_follow_qmerge_code_and_gptqmodel_but_not_report_only_texts(setup, 
             monkeypatch.setattr(importlib.metadata, "version", lambda p, v=fake, n=package: v if p == n else real(p))
             keys.append(quantize_key(cfg))
         assert keys[0] != keys[1], package
+
+
+def test_keys_hold_texts_by_content_not_by_path(setup, tmp_path):
+    """`cal.toml`, `./cal.toml`, its absolute path (what a matrix build writes) or a comment added to it are the same
+    windows: the same keys, down to the release. A report-only eval text added to an `into = "auto"` gate redoes
+    neither merge. Another document range is another key."""
+    from qmerge.config import load_config
+    from qmerge.dag import Options, Runner
+    from qmerge.pipeline import STAGES
+
+    def keys(config: Path) -> dict[str, str]:
+        records, _ = Runner(load_config(config), STAGES, Options(dry_run=True, quiet=True)).run()
+        return {r.name: r.key for r in records}
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    cal = (folder / "cal.toml")
+    cal.write_text(Path(setup["cal"]).read_text())
+    heldout, more = write_text_spec(folder, "heldout", "200:230"), write_text_spec(folder, "more", "230:260")
+    select = write_text_spec(folder, "select", "150:200")
+    gate = '[gate]\neval = "heldout.toml"\nwindows = 2\nseq_len = 64\n'
+    cfg = quantize_config(folder, setup, calibration="cal.toml")
+    text = cfg.read_text().replace('[merge]\n', f'[merge]\ninto = "auto"\nselect = "{select.name}"\n')
+    cfg.write_text(text + gate)
+    first = keys(cfg)
+    assert {"merge", "calibrate", "quantize", "evaluate", "gate", "promote"} <= first.keys()
+    for spelling in ("./cal.toml", str(cal)):
+        cfg.write_text(text.replace('calibration = "cal.toml"', f'calibration = "{spelling}"') + gate)
+        assert keys(cfg) == first, spelling
+    cal.write_text("# the same documents\n" + cal.read_text())
+    cfg.write_text(text.replace('select = "select.toml"', f'select = "{select}"') + gate)
+    assert keys(cfg) == first
+    cfg.write_text(text + gate + f'extra_eval = ["{more}"]\n')
+    extra = keys(cfg)
+    assert extra["merge"] == first["merge"] and extra["quantize"] == first["quantize"]
+    assert extra["evaluate"] != first["evaluate"]
+    cal.write_text(cal.read_text().replace('documents = "100:140"', 'documents = "100:139"'))
+    cfg.write_text(text + gate)
+    assert keys(cfg)["calibrate"] != first["calibrate"]
