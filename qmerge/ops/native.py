@@ -21,9 +21,10 @@
   words (inductor's loop computes it in int64 lanes, split so that no signed product overflows: DARE's extra time
   over TIES' loop). Compiled once per CPU kind (AVX-512, AVX2, plain) and chosen at run time.
 
-Built once per machine with the C compiler (`$CC`, else cc, gcc, clang, or a C++ compiler; inductor, which
-compiles the fused kernels, needs one too) into `<qmerge cache>/native/helper-<sha256 of source, compiler and
-flags>.so`, atomically (parallel builds of a matrix share it), and loaded with ctypes, which releases the GIL during
+Built once per machine with the C compiler (`$CC`, split as the shell would, else cc, gcc, clang, or a C++
+compiler; inductor, which compiles the fused kernels, needs one too) into `<qmerge cache>/native/helper-<sha256 of
+source, compiler command and version, flags and machine architecture>.so`, atomically (parallel builds of a matrix
+share it; a file there that does not load is built again), and loaded with ctypes, which releases the GIL during
 the call: callers run blocks on threads. Where no compiler is found, the build fails or `QMERGE_NO_COMPILE=1` is
 set, `count_and_gather` is None and `combine_available()` False, and the callers take numpy or torch's op-by-op
 code, which give the same results (tested), only slower; under `QMERGE_COMPILE_STRICT=1` (the test suite) a failed
@@ -37,6 +38,8 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -460,14 +463,42 @@ int32_t qmerge_nf4_merge(QM_NF4_ARGS) { return qmerge_nf4_merge_kind(best_kind()
 # -O3 vectorizes the combination's chunk loops; -ffp-contract=off keeps each multiply and add rounded on its own,
 # as torch's op-by-op twin rounds them (a fused multiply-add would change the bits)
 FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+# The plain loops are built for the architecture's baseline, not the compiler's default target (x86-64-v3 on some
+# distributions): a helper built on one host of a shared cache must run on an older CPU of another. The AVX2 and
+# AVX-512 loops carry their own target attributes and are chosen at run time.
+BASELINE = {"x86_64": ("-march=x86-64",), "AMD64": ("-march=x86-64",)}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang", "c++", "g++"):
-        path = shutil.which(name) if name else None
+def _compiler() -> list[str] | None:
+    """The compiler's command: `$CC` as the shell would split it (`ccache gcc`), else the first of cc, gcc, clang,
+    c++, g++ on the PATH."""
+    configured = shlex.split(os.environ.get("CC", ""))
+    if configured:
+        path = shutil.which(configured[0])
         if path:
-            return path
+            return [path, *configured[1:]]
+        log.warning("$CC (%s) is not on the PATH; looking for cc, gcc, clang, c++ or g++", os.environ["CC"])
+    for name in ("cc", "gcc", "clang", "c++", "g++"):
+        path = shutil.which(name)
+        if path:
+            return [path]
     return None
+
+
+def _flags() -> tuple[str, ...]:
+    return (*FLAGS, *BASELINE.get(platform.machine(), ()))
+
+
+def _helper_name(compiler: list[str]) -> str:
+    """The build's file name: a digest of the source, the compiler's command and version, the flags and the machine
+    architecture, so that hosts sharing a cache (NFS, an image built elsewhere) never load each other's builds."""
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, timeout=30).stdout.decode(
+            errors="replace")
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    what = "\0".join([SOURCE, *compiler, version, *_flags(), platform.machine()])
+    return f"helper-{hashlib.sha256(what.encode()).hexdigest()[:16]}.so"
 
 
 _FIRST_LOAD = threading.Lock()
@@ -494,11 +525,14 @@ def _load() -> ctypes.CDLL | None:
         compiler = _compiler()
         if compiler is None:
             raise FileNotFoundError("no C compiler ($CC, cc, gcc, clang, c++, g++)")
-        key = hashlib.sha256(f"{SOURCE}\0{compiler}\0{' '.join(FLAGS)}".encode()).hexdigest()[:16]
-        target = default_cache_root() / "native" / f"helper-{key}.so"
+        target = default_cache_root() / "native" / _helper_name(compiler)
         if not target.is_file():
             _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        try:
+            lib = _open(target)
+        except (OSError, AttributeError):  # a damaged file under the name (a copy cut short): built again
+            _build(compiler, target)
+            lib = _open(target)
         gather = lib.qmerge_count_and_gather_blocks
         combine = (lib.qmerge_combine_block, lib.qmerge_combine_block_kind)
         nf4 = (lib.qmerge_nf4_merge, lib.qmerge_nf4_merge_kind)
@@ -527,12 +561,19 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def _build(compiler: str, target: Path) -> None:
+def _open(target: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(target))
+    for symbol in ("qmerge_count_and_gather_blocks", "qmerge_combine_block", "qmerge_nf4_merge"):
+        getattr(lib, symbol)
+    return lib
+
+
+def _build(compiler: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source, built = Path(tmp) / "helper.c", Path(tmp) / "helper.so"
         source.write_text(SOURCE)
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], check=True,
+        subprocess.run([*compiler, *_flags(), "-o", str(built), str(source)], check=True,
                        capture_output=True, timeout=120)
         os.replace(built, target)  # whole or not at all, whoever builds it first
 

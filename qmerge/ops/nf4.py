@@ -89,7 +89,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     # Zero padding leaves a partial last block's absmax unchanged (bitsandbytes takes it over real elements).
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    # bitsandbytes multiplies by the reciprocal (not a division): keep that rounding.
+    # bitsandbytes multiplies by the reciprocal (not a division): keep that rounding. Its CUDA kernel does so in
+    # every block; its CPU code (0.50) divides in a partial last block (a weight whose size is not a multiple of
+    # the blocksize), which can put an entry on the other side of a midpoint: there qmerge is the CUDA kernel's
+    # W_nf4, what a QLoRA trained on a GPU saw. Full blocks (every linear of the usual models) agree with both.
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:n]
     if n % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))

@@ -416,6 +416,36 @@ def test_bracket_pass_without_a_working_compiler_falls_back_or_raises(monkeypatc
         native._library.cache_clear()  # the next test builds with the real compiler again
 
 
+def test_a_damaged_helper_in_the_cache_is_built_again_and_cc_may_carry_arguments(monkeypatch, tmp_path):
+    """A file under the helper's name that does not load (a copy cut short, another host's build on a shared cache)
+    was kept, and every process fell back to the slow path for good: it is built again. `$CC = "ccache gcc"`-style
+    commands are split as a shell would (they were ignored); the name keys the machine and the compiler's version."""
+    import numpy as np
+
+    from qmerge.ops import native
+
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    wrapper = tmp_path / "wrap"  # a launcher in front of the compiler, as ccache is
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    compiler = native._compiler()
+    monkeypatch.setenv("CC", f"{wrapper} {compiler[0]}")
+    assert native._compiler() == [str(wrapper), compiler[0]]
+    target = tmp_path / "cache" / "native" / native._helper_name(native._compiler())
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"\x7fELF" + b"\0" * 60)
+    block = np.ones(40, dtype=np.float32)
+    try:
+        native._library.cache_clear()
+        assert native.count_and_gather(block, 0.5, 2.0)[0] == 0
+        assert target.stat().st_size > 64 and "-march=x86-64" in (tmp_path / "calls").read_text() or \
+            native.platform.machine() not in native.BASELINE
+    finally:
+        native._library.cache_clear()
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native._helper_name(native._compiler()) != target.name
+
+
 def test_the_c_helper_is_built_once_when_both_worker_threads_ask_for_it_at_once(monkeypatch, tmp_path):
     """The bracket pass's blocks start on two threads together: the first call builds the helper, the other waits
     for it and loads the same library, instead of compiling it a second time."""
