@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from qmerge.io.gguf import gguf_to_hf  # noqa: E402
 from qmerge.io.paths import package_version  # noqa: E402
-from qmerge.io.textset import build_windows, load_text_spec  # noqa: E402
+from qmerge.io.paths import sha256_file  # noqa: E402
+from qmerge.io.textset import build_windows, document_digests, load_text_spec  # noqa: E402
 from qmerge.ops.metrics import perplexity, token_nll  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -185,9 +186,23 @@ def versions() -> dict:
     return {n: package_version(n) for n in names} | {"python": platform.python_version()}
 
 
+def train_text_record(spec_name: str) -> dict:
+    """The training text as qmerge's resolve reads it from `qmerge_training.json`: each document's digest (as
+    `document_digests` makes them), so that a pipeline refuses to gate the adapter on the text it was trained on."""
+    spec = load_text_spec(REPO / "calibration" / spec_name)
+    digests = document_digests(spec)
+    return {"spec": f"calibration/{spec_name}", "source": spec.source_path.name,
+            "source_sha256": sha256_file(spec.source_path), "documents": spec.split.documents,
+            "document_sha256": sorted(digests, key=digests.get)}
+
+
+def training_record(recipe: Recipe, base: dict) -> dict:
+    return {"base": base, "nf4": NF4, "recipe": asdict(recipe), "target_modules": TARGETS,
+            "train_text": train_text_record(recipe.train_text)}
+
+
 def write_outputs(out: Path, name: str, recipe: Recipe, results: dict) -> None:
-    (out / "qmerge_training.json").write_text(json.dumps(
-        {"base": results["base"], "nf4": NF4, "recipe": asdict(recipe), "target_modules": TARGETS}, indent=2) + "\n")
+    (out / "qmerge_training.json").write_text(json.dumps(training_record(recipe, results["base"]), indent=2) + "\n")
     (out / "TRAINING.md").write_text(training_md(name, recipe, results))
 
 
@@ -293,10 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override the recipe's step count (trials)")
     parser.add_argument("--lr", type=float, help="override the recipe's learning rate (trials)")
     parser.add_argument("--out", type=Path, help="output folder (default adapters/<name>)")
+    parser.add_argument("--record-text-only", action="store_true",
+                        help="no training: add the training text's document digests to the adapter's existing "
+                             "qmerge_training.json (records written before they were recorded)")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.name]
     recipe = replace(recipe, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
     out = args.out or REPO / "adapters" / args.name
+    if args.record_text_only:
+        path = out / "qmerge_training.json"
+        record = json.loads(path.read_text())
+        record["train_text"] = train_text_record(record.get("recipe", {}).get("train_text", recipe.train_text))
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return 0
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {args.name}: {msg}", file=sys.stderr, flush=True)

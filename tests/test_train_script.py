@@ -43,3 +43,36 @@ def test_an_eval_forward_repacks_nf4_weights_and_the_guard_refuses_them(tiny_lla
     assert not torch.equal(packed, w_nf4)  # the stored bytes are no longer NF4: a backward through them is wrong
     with pytest.raises(RuntimeError, match="CPU inference packing"):
         script.assert_trainable(model)
+
+
+def test_the_committed_training_records_hold_the_texts_the_script_records():
+    """Each demo adapter's qmerge_training.json lists its training documents as the script records them now (the
+    records of adapters trained before were completed by `--record-text-only`, from the same spec)."""
+    import json
+
+    script = _script()
+    for name, recipe in script.RECIPES.items():
+        record = json.loads((REPO / "adapters" / name / "qmerge_training.json").read_text())
+        assert record["train_text"] == script.train_text_record(recipe.train_text), name
+        assert len(record["train_text"]["document_sha256"]) > 100
+
+
+def test_an_adapter_is_not_gated_on_its_own_training_text(tmp_path, capsys, monkeypatch):
+    """demo-r8 was trained on lee documents 0:110: a gate.eval holding some of them is exit 2 naming the record."""
+    import json
+
+    from tests.conftest import run_cli, write_config, write_text_spec
+    from tests.io.test_gguf import GGUF
+
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    adapter = REPO / "adapters" / "demo-r8"
+    record = json.loads((adapter / "qmerge_training.json").read_text())
+    nf4 = {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
+    for documents, code in (("100:130", 2), ("265:300", 0)):
+        spec = write_text_spec(tmp_path, f"eval{code}", documents)
+        cfg = write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4,
+                           extra=f'[gate]\neval = "{spec}"\nwindows = 2\nseq_len = 64\n')
+        assert run_cli(cfg, "--dry-run") == code, documents
+    err = capsys.readouterr().err
+    assert "gate.eval" in err and "holds 10 of the documents the adapter was trained on (calibration/news-train.toml" \
+        in err and str(adapter / "qmerge_training.json") in err

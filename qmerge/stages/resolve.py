@@ -237,13 +237,16 @@ def _check_training_record(cfg: Config, apath: Path, origin: dict, base: BaseChe
     another blocksize, double quant or dtype chain is another base, and the merge would be off by it silently.
     Settings that differ in name only ("auto" loading a float32 checkpoint as float32) agree."""
     path = apath / TRAINING_RECORD
-    if not path.is_file() or base.prequantized:  # a pre-quantized base brings its own W_nf4; [base.nf4] is ignored
+    if not path.is_file():
         return
     unreadable = dict(path=path, fix="restore the file written at training time, or delete it")
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInputError(f"cannot read the adapter's training record: {e}", **unreadable) from None
+    _check_training_text(cfg, path, record.get("train_text") if isinstance(record, dict) else None)
+    if base.prequantized:  # a pre-quantized base brings its own W_nf4; [base.nf4] is ignored
+        return
     nf4 = record.get("nf4") if isinstance(record, dict) else None
     if not isinstance(nf4, dict):
         raise BadInputError('the adapter\'s training record has no "nf4" table', **unreadable)
@@ -268,6 +271,29 @@ def _check_training_record(cfg: Config, apath: Path, origin: dict, base: BaseChe
         raise BadInputError(f"the adapter was trained on the GGUF with sha256 {trained_on}, but base.path hashes to "
                             f"{origin['gguf_sha256']}", path=cfg.source,
                             fix=f"point base.path at the GGUF that {path} records")
+
+
+def _check_training_text(cfg: Config, path: Path, trained: object) -> None:
+    """No text the gate scores, nor the selection text, holds a document the adapter was trained on (the record's
+    `train_text.document_sha256`, as `document_digests` hashes documents): a gate measured on training text flatters
+    the model it is meant to judge."""
+    from qmerge.io.textset import document_digests, load_text_spec, shared_documents
+
+    digests = trained.get("document_sha256") if isinstance(trained, dict) else None
+    if not isinstance(digests, list):
+        return
+    seen = {d: i for i, d in enumerate(digests) if isinstance(d, str)}
+    texts = list(cfg.eval_texts()) + ([(cfg.merge.select, "merge.select")] if cfg.merge.into == "auto" else [])
+    for value, what in texts:
+        spec = load_text_spec(cfg.path(value, what))
+        shared = shared_documents(document_digests(spec), seen)
+        if shared:
+            (i, _), n = shared[0], len(shared)
+            raise BadInputError(f"{what} ({spec.spec_path}) holds {n} of the documents the adapter was trained on "
+                                f"({trained.get('spec', 'its training text')}, as {path} records), e.g. document {i} "
+                                f"of {spec.source_path.name}", path=cfg.source,
+                                fix=f"score {what} on documents the adapter was not trained on: measuring on training "
+                                    "text flatters the model")
 
 
 ST_DTYPES = {ST_DTYPE_NAMES[dtype]: name for name, dtype in DTYPES.items()}  # "BF16" -> "bfloat16", ...
