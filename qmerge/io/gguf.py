@@ -20,7 +20,7 @@ import torch
 from qmerge.errors import BadInputError, QmergeError
 from qmerge.io.atomic import atomic_dir, clean_stale_temps, file_lock, write_json
 from qmerge.io.architecture import meta_model
-from qmerge.io.paths import default_cache_root, package_version, sha256_file
+from qmerge.io.paths import default_cache_root, file_stamp, package_version, sha256_file
 from qmerge.io.safetensors_io import TensorInfo
 
 PROVENANCE = "qmerge_provenance.json"
@@ -87,6 +87,7 @@ def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool =
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf_path = Path(gguf_path).expanduser().resolve()
+    stamp = file_stamp(gguf_path) if gguf_path.is_file() else None
     target, sha, current = cache_folder(gguf_path, cache_root, progress)
     if current:
         return target
@@ -103,9 +104,32 @@ def gguf_to_hf(gguf_path: Path, cache_root: Path | None = None, progress: bool =
         if progress:
             print(f"qmerge: converting {gguf_path.name} once into {target}", file=sys.stderr)
         with atomic_dir(target, replace=True) as tmp:  # replace: an older-format folder is rebuilt
-            _convert(gguf_path, tmp, progress)
+            _convert(gguf_path, tmp, progress, header["architecture"])
             _write_provenance(tmp, gguf_path, sha, header)
+            if file_stamp(gguf_path) != stamp:  # the folder would be filed under the sha256 of other bytes
+                raise BadInputError("the GGUF changed while qmerge hashed and converted it; nothing was cached",
+                                    path=gguf_path, fix="run again once nothing writes the file")
     return target
+
+
+def dtype_sensitive(architecture: str | None) -> bool:
+    """Whether transformers' GGUF loader dequantizes this architecture in the dtype it is asked for (its newer path,
+    `GGUF_ARCHS`: LFM2, Qwen3.5) instead of in float32 and then casting, as it does the older architectures (Llama,
+    Qwen2, Gemma, ...). For those, the float32 folder cast to bfloat16 is not what a trainer loading the GGUF in
+    bfloat16 quantized to NF4."""
+    try:
+        from transformers.integrations.gguf import is_gguf_arch_supported
+    except ImportError:
+        return False
+    return bool(architecture) and is_gguf_arch_supported(architecture)
+
+
+def folder_architecture(folder: Path) -> str | None:
+    """The GGUF architecture a converted folder came from (its provenance)."""
+    try:
+        return json.loads((Path(folder) / PROVENANCE).read_text()).get("gguf_architecture")
+    except (OSError, ValueError):
+        return None
 
 
 def header_view(gguf_path: Path, out: Path) -> dict[str, TensorInfo]:
@@ -119,7 +143,8 @@ def header_view(gguf_path: Path, out: Path) -> dict[str, TensorInfo]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            # the absolute path: transformers looks a bare file name up in the working directory first
+            config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=str(gguf_path))
     except Exception as e:
         raise BadInputError(f"transformers cannot read this GGUF's config ({type(e).__name__}: {e})", path=gguf_path,
                             fix="use an architecture transformers' GGUF loader supports, or an HF folder") from None
@@ -213,9 +238,16 @@ def _digests(folder: Path) -> dict[str, str]:
     return {Path(e["path"]).name: e["sha256"] for e in entries}
 
 
-def _load_gguf(gguf_path: Path, progress: bool):
+def _load_gguf(gguf_path: Path, progress: bool, architecture: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    # The newer loader keeps weights in GGUF blocks where a kernel can multiply them: dense float32 is asked for.
+    dense = {}
+    if dtype_sensitive(architecture):
+        from transformers import GgufConfig
+
+        dense = {"quantization_config": GgufConfig(dequantize=True)}
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if not progress:
@@ -223,9 +255,11 @@ def _load_gguf(gguf_path: Path, progress: bool):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                         dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            # The absolute path: transformers looks a bare file name up in the working directory first, and a file
+            # of that name there gave its weights under this GGUF's sha256.
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=str(gguf_path),
+                                                         dtype=torch.float32, **dense)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=str(gguf_path))
     except Exception as e:
         raise BadInputError(f"transformers cannot load this GGUF ({type(e).__name__}: {e})", path=gguf_path,
                             fix="use an architecture transformers' GGUF loader supports, or an HF folder") from None
@@ -235,11 +269,11 @@ def _load_gguf(gguf_path: Path, progress: bool):
     return model.eval(), tokenizer
 
 
-def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
+def _convert(gguf_path: Path, out: Path, progress: bool, architecture: str | None = None) -> None:
     """Writes the HF folder into `out` and checks it reloads to the same model (same logits, ties kept)."""
     from qmerge.io.safetensors_io import ShardWriter
 
-    model, tokenizer = _load_gguf(gguf_path, progress)
+    model, tokenizer = _load_gguf(gguf_path, progress, architecture)
     scaling = rope_scaling(gguf_path)
     if scaling:  # the rotary tables are computed from the config: made again from the scaled one
         _set_rope(model.config, scaling)

@@ -42,9 +42,12 @@ def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
         # The conversion is a pure function of the GGUF (and the keyed package versions): the GGUF is the input.
         files = ({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha},)
         if current:
+            _check_gguf_load_dtype(cfg, path, gguf.folder_architecture(target))
             return target, {**origin, "files": files}, None
         if dry_run:  # the plan names the folder the first real run will convert into
+            _check_gguf_load_dtype(cfg, path, gguf.gguf_header(path)["architecture"])
             return scratch, {**origin, "files": files, "folder": str(target)}, gguf.header_view(path, scratch)
+        _check_gguf_load_dtype(cfg, path, gguf.gguf_header(path)["architecture"])
         return gguf.gguf_to_hf(path, progress=progress), {**origin, "files": files}, None
     if not path.is_dir():
         raise BadInputError("base.path is neither a model folder nor a .gguf file", path=path)
@@ -145,6 +148,20 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Pla
     with tempfile.TemporaryDirectory(prefix="qmerge-dry-") if dry_run else contextlib.nullcontext() as scratch:
         folder, origin, headers = base_folder(cfg, progress, dry_run, scratch and Path(scratch))
         return _resolve(cfg, folder, origin, headers, progress)
+
+
+def _check_gguf_load_dtype(cfg: Config, path: Path, architecture: str | None) -> None:
+    """A GGUF that transformers dequantizes in the dtype it is loaded in (LFM2, Qwen3.5) is only the base its
+    trainer quantized when both loaded it in float32: qmerge's cached folder is float32, and rounding it to
+    bfloat16 afterwards changes thousands of W_nf4 codes per weight against a bfloat16 dequantization."""
+    from qmerge.io.gguf import dtype_sensitive
+
+    load = cfg.base.nf4.load_dtype
+    if load not in ("auto", "float32") and dtype_sensitive(architecture):
+        raise BadInputError(f"[base.nf4] load_dtype = {load!r}: transformers dequantizes {architecture} GGUFs in the "
+                            "dtype they are loaded in, which qmerge's float32 conversion does not reproduce",
+                            path=cfg.source, fix="train and merge with load_dtype = \"float32\", or start from an HF "
+                            f"folder saved from the {load} model the adapter was trained on")
 
 
 def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, progress: bool) -> Plan:

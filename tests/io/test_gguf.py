@@ -84,7 +84,7 @@ def test_older_format_folder_is_not_reused(converted: Path, tmp_path: Path, monk
     stale.mkdir(parents=True)
     (stale / PROVENANCE).write_text(json.dumps({"sha256": "x"}))
     calls = []
-    monkeypatch.setattr(mod, "_convert", lambda src, out, progress: calls.append(out))
+    monkeypatch.setattr(mod, "_convert", lambda src, out, progress, arch: calls.append(out))
     got = gguf_to_hf(GGUF, tmp_path, progress=False)
     assert got == stale and len(calls) == 1
     assert json.loads((stale / PROVENANCE).read_text())["format"] == mod.FORMAT
@@ -222,7 +222,7 @@ def test_a_damaged_cached_conversion_is_converted_again(converted: Path, tmp_pat
         f.write(b"\x7f" * 1024)
     assert not mod.cache_folder(GGUF, tmp_path, progress=False)[2]
     calls = []
-    monkeypatch.setattr(mod, "_convert", lambda src, out, progress: calls.append(out))
+    monkeypatch.setattr(mod, "_convert", lambda src, out, progress, arch: calls.append(out))
     gguf_to_hf(GGUF, tmp_path, progress=False)
     assert len(calls) == 1
 
@@ -260,3 +260,112 @@ def test_a_dry_run_before_the_conversion_still_checks_the_texts(tmp_path: Path, 
     assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4, extra=extra), "--dry-run") == 2
     assert "share 34 documents" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "gguf").exists()  # refused before converting
+
+
+def test_a_file_of_the_same_name_in_the_working_directory_is_not_what_gets_converted(converted: Path, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """transformers looks a bare `gguf_file` name up in the working directory first: a file of that name there gave
+    its weights, cached under the real GGUF's sha256. The absolute path is passed."""
+    import shutil
+
+    from safetensors import safe_open
+
+    other = tmp_path / "cwd" / GGUF.name
+    other.parent.mkdir()
+    shutil.copyfile(GGUF, other)
+    with open(other, "r+b") as f:  # scramble the last tensor's data (the file ends with tensor data)
+        f.seek(other.stat().st_size - 4096)
+        f.write(bytes(range(256)) * 16)
+    monkeypatch.chdir(other.parent)
+    folder = gguf_to_hf(GGUF, tmp_path / "cache", progress=False)
+    with safe_open(str(folder / "model.safetensors"), "pt") as got, \
+            safe_open(str(converted / "model.safetensors"), "pt") as want:
+        assert sorted(got.keys()) == sorted(want.keys())
+        assert all(torch.equal(got.get_tensor(k), want.get_tensor(k)) for k in want.keys())
+
+
+def test_a_gguf_replaced_while_it_is_converted_is_not_cached(tmp_path: Path, monkeypatch) -> None:
+    """The folder is filed under the sha256 taken first: a GGUF replaced after that (a re-download) would have put
+    another file's weights under it. (Conversion stubbed.)"""
+    import shutil
+
+    import qmerge.io.gguf as mod
+
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(GGUF, path)
+    real_header = mod.gguf_header
+
+    def replaced(p):
+        header = real_header(p)
+        shutil.copyfile(GGUF, tmp_path / "new.gguf")
+        os.replace(tmp_path / "new.gguf", path)  # the same bytes under a new inode: the stamp changes
+        return header
+
+    monkeypatch.setattr(mod, "gguf_header", replaced)
+    monkeypatch.setattr(mod, "_convert", lambda src, out, progress, arch: (out / "config.json").write_text("{}"))
+    with pytest.raises(BadInputError, match="changed while qmerge hashed and converted it"):
+        gguf_to_hf(path, tmp_path / "cache", progress=False)
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.startswith(".")] == []
+
+
+def _tiny_lfm2(path: Path) -> Path:
+    """A 2-layer LFM2 GGUF (Q4_1 linears, Q8_0 embedding) with SmolLM2's tokenizer: an architecture transformers
+    loads through its newer GGUF path."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    reader = gguf.GGUFReader(GGUF)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    w = gguf.GGUFWriter(str(path), "lfm2")
+    w.add_name("tiny-lfm2"), w.add_context_length(2048), w.add_embedding_length(64), w.add_feed_forward_length(128)
+    w.add_block_count(2), w.add_head_count(4), w.add_head_count_kv([0, 2]), w.add_layer_norm_rms_eps(1e-5)
+    w.add_uint32("lfm2.shortconv.l_cache", 3), w.add_rope_freq_base(1e6), w.add_vocab_size(49152)
+    w.add_tokenizer_model(field("tokenizer.ggml.model")), w.add_tokenizer_pre(field("tokenizer.ggml.pre"))
+    w.add_token_list(field("tokenizer.ggml.tokens")), w.add_token_types(field("tokenizer.ggml.token_type"))
+    w.add_token_merges(field("tokenizer.ggml.merges"))
+    w.add_bos_token_id(field("tokenizer.ggml.bos_token_id")), w.add_eos_token_id(field("tokenizer.ggml.eos_token_id"))
+    rng = np.random.default_rng(0)
+    F32, Q8, Q4 = (gguf.GGMLQuantizationType[t] for t in ("F32", "Q8_0", "Q4_1"))
+
+    def add(name, shape, kind):
+        a = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        w.add_tensor(name, a) if kind is F32 else w.add_tensor(name, quantize(a, kind), raw_dtype=kind)
+
+    add("token_embd.weight", (49152, 64), Q8), add("token_embd_norm.weight", (64,), F32)
+    add("blk.0.shortconv.conv.weight", (64, 3), F32)
+    add("blk.0.shortconv.in_proj.weight", (192, 64), Q4), add("blk.0.shortconv.out_proj.weight", (64, 64), Q4)
+    for i in (0, 1):
+        add(f"blk.{i}.ffn_gate.weight", (128, 64), Q4), add(f"blk.{i}.ffn_up.weight", (128, 64), Q4)
+        add(f"blk.{i}.ffn_down.weight", (64, 128), Q4)
+        add(f"blk.{i}.attn_norm.weight", (64,), F32), add(f"blk.{i}.ffn_norm.weight", (64,), F32)
+    for name, rows in (("attn_q", 64), ("attn_k", 32), ("attn_v", 32), ("attn_output", 64)):
+        add(f"blk.1.{name}.weight", (rows, 64), Q4)
+    add("blk.1.attn_q_norm.weight", (16,), F32), add("blk.1.attn_k_norm.weight", (16,), F32)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_an_architecture_transformers_dequantizes_in_the_load_dtype_needs_a_float32_load(tmp_path: Path, monkeypatch,
+                                                                                         capsys) -> None:
+    """transformers 5 dequantizes LFM2 (and Qwen3.5) GGUFs in the dtype it is asked for: a trainer's bfloat16 load is
+    not qmerge's float32 folder cast to bfloat16 (thousands of W_nf4 codes per weight apart). Such a config is exit
+    2; in float32 the folder is what transformers loads."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.io.gguf import dtype_sensitive
+    from tests.conftest import make_adapter, run_cli, write_config
+
+    assert dtype_sensitive("lfm2") and not dtype_sensitive("llama")
+    path = _tiny_lfm2(tmp_path / "tiny-lfm2.gguf")
+    monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
+    folder = gguf_to_hf(path, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=torch.float32)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), model.state_dict()[k]) for k in f.keys())
+    adapter = make_adapter(folder, tmp_path / "adapter", target_modules=["feed_forward.w1"])
+    for load, code in (("bfloat16", 2), ("float32", 0)):
+        assert run_cli(write_config(tmp_path, path, [(adapter, 1.0)], nf4={"load_dtype": load}), "--dry-run") == code
+    err = capsys.readouterr().err
+    assert "load_dtype = 'bfloat16': transformers dequantizes lfm2 GGUFs in the dtype they are loaded in" in err
