@@ -33,10 +33,13 @@ class TextSource(_Strict):
 class TextSplit(_Strict):
     documents: str = ":"
 
-    @field_validator("documents")
+    @field_validator("documents", mode="before")
     @classmethod
-    def _slice(cls, v: str) -> str:
-        parse_slice(v)
+    def _slice(cls, v: object) -> str:
+        if not isinstance(v, str):
+            raise ValueError(f'must be a quoted slice of document indices like "240:300", not {v!r}')
+        if parse_slice(v).step not in (None, 1):
+            raise ValueError(f"{v!r} has a step: it must be a contiguous slice like '240:300'")
         return v
 
 
@@ -57,17 +60,19 @@ def parse_slice(text: str) -> slice:
 def load_text_spec(path: Path) -> TextSpec:
     path = Path(path)
     raw = read_toml(path, "text spec")
-    try:
-        source = TextSource.model_validate(raw.get("source", {}))
-        split = TextSplit.model_validate(raw.get("split", {}))
-        extra = set(raw) - {"source", "split"}
-        if extra:
-            raise ConfigError(f"unknown key `{sorted(extra)[0]}`", path=path)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        what = f"unknown key `{key}`" if err["type"] == "extra_forbidden" else f"`{key}`: {err['msg']}"
-        raise ConfigError(what, path=path) from None
+    extra = set(raw) - {"source", "split"}
+    if extra:
+        raise ConfigError(f"unknown key `{sorted(extra)[0]}`", path=path)
+    for table, model in (("source", TextSource), ("split", TextSplit)):
+        try:
+            model.model_validate(raw.get(table, {}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join((table, *(str(p) for p in err["loc"])))
+            what = f"unknown key `{key}`" if err["type"] == "extra_forbidden" else f"`{key}`: {err['msg']}"
+            raise ConfigError(what, path=path) from None
+    source = TextSource.model_validate(raw.get("source", {}))
+    split = TextSplit.model_validate(raw.get("split", {}))
     source_path = resolve_path(source.path, path.parent, what="source.path", config_file=path)
     return TextSpec(source=source, split=split, spec_path=path.resolve(), source_path=source_path)
 
@@ -155,8 +160,8 @@ def build_windows(tokenizer, spec: TextSpec, seq_len: int, count: int | None) ->
     step = seq_len - 1 if bos else seq_len
     n = len(ids) // step
     if count is not None and n < count:
-        raise BadInputError(f"{len(docs)} documents give {len(ids)} tokens = {n} windows of {seq_len}, "
-                            f"but {count} are needed", path=spec.spec_path,
+        raise BadInputError(f"{len(docs)} documents (of the {all_docs} in {spec.source_path.name}) give {len(ids)} "
+                            f"tokens = {n} windows of {seq_len}, but {count} are needed", path=spec.spec_path,
                             fix="widen split.documents, or ask for fewer windows / a shorter seq_len")
     n = n if count is None else count
     t = torch.tensor(ids[: n * step], dtype=torch.int64).view(n, step)

@@ -56,3 +56,32 @@ def test_short_lines_in_common_are_not_counted(tmp_path):
     (tmp_path / "b.txt").write_text("Thank you.\n" + "another long document " * 5 + "\n")
     check_disjoint(load_text_spec(_spec(tmp_path, "a", tmp_path / "a.txt", ":")),
                    load_text_spec(_spec(tmp_path, "b", tmp_path / "b.txt", ":")), "quantize.calibration", "gate.eval")
+
+
+@pytest.mark.parametrize("split,needle", [
+    ('documents = 265', '`split.documents`: Value error, must be a quoted slice of document indices like "240:300"'),
+    ('documents = "::2"', "has a step: it must be a contiguous slice"),
+    ("", "`source.path`: Field required"),
+])
+def test_a_bad_spec_names_the_key_and_the_fix(tmp_path, split, needle):
+    from qmerge.errors import ConfigError
+
+    path = tmp_path / "bad.toml"
+    source = "" if not split else '[source]\npath = "package:gensim/test/test_data/lee_background.cor"\n'
+    path.write_text(source + "[split]\n" + split + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_text_spec(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_too_few_windows_names_the_size_of_the_corpus(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qmerge.io.textset import build_windows
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    with pytest.raises(BadInputError, match=r"0 documents \(of the 300 in lee_background.cor\) give 0 tokens"):
+        build_windows(tokenizer, load_text_spec(write_text_spec(tmp_path, "past", "400:500")), 16, 1)
