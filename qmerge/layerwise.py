@@ -124,7 +124,7 @@ class _Recorder(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self.calls.append(self.name)
         x = args[0] if args else next(iter(kwargs.values()))
-        return torch.zeros(*x.shape, self.width) if self.width is not None else x
+        return torch.zeros(*x.shape, self.width, device=x.device) if self.width is not None else x
 
 
 class _LayerRecorder(_StandIn):
