@@ -3,6 +3,7 @@
 Each stage holds a bounded working set, so its peak is a sum of named terms (docs/design.md, "Scale"):
 - the libraries every stage imports (torch, transformers, peft, bitsandbytes): `IMPORTS`;
 - merge: the largest tensor in flight (stored, float32 base, W_nf4, ΔW, merged, cast) and the write-behind buffer;
+  a TIES/DARE combination's two ΔW buffers; for `into = "auto"`, the selection pass scored as evaluate is;
 - quantize: one decoder layer in float32, the calibration windows' hidden states (layer inputs and outputs), the
   largest linear's Hessian and the solver's copies of its weight, one batch's activations (or, for calibration
   sets small enough for lockstep passes, what every paused batch holds);
@@ -114,8 +115,14 @@ def gguf_bytes_per_weight(qtype: str) -> float:
 
 def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str, dict[str, int]]:
     """{stage: {"peak_bytes": anonymous RSS, "disk_bytes": written}} for the stages this config runs."""
-    out = {"merge": {"peak_bytes": merge_peak(shape), "disk_bytes": shape.output_bytes * (2 if cfg.merge.into == "auto"
-                                                                                          else 1)}}
+    merge = merge_peak(shape)
+    if cfg.merge.method != "linear":  # TIES/DARE keep two ΔW buffers of the largest adapted linear beside the merge
+        merge += 2 * _numel(shape.largest_linear) * F32
+    if cfg.merge.into == "auto":  # then both candidates and the reference are scored on the selection windows
+        seq_len = cfg.gate.seq_len if cfg.gate else 256  # (qmerge.stages.merge.select_seq_len)
+        merge = max(merge, evaluate_peak(shape, 3, 3, cfg.merge.select_windows, seq_len,
+                                         cfg.gate.batch_size if cfg.gate else 4))
+    out = {"merge": {"peak_bytes": merge, "disk_bytes": shape.output_bytes * (2 if cfg.merge.into == "auto" else 1)}}
     final_bytes = shape.output_bytes
     if cfg.quantize is not None:
         q = cfg.quantize
