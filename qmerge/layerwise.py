@@ -176,12 +176,14 @@ def _logit_lines(forward) -> list[str] | None:
     return lines
 
 
-def logit_steps(model_class: type, config) -> list[tuple[str, float]]:
+def logit_steps(model_class: type, config, head: str = "lm_head") -> list[tuple[str, float]]:
     """What `model_class.forward` does to its head's output besides soft-capping: [("mul" | "div", value)], in order.
-    Refuses a forward that assigns its logits in a line `_LOGIT_LINES` does not know."""
+    `head`: the head's attribute name (BioGPT's `output_projection`, GPT-NeoX-Japanese's `embed_out`). Refuses a
+    forward that assigns its logits in a line `_LOGIT_LINES` does not know."""
     lines = _logit_lines(model_class.forward)
+    lines = lines and [t.replace(f"self.{head}(", "self.lm_head(", 1) for t in lines]
     unknown = [t for t in lines or () if t not in _LOGIT_LINES]
-    if not lines or unknown or _HEAD not in lines:
+    if not lines or unknown or not any(t.startswith(_HEAD) for t in lines):
         what = f"computes its logits with `{unknown[0]}`" if unknown else "has a head qmerge does not recognise"
         raise BadInputError(f"{model_class.__name__} {what}, which the layer-wise runner does not rebuild",
                             fix="this architecture is not supported layer-wise")
@@ -453,7 +455,7 @@ class LayerwiseModel:
         """What the model's forward does to the head's output (see `logit_steps`); refuses a head it cannot rebuild,
         so callers check it before streaming the layers."""
         self._stack_order  # noqa: B018 - a decoder that cannot be traced is refused here too
-        return logit_steps(self._model_class, self.config)
+        return logit_steps(self._model_class, self.config, _module_path(self.model, self.head).rpartition(".")[2])
 
     def load_head(self) -> None:
         """Makes the final norm and the output head real (after the last layer)."""

@@ -296,17 +296,20 @@ _SHAPES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_
                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
 
-@pytest.mark.parametrize("kind", ["granite", "cohere", "olmo", "bloom"])
+@pytest.mark.parametrize("kind", ["granite", "cohere", "olmo", "bloom", "biogpt"])
 def test_the_layer_runner_rebuilds_what_a_model_does_around_its_layers(tmp_path, kind):
     """Granite divides its head's output by `logits_scaling`, Cohere multiplies it by `logit_scale`; OLMo's final
     LayerNorm has no parameters; Bloom normalises its embeddings before the first layer. Each is transformers'
-    forward exactly (before: logits off by up to 8, or a crash on a weight left on the meta device)."""
+    forward exactly (before: logits off by up to 8, or a crash on a weight left on the meta device). BioGPT's head is
+    `output_projection`, not `lm_head`."""
     import transformers
 
     config = {"granite": lambda: transformers.GraniteConfig(**_SHAPES, logits_scaling=4.0, embedding_multiplier=3.0),
               "cohere": lambda: transformers.CohereConfig(**_SHAPES, logit_scale=0.25),
               "olmo": lambda: transformers.OlmoConfig(**_SHAPES),
-              "bloom": lambda: transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)}[kind]()
+              "bloom": lambda: transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4),
+              "biogpt": lambda: transformers.BioGptConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=96)}[kind]()
     torch.manual_seed(1)
     ids = torch.randint(3, 128, (2, 16))
     diff, scale = _layerwise_vs_transformers(_random_checkpoint(tmp_path / kind, config), ids)
@@ -341,3 +344,8 @@ def test_a_head_the_runner_cannot_rebuild_is_refused():
             return self
 
     assert logit_steps(Scaled, Config()) == [("div", 8.0)]
+
+    import transformers  # a head line that also scales (Falcon-H1)
+
+    config = transformers.FalconH1Config(lm_head_multiplier=0.5)
+    assert logit_steps(transformers.FalconH1ForCausalLM, config) == [("mul", 0.5)]

@@ -195,7 +195,17 @@ def shared_documents(a: dict[str, int], b: dict[str, int]) -> list[tuple[int, in
 
 def check_disjoint(a: TextSpec, b: TextSpec, what_a: str, what_b: str) -> None:
     """Refuses two specs that share documents (calibration vs eval, select vs eval): compared by their text, so the
-    same document under another range, in a copy of the file, in another format or repeated inside a corpus counts."""
+    same document under another range, in a copy of the file, in another format or repeated inside a corpus counts;
+    and, for two specs of one source, by their ranges (which hold the documents too short to compare by text)."""
+    same = a.source_path == b.source_path or sha256_file(a.source_path) == sha256_file(b.source_path)
+    if same and a.source.model_dump(exclude={"path"}) == b.source.model_dump(exclude={"path"}):
+        total = len(load_documents(a.model_copy(update={"split": TextSplit()})))
+        (s1, e1), (s2, e2) = document_range(a, total), document_range(b, total)
+        if max(s1, s2) < min(e1, e2):
+            raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share documents "
+                                f"{max(s1, s2)}:{min(e1, e2)} of {a.source_path.name}", path=a.spec_path,
+                                fix="use disjoint split.documents ranges: measuring on calibration or selection "
+                                    "text flatters the model")
     shared = shared_documents(document_digests(a), document_digests(b))
     if shared:
         (i, j), n = shared[0], len(shared)

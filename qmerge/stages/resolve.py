@@ -358,7 +358,8 @@ def _check_texts(cfg: Config, tokenizer_folder: Path | None, hf_config: dict) ->
     for what, seq_len in lengths:
         if isinstance(context, int) and seq_len > context:
             raise BadInputError(f"{what} = {seq_len} is longer than the model's context ({context} positions)",
-                                path=cfg.source, fix=f"set gate.seq_len to {context} or less" if "selection" in what
+                                path=cfg.source, fix=f"add a [gate] with seq_len = {context} or less (it sets the "
+                                'selection windows\' length), or set merge.into = "nf4"' if "selection" in what
                                 else f"set {what} to {context} or less")
     specs = [(load_text_spec(cfg.path(spec, what)), what) for spec, what in texts]
     calibration = load_text_spec(cfg.path(q.calibration, "quantize.calibration")) if q is not None else None

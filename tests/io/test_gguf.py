@@ -258,7 +258,7 @@ def test_a_dry_run_before_the_conversion_still_checks_the_texts(tmp_path: Path, 
     extra = (f'[gate]\neval = "{heldout}"\nwindows = 2\nseq_len = 64\n'
              f'[quantize]\ncalibration = "{heldout}"\nsamples = 2\nseq_len = 64\ngroup_size = 64\n')
     assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4, extra=extra), "--dry-run") == 2
-    assert "share 34 documents" in capsys.readouterr().err
+    assert "share documents 265:300 of lee_background.cor" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "gguf").exists()  # refused before converting
 
 

@@ -51,6 +51,14 @@ def test_an_article_the_corpus_repeats_counts_as_shared(tmp_path):
                    load_text_spec(Path("calibration/news-heldout.toml")), "merge.select", "gate.eval")
 
 
+def test_overlapping_ranges_of_one_source_are_refused_even_where_its_documents_are_short(tmp_path):
+    """Documents under 64 characters are not compared by text, but two ranges of one file still may not overlap."""
+    (tmp_path / "lines.txt").write_text("".join(f"short instruction number {i:04d} of the set\n" for i in range(300)))
+    message = _refused(_spec(tmp_path, "cal", tmp_path / "lines.txt", "150:250"),
+                       _spec(tmp_path, "eval", tmp_path / "lines.txt", "200:300"))
+    assert "share documents 200:250 of lines.txt" in message
+
+
 def test_short_lines_in_common_are_not_counted(tmp_path):
     (tmp_path / "a.txt").write_text("Thank you.\n" + "a long first document " * 5 + "\n")
     (tmp_path / "b.txt").write_text("Thank you.\n" + "another long document " * 5 + "\n")

@@ -251,7 +251,7 @@ def test_into_auto_scores_both_on_the_select_split(gated, tmp_path):
     assert code == 0
 
 
-@pytest.mark.parametrize("select,windows,needle", [("heldout", 8, "is document 200 of lee_background.cor"), ("select", 100000, "are needed")])
+@pytest.mark.parametrize("select,windows,needle", [("heldout", 8, "share documents 200:260"), ("select", 100000, "are needed")])
 def test_auto_refuses_a_select_text_it_cannot_use_before_merging(gated, tmp_path, capsys, select, windows, needle):
     """The gate's own eval split, or too few windows: exit 2 from resolve (both were found after the two merges)."""
     merge = {"into": "auto", "select": str(gated[select]), "select_windows": windows}
@@ -272,7 +272,7 @@ def test_auto_without_a_gate_checks_its_selection_windows_fit_the_context(tmp_pa
     assert run_cli(write_config(tmp_path, base, [(adapter, 1.0)], merge=merge)) == 2
     err = capsys.readouterr().err
     assert "the selection windows' length (gate.seq_len; without [gate]) = 256 is longer than the model's context " \
-           "(64 positions)" in err and "set gate.seq_len to 64 or less" in err
+           "(64 positions)" in err and "add a [gate] with seq_len = 64 or less" in err
     assert not (tmp_path / "work" / "merge").exists()
 
 

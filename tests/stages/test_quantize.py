@@ -603,9 +603,10 @@ def test_keys_hold_texts_by_content_not_by_path(setup, tmp_path):
 
     folder = tmp_path / "cfg"
     folder.mkdir()
-    cal = (folder / "cal.toml")
+    cal = folder / "cal.toml"
     cal.write_text(Path(setup["cal"]).read_text())
-    heldout, more = write_text_spec(folder, "heldout", "200:230"), write_text_spec(folder, "more", "230:260")
+    write_text_spec(folder, "heldout", "200:230")  # the gate's eval text, named by a path relative to the config
+    more = write_text_spec(folder, "more", "230:260")
     select = write_text_spec(folder, "select", "150:200")
     gate = '[gate]\neval = "heldout.toml"\nwindows = 2\nseq_len = 64\n'
     cfg = quantize_config(folder, setup, calibration="cal.toml")
