@@ -5,6 +5,7 @@ token ids goes into every report so two runs can prove they measured the same th
 from __future__ import annotations
 
 import bz2
+import functools
 import hashlib
 import re
 import xml.etree.ElementTree as ET
@@ -16,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from qmerge.errors import BadInputError, ConfigError
-from qmerge.io.paths import read_toml, resolve_path, sha256_file
+from qmerge.io.paths import file_stamp, read_toml, resolve_path, sha256_file
 
 
 class _Strict(BaseModel):
@@ -106,20 +107,33 @@ def load_documents(spec: TextSpec) -> list[str]:
 
 
 def _load_documents(spec: TextSpec) -> list[str]:
-    fmt, path = spec.source.format, spec.source_path
-    if fmt == "text":
-        docs = [line.strip() for line in path.read_text(encoding=spec.source.encoding).splitlines() if line.strip()]
-    elif fmt == "mediawiki":
-        docs = _mediawiki(path)
-    else:
-        from datasets import load_dataset
+    docs = _source_documents(spec.source_path, spec.source.format, spec.source.field, spec.source.encoding,
+                             tuple(file_stamp(spec.source_path)))
+    if isinstance(docs, str):  # (a missing column, remembered as its message)
+        raise BadInputError(docs, path=spec.spec_path, fix="set source.field")
+    return list(docs[parse_slice(spec.split.documents)])
 
-        ds = load_dataset("json" if fmt == "jsonl" else "parquet", data_files=str(path), split="train")
-        if spec.source.field not in ds.column_names:
-            raise BadInputError(f"no column {spec.source.field!r}; columns are {ds.column_names}",
-                                path=spec.spec_path, fix="set source.field")
-        docs = [str(t) for t in ds[spec.source.field] if t and str(t).strip()]
-    return docs[parse_slice(spec.split.documents)]
+
+def forget_documents() -> None:
+    """Drops the documents `_source_documents` holds (resolve calls it when its checks are done: a large corpus
+    must not stay in memory through the stages)."""
+    _source_documents.cache_clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _source_documents(path: Path, fmt: str, field: str, encoding: str, stamp: tuple) -> tuple[str, ...] | str:
+    """Every document of a source file, read once per process while the file is unchanged (`stamp`): resolve
+    compares each text with every other and with the adapters' training records."""
+    if fmt == "text":
+        return tuple(line.strip() for line in path.read_text(encoding=encoding).splitlines() if line.strip())
+    if fmt == "mediawiki":
+        return tuple(_mediawiki(path))
+    from datasets import load_dataset
+
+    ds = load_dataset("json" if fmt == "jsonl" else "parquet", data_files=str(path), split="train")
+    if field not in ds.column_names:
+        return f"no column {field!r}; columns are {ds.column_names}"
+    return tuple(str(t) for t in ds[field] if t and str(t).strip())
 
 
 def document_range(spec: TextSpec, total: int) -> tuple[int, int]:

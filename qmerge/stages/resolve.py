@@ -229,7 +229,12 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         if tokenizer != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
             gguf_vocab(tokenizer, {**base.hf_config, "vocab_size": None})
     # (a dry run's stand-in for a GGUF not converted yet has no tokenizer: its texts are checked but not cut)
-    _check_texts(cfg, tokenizer if headers is None else None, base.hf_config)
+    from qmerge.io.textset import forget_documents
+
+    try:
+        _check_texts(cfg, tokenizer if headers is None else None, base.hf_config)
+    finally:
+        forget_documents()
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')
