@@ -132,10 +132,16 @@ def _largest_node(ray) -> dict[str, float]:
 
 
 def uses_cuda(config: Path, cluster_gpus: float) -> bool:
+    """Whether the build takes a GPU: its merge on merge.device, and quantize and evaluate on CUDA wherever torch
+    sees a device (`pick_device("auto")`), so a build with [quantize] or [gate] reserves one on a GPU cluster even
+    with merge.device = "cpu" (it would otherwise use a GPU it had not reserved, or run on CPU where the local
+    scheduler runs it on the GPU)."""
     from qmerge.config import load_config
 
-    device = load_config(config).merge.device
-    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
+    cfg = load_config(config)
+    device = cfg.merge.device
+    later = cfg.quantize is not None or cfg.gate is not None
+    return device == "cuda" or (cluster_gpus > 0 and (device == "auto" or later))
 
 
 def task_resources(builds: list, ray, jobs: int | None) -> dict[str, dict]:

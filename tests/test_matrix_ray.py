@@ -210,3 +210,21 @@ def test_unreachable_address_and_missing_ray_are_exit_2_before_anything_runs(gat
     assert main(["matrix", str(path), "--quiet", "--ray"]) == EXIT_BAD_INPUT
     assert "pip install 'qmerge[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "work" / "merge").exists()
+
+
+def test_a_build_that_quantizes_or_gates_reserves_a_gpu_on_a_gpu_cluster(tmp_path):
+    """quantize and evaluate run on CUDA wherever torch sees one, whatever merge.device says: such a build reserves a
+    GPU when the cluster has one (it reserved none with merge.device = "cpu")."""
+    from qmerge.ray_scheduler import uses_cuda
+
+    def config(name: str, device: str, extra: str = "") -> Path:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(f'name = "{name}"\nwork_dir = "w"\n[base]\npath = "b"\n[[adapters]]\npath = "a"\n'
+                       f'[merge]\ndevice = "{device}"\n' + extra)
+        return cfg
+
+    gated = config("gated", "cpu", '[gate]\neval = "e.toml"\n')
+    quantized = config("quantized", "cpu", '[quantize]\ncalibration = "c.toml"\n')
+    plain = config("plain", "cpu")
+    assert uses_cuda(gated, 1) and uses_cuda(quantized, 1) and not uses_cuda(plain, 1)
+    assert not uses_cuda(gated, 0) and uses_cuda(config("cuda", "cuda"), 0)
