@@ -5,6 +5,7 @@ token ids goes into every report so two runs can prove they measured the same th
 from __future__ import annotations
 
 import bz2
+import contextlib
 import functools
 import hashlib
 import re
@@ -107,23 +108,32 @@ def load_documents(spec: TextSpec) -> list[str]:
 
 
 def _load_documents(spec: TextSpec) -> list[str]:
-    docs = _source_documents(spec.source_path, spec.source.format, spec.source.field, spec.source.encoding,
-                             tuple(file_stamp(spec.source_path)))
-    if isinstance(docs, str):  # (a missing column, remembered as its message)
+    args = (spec.source_path, spec.source.format, spec.source.field, spec.source.encoding)
+    docs = _cached_documents(*args, tuple(file_stamp(spec.source_path))) if _READ_ONCE else _source_documents(*args)
+    if isinstance(docs, str):  # (a missing column, as its message)
         raise BadInputError(docs, path=spec.spec_path, fix="set source.field")
     return list(docs[parse_slice(spec.split.documents)])
 
 
-def forget_documents() -> None:
-    """Drops the documents `_source_documents` holds (resolve calls it when its checks are done: a large corpus
-    must not stay in memory through the stages)."""
-    _source_documents.cache_clear()
+_READ_ONCE = False
 
 
-@functools.lru_cache(maxsize=8)
-def _source_documents(path: Path, fmt: str, field: str, encoding: str, stamp: tuple) -> tuple[str, ...] | str:
-    """Every document of a source file, read once per process while the file is unchanged (`stamp`): resolve
-    compares each text with every other and with the adapters' training records."""
+@contextlib.contextmanager
+def reading_sources_once():
+    """Inside it, each source file is read once while unchanged (resolve compares every text with every other and
+    with the adapters' training records); on leaving, what was read is dropped, so a large corpus does not stay in
+    memory through the stages (which read each text once, uncached)."""
+    global _READ_ONCE
+    _READ_ONCE = True
+    try:
+        yield
+    finally:
+        _READ_ONCE = False
+        _cached_documents.cache_clear()
+
+
+def _source_documents(path: Path, fmt: str, field: str, encoding: str) -> tuple[str, ...] | str:
+    """Every document of a source file (a string: the source has no such column)."""
     if fmt == "text":
         return tuple(line.strip() for line in path.read_text(encoding=encoding).splitlines() if line.strip())
     if fmt == "mediawiki":
@@ -134,6 +144,11 @@ def _source_documents(path: Path, fmt: str, field: str, encoding: str, stamp: tu
     if field not in ds.column_names:
         return f"no column {field!r}; columns are {ds.column_names}"
     return tuple(str(t) for t in ds[field] if t and str(t).strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_documents(path: Path, fmt: str, field: str, encoding: str, stamp: tuple) -> tuple[str, ...] | str:
+    return _source_documents(path, fmt, field, encoding)
 
 
 def document_range(spec: TextSpec, total: int) -> tuple[int, int]:
@@ -211,9 +226,10 @@ def check_disjoint(a: TextSpec, b: TextSpec, what_a: str, what_b: str) -> None:
     """Refuses two specs that share documents (calibration vs eval, select vs eval): compared by their text, so the
     same document under another range, in a copy of the file, in another format or repeated inside a corpus counts;
     and, for two specs of one source, by their ranges (which hold the documents too short to compare by text)."""
+    total = len(load_documents(a.model_copy(update={"split": TextSplit()})))  # (each readable, or exit 2)
+    load_documents(b.model_copy(update={"split": TextSplit()}))
     same = a.source_path == b.source_path or sha256_file(a.source_path) == sha256_file(b.source_path)
     if same and a.source.model_dump(exclude={"path"}) == b.source.model_dump(exclude={"path"}):
-        total = len(load_documents(a.model_copy(update={"split": TextSplit()})))
         (s1, e1), (s2, e2) = document_range(a, total), document_range(b, total)
         if max(s1, s2) < min(e1, e2):
             raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share documents "

@@ -147,7 +147,10 @@ def resolve(cfg: Config, *, dry_run: bool = False, progress: bool = True) -> Pla
     # a dry run's scratch folder, for the config of a GGUF not yet converted
     with tempfile.TemporaryDirectory(prefix="qmerge-dry-") if dry_run else contextlib.nullcontext() as scratch:
         folder, origin, headers = base_folder(cfg, progress, dry_run, scratch and Path(scratch))
-        return _resolve(cfg, folder, origin, headers, progress)
+        from qmerge.io.textset import reading_sources_once
+
+        with reading_sources_once():  # the texts are compared pairwise and with the training records
+            return _resolve(cfg, folder, origin, headers, progress)
 
 
 def _check_gguf_load_dtype(cfg: Config, path: Path, architecture: str | None) -> None:
@@ -229,12 +232,7 @@ def _resolve(cfg: Config, folder: Path, origin: dict, headers: dict | None, prog
         if tokenizer != folder or headers is None:  # else a dry run's stand-in for a GGUF not converted yet: no files
             gguf_vocab(tokenizer, {**base.hf_config, "vocab_size": None})
     # (a dry run's stand-in for a GGUF not converted yet has no tokenizer: its texts are checked but not cut)
-    from qmerge.io.textset import forget_documents
-
-    try:
-        _check_texts(cfg, tokenizer if headers is None else None, base.hf_config)
-    finally:
-        forget_documents()
+    _check_texts(cfg, tokenizer if headers is None else None, base.hf_config)
     if cfg.merge.into == "original" and base.prequantized:
         raise BadInputError('merge.into = "original" needs a full-precision base; this base is pre-quantized',
                             path=cfg.source, fix='use into = "nf4" (or "auto", which means "nf4" here)')

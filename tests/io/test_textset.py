@@ -93,3 +93,20 @@ def test_too_few_windows_names_the_size_of_the_corpus(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     with pytest.raises(BadInputError, match=r"0 documents \(of the 300 in lee_background.cor\) give 0 tokens"):
         build_windows(tokenizer, load_text_spec(write_text_spec(tmp_path, "past", "400:500")), 16, 1)
+
+
+def test_sources_are_cached_only_while_resolve_compares_texts_and_a_directory_is_bad_input(tmp_path):
+    """Resolve reads each source once while it compares texts; nothing stays cached after it (the stages' corpora
+    stayed in memory through quantize and evaluate). A directory given as the source is exit 2, not a crash."""
+    from qmerge.io import textset
+
+    spec = load_text_spec(write_text_spec(tmp_path, "a", "0:10"))
+    with textset.reading_sources_once():
+        load_documents(spec), load_documents(spec)
+        assert textset._cached_documents.cache_info().currsize == 1
+    assert textset._cached_documents.cache_info().currsize == 0
+    load_documents(spec)
+    assert textset._cached_documents.cache_info().currsize == 0
+    (tmp_path / "corpusdir").mkdir()
+    with pytest.raises(BadInputError, match="cannot read text text from"):
+        check_disjoint(load_text_spec(_spec(tmp_path, "d", tmp_path / "corpusdir", ":")), spec, "a", "b")
