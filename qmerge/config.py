@@ -347,6 +347,12 @@ class Config(Strict):
         """The adapters gated on their own eval text."""
         return tuple(a for a in self.adapters if a.eval is not None)
 
+    @property
+    def select_window_shape(self) -> tuple[int, int]:
+        """(seq_len, batch size) of the windows `merge.into = "auto"` chooses on: the gate's, or 256 tokens in
+        batches of 4 for a config without [gate]."""
+        return (self.gate.seq_len, self.gate.batch_size) if self.gate else (256, 4)
+
     def eval_texts(self) -> list[tuple[str, str]]:
         """(spec, config key) of every text evaluate scores on: gate.eval, gate.extra_eval, each task's eval."""
         if self.gate is None:

@@ -119,9 +119,8 @@ def stage_estimates(cfg, shape: Shape, same_filesystem: bool = True) -> dict[str
     if cfg.merge.method != "linear":  # TIES/DARE keep two ΔW buffers of the largest adapted linear beside the merge
         merge += 2 * _numel(shape.largest_linear) * F32
     if cfg.merge.into == "auto":  # then both candidates and the reference are scored on the selection windows
-        seq_len = cfg.gate.seq_len if cfg.gate else 256  # (qmerge.stages.merge.select_seq_len)
-        merge = max(merge, evaluate_peak(shape, 3, 3, cfg.merge.select_windows, seq_len,
-                                         cfg.gate.batch_size if cfg.gate else 4))
+        seq_len, batch = cfg.select_window_shape
+        merge = max(merge, evaluate_peak(shape, 3, 3, cfg.merge.select_windows, seq_len, batch))
     out = {"merge": {"peak_bytes": merge, "disk_bytes": shape.output_bytes * (2 if cfg.merge.into == "auto" else 1)}}
     final_bytes = shape.output_bytes
     if cfg.quantize is not None:

@@ -182,8 +182,9 @@ def adds_bos(tokenizer) -> bool:
 def build_windows(tokenizer, spec: TextSpec, seq_len: int, count: int | None) -> TokenWindows:
     """Documents joined by "\\n", tokenized without special tokens, cut into windows (BOS-prefixed when
     the tokenizer adds a BOS by default); the first `count` windows."""
-    docs = load_documents(spec)
-    all_docs = len(load_documents(spec.model_copy(update={"split": TextSplit()})))
+    source = _all_documents(spec)
+    all_docs = len(source)
+    docs = source[parse_slice(spec.split.documents)]
     ids = tokenizer("\n".join(docs), add_special_tokens=False)["input_ids"]
     bos = adds_bos(tokenizer)
     step = seq_len - 1 if bos else seq_len
@@ -204,10 +205,15 @@ def build_windows(tokenizer, spec: TextSpec, seq_len: int, count: int | None) ->
 MIN_SHARED_CHARS = 64  # shorter documents (headings, boilerplate lines) are not counted as shared
 
 
-def document_digests(spec: TextSpec) -> dict[str, int]:
+def _all_documents(spec: TextSpec) -> list[str]:
+    """Every document of the spec's source, whatever its split."""
+    return load_documents(spec.model_copy(update={"split": TextSplit()}))
+
+
+def document_digests(spec: TextSpec, docs: list[str] | None = None) -> dict[str, int]:
     """Each document of the spec's split by its text with whitespace collapsed (its sha256), and its index in the
-    source; documents under MIN_SHARED_CHARS left out."""
-    docs = load_documents(spec.model_copy(update={"split": TextSplit()}))
+    source; documents under MIN_SHARED_CHARS left out. `docs`: the source's documents, where already read."""
+    docs = _all_documents(spec) if docs is None else docs
     start, stop = document_range(spec, len(docs))
     keys: dict[str, int] = {}
     for i in range(start, stop):
@@ -226,17 +232,16 @@ def check_disjoint(a: TextSpec, b: TextSpec, what_a: str, what_b: str) -> None:
     """Refuses two specs that share documents (calibration vs eval, select vs eval): compared by their text, so the
     same document under another range, in a copy of the file, in another format or repeated inside a corpus counts;
     and, for two specs of one source, by their ranges (which hold the documents too short to compare by text)."""
-    total = len(load_documents(a.model_copy(update={"split": TextSplit()})))  # (each readable, or exit 2)
-    load_documents(b.model_copy(update={"split": TextSplit()}))
+    docs_a, docs_b = _all_documents(a), _all_documents(b)  # (each readable, or exit 2, before hashing)
     same = a.source_path == b.source_path or sha256_file(a.source_path) == sha256_file(b.source_path)
     if same and a.source.model_dump(exclude={"path"}) == b.source.model_dump(exclude={"path"}):
-        (s1, e1), (s2, e2) = document_range(a, total), document_range(b, total)
+        (s1, e1), (s2, e2) = document_range(a, len(docs_a)), document_range(b, len(docs_a))
         if max(s1, s2) < min(e1, e2):
             raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share documents "
                                 f"{max(s1, s2)}:{min(e1, e2)} of {a.source_path.name}", path=a.spec_path,
                                 fix="use disjoint split.documents ranges: measuring on calibration or selection "
                                     "text flatters the model")
-    shared = shared_documents(document_digests(a), document_digests(b))
+    shared = shared_documents(document_digests(a, docs_a), document_digests(b, docs_b))
     if shared:
         (i, j), n = shared[0], len(shared)
         raise BadInputError(f"{what_a} ({a.spec_path}) and {what_b} ({b.spec_path}) share {n} document"

@@ -36,18 +36,13 @@ def run_merge_stage(ctx: StageContext) -> dict:
     return {k: v for k, v in report.items() if k != "layers"}
 
 
-def select_seq_len(cfg: Config) -> int:
-    """The length of the selection windows: the gate's, or 256 tokens for a config without [gate]."""
-    return cfg.gate.seq_len if cfg.gate else 256
-
-
 def select_windows(cfg: Config, tokenizer):
     """The `merge.select` windows `into = "auto"` chooses on (resolve checks them too, to fail before the merges)."""
     spec = load_text_spec(cfg.path(cfg.merge.select, "merge.select"))
     for other, what in cfg.eval_texts():
         # Choosing on the gate's own text would bias the gate in favour of the chosen candidate.
         check_disjoint(spec, load_text_spec(cfg.path(other, what)), "merge.select", what)
-    return build_windows(tokenizer, spec, select_seq_len(cfg), cfg.merge.select_windows)
+    return build_windows(tokenizer, spec, cfg.select_window_shape[0], cfg.merge.select_windows)
 
 
 def _merge_and_select(ctx: StageContext, plan: Plan) -> dict:
@@ -63,8 +58,7 @@ def _merge_and_select(ctx: StageContext, plan: Plan) -> dict:
                                   ctx.cfg.merge.max_shard_size, ctx.quiet)
     tokenizer = AutoTokenizer.from_pretrained(folders["nf4"])
     windows = select_windows(ctx.cfg, tokenizer)
-    batch_size = ctx.cfg.gate.batch_size if ctx.cfg.gate else 4
-    batches = list(torch.split(windows.ids, batch_size))
+    batches = list(torch.split(windows.ids, ctx.cfg.select_window_shape[1]))
     reference = streamed_base(open_inputs(plan, "nf4", "cpu").base, plan.adapter_weights, device, device)
     views = {"reference": View(reference)}
     views |= {into: View(LayerwiseModel.from_folder(folder, device)) for into, folder in folders.items()}

@@ -41,13 +41,13 @@ def base_folder(cfg: Config, progress: bool = True, dry_run: bool = False,
         origin = {"kind": "gguf", "gguf": str(path), "gguf_sha256": sha, "note": gguf.NOTE}
         # The conversion is a pure function of the GGUF (and the keyed package versions): the GGUF is the input.
         files = ({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha},)
+        # before converting: the folder's provenance, or the GGUF's header, names its architecture
+        _check_gguf_load_dtype(cfg, path, gguf.folder_architecture(target) if current
+                               else gguf.gguf_header(path)["architecture"])
         if current:
-            _check_gguf_load_dtype(cfg, path, gguf.folder_architecture(target))
             return target, {**origin, "files": files}, None
         if dry_run:  # the plan names the folder the first real run will convert into
-            _check_gguf_load_dtype(cfg, path, gguf.gguf_header(path)["architecture"])
             return scratch, {**origin, "files": files, "folder": str(target)}, gguf.header_view(path, scratch)
-        _check_gguf_load_dtype(cfg, path, gguf.gguf_header(path)["architecture"])
         return gguf.gguf_to_hf(path, progress=progress), {**origin, "files": files}, None
     if not path.is_dir():
         raise BadInputError("base.path is neither a model folder nor a .gguf file", path=path)
@@ -352,18 +352,19 @@ def _check_texts(cfg: Config, tokenizer_folder: Path | None, hf_config: dict) ->
     if not texts and q is None and select is None:
         return
     context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
-    lengths = ([("gate.seq_len", cfg.gate.seq_len)] if texts else []) + ([("quantize.seq_len", q.seq_len)] if q else [])
-    if select is not None:
-        from qmerge.stages.merge import select_seq_len
-
-        if cfg.gate is None:
-            lengths.append(("the selection windows' length (gate.seq_len; without [gate])", select_seq_len(cfg)))
-    for what, seq_len in lengths:
+    lengths = []  # (what, its length, the fix)
+    if texts:
+        lengths.append(("gate.seq_len", cfg.gate.seq_len, f"set gate.seq_len to {context} or less"))
+    if q is not None:
+        lengths.append(("quantize.seq_len", q.seq_len, f"set quantize.seq_len to {context} or less"))
+    if select is not None and cfg.gate is None:
+        lengths.append(("the selection windows' length (gate.seq_len; without [gate])", cfg.select_window_shape[0],
+                        f"add a [gate] with seq_len = {context} or less (it sets the selection windows' length), or "
+                        'set merge.into = "nf4"'))
+    for what, seq_len, fix in lengths:
         if isinstance(context, int) and seq_len > context:
             raise BadInputError(f"{what} = {seq_len} is longer than the model's context ({context} positions)",
-                                path=cfg.source, fix=f"add a [gate] with seq_len = {context} or less (it sets the "
-                                'selection windows\' length), or set merge.into = "nf4"' if "selection" in what
-                                else f"set {what} to {context} or less")
+                                path=cfg.source, fix=fix)
     specs = [(load_text_spec(cfg.path(spec, what)), what) for spec, what in texts]
     calibration = load_text_spec(cfg.path(q.calibration, "quantize.calibration")) if q is not None else None
     chosen_on = load_text_spec(cfg.path(select, "merge.select")) if select is not None else None
@@ -380,7 +381,7 @@ def _check_texts(cfg: Config, tokenizer_folder: Path | None, hf_config: dict) ->
     if calibration is not None:
         build_windows(tokenizer, calibration, q.seq_len, q.samples)
     if chosen_on is not None:
-        build_windows(tokenizer, chosen_on, select_seq_len(cfg), cfg.merge.select_windows)
+        build_windows(tokenizer, chosen_on, cfg.select_window_shape[0], cfg.merge.select_windows)
 
 
 def _check_complete(base: BaseCheckpoint, folder: Path) -> None:
