@@ -127,9 +127,9 @@ class _Recorder(torch.nn.Module):
         return torch.zeros(*x.shape, self.width, device=x.device) if self.width is not None else x
 
 
-class _LayerRecorder(_StandIn):
-    """A layer's recorder: hands its hidden states on as a tensor, or as `(hidden,)` for decoders that take
-    `outputs[0]` of each layer (Falcon, Bloom)."""
+class _LayerRecorder(_PassOn):
+    """A layer's recorder: notes the call and hands its hidden states on as a tensor, or as `(hidden,)` for decoders
+    that take `outputs[0]` of each layer (Falcon, Bloom)."""
 
     def __init__(self, layer: torch.nn.Module, calls: list[str], as_tuple: bool):
         super().__init__(layer)
@@ -137,7 +137,7 @@ class _LayerRecorder(_StandIn):
 
     def forward(self, *args, **kwargs):
         self.calls.append("")
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = super().forward(*args, **kwargs)
         return (hidden,) if self.as_tuple else hidden
 
 
