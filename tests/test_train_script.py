@@ -59,15 +59,12 @@ def test_the_committed_training_records_hold_the_texts_the_script_records():
 
 def test_an_adapter_is_not_gated_on_its_own_training_text(tmp_path, capsys, monkeypatch):
     """demo-r8 was trained on lee documents 0:110: a gate.eval holding some of them is exit 2 naming the record."""
-    import json
-
     from tests.conftest import run_cli, write_config, write_text_spec
-    from tests.io.test_gguf import GGUF
+    from tests.io.test_gguf import GGUF, trained_nf4
 
     monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
     adapter = REPO / "adapters" / "demo-r8"
-    record = json.loads((adapter / "qmerge_training.json").read_text())
-    nf4 = {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
+    nf4 = trained_nf4(adapter)
     for documents, code in (("100:130", 2), ("265:300", 0)):
         spec = write_text_spec(tmp_path, f"eval{code}", documents)
         cfg = write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4,

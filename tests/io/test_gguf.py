@@ -227,6 +227,12 @@ def test_a_damaged_cached_conversion_is_converted_again(converted: Path, tmp_pat
     assert len(calls) == 1
 
 
+def trained_nf4(adapter: Path) -> dict:
+    """The [base.nf4] dtype settings an adapter's qmerge_training.json records (the demo adapters': float32)."""
+    record = json.loads((adapter / "qmerge_training.json").read_text())
+    return {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
+
+
 def test_an_adapter_trained_on_another_gguf_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     """The demo adapters record the sha256 of the GGUF they were trained on; another GGUF is another base."""
     import shutil
@@ -239,8 +245,7 @@ def test_an_adapter_trained_on_another_gguf_is_refused(tmp_path: Path, monkeypat
     record["base"]["sha256"] = "0" * 64
     (adapter / "qmerge_training.json").write_text(json.dumps(record))
     monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
-    nf4 = {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
-    assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4), "--dry-run") == 2
+    assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=trained_nf4(adapter)), "--dry-run") == 2
     err = capsys.readouterr().err
     assert "trained on the GGUF with sha256 " + "0" * 64 in err and str(adapter / "qmerge_training.json") in err
 
@@ -253,11 +258,10 @@ def test_a_dry_run_before_the_conversion_still_checks_the_texts(tmp_path: Path, 
     adapter = Path(__file__).parents[2] / "adapters" / "demo-r8"
     monkeypatch.setenv("QMERGE_CACHE", str(tmp_path / "cache"))
     heldout = write_text_spec(tmp_path, "heldout", "265:300")
-    record = json.loads((adapter / "qmerge_training.json").read_text())
-    nf4 = {k: record["nf4"][k] for k in ("load_dtype", "compute_dtype", "dequant_dtype")}
     extra = (f'[gate]\neval = "{heldout}"\nwindows = 2\nseq_len = 64\n'
              f'[quantize]\ncalibration = "{heldout}"\nsamples = 2\nseq_len = 64\ngroup_size = 64\n')
-    assert run_cli(write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=nf4, extra=extra), "--dry-run") == 2
+    cfg = write_config(tmp_path, GGUF, [(adapter, 1.0)], nf4=trained_nf4(adapter), extra=extra)
+    assert run_cli(cfg, "--dry-run") == 2
     assert "share documents 265:300 of lee_background.cor" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "gguf").exists()  # refused before converting
 
